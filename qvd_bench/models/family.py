@@ -1,0 +1,143 @@
+"""What the suite needs to know about one denoiser class, and a loaded model.
+
+Each file in ``qvd_bench/models/families/`` defines one ``Family`` subclass for one
+diffusers denoiser class (UNet3DConditionModel, LatteTransformer3DModel, ...). Model
+knowledge is kept declarative (role tables, outlier targets, tiny configs); core code
+never branches on a model's name, only calls these methods.
+
+Tensor layouts: ``latents`` are in the family's own layout, "BCFHW" (UNet3D, Motion,
+I2VGenXL, Latte, Wan) or "BFCHW" (SVD, CogVideoX), and hold only the channels the
+denoiser predicts (extra conditioning channels such as SVD's image latents are added
+inside ``forward``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+Layout = Literal["BCFHW", "BFCHW"]
+
+# The roles every leaf Linear/Conv gets exactly one of (DESIGN.md section 2).
+ROLES: tuple[str, ...] = (
+    "time_emb",
+    "temporal",
+    "spatial_conv",
+    "self_attn",
+    "cross_attn",
+    "ffn",
+    "io",
+)
+
+
+class Family:
+    """Declarative knowledge of one denoiser class plus the adapters to call it.
+
+    Class attributes:
+        name: short family name ("unet3d").
+        denoiser_class: diffusers class name ("UNet3DConditionModel").
+        pipeline_classes: diffusers pipeline class names whose denoiser is this class.
+        layout: "BCFHW" or "BFCHW".
+        prediction_type: "epsilon", "v_prediction" or "flow" (what ``forward`` returns).
+        role_table: ordered (regex, role) pairs matched with ``re.fullmatch`` against
+            the qualified module name; the first match wins.
+        outlier_targets: (regex, kind) pairs naming where the ``disparity`` /
+            ``asymmetry`` knobs act; kind is one of "norm", "time_mlp", "ffn_in",
+            "attn_out" (DESIGN.md section 2).
+    """
+
+    name: ClassVar[str]
+    denoiser_class: ClassVar[str]
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    layout: ClassVar[Layout]
+    prediction_type: ClassVar[str] = "epsilon"
+    role_table: ClassVar[tuple[tuple[str, str], ...]] = ()
+    outlier_targets: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def tiny_config(self) -> dict[str, Any]:
+        """Config dict of the tiny preset (random weights, builds offline)."""
+        raise NotImplementedError
+
+    def build(self, config: dict[str, Any]) -> nn.Module:
+        """Builds the denoiser from a config dict (random weights, current RNG state)."""
+        raise NotImplementedError
+
+    def latent_shape(
+        self, denoiser: nn.Module, batch: int, frames: int, height: int, width: int
+    ) -> tuple[int, ...]:
+        """Shape of the latents in this family's layout (5-D)."""
+        raise NotImplementedError
+
+    def probe_size(self, denoiser: nn.Module) -> tuple[int, int, int]:
+        """Smallest valid (frames, height, width) latent, for probe forwards."""
+        raise NotImplementedError
+
+    def text_embedding_shape(self, denoiser: nn.Module) -> tuple[int, int]:
+        """(sequence length, dim) of the text (or image) states the denoiser attends to."""
+        raise NotImplementedError
+
+    def conditioning(
+        self,
+        denoiser: nn.Module,
+        batch: int,
+        frames: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Extra per-sample conditioning (image latents, added_time_ids, fps ...).
+
+        Returns tensors with the batch as leading dimension, or an empty dict.
+        """
+        return {}
+
+    def forward(
+        self,
+        denoiser: nn.Module,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text_states: torch.Tensor,
+        conditioning: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """One denoiser call.
+
+        Args:
+            latents: (B, C, F, H, W) or (B, F, C, H, W), per ``layout``.
+            timestep: (B,) timestep values (may differ per sample).
+            text_states: (B, L, D).
+            conditioning: the output of ``conditioning`` for these B samples.
+
+        Returns:
+            The model prediction with the shape of ``latents``.
+        """
+        raise NotImplementedError
+
+
+@dataclass
+class LoadedModel:
+    """A denoiser ready to use, with where it came from.
+
+    Attributes:
+        name: zoo name or the path / hub id it was loaded from.
+        family: the Family of its denoiser class.
+        denoiser: the nn.Module.
+        pipeline: the diffusers pipeline it came from, or None for a bare denoiser.
+        random_weights: True for zoo presets and architectures.
+        weight_seed: seed of the random weights, or None.
+        knobs: outlier injection settings ({"disparity": float, "asymmetry": float}).
+    """
+
+    name: str
+    family: Family
+    denoiser: nn.Module
+    pipeline: Any = None
+    random_weights: bool = True
+    weight_seed: int | None = None
+    knobs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.denoiser.parameters())
