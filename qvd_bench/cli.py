@@ -1,0 +1,299 @@
+"""The ``qvd-bench`` command line.
+
+Bad input (``UserError``, argument errors) prints one line on stderr and exits with
+code 2; an interrupted run says how to resume and exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from qvd_bench.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="tiny-unet3d",
+        help="zoo name, local pipeline directory or hub id (default: tiny-unet3d)",
+    )
+    parser.add_argument(
+        "--weight-seed",
+        type=int,
+        default=0,
+        help="seed of the random weights of zoo presets (default: 0)",
+    )
+    parser.add_argument(
+        "--disparity",
+        type=float,
+        default=None,
+        help="log-normal sigma of injected per-channel gains (preset default)",
+    )
+    parser.add_argument(
+        "--asymmetry",
+        type=float,
+        default=None,
+        help="scale of injected per-channel offsets (preset default)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qvd-bench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    models = commands.add_parser("models", help="list the model zoo, or the layer roles of a model")
+    models.add_argument(
+        "--roles", metavar="MODEL", help="print every layer's role and how it was decided"
+    )
+    models.add_argument(
+        "--detect",
+        action="store_true",
+        help="with --roles: detect roles by probe forwards instead of the table",
+    )
+
+    collect = commands.add_parser("collect", help="collect per-timestep, per-channel statistics")
+    _add_model_args(collect)
+    collect.add_argument(
+        "--prompts", metavar="FILE", help="prompt file, one per line (default: built-in prompts)"
+    )
+    collect.add_argument(
+        "--num-prompts",
+        type=int,
+        default=None,
+        help="use the first N prompts (default: all of the file, 2 built-in)",
+    )
+    collect.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
+    collect.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=7.5,
+        help="classifier-free guidance scale; <= 1 disables CFG (default: 7.5)",
+    )
+    collect.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    collect.add_argument("--frames", type=int, default=8, help="latent frames (default: 8)")
+    collect.add_argument("--height", type=int, default=16, help="latent height (default: 16)")
+    collect.add_argument("--width", type=int, default=16, help="latent width (default: 16)")
+    collect.add_argument(
+        "--sampler",
+        default="auto",
+        choices=("auto", "pipeline", "denoiser"),
+        help="the model's pipeline or the minimal DDIM loop (default: auto)",
+    )
+    collect.add_argument(
+        "--roles", type=_csv, default=(), help="comma-separated roles to hook (default: all)"
+    )
+    collect.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="hook only layers whose name matches (repeatable)",
+    )
+    collect.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="do not hook layers whose name matches (repeatable)",
+    )
+    collect.add_argument("--outputs", action="store_true", help="also collect output moments")
+    collect.add_argument("--no-histograms", action="store_true", help="skip per-tensor histograms")
+    collect.add_argument(
+        "--histogram-stride",
+        type=int,
+        default=1,
+        help="count every k-th element in histograms (default: 1)",
+    )
+    collect.add_argument(
+        "--reservoir",
+        type=int,
+        default=256,
+        help="input rows sampled per layer; 0 disables (default: 256)",
+    )
+    collect.add_argument(
+        "--temporal-stride",
+        type=int,
+        default=1,
+        help="stride of the timestep grid for temporal features; 0 disables (default: 1)",
+    )
+    collect.add_argument(
+        "--out", default=None, help="run directory (default: stats/<model>-w<weight-seed>)"
+    )
+    collect.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    collect.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    info = commands.add_parser("info", help="summarise a stored statistics run")
+    info.add_argument("run", help="the run directory (stats/NAME)")
+
+    perf = commands.add_parser("perf", help="performance benchmarks (ratios measured in one run)")
+    perf.add_argument("benchmark", choices=("collect",), help="which benchmark")
+    perf.add_argument(
+        "--models",
+        type=_csv,
+        default=("tiny-unet3d", "modelscope-t2v-arch"),
+        help="models to measure (default: tiny-unet3d,modelscope-t2v-arch)",
+    )
+    perf.add_argument(
+        "--repeats", type=int, default=7, help="interleaved repeats; medians are reported"
+    )
+    perf.add_argument("--out", default=None, help="also write the results as JSON here")
+    return parser
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from qvd_bench.models import roles, zoo
+
+    if args.roles:
+        loaded = zoo.load_model(args.roles)
+        print(roles.format_roles(roles.classify(loaded, detect=args.detect)))
+        return 0
+    rows = zoo.list_models()
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'name':<{width}}  {'parameters':>14}  {'denoiser':<36}  description")
+    for r in rows:
+        print(
+            f"{r['name']:<{width}}  {r['parameters']:>14,}  {r['denoiser_class']:<36}  {r['description']}"
+        )
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from qvd_bench import prompts as prompts_module
+    from qvd_bench.collect.collector import collect
+    from qvd_bench.config import CollectConfig
+
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise UserError(f"--num-prompts must be at least 1, got {args.num_prompts}")
+    count = args.num_prompts if args.num_prompts is not None else (None if args.prompts else 2)
+    prompt_list = prompts_module.select_prompts(args.prompts, count)
+    config = CollectConfig(
+        model=args.model,
+        weight_seed=args.weight_seed,
+        disparity=args.disparity,
+        asymmetry=args.asymmetry,
+        prompts=tuple(prompt_list),
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        sampler=args.sampler,
+        roles=args.roles,
+        include=tuple(args.include),
+        exclude=tuple(args.exclude),
+        outputs=args.outputs,
+        histograms=not args.no_histograms,
+        histogram_stride=args.histogram_stride,
+        reservoir_capacity=args.reservoir,
+        temporal_stride=args.temporal_stride,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    safe_name = Path(args.model).name or "model"
+    out = Path(args.out) if args.out else Path("stats") / f"{safe_name}-w{args.weight_seed}"
+    summary = collect(config, out, overwrite=args.overwrite, progress=not args.no_progress)
+    if summary is None:  # a non-zero rank of a distributed run
+        return 0
+    print(f"statistics written to {summary.run_dir}")
+    print(
+        f"  model       {summary.model}"
+        + (f" (random weights: {summary.weights_note})" if summary.weights_note else "")
+    )
+    print(
+        f"  layers      {summary.layers}: "
+        + ", ".join(f"{r} {n}" for r, n in sorted(summary.roles.items()))
+    )
+    print(f"  timesteps   {summary.timesteps}")
+    print(
+        f"  samples     {summary.samples}"
+        + (f" ({summary.resumed} resumed from a checkpoint)" if summary.resumed else "")
+    )
+    ratio = summary.raw_activation_bytes / max(summary.bytes_on_disk, 1)
+    print(
+        f"  on disk     {_bytes(summary.bytes_on_disk)} "
+        f"(raw inputs would take {_bytes(summary.raw_activation_bytes)}, {ratio:,.0f}x more)"
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from qvd_bench.store import StatsRun
+
+    run = StatsRun(args.run)
+    m = run.manifest
+    model = m["model"]
+    print(
+        f"{run.path}: {model['name']} ({model['denoiser_class']}, {model['parameters']:,} parameters)"
+    )
+    if model["random_weights"]:
+        knobs = ", ".join(f"{k} {v:g}" for k, v in sorted(model["knobs"].items()))
+        print(f"  random weights: seed {model['weight_seed']}" + (f", {knobs}" if knobs else ""))
+    config = m["config"]
+    print(
+        f"  sampling: {len(m['prompts'])} prompts, {config['steps']} steps, guidance "
+        f"{config['guidance_scale']:g}, seed {config['seed']}, latent "
+        f"{config['frames']}x{config['height']}x{config['width']}"
+    )
+    print(f"  timesteps: {len(m['schedule'])}, layers: {len(m['layers'])}, created {m['created']}")
+    counts = run.layers.groupby("role").size()
+    print("  roles: " + ", ".join(f"{role} {n}" for role, n in counts.items()))
+    for name in ("channels", "histograms", "temporal", "weights"):
+        print(f"  {name + '.parquet':<20} {len(getattr(run, name)):>10,} rows")
+    print(f"  reservoir.safetensors {len(run.reservoir):>8,} layers")
+    return 0
+
+
+def cmd_perf(args: argparse.Namespace) -> int:
+    from qvd_bench import perf
+
+    if args.repeats < 1:
+        raise UserError("--repeats must be at least 1")
+    return perf.main(args.benchmark, models=args.models, repeats=args.repeats, out=args.out)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+COMMANDS = {"models": cmd_models, "collect": cmd_collect, "info": cmd_info, "perf": cmd_perf}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``qvd-bench``; returns the exit code."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UserError as error:
+        print(f"qvd-bench: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qvd-bench: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""A whole collection run: model -> hooks -> accumulators -> store.
+
+Samples run one prompt at a time, each from its own seeded noise, so a sample's
+statistics do not depend on which process or batch computed it; after each sample the
+accumulators are checkpointed, and a rerun with the same config resumes after the last
+finished sample. Under ``torchrun`` the prompts are sharded across processes and the
+accumulators merged with torch.distributed before rank 0 writes the run.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from qvd_bench import store
+from qvd_bench.collect import distributed
+from qvd_bench.collect.accumulators import (
+    ChannelMoments,
+    Histogram,
+    Reservoir,
+    SignedLogEdges,
+    TemporalFeatures,
+    weight_channel_stats,
+)
+from qvd_bench.collect.hooks import (
+    LayerInfo,
+    StatsCollector,
+    capture_temporal_features,
+    describe_layer,
+)
+from qvd_bench.config import CollectConfig
+from qvd_bench.errors import UserError
+from qvd_bench.models import roles as roles_module
+from qvd_bench.models import sampling, zoo
+from qvd_bench.models.family import ROLES, LoadedModel
+from qvd_bench.models.sampling import CallTracker
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass
+class CollectSummary:
+    """What a collection run wrote, for the one-screen summary."""
+
+    run_dir: Path
+    model: str
+    weights_note: str
+    layers: int
+    roles: dict[str, int]
+    timesteps: int
+    samples: int
+    resumed: int
+    bytes_on_disk: int
+    raw_activation_bytes: int
+
+
+def select_layers(
+    loaded: LoadedModel, config: CollectConfig
+) -> tuple[dict[str, torch.nn.Module], dict[str, LayerInfo]]:
+    """The leaf layers to hook: by role, then by include / exclude name patterns."""
+    for role in config.roles:
+        if role not in ROLES:
+            raise UserError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+    decisions = roles_module.classify(loaded)
+    layers, infos = {}, {}
+    for name, module in roles_module.leaf_layers(loaded.denoiser).items():
+        decision = decisions[name]
+        if config.roles and decision.role not in config.roles:
+            continue
+        if config.include and not any(re.search(p, name) for p in config.include):
+            continue
+        if any(re.search(p, name) for p in config.exclude):
+            continue
+        layers[name] = module
+        infos[name] = describe_layer(name, module, decision.role, decision.decided_by)
+    if not layers:
+        raise UserError("no layer matches the selected roles and name patterns")
+    return layers, infos
+
+
+def timestep_grid(stride: int) -> list[float]:
+    """The grid of training timesteps on which temporal features are captured."""
+    return [float(t) for t in range(0, NUM_TRAIN_TIMESTEPS, stride)]
+
+
+def run_sample(
+    loaded: LoadedModel,
+    prompt: str,
+    sample_id: int,
+    config: CollectConfig,
+    tracker: CallTracker,
+    on_step: Callable[[], None] | None,
+) -> torch.Tensor:
+    """Samples one prompt through the pipeline or the minimal denoiser loop."""
+    use_pipeline = loaded.pipeline is not None and config.sampler != "denoiser"
+    if config.sampler == "pipeline" and loaded.pipeline is None:
+        raise UserError(f"{config.model} has no pipeline; use --sampler denoiser")
+    common = dict(
+        steps=config.steps,
+        guidance_scale=config.guidance_scale,
+        seed=config.seed,
+        sample_ids=[sample_id],
+        frames=config.frames,
+        height=config.height,
+        width=config.width,
+        tracker=tracker,
+        progress=on_step,
+    )
+    if use_pipeline:
+        from qvd_bench.models.pipelines import run_pipeline
+
+        return run_pipeline(loaded, [prompt], **common)
+    cond, uncond = sampling.text_states_for_prompts(loaded, [prompt])
+    return sampling.sample_denoiser(loaded, cond, uncond, **common)
+
+
+def collect(
+    config: CollectConfig,
+    run_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> CollectSummary:
+    """Collects statistics of a model's layer inputs while it samples, and stores them.
+
+    Args:
+        config: what to collect.
+        run_dir: where the run goes (``stats/<name>``).
+        overwrite: replace an existing run.
+        progress: show a progress bar over sampling steps.
+
+    Returns:
+        A summary of what was written.
+    """
+    run_dir = Path(run_dir)
+    rank, world = distributed.rank_and_world()
+    if rank == 0:
+        store.check_writable(run_dir, overwrite=overwrite)
+    torch.manual_seed(config.seed)
+    loaded = zoo.load_model(
+        config.model,
+        weight_seed=config.weight_seed,
+        disparity=config.disparity,
+        asymmetry=config.asymmetry,
+        device=config.device,
+        dtype=DTYPES[config.dtype],
+    )
+    loaded.denoiser.eval()
+    layers, infos = select_layers(loaded, config)
+    tracker = CallTracker(loaded.denoiser).attach()
+    edges = (
+        SignedLogEdges(relative_error=config.histogram_relative_error)
+        if config.histograms
+        else None
+    )
+    collector = StatsCollector(
+        layers,
+        infos,
+        tracker,
+        outputs=config.outputs,
+        histogram_edges=edges,
+        histogram_stride=config.histogram_stride,
+        reservoir_capacity=config.reservoir_capacity,
+        seed=config.seed,
+    )
+    fingerprint = {**config.to_dict(), "rank": rank, "world": world}
+    factories = {
+        "moments": ChannelMoments.from_state_dict,
+        "histograms": Histogram.from_state_dict,
+        "reservoirs": Reservoir.from_state_dict,
+    }
+    done: set[int] = set()
+    checkpoint = store.load_checkpoint(run_dir, fingerprint, factories)
+    if checkpoint is not None:
+        done, groups = checkpoint
+        collector.moments = groups["moments"]
+        collector.histograms = groups["histograms"]
+        collector.reservoirs = groups["reservoirs"]
+    mine = [i for i in range(len(config.prompts)) if i % world == rank]
+    todo = [i for i in mine if i not in done]
+    bar = tqdm(
+        total=len(mine) * config.steps,
+        initial=(len(mine) - len(todo)) * config.steps,
+        desc=f"collect {config.model}",
+        unit="step",
+        disable=not progress or rank != 0,
+    )
+    try:
+        with collector, torch.no_grad():
+            for sample_id in todo:
+                run_sample(
+                    loaded,
+                    config.prompts[sample_id],
+                    sample_id,
+                    config,
+                    tracker,
+                    lambda: bar.update(1),
+                )
+                done.add(sample_id)
+                store.save_checkpoint(
+                    run_dir,
+                    fingerprint,
+                    done,
+                    {
+                        "moments": collector.moments,
+                        "histograms": collector.histograms,
+                        "reservoirs": collector.reservoirs,
+                    },
+                )
+    finally:
+        bar.close()
+        tracker.detach()
+
+    temporal_layers = [name for name, info in infos.items() if info.role == "time_emb"]
+    temporal: dict[str, TemporalFeatures] = {}
+    if config.temporal_stride and temporal_layers and rank == 0:
+        temporal = capture_temporal_features(
+            loaded, temporal_layers, timestep_grid(config.temporal_stride)
+        )
+    weights = {
+        name: weight_channel_stats(module.weight.detach().reshape(module.weight.shape[0], -1))
+        for name, module in layers.items()
+    }
+    moments = distributed.merge_across_processes(collector.moments)
+    histograms = distributed.merge_across_processes(collector.histograms)
+    reservoirs = distributed.merge_across_processes(collector.reservoirs)
+    if rank != 0:
+        return None  # type: ignore[return-value]
+
+    manifest = build_manifest(loaded, config, infos, moments, edges, world)
+    store.write_run(
+        run_dir,
+        manifest,
+        moments=moments,
+        histograms=histograms,
+        temporal=temporal,
+        reservoirs=reservoirs,
+        weights=weights,
+        overwrite=overwrite,
+    )
+    role_counts: dict[str, int] = {}
+    for info in infos.values():
+        role_counts[info.role] = role_counts.get(info.role, 0) + 1
+    return CollectSummary(
+        run_dir=run_dir,
+        model=config.model,
+        weights_note=weights_note(loaded),
+        layers=len(infos),
+        roles=role_counts,
+        timesteps=len(manifest["schedule"]),
+        samples=len(config.prompts),
+        resumed=len(mine) - len(todo),
+        bytes_on_disk=sum(p.stat().st_size for p in run_dir.iterdir() if p.is_file()),
+        raw_activation_bytes=raw_activation_bytes(moments, DTYPES[config.dtype].itemsize),
+    )
+
+
+def weights_note(loaded: LoadedModel) -> str:
+    """ "seed 0, disparity 1.0, asymmetry 0.5" for random weights, "" for trained ones."""
+    if not loaded.random_weights:
+        return ""
+    knobs = ", ".join(f"{k} {v:g}" for k, v in sorted(loaded.knobs.items()))
+    return f"seed {loaded.weight_seed}" + (f", {knobs}" if knobs else "")
+
+
+def raw_activation_bytes(moments: dict, itemsize: int) -> int:
+    """Bytes the hooked inputs would take if kept raw (what Q-Diffusion-style tools store)."""
+    total = 0
+    for key, acc in moments.items():
+        if key[0] == "input":
+            state = acc.state_dict()
+            total += int(state["count"].sum() + state["nan_count"].sum() + state["inf_count"].sum())
+    return total * itemsize
+
+
+def build_manifest(
+    loaded: LoadedModel,
+    config: CollectConfig,
+    infos: dict[str, LayerInfo],
+    moments: dict,
+    edges: SignedLogEdges | None,
+    world: int,
+) -> dict[str, Any]:
+    """Run metadata: model, config, schedule, seeds, versions, layers, subsampling."""
+    schedule = sorted({key[2] for key in moments}, reverse=True)
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": loaded.name,
+            "family": loaded.family.name,
+            "denoiser_class": type(loaded.denoiser).__name__,
+            "parameters": loaded.param_count,
+            "random_weights": loaded.random_weights,
+            "weight_seed": loaded.weight_seed,
+            "knobs": loaded.knobs,
+        },
+        "config": config.to_dict(),
+        "schedule": schedule,
+        "seeds": {"sampling": config.seed, "weights": config.weight_seed},
+        "prompts": list(config.prompts),
+        "histogram": {
+            "edges": edges.to_dict() if edges is not None else None,
+            "token_stride": config.histogram_stride,
+            "steps": "all",
+        },
+        "reservoir": {
+            "capacity_per_layer": config.reservoir_capacity,
+            "key": "row_key(seed, sample_id, timestep, branch, row)",
+        },
+        "temporal": {
+            "grid": f"range(0, {NUM_TRAIN_TIMESTEPS}, {config.temporal_stride})"
+            if config.temporal_stride
+            else None,
+        },
+        "world_size": world,
+        "packages": package_versions(),
+        "git_revision": git_revision(),
+        "layers": [asdict(info) for info in infos.values()],
+    }
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("qvd-bench", "torch", "diffusers", "transformers", "numpy", "pandas", "pyarrow"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_revision() -> str | None:
+    """The revision of the qvd-bench source tree, when it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

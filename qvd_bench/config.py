@@ -1,0 +1,108 @@
+"""Frozen run configurations, serialised with a schema version."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from qvd_bench.errors import UserError
+
+# Bumped whenever a stored file (manifest, parquet tables, config dicts) changes shape.
+SCHEMA_VERSION = 1
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """Everything that decides the statistics of a collection run.
+
+    Sizes are in latent units (frames, height, width of the latent video).
+
+    Attributes:
+        model: zoo name, local pipeline directory, or hub id.
+        weight_seed: seed of random weights (zoo presets only).
+        disparity: log-normal sigma of injected per-channel gains; None = preset default.
+        asymmetry: scale of injected per-channel offsets; None = preset default.
+        prompts: the prompts, in order; sample i is prompt i.
+        steps: sampling steps.
+        guidance_scale: classifier-free guidance scale; <= 1 disables CFG.
+        seed: sampling seed (initial noise of sample i depends on (seed, i) only).
+        frames, height, width: latent video size.
+        sampler: "auto" (the pipeline if the model has one), "pipeline" or "denoiser".
+        roles: roles whose layers are hooked; empty = all.
+        include: regexes (re.search) on layer names to hook; empty = all.
+        exclude: regexes on layer names not to hook.
+        outputs: also collect output moments.
+        histograms: collect per-tensor histograms on the signed log grid.
+        histogram_relative_error: bucket relative error of that grid.
+        histogram_stride: count every k-th element (a token subsample).
+        reservoir_capacity: rows kept per layer (0 disables the reservoir).
+        temporal_stride: stride of the timestep grid for temporal features (0 disables).
+        device: torch device string.
+        dtype: model dtype, one of DTYPES.
+    """
+
+    model: str = "tiny-unet3d"
+    weight_seed: int = 0
+    disparity: float | None = None
+    asymmetry: float | None = None
+    prompts: tuple[str, ...] = ()
+    steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int = 0
+    frames: int = 8
+    height: int = 16
+    width: int = 16
+    sampler: str = "auto"
+    roles: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    outputs: bool = False
+    histograms: bool = True
+    histogram_relative_error: float = 0.01
+    histogram_stride: int = 1
+    reservoir_capacity: int = 256
+    temporal_stride: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise UserError(f"--steps must be at least 1, got {self.steps}")
+        if not self.prompts:
+            raise UserError("no prompts: give a prompt file with at least one prompt")
+        for name in ("frames", "height", "width"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.sampler not in ("auto", "pipeline", "denoiser"):
+            raise UserError(f"--sampler must be auto, pipeline or denoiser, got {self.sampler!r}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.histogram_stride < 1:
+            raise UserError("--histogram-stride must be at least 1")
+        if self.reservoir_capacity < 0 or self.temporal_stride < 0:
+            raise UserError("--reservoir and --temporal-stride must not be negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CollectConfig:
+        data = dict(data)
+        version = data.pop("schema_version", None)
+        if version != SCHEMA_VERSION:
+            raise UserError(
+                f"collect config has schema version {version}, this qvd-bench reads "
+                f"{SCHEMA_VERSION}; recollect the statistics"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"collect config has unknown fields: {', '.join(unknown)}")
+        for name in ("prompts", "roles", "include", "exclude"):
+            if name in data:
+                data[name] = tuple(data[name])
+        return cls(**data)

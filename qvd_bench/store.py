@@ -1,0 +1,425 @@
+"""The statistics store: ``stats/<run>/`` on disk, and loading it back as DataFrames.
+
+A run directory holds::
+
+    manifest.json          what was collected, how, from which model (written last)
+    channels.parquet       per (tensor, layer, timestep, branch, channel) sufficient moments
+    histograms.parquet     per (layer, timestep, branch) non-zero bins of the shared grid
+    temporal.parquet       per (layer, timestep) the full input vector of time_emb layers
+    weights.parquet        per (layer, output channel) weight statistics
+    reservoir.safetensors  per layer the sampled input rows and their keys
+
+Every file is written to a temporary name and renamed, and a run is assembled in
+``<run>.partial/`` and renamed into place at the end, so an interrupted write never
+leaves a half run. While collecting, ``<run>.partial/`` also holds a checkpoint of the
+accumulators so that a rerun resumes after the last finished sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from qvd_bench.config import SCHEMA_VERSION
+from qvd_bench.errors import UserError
+
+FORMAT = "qvd-bench-stats"
+MANIFEST = "manifest.json"
+MOMENT_FIELDS = ("count", "nan_count", "inf_count", "min", "max", "mean", "m2", "m3", "m4")
+WEIGHT_FIELDS = ("min", "max", "absmax", "mean", "variance", "skewness", "kurtosis")
+TABLE_COLUMNS = {
+    "channels": ("tensor", "layer", "role", "timestep", "branch", "channel", *MOMENT_FIELDS),
+    "histograms": ("layer", "role", "timestep", "branch", "bin", "count"),
+    "temporal": ("layer", "timestep", "vector"),
+    "weights": ("layer", "role", "out_channel", *WEIGHT_FIELDS),
+}
+CATEGORICAL = ("tensor", "layer", "role", "branch")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Calls ``write(tmp)`` on a temporary file beside ``path``, then renames it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=False)))
+
+
+def write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    atomic_write(path, lambda p: pq.write_table(table, p, compression="zstd"))
+
+
+def _categorical(frame: pd.DataFrame) -> pd.DataFrame:
+    for column in CATEGORICAL:
+        if column in frame:
+            frame[column] = frame[column].astype("category")
+    return frame
+
+
+def channels_frame(moments: dict, roles: dict[str, str]) -> pd.DataFrame:
+    """Long table of per-channel sufficient moments.
+
+    Args:
+        moments: (tensor, layer, timestep, branch) -> ChannelMoments.
+        roles: layer -> role.
+    """
+    parts = []
+    for (tensor, layer, timestep, branch), acc in sorted(moments.items()):
+        state = acc.state_dict()
+        n = state["mean"].numel()
+        part = {
+            "tensor": [tensor] * n,
+            "layer": [layer] * n,
+            "role": [roles[layer]] * n,
+            "timestep": np.full(n, timestep, dtype=np.float64),
+            "branch": [branch] * n,
+            "channel": np.arange(n, dtype=np.int32),
+        }
+        for field in MOMENT_FIELDS:
+            values = state[field].detach().cpu().numpy()
+            part[field] = values.astype(np.int64 if "count" in field else np.float64)
+        parts.append(pd.DataFrame(part))
+    return _categorical(_concat(parts, "channels"))
+
+
+def histograms_frame(histograms: dict, roles: dict[str, str]) -> pd.DataFrame:
+    """Long table of the non-zero histogram bins of every (layer, timestep, branch)."""
+    parts = []
+    for (_, layer, timestep, branch), acc in sorted(histograms.items()):
+        counts = acc.state_dict()["counts"].detach().cpu().numpy()
+        bins = np.flatnonzero(counts)
+        parts.append(
+            pd.DataFrame(
+                {
+                    "layer": [layer] * len(bins),
+                    "role": [roles[layer]] * len(bins),
+                    "timestep": np.full(len(bins), timestep, dtype=np.float64),
+                    "branch": [branch] * len(bins),
+                    "bin": bins.astype(np.int32),
+                    "count": counts[bins].astype(np.int64),
+                }
+            )
+        )
+    return _categorical(_concat(parts, "histograms"))
+
+
+def temporal_frame(temporal: dict) -> pd.DataFrame:
+    """One row per (layer, timestep) with the input vector as a list column."""
+    rows = []
+    for layer, acc in sorted(temporal.items()):
+        timesteps, vectors = acc.as_matrix()
+        for t, v in zip(timesteps.tolist(), vectors.cpu().numpy().astype(np.float32)):
+            rows.append((layer, float(t), v))
+    frame = pd.DataFrame(rows, columns=list(TABLE_COLUMNS["temporal"]))
+    return _categorical(frame)
+
+
+def weights_frame(
+    weights: dict[str, dict[str, torch.Tensor]], roles: dict[str, str]
+) -> pd.DataFrame:
+    parts = []
+    for layer, stats in sorted(weights.items()):
+        n = stats["mean"].numel()
+        part = {
+            "layer": [layer] * n,
+            "role": [roles[layer]] * n,
+            "out_channel": np.arange(n, dtype=np.int32),
+        }
+        for field in WEIGHT_FIELDS:
+            part[field] = stats[field].detach().cpu().numpy().astype(np.float64)
+        parts.append(pd.DataFrame(part))
+    return _categorical(_concat(parts, "weights"))
+
+
+def _concat(parts: list[pd.DataFrame], table: str) -> pd.DataFrame:
+    if parts:
+        return pd.concat(parts, ignore_index=True)
+    return pd.DataFrame({c: [] for c in TABLE_COLUMNS[table]})
+
+
+def reservoir_tensors(reservoirs: dict) -> dict[str, torch.Tensor]:
+    """Flattens layer -> Reservoir into safetensors names ``<layer>/<field>``."""
+    return {
+        f"{layer}/{field}": value.detach().cpu().contiguous()
+        for layer, acc in sorted(reservoirs.items())
+        for field, value in acc.state_dict().items()
+    }
+
+
+def write_run(
+    run_dir: Path,
+    manifest: dict[str, Any],
+    *,
+    moments: dict,
+    histograms: dict,
+    temporal: dict,
+    reservoirs: dict,
+    weights: dict,
+    overwrite: bool = False,
+) -> Path:
+    """Writes a complete run atomically: everything into ``<run>.partial/``, then a rename.
+
+    Args:
+        run_dir: the run directory to create.
+        manifest: run metadata; ``format``, ``schema_version`` and ``files`` are added.
+        moments, histograms, temporal, reservoirs, weights: the accumulators.
+        overwrite: replace an existing run at ``run_dir``.
+
+    Returns:
+        ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    check_writable(run_dir, overwrite=overwrite)
+    partial = partial_dir(run_dir)
+    partial.mkdir(parents=True, exist_ok=True)
+    roles = {layer["name"]: layer["role"] for layer in manifest["layers"]}
+    files = {
+        "channels": "channels.parquet",
+        "histograms": "histograms.parquet",
+        "temporal": "temporal.parquet",
+        "weights": "weights.parquet",
+        "reservoir": "reservoir.safetensors",
+    }
+    write_parquet(partial / files["channels"], channels_frame(moments, roles))
+    write_parquet(partial / files["histograms"], histograms_frame(histograms, roles))
+    write_parquet(partial / files["temporal"], temporal_frame(temporal))
+    write_parquet(partial / files["weights"], weights_frame(weights, roles))
+    tensors = reservoir_tensors(reservoirs)
+    atomic_write(partial / files["reservoir"], lambda p: save_file(tensors, str(p)))
+    full = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **manifest, "files": files}
+    write_json(partial / MANIFEST, full)
+    for leftover in (CHECKPOINT_TENSORS, CHECKPOINT_JSON):
+        (partial / leftover).unlink(missing_ok=True)
+    _swap_into_place(partial, run_dir)
+    return run_dir
+
+
+def partial_dir(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + ".partial")
+
+
+def check_writable(run_dir: Path, *, overwrite: bool) -> None:
+    """Fails early, before any work, if ``run_dir`` cannot be (re)written."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not overwrite:
+        raise UserError(f"{run_dir} already exists; pass --overwrite to replace it")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} exists and is not a directory")
+    parent = run_dir.parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write to {parent}: not a writable directory")
+
+
+def _swap_into_place(partial: Path, run_dir: Path) -> None:
+    old = None
+    if run_dir.exists():
+        old = run_dir.with_name(f".{run_dir.name}.old-{os.getpid()}")
+        os.replace(run_dir, old)
+    os.replace(partial, run_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_TENSORS = "checkpoint.safetensors"
+CHECKPOINT_JSON = "checkpoint.json"
+
+
+def save_checkpoint(
+    run_dir: Path, fingerprint: dict[str, Any], done: Iterable[int], groups: dict[str, dict]
+) -> None:
+    """Saves accumulator states after a finished sample.
+
+    Args:
+        run_dir: the run being collected (the checkpoint lives in ``<run>.partial/``).
+        fingerprint: what must match for a rerun to resume (the collect config).
+        done: global ids of finished samples.
+        groups: group name -> {key: accumulator}; keys are tuples or strings.
+    """
+    partial = partial_dir(Path(run_dir))
+    tensors, index = {}, {}
+    for group, accumulators in groups.items():
+        entries = []
+        for i, (key, acc) in enumerate(accumulators.items()):
+            for field, value in acc.state_dict().items():
+                tensors[f"{group}/{i}/{field}"] = value.detach().cpu().contiguous()
+            entries.append(list(key) if isinstance(key, tuple) else key)
+        index[group] = entries
+    # Tensors first: the JSON names the state, so a crash between the two leaves the old
+    # JSON pointing at tensors it cannot match, which load_checkpoint rejects.
+    atomic_write(partial / CHECKPOINT_TENSORS, lambda p: save_file(tensors, str(p)))
+    record = {
+        "fingerprint": fingerprint,
+        "done": sorted(done),
+        "index": index,
+        "tensor_count": len(tensors),
+    }
+    write_json(partial / CHECKPOINT_JSON, record)
+
+
+def load_checkpoint(
+    run_dir: Path, fingerprint: dict[str, Any], factories: dict[str, Callable]
+) -> tuple[set[int], dict[str, dict]] | None:
+    """Loads a checkpoint saved by ``save_checkpoint`` if it matches ``fingerprint``.
+
+    Args:
+        factories: group name -> callable(state dict) -> accumulator.
+
+    Returns:
+        (done sample ids, group -> {key: accumulator}), or None when there is no usable
+        checkpoint (missing, from another config, or torn).
+    """
+    partial = partial_dir(Path(run_dir))
+    try:
+        record = json.loads((partial / CHECKPOINT_JSON).read_text())
+        tensors = load_file(str(partial / CHECKPOINT_TENSORS))
+    except (OSError, ValueError, SafetensorError):
+        return None
+    if record.get("fingerprint") != fingerprint or record.get("tensor_count") != len(tensors):
+        return None
+    groups: dict[str, dict] = {}
+    for group, entries in record["index"].items():
+        out = {}
+        for i, key in enumerate(entries):
+            prefix = f"{group}/{i}/"
+            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            out[tuple(key) if isinstance(key, list) else key] = factories[group](state)
+        groups[group] = out
+    return set(record["done"]), groups
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class StatsRun:
+    """A stored statistics run, loaded lazily and checked on the way in.
+
+    Args:
+        path: the run directory.
+
+    Raises:
+        UserError: the directory is missing, not a qvd-bench run, of another schema
+            version, or one of its files is unreadable.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not self.path.is_dir():
+            hint = (
+                " (an interrupted collection; rerun it to resume)"
+                if partial_dir(self.path).exists()
+                else ""
+            )
+            raise UserError(f"no statistics run at {self.path}{hint}")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{self.path} is not a statistics run: {MANIFEST} is missing") from None
+        except (OSError, ValueError) as error:
+            raise UserError(f"{manifest_path} is unreadable: {_one_line(error)}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise UserError(f"{manifest_path} is not a qvd-bench statistics manifest")
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(
+                f"{self.path} has schema version {manifest.get('schema_version')}, this "
+                f"qvd-bench reads {SCHEMA_VERSION}; recollect it with this version"
+            )
+        self.manifest: dict[str, Any] = manifest
+
+    def _file(self, name: str) -> Path:
+        path = self.path / self.manifest["files"][name]
+        if not path.exists():
+            raise UserError(f"{path} is missing from the statistics run")
+        return path
+
+    def _table(self, name: str) -> pd.DataFrame:
+        path = self._file(name)
+        try:
+            frame = pq.read_table(path).to_pandas()
+        except (OSError, pa.ArrowException) as error:
+            raise UserError(f"{path} is corrupt: {_one_line(error)}") from None
+        missing = [c for c in TABLE_COLUMNS[name] if c not in frame.columns]
+        if missing:
+            raise UserError(f"{path} lacks columns {', '.join(missing)}; not a qvd-bench table")
+        return frame
+
+    @cached_property
+    def layers(self) -> pd.DataFrame:
+        """One row per hooked layer: name, role, decided_by, kind, in/out channels."""
+        return pd.DataFrame(self.manifest["layers"])
+
+    @cached_property
+    def channels(self) -> pd.DataFrame:
+        """Per (tensor, layer, timestep, branch, channel) sufficient moments."""
+        return self._table("channels")
+
+    @cached_property
+    def histograms(self) -> pd.DataFrame:
+        """Non-zero histogram bins per (layer, timestep, branch); edges in the manifest."""
+        return self._table("histograms")
+
+    @cached_property
+    def temporal(self) -> pd.DataFrame:
+        """Per (layer, timestep) input vector of each timestep-embedding layer."""
+        return self._table("temporal")
+
+    @cached_property
+    def weights(self) -> pd.DataFrame:
+        """Per (layer, output channel) weight statistics."""
+        return self._table("weights")
+
+    def temporal_matrix(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """The temporal features of one layer as (timesteps (T,), vectors (T, D))."""
+        rows = self.temporal[self.temporal["layer"] == layer].sort_values("timestep")
+        if rows.empty:
+            raise UserError(f"{self.path} has no temporal features for layer {layer!r}")
+        return rows["timestep"].to_numpy(), np.stack(rows["vector"].to_numpy())
+
+    @cached_property
+    def reservoir(self) -> dict[str, dict[str, torch.Tensor]]:
+        """layer -> reservoir state (rows, keys, sample_id, timestep, branch, row)."""
+        path = self._file("reservoir")
+        try:
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError) as error:
+            raise UserError(f"{path} is corrupt: {_one_line(error)}") from None
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            layer, _, field = name.rpartition("/")
+            out.setdefault(layer, {})[field] = value
+        return out
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]

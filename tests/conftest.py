@@ -1,0 +1,21 @@
+"""Shared test setup: one torch thread, and the opt-in notebook run."""
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-notebooks", action="store_true", help="execute the notebooks in notebooks/"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-notebooks"):
+        return
+    skip = pytest.mark.skip(reason="notebooks run in the notebooks tox env (--run-notebooks)")
+    for item in items:
+        if "notebook" in item.keywords:
+            item.add_marker(skip)
