@@ -1,0 +1,196 @@
+"""Tiny diffusers pipelines: build offline, run with CFG under the tracker, save and reload."""
+
+import functools
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from qvd_bench.errors import UserError
+from qvd_bench.models import pipelines, zoo
+from qvd_bench.models.family import LoadedModel
+from qvd_bench.models.sampling import CallTracker
+
+PRESETS = list(pipelines.PRESET_PIPELINES)
+STEPS = 2
+SIZE = 8
+PROMPTS = ["a cat jumps onto a table", "waves crash on the beach"]
+
+
+@functools.cache
+def tiny(preset: str, weight_seed: int = 0) -> LoadedModel:
+    return pipelines.tiny_pipeline_model(preset, weight_seed)
+
+
+def frames_for(loaded: LoadedModel) -> int:
+    # Latte's temporal position embedding has exactly ``video_length`` entries.
+    return getattr(loaded.denoiser.config, "video_length", None) or 2
+
+
+def run(loaded, prompts=PROMPTS[:1], sample_ids=(0,), seed=0, **kwargs):
+    options = {
+        "steps": STEPS,
+        "guidance_scale": 5.0,
+        "seed": seed,
+        "sample_ids": list(sample_ids),
+        "frames": frames_for(loaded),
+        "height": SIZE,
+        "width": SIZE,
+    }
+    options.update(kwargs)
+    return pipelines.run_pipeline(loaded, list(prompts), **options)
+
+
+def record_calls(loaded):
+    """A tracker on the denoiser and the list of DenoiserCalls it publishes."""
+    tracker = CallTracker(loaded.denoiser)
+    calls = []
+    handle = loaded.denoiser.register_forward_hook(lambda m, a, o: calls.append(tracker.current))
+    return tracker, calls, handle
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_pipeline_runs_with_cfg_and_tracks_every_call(preset):
+    loaded = tiny(preset)
+    assert type(loaded.pipeline).__name__ == pipelines.PRESET_PIPELINES[preset]
+    assert pipelines._pipeline_denoiser(loaded.pipeline) is loaded.denoiser
+    tracker, calls, handle = record_calls(loaded)
+    steps_seen = []
+    try:
+        out = run(loaded, PROMPTS, [5, 9], tracker=tracker, progress=lambda: steps_seen.append(1))
+    finally:
+        handle.remove()
+
+    frames = frames_for(loaded)
+    assert out.shape == loaded.family.latent_shape(loaded.denoiser, 2, frames, SIZE, SIZE)
+    assert torch.isfinite(out).all()
+    assert len(steps_seen) == 2 * STEPS
+    assert tracker._handle is None, "run_pipeline detaches a tracker it attached"
+
+    timesteps = [float(t) for t in loaded.pipeline.scheduler.timesteps]
+    if preset == "tiny-wan":
+        # WanPipeline runs the branches as two calls per step, conditional first.
+        expected = [
+            (t, (branch,), (sample,))
+            for sample in (5, 9)
+            for t in timesteps
+            for branch in ("cond", "uncond")
+        ]
+    else:
+        expected = [(t, ("uncond", "cond"), (sample,)) for sample in (5, 9) for t in timesteps]
+    got = [(c.timestep, c.branches, c.sample_ids) for c in calls]
+    assert [g[1:] for g in got] == [e[1:] for e in expected]
+    assert [g[0] for g in got] == pytest.approx([e[0] for e in expected])
+
+
+def test_wan_branches_match_the_text_states_of_each_call():
+    loaded = tiny("tiny-wan")
+    pipe = loaded.pipeline
+    tracker = CallTracker(loaded.denoiser)
+    seen = []
+
+    def hook(module, args, kwargs, output):
+        seen.append((tracker.current.branches[0], kwargs["encoder_hidden_states"].clone()))
+
+    handle = loaded.denoiser.register_forward_hook(hook, with_kwargs=True)
+    try:
+        run(loaded, tracker=tracker)
+    finally:
+        handle.remove()
+    cond, uncond = pipe.encode_prompt(
+        PROMPTS[0], negative_prompt="", max_sequence_length=pipelines._text_length(pipe)
+    )
+    for branch, states in seen:
+        torch.testing.assert_close(states, cond if branch == "cond" else uncond)
+
+
+@pytest.mark.parametrize("preset", ["tiny-latte", "tiny-wan", "tiny-unet3d"])
+def test_guidance_scale_one_runs_only_the_conditional_branch(preset):
+    loaded = tiny(preset)
+    tracker, calls, handle = record_calls(loaded)
+    try:
+        run(loaded, guidance_scale=1.0, tracker=tracker)
+    finally:
+        handle.remove()
+    assert [c.branches for c in calls] == [("cond",)] * STEPS
+
+
+@pytest.mark.parametrize("preset", ["tiny-latte", "tiny-i2vgenxl"])
+def test_samples_are_deterministic_and_independent(preset):
+    loaded = tiny(preset)
+    both = run(loaded, PROMPTS, [3, 4], seed=7)
+    again = run(tiny.__wrapped__(preset), PROMPTS, [3, 4], seed=7)
+    alone = run(loaded, PROMPTS[1:], [4], seed=7)
+    other_seed = run(loaded, PROMPTS, [3, 4], seed=8)
+    torch.testing.assert_close(both, again, rtol=0, atol=0)
+    torch.testing.assert_close(both[1:], alone, rtol=0, atol=0)
+    assert not torch.allclose(both, other_seed)
+    assert not torch.allclose(both[0], both[1])
+
+
+def test_run_leaves_the_global_rng_alone():
+    loaded = tiny("tiny-latte")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    run(loaded)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_weight_seed_changes_the_weights():
+    a = run(tiny("tiny-latte", 0))
+    b = run(tiny("tiny-latte", 1))
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_save_and_reload_offline_gives_the_same_output(preset, tmp_path):
+    loaded = tiny(preset)
+    pipelines.save_tiny_pipeline(preset, tmp_path)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
+    assert type(pipe) is type(loaded.pipeline)
+    # The zoo loads the directory the same way, and finds the same family.
+    reloaded = zoo.load_model(str(tmp_path))
+    assert type(reloaded.pipeline) is type(pipe)
+    assert reloaded.family is loaded.family
+
+    torch.testing.assert_close(run(reloaded), run(loaded), rtol=0, atol=0)
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is not None:
+        text = "the dog, 3 cats and A Car"
+        assert tokenizer(text).input_ids == loaded.pipeline.tokenizer(text).input_ids
+
+
+def test_synthetic_image_is_seeded_per_sample():
+    a = pipelines.synthetic_image(0, 1, 16, 24)
+    assert a.size == (24, 16) and a.mode == "RGB"
+    assert a.tobytes() == pipelines.synthetic_image(0, 1, 16, 24).tobytes()
+    assert a.tobytes() != pipelines.synthetic_image(0, 2, 16, 24).tobytes()
+    assert a.tobytes() != pipelines.synthetic_image(1, 1, 16, 24).tobytes()
+
+
+def test_sample_seed_depends_on_seed_and_sample():
+    seeds = {pipelines.sample_seed(s, i) for s in range(4) for i in range(4)}
+    assert len(seeds) == 16
+    assert pipelines.sample_seed(2, 3) == pipelines.sample_seed(2, 3)
+
+
+def test_unsupported_pipeline_class_is_a_user_error():
+    loaded = tiny("tiny-latte")
+
+    class OtherPipeline:
+        pass
+
+    other = LoadedModel(
+        name="x", family=loaded.family, denoiser=loaded.denoiser, pipeline=OtherPipeline()
+    )
+    with pytest.raises(UserError, match="OtherPipeline.*LattePipeline.*WanPipeline"):
+        run(other)
+    bare = LoadedModel(name="bare", family=loaded.family, denoiser=loaded.denoiser)
+    with pytest.raises(UserError, match="no diffusers pipeline"):
+        run(bare)
+
+
+def test_unknown_preset_is_a_user_error():
+    with pytest.raises(UserError, match="tiny-latte"):
+        pipelines.build_tiny_pipeline("tiny-nothing")
