@@ -166,12 +166,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(roles.format_roles(roles.classify(loaded, detect=args.detect)))
         return 0
     rows = zoo.list_models()
-    width = max(len(r["name"]) for r in rows)
+    width = max(len(r.name) for r in rows)
     print(f"{'name':<{width}}  {'parameters':>14}  {'denoiser':<36}  description")
     for r in rows:
-        print(
-            f"{r['name']:<{width}}  {r['parameters']:>14,}  {r['denoiser_class']:<36}  {r['description']}"
-        )
+        print(f"{r.name:<{width}}  {r.parameters:>14,}  {r.denoiser_class:<36}  {r.description}")
     return 0
 
 

@@ -55,7 +55,7 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def select_prompts(path: str | Path | None, count: int) -> list[str]:
+def select_prompts(path: str | Path | None, count: int | None) -> list[str]:
     """The first ``count`` prompts of a file, or of ``DEFAULT_PROMPTS`` without one.
 
     When the source has fewer than ``count`` prompts they are repeated in order, so that
@@ -63,15 +63,17 @@ def select_prompts(path: str | Path | None, count: int) -> list[str]:
 
     Args:
         path: a prompt file, or None for the built-in prompts.
-        count: how many prompts to return (>= 1).
+        count: how many prompts to return (>= 1); None for all of them.
 
     Returns:
-        ``count`` prompts.
+        ``count`` prompts (all of the source when ``count`` is None).
 
     Raises:
         UserError: ``count`` < 1, or the file cannot be used (see ``read_prompts``).
     """
-    if count < 1:
+    if count is not None and count < 1:
         raise UserError(f"the number of prompts must be at least 1, got {count}")
     source = list(DEFAULT_PROMPTS) if path is None else read_prompts(path)
+    if count is None:
+        return source
     return [source[i % len(source)] for i in range(count)]

@@ -305,7 +305,9 @@ def load_checkpoint(
         tensors = load_file(str(partial / CHECKPOINT_TENSORS))
     except (OSError, ValueError, SafetensorError):
         return None
-    if record.get("fingerprint") != fingerprint or record.get("tensor_count") != len(tensors):
+    # Compare as JSON sees it (tuples in the config come back as lists).
+    expected = json.loads(json.dumps(fingerprint))
+    if record.get("fingerprint") != expected or record.get("tensor_count") != len(tensors):
         return None
     groups: dict[str, dict] = {}
     for group, entries in record["index"].items():

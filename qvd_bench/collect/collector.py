@@ -144,7 +144,7 @@ def collect(
         A summary of what was written.
     """
     run_dir = Path(run_dir)
-    rank, world = distributed.rank_and_world()
+    rank, world = distributed.rank_and_world(config.device)
     if rank == 0:
         store.check_writable(run_dir, overwrite=overwrite)
     torch.manual_seed(config.seed)

@@ -10,11 +10,17 @@ sampler below or a diffusers pipeline).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+
+from qvd_bench.errors import UserError
+from qvd_bench.models.family import LoadedModel
 
 BRANCHES: tuple[str, ...] = ("uncond", "cond")
 
@@ -101,3 +107,190 @@ class CallTracker:
                 f"denoiser batch {batch} matches neither {n} samples nor 2 x {n} (CFG)"
             )
         self.current = DenoiserCall(value, branches, self._sample_ids)
+
+
+# ---------------------------------------------------------------------------------------
+# Minimal sampler: a diffusers scheduler loop around ``Family.forward``.
+
+# Noise schedule of the latent video diffusion models (ModelScope T2V, AnimateDiff, ...).
+_DIFFUSION_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+SCHEDULERS: tuple[str, ...] = ("ddim", "euler", "flow-euler")
+
+
+def make_scheduler(name: str, prediction_type: str):
+    """A fresh diffusers scheduler for a family's prediction type.
+
+    Args:
+        name: "ddim", "euler" or "flow-euler". Flow-prediction families always get
+            "flow-euler" (the other two cannot integrate a flow).
+        prediction_type: "epsilon", "v_prediction" or "flow".
+    """
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+    if name not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {name!r} (known: {', '.join(SCHEDULERS)})")
+    if prediction_type == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    if name == "flow-euler":
+        raise UserError(f"scheduler 'flow-euler' needs a flow model, not {prediction_type}")
+    if name == "euler":
+        return EulerDiscreteScheduler(**_DIFFUSION_SCHEDULE, prediction_type=prediction_type)
+    return DDIMScheduler(
+        **_DIFFUSION_SCHEDULE,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def sample_seed(seed: int, sample_id: int, stream: int = 0) -> int:
+    """The seed of one sample's random draws: a function of (seed, sample id) only."""
+    return int(np.random.SeedSequence([seed, sample_id, stream]).generate_state(1)[0])
+
+
+def sample_denoiser(
+    loaded: LoadedModel,
+    text_states: torch.Tensor,
+    uncond_states: torch.Tensor,
+    *,
+    steps: int = 10,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    sample_ids: Sequence[int],
+    frames: int,
+    height: int,
+    width: int,
+    tracker: CallTracker | None = None,
+    scheduler: str = "ddim",
+    progress: Callable[[], Any] | None = None,
+) -> torch.Tensor:
+    """Samples latents with a scheduler loop and classifier-free guidance.
+
+    Each step runs the denoiser twice, uncond then cond, as separate forwards (announced
+    to ``tracker`` with ``branch``), or once (cond) when ``guidance_scale <= 1``. Each
+    sample's initial noise and conditioning come from its own generator seeded by
+    ``sample_seed(seed, sample_id)``, so its trajectory does not depend on the other
+    samples of the batch.
+
+    Args:
+        loaded: the model.
+        text_states: (B, L, D) conditional text (or image) states.
+        uncond_states: (B, L, D), or (1, L, D) / (L, D) shared by the batch.
+        steps: number of denoising steps (>= 1).
+        guidance_scale: CFG scale; <= 1 disables guidance.
+        seed: base seed of the noise.
+        sample_ids: B global sample ids.
+        frames, height, width: latent size.
+        tracker: an attached CallTracker to announce batches and branches to.
+        scheduler: "ddim" (default), "euler" or "flow-euler"; flow-prediction families
+            always use the flow-matching Euler scheduler.
+        progress: called with no argument after each step (e.g. ``tqdm.update``).
+
+    Returns:
+        Final latents (B, C, F, H, W) or (B, F, C, H, W), per the family's layout.
+    """
+    if steps < 1:
+        raise UserError(f"steps must be >= 1, got {steps}")
+    family, denoiser = loaded.family, loaded.denoiser
+    sample_ids = [int(i) for i in sample_ids]
+    batch = len(sample_ids)
+    if text_states.shape[0] != batch:
+        raise ValueError(f"text_states has batch {text_states.shape[0]} for {batch} sample ids")
+    parameter = next(denoiser.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    text_states = text_states.to(device=device, dtype=dtype)
+    uncond_states = uncond_states.to(device=device, dtype=dtype)
+    if uncond_states.dim() == 2:
+        uncond_states = uncond_states.unsqueeze(0)
+    uncond_states = uncond_states.expand(batch, -1, -1)
+
+    noise_scheduler = make_scheduler(scheduler, family.prediction_type)
+    noise_scheduler.set_timesteps(steps, device=device)
+    latents, conditioning = _initial_latents(loaded, seed, sample_ids, frames, height, width)
+    # Flow-matching schedulers start from unit noise and take unscaled inputs.
+    latents = latents * getattr(noise_scheduler, "init_noise_sigma", 1.0)
+    use_cfg = guidance_scale > 1
+
+    def branch(name: str):
+        return tracker.branch(name) if tracker is not None else contextlib.nullcontext()
+
+    batch_context = tracker.batch(sample_ids) if tracker is not None else contextlib.nullcontext()
+    with batch_context, torch.no_grad():
+        for t in noise_scheduler.timesteps:
+            model_input = latents
+            if hasattr(noise_scheduler, "scale_model_input"):
+                model_input = noise_scheduler.scale_model_input(latents, t)
+            timestep = t.expand(batch)
+            if use_cfg:
+                with branch("uncond"):
+                    uncond = family.forward(
+                        denoiser, model_input, timestep, uncond_states, conditioning
+                    )
+            with branch("cond"):
+                prediction = family.forward(
+                    denoiser, model_input, timestep, text_states, conditioning
+                )
+            if use_cfg:
+                prediction = uncond + guidance_scale * (prediction - uncond)
+            latents = noise_scheduler.step(prediction, t, latents, return_dict=False)[0]
+            if progress is not None:
+                progress()
+    return latents
+
+
+def _initial_latents(
+    loaded: LoadedModel,
+    seed: int,
+    sample_ids: Sequence[int],
+    frames: int,
+    height: int,
+    width: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-sample noise (B, ...) and conditioning, each sample from its own generators."""
+    family, denoiser = loaded.family, loaded.denoiser
+    parameter = next(denoiser.parameters())
+    shape = family.latent_shape(denoiser, 1, frames, height, width)
+    noises, conditionings = [], []
+    for sample_id in sample_ids:
+        # Drawn on the CPU so that values do not depend on the device.
+        noise_generator = torch.Generator().manual_seed(sample_seed(seed, sample_id, 0))
+        noises.append(torch.randn(shape, generator=noise_generator))
+        condition_generator = torch.Generator().manual_seed(sample_seed(seed, sample_id, 1))
+        conditionings.append(
+            family.conditioning(denoiser, 1, frames, height, width, generator=condition_generator)
+        )
+    latents = torch.cat(noises).to(device=parameter.device, dtype=parameter.dtype)
+    conditioning = {key: torch.cat([c[key] for c in conditionings]) for key in conditionings[0]}
+    return latents, conditioning
+
+
+def text_states_for_prompts(
+    loaded: LoadedModel, prompts: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic pseudo text embeddings for a bare denoiser without a text encoder.
+
+    Each prompt's embedding is standard normal noise from a generator seeded by the
+    CRC-32 of the prompt, so equal prompts get equal embeddings in every run.
+
+    Returns:
+        (cond, uncond), each (N, L, D) with (L, D) = ``family.text_embedding_shape``;
+        uncond is the embedding of the empty prompt, repeated.
+    """
+    family, denoiser = loaded.family, loaded.denoiser
+    parameter = next(denoiser.parameters())
+    shape = family.text_embedding_shape(denoiser)
+
+    def embed(prompt: str) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(zlib.crc32(prompt.encode("utf-8")))
+        return torch.randn(shape, generator=generator)
+
+    cond = torch.stack([embed(prompt) for prompt in prompts])
+    uncond = embed("").unsqueeze(0).expand(len(prompts), -1, -1).clone()
+    move = {"device": parameter.device, "dtype": parameter.dtype}
+    return cond.to(**move), uncond.to(**move)

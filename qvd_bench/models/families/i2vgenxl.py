@@ -1,0 +1,99 @@
+"""I2VGenXLUNet: I2VGen-XL (image-and-text-to-video UNet)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qvd_bench.models.families._common import (
+    COMMON_OUTLIER_TARGETS,
+    UNET_HEAD_ROLES,
+    UNET_SPATIAL_ROLES,
+    randn,
+    unet_probe_size,
+)
+from qvd_bench.models.families.unet3d import CLIP_SEQUENCE_LENGTH
+from qvd_bench.models.family import Family
+
+# The frame rate the I2VGen-XL pipeline asks for by default.
+DEFAULT_FPS = 16.0
+
+
+class I2VGenXLFamily(Family):
+    name = "i2vgenxl"
+    denoiser_class = "I2VGenXLUNet"
+    pipeline_classes = ("I2VGenXLPipeline",)
+    layout = "BCFHW"
+    prediction_type = "v_prediction"
+    role_table = (
+        *UNET_HEAD_ROLES,
+        # Conditioning encoders: fps embedding (added to the time embedding but independent
+        # of the timestep), CLIP image embedding and image-latent encoders.
+        (r"fps_embedding\..*", "io"),
+        (r"context_embedding\..*", "io"),
+        (r"image_latents_proj_in\..*|image_latents_context_embedding\..*", "io"),
+        # Attention over the frames of the image latents.
+        (r"image_latents_temporal_encoder\..*", "temporal"),
+        (r".*\.temp_convs\..*", "temporal"),
+        (r".*\.temp_attentions\..*", "temporal"),
+        (r"transformer_in\..*", "temporal"),
+        *UNET_SPATIAL_ROLES,
+    )
+    outlier_targets = (
+        (r"time_embedding\.linear_\d", "time_mlp"),
+        *COMMON_OUTLIER_TARGETS,
+    )
+
+    def tiny_config(self) -> dict[str, Any]:
+        return {
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "sample_size": 16,
+            "down_block_types": ("CrossAttnDownBlock3D", "DownBlock3D"),
+            "up_block_types": ("UpBlock3D", "CrossAttnUpBlock3D"),
+            "cross_attention_dim": 32,
+            "attention_head_dim": 4,
+            "norm_num_groups": 8,
+        }
+
+    def build(self, config: dict[str, Any]) -> nn.Module:
+        from diffusers import I2VGenXLUNet
+
+        return I2VGenXLUNet(**config)
+
+    def latent_shape(self, denoiser, batch, frames, height, width):
+        return (batch, denoiser.config.in_channels, frames, height, width)
+
+    def probe_size(self, denoiser):
+        return unet_probe_size(denoiser, denoiser.config.norm_num_groups)
+
+    def text_embedding_shape(self, denoiser):
+        return (CLIP_SEQUENCE_LENGTH, denoiser.config.cross_attention_dim)
+
+    def conditioning(self, denoiser, batch, frames, height, width, generator=None):
+        """Returns fps (B,), image_latents (B, C, F, H, W), image_embeddings (B, D).
+
+        As in the pipeline, the first frame of ``image_latents`` is the image's latent
+        and frame i > 0 is filled with i / (F - 1) (the frame position mask).
+        """
+        channels = denoiser.config.in_channels
+        image = randn((batch, channels, 1, height, width), generator, denoiser)
+        positions = torch.arange(1, frames).to(image) / max(frames - 1, 1)
+        position_mask = positions.view(1, 1, -1, 1, 1).expand(batch, channels, -1, height, width)
+        image_latents = torch.cat([image, position_mask], dim=2)
+        image_embeddings = randn((batch, denoiser.config.cross_attention_dim), generator, denoiser)
+        fps = torch.full((batch,), DEFAULT_FPS).to(image)
+        return {"fps": fps, "image_latents": image_latents, "image_embeddings": image_embeddings}
+
+    def forward(self, denoiser, latents, timestep, text_states, conditioning):
+        return denoiser(
+            latents,
+            timestep,
+            fps=conditioning["fps"],
+            image_latents=conditioning["image_latents"],
+            image_embeddings=conditioning["image_embeddings"],
+            encoder_hidden_states=text_states,
+            return_dict=False,
+        )[0]

@@ -1,0 +1,68 @@
+"""UNet3DConditionModel: ModelScope T2V and ZeroScope (factorised spatial/temporal UNet)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from qvd_bench.models.families._common import (
+    COMMON_OUTLIER_TARGETS,
+    UNET_HEAD_ROLES,
+    UNET_SPATIAL_ROLES,
+    unet_probe_size,
+)
+from qvd_bench.models.family import Family
+
+# CLIP text encoders pad prompts to 77 tokens.
+CLIP_SEQUENCE_LENGTH = 77
+
+
+class UNet3DFamily(Family):
+    name = "unet3d"
+    denoiser_class = "UNet3DConditionModel"
+    pipeline_classes = ("TextToVideoSDPipeline", "VideoToVideoSDPipeline")
+    layout = "BCFHW"
+    prediction_type = "epsilon"
+    role_table = (
+        *UNET_HEAD_ROLES,
+        # Temporal convs, temporal transformers, and the temporal transformer after conv_in.
+        (r".*\.temp_convs\..*", "temporal"),
+        (r".*\.temp_attentions\..*", "temporal"),
+        (r"transformer_in\..*", "temporal"),
+        *UNET_SPATIAL_ROLES,
+    )
+    outlier_targets = (
+        (r"time_embedding\.linear_\d", "time_mlp"),
+        *COMMON_OUTLIER_TARGETS,
+    )
+
+    def tiny_config(self) -> dict[str, Any]:
+        return {
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "sample_size": 16,
+            "down_block_types": ("CrossAttnDownBlock3D", "DownBlock3D"),
+            "up_block_types": ("UpBlock3D", "CrossAttnUpBlock3D"),
+            "cross_attention_dim": 32,
+            # In UNet3DConditionModel this is the number of heads.
+            "attention_head_dim": 4,
+            "norm_num_groups": 8,
+        }
+
+    def build(self, config: dict[str, Any]) -> nn.Module:
+        from diffusers import UNet3DConditionModel
+
+        return UNet3DConditionModel(**config)
+
+    def latent_shape(self, denoiser, batch, frames, height, width):
+        return (batch, denoiser.config.in_channels, frames, height, width)
+
+    def probe_size(self, denoiser):
+        return unet_probe_size(denoiser, denoiser.config.norm_num_groups)
+
+    def text_embedding_shape(self, denoiser):
+        return (CLIP_SEQUENCE_LENGTH, denoiser.config.cross_attention_dim)
+
+    def forward(self, denoiser, latents, timestep, text_states, conditioning):
+        return denoiser(latents, timestep, encoder_hidden_states=text_states, return_dict=False)[0]

@@ -1,0 +1,69 @@
+"""WanTransformer3DModel: Wan 2.x (flow-matching DiT with 3-D attention)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from qvd_bench.models.families._common import COMMON_OUTLIER_TARGETS, N
+from qvd_bench.models.family import Family
+
+# The Wan pipeline pads UMT5 prompts to 512 tokens.
+UMT5_SEQUENCE_LENGTH = 512
+
+
+class WanFamily(Family):
+    name = "wan"
+    denoiser_class = "WanTransformer3DModel"
+    pipeline_classes = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
+    layout = "BCFHW"
+    prediction_type = "flow"
+    role_table = (
+        # Timestep MLP and the shared adaLN modulation projection (time_proj).
+        (r"condition_embedder\.(time_embedder\..*|time_proj)", "time_emb"),
+        (r"condition_embedder\.(text_embedder|image_embedder)\..*", "io"),
+        (rf"blocks\.{N}\.attn1\..*", "self_attn"),
+        (rf"blocks\.{N}\.attn2\..*", "cross_attn"),
+        (rf"blocks\.{N}\.ffn\..*", "ffn"),
+        (r"patch_embedding|proj_out", "io"),
+    )
+    outlier_targets = (
+        (r"condition_embedder\.time_embedder\.linear_\d", "time_mlp"),
+        *COMMON_OUTLIER_TARGETS,
+    )
+
+    def tiny_config(self) -> dict[str, Any]:
+        return {
+            "patch_size": (1, 2, 2),
+            "num_attention_heads": 2,
+            "attention_head_dim": 12,
+            "in_channels": 4,
+            "out_channels": 4,
+            "text_dim": 16,
+            "freq_dim": 256,
+            "ffn_dim": 32,
+            "num_layers": 2,
+            "cross_attn_norm": True,
+            "qk_norm": "rms_norm_across_heads",
+            "rope_max_seq_len": 32,
+        }
+
+    def build(self, config: dict[str, Any]) -> nn.Module:
+        from diffusers import WanTransformer3DModel
+
+        return WanTransformer3DModel(**config)
+
+    def latent_shape(self, denoiser, batch, frames, height, width):
+        return (batch, denoiser.config.in_channels, frames, height, width)
+
+    def probe_size(self, denoiser):
+        return tuple(denoiser.config.patch_size)
+
+    def text_embedding_shape(self, denoiser):
+        return (UMT5_SEQUENCE_LENGTH, denoiser.config.text_dim)
+
+    def forward(self, denoiser, latents, timestep, text_states, conditioning):
+        return denoiser(
+            latents, timestep=timestep, encoder_hidden_states=text_states, return_dict=False
+        )[0]

@@ -1,0 +1,142 @@
+"""Layer hooks: CFG splitting, keys, untracked calls, temporal-feature probes."""
+
+import pytest
+import torch
+
+from qvd_bench.collect.hooks import (
+    StatsCollector,
+    capture_temporal_features,
+    channel_last_rows,
+    describe_layer,
+)
+from qvd_bench.models import roles, zoo
+from qvd_bench.models.sampling import CallTracker
+
+PRESETS = [
+    "tiny-unet3d",
+    "tiny-animatediff",
+    "tiny-svd",
+    "tiny-i2vgenxl",
+    "tiny-latte",
+    "tiny-cogvideox",
+    "tiny-wan",
+]
+
+
+def hooked(loaded):
+    decisions = roles.classify(loaded)
+    layers = roles.leaf_layers(loaded.denoiser)
+    infos = {
+        n: describe_layer(n, m, decisions[n].role, decisions[n].decided_by)
+        for n, m in layers.items()
+    }
+    return layers, infos
+
+
+def inputs(loaded, batch=1, frames=2, size=8):
+    family, denoiser = loaded.family, loaded.denoiser
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(
+        family.latent_shape(denoiser, batch, frames, size, size), generator=generator
+    )
+    length, dim = family.text_embedding_shape(denoiser)
+    cond = torch.randn(batch, length, dim, generator=generator)
+    uncond = torch.randn(batch, length, dim, generator=generator)
+    conditioning = family.conditioning(denoiser, batch, frames, size, size, generator)
+    return latents, cond, uncond, conditioning
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_batched_cfg_call_splits_into_separate_forwards(preset):
+    loaded = zoo.load_model(preset)
+    family, denoiser = loaded.family, loaded.denoiser.eval()
+    layers, infos = hooked(loaded)
+    latents, cond, uncond, conditioning = inputs(loaded)
+    t = torch.tensor([700.0])
+    tracker = CallTracker(denoiser).attach()
+
+    batched = StatsCollector(layers, infos, tracker)
+    with batched, tracker.batch([0]), torch.no_grad():
+        family.forward(
+            denoiser,
+            torch.cat([latents, latents]),
+            t.repeat(2),
+            torch.cat([uncond, cond]),
+            {k: torch.cat([v, v]) for k, v in conditioning.items()},
+        )
+    separate = StatsCollector(layers, infos, tracker)
+    with separate, tracker.batch([0]), torch.no_grad():
+        for branch, states in (("uncond", uncond), ("cond", cond)):
+            with tracker.branch(branch):
+                family.forward(denoiser, latents, t, states, conditioning)
+    tracker.detach()
+
+    assert set(batched.moments) == set(separate.moments)
+    assert {key[3] for key in batched.moments} == {"uncond", "cond"}
+    assert len(batched.moments) == 2 * len(layers)
+    for key, acc in batched.moments.items():
+        a, b = acc.compute(), separate.moments[key].compute()
+        torch.testing.assert_close(a["count"], b["count"], rtol=0, atol=0)
+        # Batch 2 vs batch 1 kernels round differently in float32: tolerance relative to
+        # the layer's magnitude (the injected outliers reach ~1e3 in tiny-svd).
+        scale = float(torch.maximum(b["max"].abs(), b["min"].abs()).max()) + 1.0
+        for field in ("min", "max", "mean"):
+            torch.testing.assert_close(
+                a[field], b[field], rtol=0, atol=1e-4 * scale, msg=f"{key} {field}"
+            )
+    # Negative control: the branches differ, so a swapped split would be caught.
+    assert any(
+        not torch.allclose(
+            acc.compute()["mean"], separate.moments[(*key[:3], "cond")].compute()["mean"]
+        )
+        for key, acc in batched.moments.items()
+        if key[3] == "uncond"
+    )
+
+
+def test_untracked_calls_are_ignored():
+    loaded = zoo.load_model("tiny-latte")
+    layers, infos = hooked(loaded)
+    latents, cond, _, conditioning = inputs(loaded)
+    tracker = CallTracker(loaded.denoiser)  # not attached: current stays None
+    collector = StatsCollector(layers, infos, tracker)
+    with collector, torch.no_grad():
+        loaded.family.forward(loaded.denoiser, latents, torch.tensor([10.0]), cond, conditioning)
+    assert collector.moments == {}
+
+
+def test_channel_last_rows_keeps_samples_apart():
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2 * 3, 4, 5)  # (n*F, C, L)
+    rows = channel_last_rows(x, 2, channel_dim=1)
+    assert rows.shape == (2, 3 * 5, 4)
+    torch.testing.assert_close(rows[1, 0], x[3, :, 0])
+
+
+@pytest.mark.parametrize("preset", ["tiny-unet3d", "tiny-latte"])
+def test_temporal_features_equal_direct_inputs(preset):
+    loaded = zoo.load_model(preset)
+    family, denoiser = loaded.family, loaded.denoiser.eval()
+    decisions = roles.classify(loaded)
+    names = [n for n, d in decisions.items() if d.role == "time_emb"]
+    features = capture_temporal_features(loaded, names, [0.0, 250.0, 999.0], chunk=2)
+    seen = {}
+    modules = dict(denoiser.named_modules())
+    handles = [
+        modules[n].register_forward_pre_hook(
+            lambda m, a, k, n=n: seen.__setitem__(n, (a[0] if a else k["input"]).detach()),
+            with_kwargs=True,
+        )
+        for n in names
+    ]
+    latents, cond, _, conditioning = inputs(loaded, frames=3, size=16)
+    with torch.no_grad():
+        family.forward(denoiser, latents, torch.tensor([250.0]), cond, conditioning)
+    for h in handles:
+        h.remove()
+    for name in names:
+        timesteps, vectors = features[name].as_matrix()
+        assert timesteps.tolist() == [0.0, 250.0, 999.0]
+        direct = seen[name].reshape(1, -1, seen[name].shape[-1])[0]
+        # The feature is the same vector on every row of the call (it depends on t only).
+        torch.testing.assert_close(direct, direct[:1].expand_as(direct))
+        torch.testing.assert_close(vectors[1].float(), direct[0].float(), rtol=1e-5, atol=1e-5)

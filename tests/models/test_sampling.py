@@ -1,0 +1,112 @@
+"""The minimal sampler: determinism, batch independence, CFG branches, pseudo text states."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from qvd_bench.errors import UserError
+from qvd_bench.models.sampling import CallTracker, sample_denoiser, text_states_for_prompts
+from qvd_bench.models.zoo import load_model
+
+
+@functools.cache
+def model(name: str):
+    # Without outlier injection the latents stay small, so tolerances are meaningful.
+    return load_model(name, disparity=0.0, asymmetry=0.0)
+
+
+def run(loaded, prompts, sample_ids, **kwargs):
+    cond, uncond = text_states_for_prompts(loaded, prompts)
+    kwargs = {"steps": 2, "frames": 2, "height": 8, "width": 8, **kwargs}
+    return sample_denoiser(loaded, cond, uncond, sample_ids=sample_ids, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["tiny-unet3d", "tiny-svd", "tiny-latte", "tiny-wan"])
+def test_sampling_is_deterministic_for_a_seed(name):
+    loaded = model(name)
+    a = run(loaded, ["a cat"], [0], seed=5)
+    b = run(loaded, ["a cat"], [0], seed=5)
+    c = run(loaded, ["a cat"], [0], seed=6)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert torch.isfinite(a).all()
+    assert a.shape == loaded.family.latent_shape(loaded.denoiser, 1, 2, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["tiny-unet3d", "tiny-i2vgenxl", "tiny-cogvideox", "tiny-wan"])
+def test_a_sample_trajectory_does_not_depend_on_the_batch(name):
+    loaded = model(name)
+    together = run(loaded, ["a cat", "a dog"], [3, 7])
+    alone = run(loaded, ["a dog"], [7])
+    torch.testing.assert_close(together[1:], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(together[0], together[1])
+
+
+def test_tracker_records_timesteps_branches_and_sample_ids():
+    loaded = model("tiny-unet3d")
+    tracker = CallTracker(loaded.denoiser).attach()
+    calls = []
+    handle = loaded.denoiser.register_forward_hook(lambda *_: calls.append(tracker.current))
+    try:
+        run(loaded, ["a", "b"], [4, 9], steps=3, tracker=tracker)
+    finally:
+        handle.remove()
+        tracker.detach()
+    assert [c.branches for c in calls] == [("uncond",), ("cond",)] * 3
+    assert {c.sample_ids for c in calls} == {(4, 9)}
+    timesteps = [c.timestep for c in calls[::2]]
+    assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == 3
+    assert [c.timestep for c in calls[1::2]] == timesteps
+
+
+def test_guidance_scale_at_most_one_runs_only_the_cond_branch():
+    loaded = model("tiny-wan")
+    tracker = CallTracker(loaded.denoiser).attach()
+    calls = []
+    handle = loaded.denoiser.register_forward_hook(lambda *_: calls.append(tracker.current))
+    try:
+        no_cfg = run(loaded, ["a"], [0], steps=3, guidance_scale=1.0, tracker=tracker)
+    finally:
+        handle.remove()
+        tracker.detach()
+    assert [c.branches for c in calls] == [("cond",)] * 3
+    # Flow models use the flow-matching scheduler: the first timestep is the top one.
+    assert calls[0].timestep == pytest.approx(1000.0)
+    assert not torch.equal(no_cfg, run(loaded, ["a"], [0], steps=3, guidance_scale=7.5))
+
+
+def test_progress_is_called_once_per_step():
+    loaded = model("tiny-cogvideox")
+    seen = []
+    run(loaded, ["a"], [0], steps=3, progress=lambda: seen.append(1))
+    assert len(seen) == 3
+
+
+def test_steps_below_one_is_a_user_error():
+    with pytest.raises(UserError, match="steps"):
+        run(model("tiny-wan"), ["a"], [0], steps=0)
+
+
+def test_unknown_scheduler_is_a_user_error():
+    with pytest.raises(UserError, match="scheduler"):
+        run(model("tiny-unet3d"), ["a"], [0], scheduler="nope")
+
+
+def test_euler_scheduler_runs():
+    latents = run(model("tiny-cogvideox"), ["a"], [0], scheduler="euler")
+    assert torch.isfinite(latents).all()
+
+
+def test_pseudo_text_states_are_deterministic_per_prompt():
+    loaded = model("tiny-unet3d")
+    cond, uncond = text_states_for_prompts(loaded, ["a cat", "a dog", "a cat"])
+    length, dim = loaded.family.text_embedding_shape(loaded.denoiser)
+    assert cond.shape == uncond.shape == (3, length, dim)
+    assert torch.equal(cond[0], cond[2]) and not torch.equal(cond[0], cond[1])
+    empty, _ = text_states_for_prompts(loaded, [""])
+    assert torch.equal(uncond[1], empty[0])
+    again, _ = text_states_for_prompts(loaded, ["a dog"])
+    assert torch.equal(again[0], cond[1])

@@ -1,0 +1,235 @@
+"""The command line end to end: collect, info, models, errors, resume, two processes."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qvd_bench import cli, store
+from qvd_bench.collect import collector
+
+SMALL = [
+    "--steps",
+    "2",
+    "--frames",
+    "2",
+    "--height",
+    "8",
+    "--width",
+    "8",
+    "--temporal-stride",
+    "250",
+    "--reservoir",
+    "16",
+    "--no-progress",
+]
+PRESETS = [
+    "tiny-unet3d",
+    "tiny-animatediff",
+    "tiny-svd",
+    "tiny-i2vgenxl",
+    "tiny-latte",
+    "tiny-cogvideox",
+    "tiny-wan",
+]
+
+
+def run_cli(*args):
+    return cli.main([str(a) for a in args])
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_collect_every_preset(preset, tmp_path, capsys):
+    out = tmp_path / preset
+    assert run_cli("collect", "--model", preset, "--out", out, "--sampler", "denoiser", *SMALL) == 0
+    printed = capsys.readouterr().out
+    assert f"statistics written to {out}" in printed and "random weights" in printed
+    run = store.StatsRun(out)
+    assert set(run.channels["branch"]) == {"uncond", "cond"}
+    assert run.channels["timestep"].nunique() == 2
+    assert (run.channels["count"] > 0).all()
+    assert set(run.layers["role"]) >= {"time_emb"}
+    assert set(run.temporal["timestep"]) == {0.0, 250.0, 500.0, 750.0}
+    assert run.manifest["model"]["random_weights"] is True
+    assert len(run.reservoir) == len(run.layers)
+
+
+def test_rerun_with_same_seeds_gives_identical_parquet(tmp_path):
+    for name in ("a", "b"):
+        assert run_cli("collect", "--out", tmp_path / name, "--num-prompts", "2", *SMALL) == 0
+    for table in ("channels", "histograms", "temporal", "weights"):
+        a = (tmp_path / "a" / f"{table}.parquet").read_bytes()
+        b = (tmp_path / "b" / f"{table}.parquet").read_bytes()
+        assert a == b, table
+    assert (tmp_path / "a" / "reservoir.safetensors").read_bytes() == (
+        tmp_path / "b" / "reservoir.safetensors"
+    ).read_bytes()
+
+
+def test_interrupted_collect_resumes(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = ["collect", "--out", out, "--num-prompts", "3", *SMALL]
+    original = collector.run_sample
+    calls = []
+
+    def interrupt_second(*a, **k):
+        calls.append(a[2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(collector, "run_sample", interrupt_second)
+    assert run_cli(*args) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert not out.exists() and store.partial_dir(out).exists()
+    with pytest.raises(Exception, match="interrupted collection"):
+        store.StatsRun(out)
+
+    monkeypatch.setattr(collector, "run_sample", original)
+    resumed = []
+    monkeypatch.setattr(
+        collector, "run_sample", lambda *a, **k: resumed.append(a[2]) or original(*a, **k)
+    )
+    assert run_cli(*args) == 0
+    assert "1 resumed from a checkpoint" in capsys.readouterr().out
+    assert resumed == [1, 2]
+
+    monkeypatch.setattr(collector, "run_sample", original)
+    assert run_cli(*[a if a != out else tmp_path / "fresh" for a in args]) == 0
+    pd.testing.assert_frame_equal(
+        store.StatsRun(out).channels, store.StatsRun(tmp_path / "fresh").channels
+    )
+
+
+def test_info_and_models(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("collect", "--out", out, "--roles", "time_emb,ffn", *SMALL) == 0
+    capsys.readouterr()
+    assert run_cli("info", out) == 0
+    printed = capsys.readouterr().out
+    assert "roles: ffn" in printed and "time_emb" in printed and "channels.parquet" in printed
+    assert run_cli("models") == 0
+    listing = capsys.readouterr().out
+    for preset in [*PRESETS, "modelscope-t2v-arch"]:
+        assert preset in listing
+    assert run_cli("models", "--roles", "tiny-latte") == 0
+    assert "time_emb" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["collect", "--model", "tiny-unet"], "did you mean 'tiny-unet3d'"),
+        (["collect", "--steps", "0"], "--steps must be at least 1"),
+        (["collect", "--roles", "ffm"], "unknown role 'ffm'"),
+        (["collect", "--include", "no-such-layer"], "no layer matches"),
+        (["collect", "--steps", "two"], "invalid int value"),
+        (["info", "/nonexistent/run"], "no statistics run"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path):
+    assert run_cli(*args, *(["--out", tmp_path / "x"] if args[0] == "collect" else [])) == 2
+    assert message in error_line(capsys)
+
+
+def test_empty_prompt_file(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# only a comment\n\n")
+    assert run_cli("collect", "--prompts", prompts, "--out", tmp_path / "x") == 2
+    assert "has no prompts" in error_line(capsys)
+
+
+def test_unwritable_output(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert run_cli("collect", "--out", blocker / "run", *SMALL) == 2
+    assert "not a writable directory" in error_line(capsys)
+
+
+def test_corrupt_stats_on_info(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text('{"format": "qvd-bench-stats", "schema_version": 0}')
+    assert run_cli("info", tmp_path) == 2
+    assert "schema version 0" in error_line(capsys)
+
+
+def test_console_script_exit_code(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qvd_bench",
+            "collect",
+            "--model",
+            "nope",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "unknown model 'nope'" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one(tmp_path):
+    common = ["collect", "--num-prompts", "3", *SMALL]
+    assert run_cli(*common, "--out", tmp_path / "single") == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "qvd_bench",
+            *common,
+            "--out",
+            str(tmp_path / "double"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, double = store.StatsRun(tmp_path / "single"), store.StatsRun(tmp_path / "double")
+    assert double.manifest["world_size"] == 2
+    a, b = single.channels, double.channels
+    pd.testing.assert_frame_equal(
+        a.drop(columns=["mean", "m2", "m3", "m4"]), b.drop(columns=["mean", "m2", "m3", "m4"])
+    )
+    for field in ("mean", "m2", "m3", "m4"):
+        np.testing.assert_allclose(b[field], a[field], rtol=1e-8, atol=1e-12)
+    pd.testing.assert_frame_equal(single.histograms, double.histograms)
+    for layer, state in single.reservoir.items():
+        for field, value in state.items():
+            assert torch.equal(double.reservoir[layer][field], value), (layer, field)
+
+
+@pytest.mark.parametrize("preset", ["tiny-unet3d", "tiny-wan"])
+def test_collect_from_saved_pipeline_directory(preset, tmp_path, capsys):
+    from qvd_bench.models.pipelines import save_tiny_pipeline
+
+    directory = save_tiny_pipeline(preset, tmp_path / "pipeline")
+    out = tmp_path / "run"
+    assert run_cli("collect", "--model", directory, "--out", out, *SMALL) == 0
+    run = store.StatsRun(out)
+    assert run.manifest["config"]["sampler"] == "auto"
+    assert run.manifest["model"]["name"] == str(directory)
+    # The pipeline ran the sampling: both CFG branches at each of its 2 steps.
+    assert set(run.channels["branch"]) == {"uncond", "cond"}
+    assert run.channels["timestep"].nunique() == 2
