@@ -140,6 +140,43 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--overwrite", action="store_true", help="replace an existing run")
     collect.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    analyze = commands.add_parser(
+        "analyze", help="measure a stats run and decide a quantization plan"
+    )
+    analyze.add_argument("run", help="the run directory (stats/NAME)")
+    analyze.add_argument(
+        "--w-bits", type=int, default=8, help="weight bits of the plan (default: 8)"
+    )
+    analyze.add_argument(
+        "--a-bits", type=int, default=8, help="activation bits of the plan (default: 8)"
+    )
+    analyze.add_argument(
+        "--no-temporal",
+        action="store_true",
+        help="analyze a run collected without temporal features (no HTDQ decisions)",
+    )
+    analyze.add_argument(
+        "--coverage-bits",
+        type=_csv,
+        default=("8", "4"),
+        help="bit-widths at which coverage is measured (default: 8,4)",
+    )
+    for name, default, text in (
+        (
+            "temporal-skew",
+            1.0,
+            "HTDQ where |skew| of temporal features across timesteps exceeds this",
+        ),
+        ("coverage", 0.5, "SCRI considered where mean coverage at --a-bits is below this"),
+        ("disparity", 4.0, "... and max/median channel range exceeds this"),
+        ("asymmetry", 0.3, "... or mean |asymmetry| exceeds this"),
+        ("kurtosis", 3.0, "MSE clipping where excess kurtosis exceeds this"),
+        ("drift", 2.0, "timestep groups where the range drifts by more than this factor"),
+    ):
+        analyze.add_argument(
+            f"--{name}", type=float, default=default, help=f"{text} (default: {default:g})"
+        )
+
     info = commands.add_parser("info", help="summarise a stored statistics run")
     info.add_argument("run", help="the run directory (stats/NAME)")
 
@@ -233,6 +270,44 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(values: Sequence[str], flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise UserError(
+            f"{flag} takes comma-separated integers, got {','.join(values)!r}"
+        ) from None
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from qvd_bench.analysis import PlanThresholds, analyze, headline, require_temporal
+    from qvd_bench.store import StatsRun
+
+    if not args.no_temporal:
+        try:
+            require_temporal(StatsRun(args.run))
+        except UserError as error:
+            raise UserError(f"{error} (or pass --no-temporal)") from None
+    thresholds = PlanThresholds(
+        temporal_skew=args.temporal_skew,
+        coverage=args.coverage,
+        disparity=args.disparity,
+        asymmetry=args.asymmetry,
+        kurtosis=args.kurtosis,
+        drift=args.drift,
+    )
+    table, plan = analyze(
+        args.run,
+        w_bits=args.w_bits,
+        a_bits=args.a_bits,
+        bits=_int_list(args.coverage_bits, "--coverage-bits"),
+        thresholds=thresholds,
+    )
+    print(headline(table, plan))
+    print(f"wrote {Path(args.run) / 'analysis.parquet'} and {Path(args.run) / 'plan.json'}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from qvd_bench.store import StatsRun
 
@@ -276,13 +351,29 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
-COMMANDS = {"models": cmd_models, "collect": cmd_collect, "info": cmd_info, "perf": cmd_perf}
+COMMANDS = {
+    "models": cmd_models,
+    "collect": cmd_collect,
+    "analyze": cmd_analyze,
+    "info": cmd_info,
+    "perf": cmd_perf,
+}
+
+
+def _quiet_libraries() -> None:
+    """Keeps diffusers' and transformers' advice-level warnings out of our output."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``qvd-bench``; returns the exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        _quiet_libraries()
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except UserError as error:

@@ -233,3 +233,57 @@ def test_collect_from_saved_pipeline_directory(preset, tmp_path, capsys):
     # The pipeline ran the sampling: both CFG branches at each of its 2 steps.
     assert set(run.channels["branch"]) == {"uncond", "cond"}
     assert run.channels["timestep"].nunique() == 2
+
+
+def test_collect_in_bfloat16(tmp_path):
+    out = tmp_path / "run"
+    assert (
+        run_cli("collect", "--model", "tiny-latte", "--dtype", "bfloat16", "--out", out, *SMALL)
+        == 0
+    )
+    run = store.StatsRun(out)
+    assert run.manifest["config"]["dtype"] == "bfloat16"
+    assert np.isfinite(run.channels["mean"]).all()
+
+
+def test_analyze_writes_table_and_plan(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("collect", "--out", out, *SMALL) == 0
+    capsys.readouterr()
+    assert run_cli("analyze", out, "--a-bits", "4") == 0
+    printed = capsys.readouterr().out
+    assert "plan W8A4" in printed and "time_emb (temporal features)" in printed
+    from qvd_bench.analysis import QuantPlan
+
+    plan = QuantPlan.load(out / "plan.json")
+    assert plan.a_bits == 4 and len(plan.layers) == len(store.StatsRun(out).layers)
+    assert pd.read_parquet(out / "analysis.parquet")["layer"].nunique() == len(plan.layers)
+
+
+@pytest.mark.parametrize("bits", ["0", "33"])
+def test_analyze_rejects_bit_widths(bits, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("collect", "--out", out, "--roles", "ffn,time_emb", *SMALL) == 0
+    capsys.readouterr()
+    assert run_cli("analyze", out, "--a-bits", bits) == 2
+    assert f"got {bits}" in error_line(capsys)
+
+
+def test_analyze_needs_temporal_features(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        run_cli(
+            "collect", "--out", out, "--roles", "ffn,time_emb", *SMALL, "--temporal-stride", "0"
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert run_cli("analyze", out) == 2
+    assert "no temporal features" in error_line(capsys)
+    assert run_cli("analyze", out, "--no-temporal") == 0
+    assert "no temporal features" in capsys.readouterr().out
+
+
+def test_analyze_missing_run(tmp_path, capsys):
+    assert run_cli("analyze", tmp_path / "missing") == 2
+    assert "no statistics run" in error_line(capsys)

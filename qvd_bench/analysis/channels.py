@@ -23,7 +23,6 @@ for equal ranges and (n − 1)/n when one channel holds the whole range, e.g. 0.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -31,44 +30,9 @@ import pandas as pd
 import torch
 
 from qvd_bench.errors import UserError
+from qvd_bench.quant.primitives import check_bits, quant_levels  # q(v) lives there
 
 TENSOR_KEYS = ("tensor", "layer", "role", "timestep", "branch")
-
-
-def check_bits(bits: int) -> int:
-    """Returns ``bits`` as an int if it is an integer in 2..16, else raises UserError."""
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
-        raise UserError(f"bit-width must be an integer between 2 and 16, got {bits!r}")
-    if not 2 <= bits <= 16:
-        raise UserError(f"bit-width must be between 2 and 16, got {bits}")
-    return int(bits)
-
-
-def quant_levels(
-    values: torch.Tensor | np.ndarray | float,
-    lo: torch.Tensor | np.ndarray | float,
-    hi: torch.Tensor | np.ndarray | float,
-    bits: int,
-) -> torch.Tensor:
-    """Levels q(v) = clamp(round((v − lo)/Δ), 0, 2^b − 1) of a uniform b-bit quantizer.
-
-    Args:
-        values: any shape.
-        lo, hi: the quantizer's range, broadcastable with ``values``; lo ≤ hi. Where
-            hi = lo every value is at level 0.
-        bits: b, an integer in 2..16.
-
-    Returns:
-        int64 tensor of the broadcast shape (float64 arithmetic).
-    """
-    top = 2 ** check_bits(bits) - 1
-    v, lo, hi = (torch.as_tensor(a, dtype=torch.float64) for a in (values, lo, hi))
-    if bool((hi < lo).any()):
-        raise ValueError("quantizer range needs lo <= hi")
-    step = (hi - lo) / top
-    spread = step > 0
-    level = torch.round((v - lo) / torch.where(spread, step, 1.0)).clamp(0, top)
-    return torch.where(spread, level, 0.0).to(torch.int64)
 
 
 def select(
