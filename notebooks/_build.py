@@ -551,9 +551,9 @@ run's weight seed and outlier knobs, checked against the weight statistics store
         """
 from functools import partial
 
-from qvd_bench.models.zoo import load_model
+from qvd_bench.models.zoo import load_run_model
 
-loaded = load_model(info["name"], weight_seed=info["weight_seed"], **info.get("knobs", {}))
+loaded = load_run_model(run)  # the same weights and outlier settings as the run
 WEIGHTS = {n: loaded.denoiser.get_submodule(n).weight.detach().double() for n in names}
 stored = run.weights.groupby("layer", observed=True)["absmax"].apply(np.asarray)
 matches = [np.allclose(WEIGHTS[n].abs().amax(dim=1).numpy(), stored[n], rtol=1e-5) for n in names]
@@ -743,8 +743,8 @@ channels under 10 %.
     code(
         """
 cov = pd.concat([coverage(ranges, bits) for bits in (8, 4)], ignore_index=True)
-# coverage_summary summarises one bit-width at a time
-summary = pd.concat([coverage_summary(cov[cov["bits"] == b], threshold=0.1) for b in (8, 4)])
+# coverage at both bit-widths, summarised per (layer, bits)
+summary = coverage_summary(cov, threshold=0.1)
 per_role = (cov.dropna(subset=["coverage"])
             .assign(below=lambda d: d["coverage"] < 0.1)
             .groupby(["role", "bits"], observed=True)

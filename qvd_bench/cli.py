@@ -138,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="run directory (default: stats/<model>-w<weight-seed>)"
     )
     collect.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    collect.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="checkpoint after a finished prompt at most this often; 0: after every prompt (default: 60)",
+    )
     collect.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     analyze = commands.add_parser(
@@ -245,7 +252,13 @@ def cmd_collect(args: argparse.Namespace) -> int:
     )
     safe_name = Path(args.model).name or "model"
     out = Path(args.out) if args.out else Path("stats") / f"{safe_name}-w{args.weight_seed}"
-    summary = collect(config, out, overwrite=args.overwrite, progress=not args.no_progress)
+    summary = collect(
+        config,
+        out,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        checkpoint_every=args.checkpoint_every,
+    )
     if summary is None:  # a non-zero rank of a distributed run
         return 0
     print(f"statistics written to {summary.run_dir}")

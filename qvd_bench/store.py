@@ -82,6 +82,17 @@ def _categorical(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def _key_columns(keys: list[tuple], sizes: np.ndarray, roles: dict[str, str]) -> dict:
+    """Columns (layer, role, timestep, branch) repeated ``sizes[i]`` times for key i."""
+    layers = [key[1] for key in keys]
+    return {
+        "layer": np.repeat(np.array(layers, dtype=object), sizes),
+        "role": np.repeat(np.array([roles[layer] for layer in layers], dtype=object), sizes),
+        "timestep": np.repeat(np.array([key[2] for key in keys], dtype=np.float64), sizes),
+        "branch": np.repeat(np.array([key[3] for key in keys], dtype=object), sizes),
+    }
+
+
 def channels_frame(moments: dict, roles: dict[str, str]) -> pd.DataFrame:
     """Long table of per-channel sufficient moments.
 
@@ -89,44 +100,37 @@ def channels_frame(moments: dict, roles: dict[str, str]) -> pd.DataFrame:
         moments: (tensor, layer, timestep, branch) -> ChannelMoments.
         roles: layer -> role.
     """
-    parts = []
-    for (tensor, layer, timestep, branch), acc in sorted(moments.items()):
-        state = acc.state_dict()
-        n = state["mean"].numel()
-        part = {
-            "tensor": [tensor] * n,
-            "layer": [layer] * n,
-            "role": [roles[layer]] * n,
-            "timestep": np.full(n, timestep, dtype=np.float64),
-            "branch": [branch] * n,
-            "channel": np.arange(n, dtype=np.int32),
-        }
-        for field in MOMENT_FIELDS:
-            values = state[field].detach().cpu().numpy()
-            part[field] = values.astype(np.int64 if "count" in field else np.float64)
-        parts.append(pd.DataFrame(part))
-    return _categorical(_concat(parts, "channels"))
+    keys = sorted(moments)
+    if not keys:
+        return _concat([], "channels")
+    states = [moments[key].state_dict() for key in keys]
+    sizes = np.array([state["mean"].numel() for state in states])
+    columns = {
+        "tensor": np.repeat(np.array([key[0] for key in keys], dtype=object), sizes),
+        **_key_columns(keys, sizes, roles),
+        "channel": np.concatenate([np.arange(n, dtype=np.int32) for n in sizes]),
+    }
+    for field in MOMENT_FIELDS:
+        values = torch.cat([state[field].detach().cpu().reshape(-1) for state in states]).numpy()
+        columns[field] = values.astype(np.int64 if "count" in field else np.float64)
+    frame = pd.DataFrame(columns)
+    return _categorical(frame[list(TABLE_COLUMNS["channels"])])
 
 
 def histograms_frame(histograms: dict, roles: dict[str, str]) -> pd.DataFrame:
     """Long table of the non-zero histogram bins of every (layer, timestep, branch)."""
-    parts = []
-    for (_, layer, timestep, branch), acc in sorted(histograms.items()):
-        counts = acc.state_dict()["counts"].detach().cpu().numpy()
-        bins = np.flatnonzero(counts)
-        parts.append(
-            pd.DataFrame(
-                {
-                    "layer": [layer] * len(bins),
-                    "role": [roles[layer]] * len(bins),
-                    "timestep": np.full(len(bins), timestep, dtype=np.float64),
-                    "branch": [branch] * len(bins),
-                    "bin": bins.astype(np.int32),
-                    "count": counts[bins].astype(np.int64),
-                }
-            )
-        )
-    return _categorical(_concat(parts, "histograms"))
+    keys = sorted(histograms)
+    if not keys:
+        return _concat([], "histograms")
+    counts = torch.stack([histograms[key].state_dict()["counts"].detach().cpu() for key in keys])
+    key_index, bins = torch.nonzero(counts, as_tuple=True)
+    sizes = np.bincount(key_index.numpy(), minlength=len(keys))
+    columns = {
+        **_key_columns(keys, sizes, roles),
+        "bin": bins.numpy().astype(np.int32),
+        "count": counts[key_index, bins].numpy().astype(np.int64),
+    }
+    return _categorical(pd.DataFrame(columns))
 
 
 def temporal_frame(temporal: dict) -> pd.DataFrame:
@@ -382,6 +386,21 @@ class StatsRun:
         return pd.DataFrame(self.manifest["layers"])
 
     @cached_property
+    def roles(self) -> dict[str, str]:
+        """Hooked layer name -> role."""
+        return {layer["name"]: layer["role"] for layer in self.manifest["layers"]}
+
+    @cached_property
+    def histogram_edges(self):
+        """The edges object of the histograms' grid (``edges()`` gives the boundaries)."""
+        from qvd_bench.collect.accumulators import edges_from_dict
+
+        spec = self.manifest["histogram"]["edges"]
+        if spec is None:
+            raise UserError(f"{self.path} was collected without histograms")
+        return edges_from_dict(spec)
+
+    @cached_property
     def channels(self) -> pd.DataFrame:
         """Per (tensor, layer, timestep, branch, channel) sufficient moments."""
         return self._table("channels")
@@ -410,7 +429,9 @@ class StatsRun:
 
     @cached_property
     def reservoir(self) -> dict[str, dict[str, torch.Tensor]]:
-        """layer -> reservoir state (rows, keys, sample_id, timestep, branch, row)."""
+        """layer -> reservoir state: ``rows`` (k, C) and per row ``keys``, ``sample_ids``,
+        ``timesteps``, ``branches`` (indices into manifest["reservoir"]["branches"]) and
+        ``row_indices``; ``config`` holds (capacity, channels, seed)."""
         path = self._file("reservoir")
         try:
             tensors = load_file(str(path))

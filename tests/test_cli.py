@@ -78,7 +78,7 @@ def test_rerun_with_same_seeds_gives_identical_parquet(tmp_path):
 
 def test_interrupted_collect_resumes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    args = ["collect", "--out", out, "--num-prompts", "3", *SMALL]
+    args = ["collect", "--out", out, "--num-prompts", "3", "--checkpoint-every", "0", *SMALL]
     original = collector.run_sample
     calls = []
 

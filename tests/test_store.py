@@ -199,3 +199,42 @@ def test_torn_checkpoint_is_ignored(tmp_path):
         store.load_checkpoint(run_dir, {"a": 1}, {"moments": ChannelMoments.from_state_dict})
         is None
     )
+
+
+def test_run_conveniences_and_run_model(tmp_path):
+    from qvd_bench.collect.collector import collect
+    from qvd_bench.config import CollectConfig
+    from qvd_bench.models import zoo
+
+    config = CollectConfig(
+        model="tiny-latte",
+        weight_seed=3,
+        disparity=0.7,
+        prompts=("a cat",),
+        steps=1,
+        frames=2,
+        height=8,
+        width=8,
+        temporal_stride=500,
+        reservoir_capacity=4,
+    )
+    collect(config, tmp_path / "run", progress=False)
+    run = store.StatsRun(tmp_path / "run")
+    assert run.roles == dict(zip(run.layers["name"], run.layers["role"]))
+    assert run.histogram_edges.num_bins > 0
+    assert run.manifest["reservoir"]["branches"] == ["uncond", "cond"]
+    assert set(next(iter(run.reservoir.values()))) >= {
+        "rows",
+        "keys",
+        "sample_ids",
+        "timesteps",
+        "branches",
+        "row_indices",
+    }
+    rebuilt = zoo.load_run_model(run)
+    direct = zoo.load_model("tiny-latte", weight_seed=3, disparity=0.7)
+    assert rebuilt.knobs == direct.knobs == {"disparity": 0.7, "asymmetry": zoo.DEFAULT_ASYMMETRY}
+    for (name, a), (_, b) in zip(
+        rebuilt.denoiser.state_dict().items(), direct.denoiser.state_dict().items()
+    ):
+        assert torch.equal(a, b), name

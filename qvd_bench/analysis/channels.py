@@ -2,7 +2,8 @@
 
 For channel c of a layer input with range r_c = max_c − min_c (DESIGN section 4):
 
-- asymmetry a_c = (max_c + min_c)/(max_c − min_c) in [−1, 1] (NaN for a constant channel);
+- asymmetry a_c = (max_c + min_c)/(max_c − min_c): in [−1, 1] when the channel's range contains 0,
+  beyond ±1 for a one-sided channel (NaN for a constant channel);
 - inter-channel disparity per layer: max_c r_c / median_c r_c, the Gini coefficient of the
   r_c, and the (population) standard deviation of log r_c over channels with r_c > 0;
 - quantization-level coverage of a per-tensor b-bit quantizer with range [lo, hi], step
@@ -208,16 +209,16 @@ def coverage_summary(cov: pd.DataFrame, threshold: float = 0.1) -> pd.DataFrame:
         threshold: the share of levels below which a channel counts as starved.
 
     Returns:
-        One row per (tensor, layer, role[, timestep]): bits, channels (with data),
-        mean_coverage, median_coverage, threshold, share_below_threshold.
+        One row per (tensor, layer, role[, timestep], bits): channels (with data),
+        mean_coverage, median_coverage, threshold, share_below_threshold. Coverage at
+        several bit-widths (concatenated ``coverage`` outputs) stays apart by ``bits``.
     """
-    keys = _group_keys(cov)
+    keys = [*_group_keys(cov), "bits"]
     data = cov[cov["coverage"].notna()].copy()
     data["below"] = data["coverage"] < threshold
     out = (
         data.groupby(keys, observed=True, sort=True)
         .agg(
-            bits=("bits", "first"),
             channels=("coverage", "size"),
             mean_coverage=("coverage", "mean"),
             median_coverage=("coverage", "median"),
@@ -225,7 +226,7 @@ def coverage_summary(cov: pd.DataFrame, threshold: float = 0.1) -> pd.DataFrame:
         )
         .reset_index()
     )
-    out.insert(len(keys) + 4, "threshold", threshold)
+    out.insert(len(keys) + 3, "threshold", threshold)
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import platform
 import re
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -43,7 +44,7 @@ from qvd_bench.errors import UserError
 from qvd_bench.models import roles as roles_module
 from qvd_bench.models import sampling, zoo
 from qvd_bench.models.family import ROLES, LoadedModel
-from qvd_bench.models.sampling import CallTracker
+from qvd_bench.models.sampling import BRANCHES, CallTracker
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NUM_TRAIN_TIMESTEPS = 1000
@@ -131,6 +132,7 @@ def collect(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    checkpoint_every: float = 60.0,
 ) -> CollectSummary:
     """Collects statistics of a model's layer inputs while it samples, and stores them.
 
@@ -139,6 +141,8 @@ def collect(
         run_dir: where the run goes (``stats/<name>``).
         overwrite: replace an existing run.
         progress: show a progress bar over sampling steps.
+        checkpoint_every: seconds between checkpoints (taken after a finished sample);
+            0 checkpoints after every sample. An interruption loses at most this much.
 
     Returns:
         A summary of what was written.
@@ -196,6 +200,7 @@ def collect(
         unit="step",
         disable=not progress or rank != 0,
     )
+    last_checkpoint = time.monotonic()
     try:
         with collector, torch.no_grad():
             for sample_id in todo:
@@ -208,6 +213,9 @@ def collect(
                     lambda: bar.update(1),
                 )
                 done.add(sample_id)
+                if time.monotonic() - last_checkpoint < checkpoint_every:
+                    continue
+                last_checkpoint = time.monotonic()
                 store.save_checkpoint(
                     run_dir,
                     fingerprint,
@@ -317,6 +325,7 @@ def build_manifest(
         "reservoir": {
             "capacity_per_layer": config.reservoir_capacity,
             "key": "row_key(seed, sample_id, timestep, branch, row)",
+            "branches": list(BRANCHES),
         },
         "temporal": {
             "grid": f"range(0, {NUM_TRAIN_TIMESTEPS}, {config.temporal_stride})"

@@ -193,6 +193,28 @@ def load_model(
     return loaded
 
 
+def load_run_model(
+    run, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> LoadedModel:
+    """The model a statistics run was collected on, with the same weights and knobs.
+
+    Args:
+        run: a ``store.StatsRun``.
+        device: where the denoiser goes.
+        dtype: its dtype; the run's dtype when None.
+    """
+    config, model = run.manifest["config"], run.manifest["model"]
+    knobs = model.get("knobs") or {}
+    return load_model(
+        config["model"],
+        weight_seed=config["weight_seed"],
+        disparity=knobs.get("disparity"),
+        asymmetry=knobs.get("asymmetry"),
+        device=device,
+        dtype=dtype if dtype is not None else getattr(torch, config["dtype"]),
+    )
+
+
 def _move(denoiser: nn.Module, device: str | torch.device, dtype: torch.dtype) -> None:
     """Moves to device and dtype (casting only when needed: diffusers warns on every cast)."""
     denoiser.to(device=device)

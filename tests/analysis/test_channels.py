@@ -2,6 +2,7 @@
 brute-force references."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -116,6 +117,18 @@ def test_coverage_non_overlap_and_summary():
     assert summary["median_coverage"] == pytest.approx(np.median(values))
     assert summary["share_below_threshold"] == pytest.approx(0.75)
     assert summary["threshold"] == 0.1 and summary["bits"] == 8
+
+
+def test_coverage_summary_keeps_bit_widths_apart():
+    frame = channel_frame({("blk.ffn", 1.0, "cond"): [(-1, 1), (0.0, 0.1), (0.5, 0.6)]})
+    ranges = ch.channel_ranges(frame)
+    both = pd.concat([ch.coverage(ranges, bits) for bits in (8, 4)], ignore_index=True)
+    summary = ch.coverage_summary(both).set_index("bits")
+    assert sorted(summary.index) == [4, 8]
+    for bits in (8, 4):
+        alone = ch.coverage_summary(ch.coverage(ranges, bits)).iloc[0]
+        assert summary.loc[bits, "mean_coverage"] == pytest.approx(alone["mean_coverage"])
+    assert summary.loc[4, "mean_coverage"] != summary.loc[8, "mean_coverage"]
 
 
 @pytest.mark.parametrize("bits", [1, 33, 2.5, True])
