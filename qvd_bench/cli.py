@@ -184,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{name}", type=float, default=default, help=f"{text} (default: {default:g})"
         )
 
+    report = commands.add_parser("report", help="HTML + Markdown report of a stats run")
+    report.add_argument("run", help="the run directory (stats/NAME)")
+    report.add_argument("--out", default=None, help="report directory (default: reports/NAME)")
+    report.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="more runs to put side by side with RUN (one table row per run)",
+    )
+    report.add_argument("--title", default=None, help="report title")
+
     info = commands.add_parser("info", help="summarise a stored statistics run")
     info.add_argument("run", help="the run directory (stats/NAME)")
 
@@ -321,6 +333,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from qvd_bench.report import build_report
+
+    out = Path(args.out) if args.out else Path("reports") / Path(args.run).name
+    index = build_report([args.run, *args.compare], out, title=args.title)
+    print(f"report written to {index} (Markdown: {index.parent / 'report.md'})")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from qvd_bench.store import StatsRun
 
@@ -368,6 +389,7 @@ COMMANDS = {
     "models": cmd_models,
     "collect": cmd_collect,
     "analyze": cmd_analyze,
+    "report": cmd_report,
     "info": cmd_info,
     "perf": cmd_perf,
 }

@@ -287,3 +287,17 @@ def test_analyze_needs_temporal_features(tmp_path, capsys):
 def test_analyze_missing_run(tmp_path, capsys):
     assert run_cli("analyze", tmp_path / "missing") == 2
     assert "no statistics run" in error_line(capsys)
+
+
+def test_report_command(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("collect", "--out", run, *SMALL) == 0
+    assert run_cli("analyze", run) == 0
+    capsys.readouterr()
+    assert run_cli("report", run, "--out", tmp_path / "report") == 0
+    assert "report written to" in capsys.readouterr().out
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5
+    assert (tmp_path / "report" / "report.md").exists()
+    assert run_cli("report", run, "--compare", tmp_path / "nope", "--out", tmp_path / "r2") == 2
+    assert "nope" in error_line(capsys)

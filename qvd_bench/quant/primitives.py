@@ -169,6 +169,36 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return F64 if x.dtype == F64 else F32
 
 
+def per_tensor_constants(
+    scale: float, zero_point: int, q_min: int, q_max: int, dtype: torch.dtype = F32
+) -> tuple[float, float, int, int]:
+    """The four numbers ``fake_quant_constants`` needs, computed once per quantizer.
+
+    Args:
+        scale, zero_point: per-tensor qparams as Python numbers.
+        q_min, q_max: the integer codes.
+        dtype: the compute dtype (float32 for everything but float64 inputs).
+
+    Returns:
+        (step Δ, its reciprocal, q_min − z, q_max − z); for float32, Δ and 1/Δ rounded to
+        float32 as torch's kernels use them.
+    """
+    if dtype == F64:
+        return float(scale), 1.0 / float(scale), q_min - zero_point, q_max - zero_point
+    step = float(np.float32(scale))
+    inverse = float(np.float32(1.0) / np.float32(step))
+    return step, inverse, q_min - zero_point, q_max - zero_point
+
+
+def fake_quant_constants(x: Tensor, constants: tuple[float, float, int, int]) -> Tensor:
+    """Per-tensor fake quant from ``per_tensor_constants``: four passes, no new tensors.
+
+    ``x`` must already be in the dtype the constants were made for.
+    """
+    step, inverse, low, high = constants
+    return torch.mul(x, inverse).round_().clamp_(low, high).mul_(step)
+
+
 def fake_quant(
     x: Tensor, scale: Tensor | float, zero_point: Tensor | int, q_min: int, q_max: int
 ) -> Tensor:
@@ -181,7 +211,7 @@ def fake_quant(
     Args:
         x: any shape.
         scale, zero_point: broadcastable with ``x``; a Python float and int take a path
-            that creates no tensors (per-tensor quantizers in a forward pass).
+            that creates no tensors for them.
         q_min, q_max: the integer codes.
 
     Returns:
@@ -190,19 +220,14 @@ def fake_quant(
     dtype = _compute_dtype(x)
     xc = x.to(dtype)
     if isinstance(scale, float) and isinstance(zero_point, int):
-        if dtype == F64:
-            step, inverse = scale, 1.0 / scale
-        else:
-            # The float32 scale and its float32 reciprocal, as torch's kernels use them.
-            step = float(np.float32(scale))
-            inverse = float(np.float32(1.0) / np.float32(step))
-        q = torch.mul(xc, inverse).round_().clamp_(q_min - zero_point, q_max - zero_point)
-        return q.mul_(step).to(x.dtype)
+        constants = per_tensor_constants(scale, zero_point, q_min, q_max, dtype)
+        return fake_quant_constants(xc, constants).to(x.dtype)
     scale = torch.as_tensor(scale, device=x.device).to(dtype)
     zero_point = torch.as_tensor(zero_point, device=x.device).to(dtype)
     # Multiply by the reciprocal (not divide) as torch's kernels do: identical rounding.
     q = torch.mul(xc, torch.reciprocal(scale)).round_()
-    q = torch.clamp(q, q_min - zero_point, q_max - zero_point)
+    # clamp_min_/clamp_max_: several times faster on CPU than clamp with two tensor bounds.
+    q.clamp_min_(q_min - zero_point).clamp_max_(q_max - zero_point)
     return q.mul_(scale).to(x.dtype)
 
 
@@ -263,12 +288,11 @@ def fake_quant_dynamic_per_token(x: Tensor, bits: int, channel_dim: int = -1) ->
     """
     q_min, q_max = quant_range(bits)
     xc = x.to(_compute_dtype(x))
+    # amin and amax, not aminmax: two reductions are faster on CPU than the fused one.
     lo = xc.amin(dim=channel_dim, keepdim=True).clamp_(max=0.0)
     hi = xc.amax(dim=channel_dim, keepdim=True).clamp_(min=0.0)
     # affine_qparams inlined: no validation or dtype round trips in the forward path.
     scale = ((hi - lo) / (q_max - q_min)).clamp_(min=EPS)
-    if xc.dtype == F32:
-        scale = scale.to(F32)
     zero_point = (q_min - torch.round(lo / scale)).clamp_(q_min, q_max)
     return fake_quant(xc, scale, zero_point, q_min, q_max).to(x.dtype)
 

@@ -1,0 +1,349 @@
+"""Range estimators for quantizers, fed from stored statistics.
+
+Activation ranges come from a ``StatsRun`` — channel extrema, histograms, reservoir rows —
+never from a second pass over raw activations:
+
+- ``minmax_range`` / ``minmax_channel_range``: exact, from the per-channel min/max of the
+  layer's inputs, merged over the chosen timesteps and CFG branches (all by default);
+- ``percentile_range``: the (1 − q)- and q-quantiles of the merged histograms, with the
+  accumulators' convention (``Histogram.quantile``: order-statistic position q·(N − 1),
+  counts spread evenly within a bucket), so within the grid's relative error of the exact
+  quantiles;
+- ``mse_range``: the clipping of the min-max range that minimises the Lp error (p = 2.4)
+  of per-tensor fake quantization on sampled rows — Q-Diffusion / QDrop-style range
+  setting without reconstruction.
+
+The clipping search (``shrink_search``) tries the ranges [α·lo, α·hi] for the shrink
+factors α of ``grid`` (default 100 factors 1, 0.99, ..., 0.01), quantizes the data with
+the qparams of each (``affine_qparams``) and keeps the α of least mean |x − x̂|^p; ties
+keep the earlier factor in the grid (the least clipping for the default). Weights use the
+same search per output channel (``weight_qparams``).
+
+Every function returns float64 tensors (ranges) or the qparams dtypes of
+``affine_qparams``; layers, timesteps or branches missing from the run raise UserError.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from qvd_bench.analysis.distribution import grouped_quantiles
+from qvd_bench.errors import UserError
+from qvd_bench.quant.primitives import affine_qparams, check_bits, fake_quant, quant_range
+from qvd_bench.store import StatsRun
+
+F64 = torch.float64
+# Largest candidates × elements block of the clipping search: bounds its work memory.
+SEARCH_ELEMENTS = 1 << 22
+DEFAULT_GRID = 100
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _layer_rows(
+    frame: pd.DataFrame,
+    run: StatsRun,
+    layer: str,
+    timesteps: Iterable[float] | None,
+    branches: Iterable[str] | None,
+    what: str,
+) -> pd.DataFrame:
+    """Rows of one layer at the chosen timesteps and branches; UserError naming what is missing."""
+    rows = frame[frame["layer"] == layer]
+    if rows.empty:
+        known = sorted(frame["layer"].astype(str).unique().tolist())
+        hint = ", ".join(known[:5]) + (", ..." if len(known) > 5 else "")
+        raise UserError(f"layer {layer!r} has no {what} in {run.path} (layers: {hint})")
+    for column, wanted in (("timestep", timesteps), ("branch", branches)):
+        if wanted is None:
+            continue
+        wanted = [float(w) for w in wanted] if column == "timestep" else [str(w) for w in wanted]
+        have = set(rows[column].astype(float if column == "timestep" else str).tolist())
+        missing = [w for w in wanted if w not in have]
+        if missing:
+            shown = ", ".join(f"{h:g}" if column == "timestep" else h for h in sorted(have))
+            raise UserError(
+                f"{column} {', '.join(map(str, missing))} not in the statistics of layer "
+                f"{layer!r} in {run.path} (have {shown})"
+            )
+        rows = rows[rows[column].isin(wanted)]
+    return rows
+
+
+def _input_channels(
+    run: StatsRun,
+    layer: str,
+    timesteps: Iterable[float] | None,
+    branches: Iterable[str] | None,
+) -> pd.DataFrame:
+    channels = run.channels
+    if "tensor" in channels.columns:
+        channels = channels[channels["tensor"] == "input"]
+    rows = _layer_rows(channels, run, layer, timesteps, branches, "input statistics")
+    rows = rows[rows["count"] > 0]
+    if rows.empty:
+        raise UserError(f"layer {layer!r} has no finite input values in {run.path}")
+    return rows
+
+
+# --------------------------------------------------------------------------- from statistics
+
+
+def minmax_channel_range(
+    run: StatsRun,
+    layer: str,
+    timesteps: Iterable[float] | None = None,
+    branches: Iterable[str] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact per-channel min and max of a layer's inputs, merged over timesteps and branches.
+
+    Args:
+        run: the statistics.
+        layer: the layer name.
+        timesteps: timestep values to merge (all when None).
+        branches: CFG branches to merge (all when None).
+
+    Returns:
+        (lo (C,), hi (C,)) float64; NaN for channels without data.
+    """
+    rows = _input_channels(run, layer, timesteps, branches)
+    merged = rows.groupby("channel", observed=True, sort=True).agg(
+        lo=("min", "min"), hi=("max", "max")
+    )
+    channels = int(rows["channel"].max()) + 1
+    lo = np.full(channels, np.nan)
+    hi = np.full(channels, np.nan)
+    index = merged.index.to_numpy()
+    lo[index], hi[index] = merged["lo"].to_numpy(), merged["hi"].to_numpy()
+    return torch.from_numpy(lo), torch.from_numpy(hi)
+
+
+def minmax_range(
+    run: StatsRun,
+    layer: str,
+    timesteps: Iterable[float] | None = None,
+    branches: Iterable[str] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact min and max of a layer's inputs over the chosen timesteps and branches.
+
+    Returns:
+        (lo, hi): 0-d float64 tensors.
+    """
+    rows = _input_channels(run, layer, timesteps, branches)
+    lo = rows["min"].to_numpy(np.float64).min()
+    hi = rows["max"].to_numpy(np.float64).max()
+    return torch.tensor(lo, dtype=F64), torch.tensor(hi, dtype=F64)
+
+
+def percentile_range(
+    run: StatsRun,
+    layer: str,
+    q: float = 0.999,
+    timesteps: Iterable[float] | None = None,
+    branches: Iterable[str] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The (1 − q)- and q-quantiles of a layer's inputs, from the merged histograms.
+
+    The histograms of the chosen timesteps and branches are added (an exact merge), then
+    both quantiles are interpolated within buckets as ``Histogram.quantile`` does.
+
+    Args:
+        run: the statistics (with histograms).
+        layer: the layer name.
+        q: the upper probability, in [0.5, 1].
+        timesteps, branches: what to merge (all when None).
+
+    Returns:
+        (lo, hi): 0-d float64 tensors, lo ≤ hi.
+    """
+    q = float(q)
+    if not 0.5 <= q <= 1.0:
+        raise UserError(f"percentile must be in [0.5, 1], got {q}")
+    edges = run.manifest.get("histogram", {}).get("edges")
+    if edges is None:
+        raise UserError(f"{run.path} has no histograms; collect with histograms enabled")
+    rows = _layer_rows(run.histograms, run, layer, timesteps, branches, "histograms")
+    rows = rows.assign(layer=rows["layer"].astype(str))
+    quant = grouped_quantiles(rows, edges, (1.0 - q, q), ["layer"])
+    if quant.empty:
+        raise UserError(f"layer {layer!r} has empty histograms in {run.path}")
+    lo, hi = quant.iloc[0][f"q{1.0 - q:g}"], quant.iloc[0][f"q{q:g}"]
+    return torch.tensor(float(lo), dtype=F64), torch.tensor(float(hi), dtype=F64)
+
+
+def reservoir_rows(
+    run: StatsRun,
+    layer: str,
+    timesteps: Iterable[float] | None = None,
+    branches: Iterable[str] | None = None,
+) -> Tensor:
+    """The sampled input rows of a layer, optionally only those of some timesteps / branches.
+
+    Returns:
+        (N, C) float32 rows.
+    """
+    reservoir = run.reservoir
+    if layer not in reservoir:
+        raise UserError(
+            f"layer {layer!r} has no reservoir rows in {run.path}; collect with "
+            "--reservoir-capacity > 0 and the layer hooked"
+        )
+    data = reservoir[layer]
+    keep = torch.ones(data["rows"].shape[0], dtype=torch.bool)
+    if timesteps is not None:
+        wanted = torch.tensor([float(t) for t in timesteps], dtype=F64)
+        have = set(data["timesteps"].tolist())
+        missing = [t for t in wanted.tolist() if t not in have]
+        if missing:
+            raise UserError(
+                f"timestep {missing[0]:g} has no reservoir rows of layer {layer!r} in {run.path}"
+            )
+        keep &= torch.isin(data["timesteps"], wanted)
+    if branches is not None:
+        from qvd_bench.models.sampling import BRANCHES  # the reservoir's branch codes
+
+        names = list(BRANCHES)
+        try:
+            codes = torch.tensor([names.index(str(b)) for b in branches])
+        except ValueError:
+            raise UserError(f"unknown CFG branch in {list(branches)}; have {names}") from None
+        keep &= torch.isin(data["branches"], codes)
+    return data["rows"][keep]
+
+
+# --------------------------------------------------------------------------- clipping search
+
+
+def _check_p(p: float) -> float:
+    p = float(p)
+    if not (p > 0 and math.isfinite(p)):
+        raise UserError(f"Lp exponent must be a finite number > 0, got {p}")
+    return p
+
+
+def shrink_factors(grid: int | Sequence[float] = DEFAULT_GRID) -> Tensor:
+    """The candidate shrink factors α of the clipping search.
+
+    Args:
+        grid: a count n (factors 1 − i/n, i = 0..n − 1) or the factors themselves, in (0, 1].
+
+    Returns:
+        (G,) float64, in search order.
+    """
+    if isinstance(grid, int) and not isinstance(grid, bool):
+        if grid < 1:
+            raise UserError(f"the clipping grid needs at least 1 candidate, got {grid}")
+        return 1.0 - torch.arange(grid, dtype=F64) / grid
+    factors = torch.as_tensor(list(grid), dtype=F64)
+    if factors.ndim != 1 or factors.numel() == 0 or bool(((factors <= 0) | (factors > 1)).any()):
+        raise UserError("clipping shrink factors must be a non-empty list of values in (0, 1]")
+    return factors
+
+
+def shrink_search(
+    x: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    bits: int,
+    p: float = 2.4,
+    grid: int | Sequence[float] = DEFAULT_GRID,
+    symmetric: bool = False,
+) -> Tensor:
+    """Per row, the shrink factor α of [lo, hi] that minimises the Lp error of fake quant.
+
+    Each of the R rows of ``x`` is searched on its own (R = 1 for a per-tensor search, R =
+    output channels for weights). Candidates are evaluated in blocks of at most
+    ``SEARCH_ELEMENTS`` elements: memory stays bounded for large tensors.
+
+    Args:
+        x: (R, L) values (finite).
+        lo, hi: (R,) the full ranges to shrink.
+        bits: b, an integer in 2..16.
+        p: the Lp exponent.
+        grid: see ``shrink_factors``.
+        symmetric: search symmetric qparams (weights) instead of asymmetric ones.
+
+    Returns:
+        (R,) float64 best factors (ties: the earliest in the grid).
+    """
+    q_min, q_max = quant_range(bits, symmetric)
+    p = _check_p(p)
+    factors = shrink_factors(grid).to(x.device)
+    rows, length = x.shape
+    lo, hi = lo.to(device=x.device, dtype=F64), hi.to(device=x.device, dtype=F64)
+    xc = x.to(torch.float32 if x.dtype != F64 else F64)
+    errors = torch.empty(factors.numel(), rows, dtype=F64, device=x.device)
+    block = max(1, SEARCH_ELEMENTS // max(1, rows * length))
+    for start in range(0, factors.numel(), block):
+        alpha = factors[start : start + block, None]  # (g, 1)
+        scale, zero_point = affine_qparams(alpha * lo, alpha * hi, bits, symmetric)  # (g, R)
+        xq = fake_quant(xc[None], scale[..., None], zero_point[..., None], q_min, q_max)
+        diff = (xq.to(F64) - xc[None].to(F64)).abs_()
+        errors[start : start + block] = diff.pow_(p).mean(-1)
+    return factors[errors.argmin(0)]
+
+
+def mse_range(
+    rows: Tensor,
+    bits: int,
+    p: float = 2.4,
+    grid: int | Sequence[float] = DEFAULT_GRID,
+) -> tuple[Tensor, Tensor]:
+    """Per-tensor asymmetric range clipped to minimise the Lp error on sampled rows.
+
+    Args:
+        rows: (N, C) input rows (e.g. ``reservoir_rows``); non-finite values are ignored.
+        bits: b, an integer in 2..16.
+        p: the Lp exponent (2.4 as Q-Diffusion).
+        grid: see ``shrink_factors``.
+
+    Returns:
+        (lo, hi): 0-d float64 tensors, α·min and α·max for the best α.
+    """
+    bits = check_bits(bits)
+    x = torch.as_tensor(rows)
+    x = x[torch.isfinite(x)]
+    if x.numel() == 0:
+        raise UserError("no finite calibration rows for the MSE range search")
+    lo, hi = x.min().to(F64).reshape(1), x.max().to(F64).reshape(1)
+    alpha = shrink_search(x.reshape(1, -1), lo, hi, bits, p, grid)
+    return (alpha * lo)[0], (alpha * hi)[0]
+
+
+def weight_qparams(
+    weight: Tensor,
+    bits: int,
+    method: str = "minmax",
+    p: float = 2.4,
+    grid: int | Sequence[float] = DEFAULT_GRID,
+) -> tuple[Tensor, Tensor]:
+    """Per-output-channel symmetric qparams of a weight.
+
+    Args:
+        weight: (O, ...) a Linear (O, I) or conv (O, I, k...) weight.
+        bits: b, an integer in 2..16.
+        method: "minmax" (max |w| per channel) or "mse" (that range shrunk per channel by
+            the clipping search).
+        p, grid: the search's exponent and candidates (``method="mse"``).
+
+    Returns:
+        (scale (O,) float32, zero_point (O,) int32 zeros) for ``fake_quant_affine`` with
+        ``axis=0, symmetric=True``.
+    """
+    bits = check_bits(bits)
+    if method not in ("minmax", "mse"):
+        raise UserError(f"weight range method must be 'minmax' or 'mse', got {method!r}")
+    w = weight.detach().reshape(weight.shape[0], -1)
+    if not bool(torch.isfinite(w).all()):
+        raise UserError("weight has NaN or Inf values")
+    absmax = w.abs().amax(1).to(F64)
+    if method == "mse":
+        absmax = absmax * shrink_search(w, -absmax, absmax, bits, p, grid, symmetric=True)
+    return affine_qparams(-absmax, absmax, bits, symmetric=True)
