@@ -200,12 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("run", help="the run directory (stats/NAME)")
 
     perf = commands.add_parser("perf", help="performance benchmarks (ratios measured in one run)")
-    perf.add_argument("benchmark", choices=("collect",), help="which benchmark")
+    perf.add_argument("benchmark", choices=("collect", "frechet"), help="which benchmark")
     perf.add_argument(
         "--models",
         type=_csv,
-        default=("tiny-unet3d", "modelscope-t2v-arch"),
-        help="models to measure (default: tiny-unet3d,modelscope-t2v-arch)",
+        default=None,
+        help="what to measure: models for collect (default: tiny-unet3d,modelscope-t2v-arch), "
+        "feature dimensions for frechet (default: 400,1024,2048)",
     )
     perf.add_argument(
         "--repeats", type=int, default=7, help="interleaved repeats; medians are reported"
@@ -374,7 +375,8 @@ def cmd_perf(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise UserError("--repeats must be at least 1")
-    return perf.main(args.benchmark, models=args.models, repeats=args.repeats, out=args.out)
+    models = args.models or perf.BENCHMARK_DEFAULT_MODELS[args.benchmark]
+    return perf.main(args.benchmark, models=models, repeats=args.repeats, out=args.out)
 
 
 def _bytes(n: int) -> str:

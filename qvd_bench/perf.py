@@ -223,7 +223,95 @@ def bench_collect(model_name: str, repeats: int) -> Table:
     return table
 
 
-BENCHMARKS = {"collect": bench_collect}
+def _random_covariance(d: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance (divided by N) of 2·d samples with per-dimension scales."""
+    scales = torch.rand(d, generator=generator, dtype=torch.float64) * 2.0 + 0.05
+    x = torch.randn(2 * d, d, generator=generator, dtype=torch.float64) * scales
+    x = x @ (
+        torch.eye(d, dtype=torch.float64)
+        + 0.1 * torch.randn(d, d, generator=generator, dtype=torch.float64)
+    )
+    mu = x.mean(0)
+    centred = x - mu
+    return mu, centred.mT @ centred / x.shape[0]
+
+
+def bench_frechet(model: str, repeats: int) -> Table:
+    """Frechet distance at feature dimension ``int(model)``: ours against the usual forms.
+
+    ``model`` is a feature dimension (``qvd-bench perf frechet --models 400,1024,2048``;
+    see ``BENCHMARK_DEFAULT_MODELS``). Variants: ours (Cholesky + eigvalsh), the eigh
+    square-root form, ``scipy.linalg.sqrtm(Σ1Σ2)`` as pytorch-fid, clean-fid and StyleGAN-V
+    compute it, and torchmetrics' ``eigvals(Σ1Σ2)``. Ratios are times over ours; notes give
+    each value's distance from the sqrtm one against the 1e-6·(trΣ1 + trΣ2) tolerance.
+    """
+    import numpy as np
+    import scipy.linalg
+    from torchmetrics.image.fid import _compute_fid
+
+    from qvd_bench.evaluate import frechet
+
+    try:
+        d = int(model)
+    except ValueError:
+        raise UserError(
+            f"perf frechet takes feature dimensions as --models (e.g. 400,1024,2048), got {model!r}"
+        ) from None
+    if d < 2:
+        raise UserError(f"perf frechet needs a feature dimension >= 2, got {d}")
+    generator = torch.Generator().manual_seed(d)
+    mu1, cov1 = _random_covariance(d, generator)
+    mu2, cov2 = _random_covariance(d, generator)
+    mu2 = mu2 + 0.1
+    m1, c1, m2, c2 = (t.numpy() for t in (mu1, cov1, mu2, cov2))
+
+    def sqrtm_form() -> float:
+        # pytorch-fid / clean-fid / StyleGAN-V: real part of sqrtm(Σ1·Σ2), then its trace.
+        root = scipy.linalg.sqrtm(c1.dot(c2)).real
+        diff = m1 - m2
+        return float(diff.dot(diff) + np.trace(c1) + np.trace(c2) - 2.0 * np.trace(root))
+
+    def eigh_form() -> float:
+        diff = mu1 - mu2
+        trace = float(cov1.trace() + cov2.trace())
+        return float(diff @ diff) + trace - 2.0 * frechet.trace_sqrt_product_eigh(cov1, cov2)
+
+    forms = {
+        "ours: cholesky + eigvalsh": lambda: frechet.frechet_distance(mu1, cov1, mu2, cov2),
+        "eigh square root + eigvalsh": eigh_form,
+        "scipy sqrtm(S1 S2) (pytorch-fid)": sqrtm_form,
+        "torchmetrics eigvals(S1 S2)": lambda: float(_compute_fid(mu1, cov1, mu2, cov2)),
+    }
+    values = {name: run() for name, run in forms.items()}
+    times = interleaved(forms, repeats)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    base = medians["ours: cholesky + eigvalsh"]
+    reference = values["scipy sqrtm(S1 S2) (pytorch-fid)"]
+    tolerance = 1e-6 * float(cov1.trace() + cov2.trace())
+    table = Table(
+        f"perf frechet: d={d}, covariances of 2·d samples, float64, {repeats} interleaved "
+        f"repeats, medians; ratio = time / ours; FD(sqrtm) = {reference:.6f}, "
+        f"tolerance 1e-6·(trS1+trS2) = {tolerance:.2e}"
+    )
+    for name, median in medians.items():
+        table.rows.append(
+            Row(
+                name,
+                median,
+                median / base,
+                note=f"|FD - FD(sqrtm)| = {abs(values[name] - reference):.2e}",
+            )
+        )
+    return table
+
+
+BENCHMARKS = {"collect": bench_collect, "frechet": bench_frechet}
+
+# What ``--models`` means per benchmark when the user gives none.
+BENCHMARK_DEFAULT_MODELS = {
+    "collect": ("tiny-unet3d", "modelscope-t2v-arch"),
+    "frechet": ("400", "1024", "2048"),
+}
 
 
 def main(benchmark: str, *, models: Sequence[str], repeats: int, out: str | None = None) -> int:
