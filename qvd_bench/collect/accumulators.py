@@ -177,22 +177,38 @@ def moments_summary(stats: dict[str, Tensor]) -> dict[str, Tensor]:
     }
 
 
-# Largest piece of a tensor reduced at once: bounds the float64 work memory.
+# Largest piece of a tensor reduced at once by the general path: bounds its float64 work
+# memory.
 CHUNK_ELEMENTS = 1 << 21
+# Piece of a float32/float16/bfloat16 tensor taken at once by the low-precision path: its
+# two float64 work buffers (2 MiB together) stay in L2/L3 cache through the passes.
+PIECE_ELEMENTS = 1 << 17
+# The low-precision path keeps its centre when it lies within this many standard
+# deviations of the channel mean (the sums about it then lose at most ~(1 + 8²)² ≈ 2^12
+# in relative precision); otherwise the general path starts over from the exact mean.
+CENTER_SPREAD = 8.0
+LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def batch_moments(x: Tensor, channel_dim: int) -> dict[str, Tensor]:
     """Per-channel sufficient statistics of one tensor.
 
     The tensor is viewed as (A, C, L) with the channels in the middle (a view for a
-    contiguous input: no transposed copy), upcast to float64 and reduced over A and L,
-    in pieces of at most ``CHUNK_ELEMENTS`` merged with ``combine_moments``. In each
-    piece, moments are taken about the piece mean c and then corrected by the residual
-    mean δ = Σ(x − c)/n of the rounded deviations:
-    M_2 = S_2 − nδ², M_3 = S_3 − 3δS_2 + 2nδ³, M_4 = S_4 − 4δS_3 + 6δ²S_2 − 3nδ⁴
-    with S_p = Σ(x − c)^p, which removes the error of c for data far from zero.
-    NaN and ±Inf are counted per channel and left out; a finiteness check on the
-    channel sums picks the fast path for all-finite input (one host sync per piece).
+    contiguous input: no transposed copy) and reduced over A and L in float64. Moments
+    are taken about a centre c and then corrected by the residual mean δ = Σ(x − c)/n of
+    the rounded deviations: M_2 = S_2 − nδ², M_3 = S_3 − 3δS_2 + 2nδ³,
+    M_4 = S_4 − 4δS_3 + 6δ²S_2 − 3nδ⁴ with S_p = Σ(x − c)^p, which removes the error of c
+    for data far from zero.
+
+    float32, float16 and bfloat16 inputs take the low-precision path
+    (``_low_precision_moments``): pieces of ``PIECE_ELEMENTS`` converted to float64 in a
+    cache-sized buffer, one centre for all pieces, one host sync per tensor. It hands
+    over to the general path when the input holds NaN or ±Inf or when its centre is far
+    from the mean. The general path (float64 and other inputs) upcasts pieces of at most
+    ``CHUNK_ELEMENTS``, takes each piece's own mean as centre and merges the pieces with
+    ``combine_moments``; NaN and ±Inf are counted per channel and left out, and a
+    finiteness check on the channel sums picks its fast path for all-finite input (one
+    host sync per piece).
 
     Args:
         x: any shape; its ``channel_dim`` axis has C channels.
@@ -210,26 +226,103 @@ def batch_moments(x: Tensor, channel_dim: int) -> dict[str, Tensor]:
     x3 = x.reshape(outer, channels, inner)
     if x3.numel() == 0:
         return empty_moments((channels,), device=x.device)
+    if x3.dtype in LOW_PRECISION:
+        stats = _low_precision_moments(x3)
+        if stats is not None:
+            return stats
     stats = None
-    for piece in _pieces(x3):
+    for piece in _pieces(x3, CHUNK_ELEMENTS):
         part = _piece_moments(piece)
         stats = part if stats is None else combine_moments(stats, part)
     return stats
 
 
-def _pieces(x3: Tensor) -> list[Tensor]:
-    """Splits (A, C, L) along A, or else along L, into pieces of <= CHUNK_ELEMENTS."""
+def _pieces(x3: Tensor, limit: int) -> list[Tensor]:
+    """Splits (A, C, L) along A, or else along L, into pieces of <= ``limit`` elements."""
     outer, channels, inner = x3.shape
-    if x3.numel() <= CHUNK_ELEMENTS:
+    if x3.numel() <= limit:
         return [x3]
-    if channels * inner <= CHUNK_ELEMENTS:
-        return list(x3.split(CHUNK_ELEMENTS // (channels * inner), dim=0))
-    step = max(1, CHUNK_ELEMENTS // channels)
+    if channels * inner <= limit:
+        return list(x3.split(limit // (channels * inner), dim=0))
+    step = max(1, limit // channels)
     return [p for rows in x3.split(1, dim=0) for p in rows.split(step, dim=2)]
 
 
+def _low_precision_moments(x3: Tensor) -> dict[str, Tensor] | None:
+    """``batch_moments`` of a float32/float16/bfloat16 (A, C, L) tensor, or None.
+
+    Each piece of at most ``PIECE_ELEMENTS`` is copied into a float64 work buffer (exact:
+    every such value is a float64), and the deviations d = x − c and their powers are
+    summed in float64 about one centre c for the whole tensor, the float64 mean of the
+    first piece. With one centre the sums S_p of the pieces simply add up (no merge per
+    piece); the residual mean δ = S_1/n then corrects them as in ``batch_moments``.
+
+    Error (u = 2^-53): d = fl(x − c) has relative error ≤ u and fl(d^p) ≤ (2p − 1)·u;
+    the float64 sums add ≤ γ·u relative to Σ|d|^p, γ ≈ log2(piece length) + number of
+    pieces. So float32 inputs keep the precision of float64 inputs: the data are exact
+    in float64 and only float64 roundings enter. The correction cancels S_p against
+    powers of δ; with |δ| = kσ the relative error of M_2 grows by at most (1 + k²), of
+    M_4 by ~(1 + k²)² (S_4 ≤ 8(M_4 + nδ⁴) and nσ⁴ ≤ M_4) and of M_3, relative to nσ³,
+    by ~(1 + k²)^1.5. The result is therefore kept only where |δ| ≤ ``CENTER_SPREAD``·σ
+    (or the channel is constant) and S_4 is finite, which it is exactly when every input
+    is (powers of float16/bfloat16/float32 values cannot overflow float64); otherwise
+    None is returned and the general path starts over from the exact mean.
+    """
+    outer, channels, inner = x3.shape
+    count = outer * inner
+    dims = (0, 2)
+    pieces = _pieces(x3, PIECE_ELEMENTS)
+    buffer = torch.empty(2 * max(p.numel() for p in pieces), dtype=F64, device=x3.device)
+    center = None
+    sums, lows, highs = [], [], []
+    for piece in pieces:
+        work = buffer[: 2 * piece.numel()].view(2, *piece.shape)
+        dev, power = work.unbind(0)
+        dev.copy_(piece)
+        lows.append(piece.amin(dims))
+        highs.append(piece.amax(dims))
+        if center is None:
+            center = dev.sum(dims, keepdim=True).div_(piece.shape[0] * piece.shape[2])
+        dev.sub_(center)
+        torch.mul(dev, dev, out=power)
+        sums.append(work.sum((1, 3)))  # S_1, S_2
+        dev.mul_(power)
+        power.mul_(power)
+        sums.append(work.sum((1, 3)))  # S_3, S_4
+    s1, s2, s3, s4 = torch.stack(sums).view(-1, 4, channels).sum(0).unbind(0)
+    lo = torch.stack(lows).amin(0).to(F64)
+    hi = torch.stack(highs).amax(0).to(F64)
+    n = float(count)
+    delta = s1 / n
+    dd = delta * delta
+    # M_2 = S_2 − nδ², M_3 = S_3 − δ(3S_2 − 2nδ²), M_4 = S_4 − δ(4S_3 − δ(6S_2 − 3nδ²)).
+    m2 = torch.add(s2, dd, alpha=-n)
+    m3 = torch.addcmul(s3, delta, torch.add(s2, dd, alpha=-2.0 * n / 3.0), value=-3.0)
+    inner_m4 = torch.addcmul(s3, delta, torch.add(s2, dd, alpha=-n / 2.0), value=-1.5)
+    m4 = torch.addcmul(s4, delta, inner_m4, value=-4.0)
+    constant = lo == hi
+    near = dd <= m2 * (CENTER_SPREAD**2 / n)
+    if not bool((torch.isfinite(s4) & (near | constant)).all()):
+        return None
+    # Constant channels: exact zeros (c = Σx/n need not equal x in floating point).
+    mean = torch.where(constant, lo, center.view(channels) + delta)
+    m2, m3, m4 = (torch.where(constant, 0.0, m) for m in (m2, m3, m4))
+    full = torch.full((channels,), count, dtype=I64, device=x3.device)
+    return {
+        "count": full,
+        "nan_count": torch.zeros_like(full),
+        "inf_count": torch.zeros_like(full),
+        "min": lo,
+        "max": hi,
+        "mean": mean,
+        "m2": m2,
+        "m3": m3,
+        "m4": m4,
+    }
+
+
 def _piece_moments(x3: Tensor) -> dict[str, Tensor]:
-    """``batch_moments`` of one (A, C, L) piece."""
+    """``batch_moments`` of one (A, C, L) piece, about its own mean (the general path)."""
     dims = (0, 2)
     total = x3.shape[0] * x3.shape[2]
     dev = x3.to(F64, copy=True)  # the one float64 copy, then worked on in place
@@ -237,7 +330,7 @@ def _piece_moments(x3: Tensor) -> dict[str, Tensor]:
     # One sum tells whether everything is finite: NaN and ±Inf propagate into it.
     if bool(torch.isfinite(s1).all()):
         n = torch.full_like(s1, total, dtype=I64)
-        nan_count = inf_count = torch.zeros_like(n)
+        nan_count, inf_count = torch.zeros_like(n), torch.zeros_like(n)
         lo, hi = x3.amin(dims).to(F64), x3.amax(dims).to(F64)
         center = s1 / total
         dev.sub_(center[:, None])
@@ -356,6 +449,7 @@ class ChannelMoments(Accumulator):
             raise ValueError(f"channels must be >= 1, got {channels}")
         for k, v in empty_moments((channels,), device).items():
             setattr(self, k, v)
+        self._empty = True  # not state: from_state_dict objects take the general path
 
     @property
     def channels(self) -> int:
@@ -381,7 +475,14 @@ class ChannelMoments(Accumulator):
             )
         if x.device != self.device:
             self.to(x.device)
-        self._assign(combine_moments(self.state_dict(), batch_moments(x, channel_dim)))
+        batch = batch_moments(x, channel_dim)
+        # A merge into empty state returns the batch exactly; skip its ~30 small ops
+        # (most keys see only a few updates, so this is a large share of the cost).
+        if getattr(self, "_empty", False):
+            self._assign(batch)
+            self._empty = False
+        else:
+            self._assign(combine_moments(self.state_dict(), batch))
 
     def merge(self, other: ChannelMoments) -> ChannelMoments:
         """Folds ``other`` in (as if its data had gone through ``update``); returns self."""
@@ -389,6 +490,7 @@ class ChannelMoments(Accumulator):
         if other.channels != self.channels:
             raise ValueError(f"cannot merge {other.channels} channels into {self.channels}")
         self._assign(combine_moments(self.state_dict(), other.state_dict()))
+        self._empty = False
         return self
 
     def _assign(self, stats: dict[str, Tensor]) -> None:

@@ -205,6 +205,95 @@ def test_moments_in_pieces_match_scipy(shape, channel_dim, chunk, monkeypatch):
     assert_channels_match(acc, channel_columns(x, channel_dim))
 
 
+def _as_acl(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """The (A, C, L) view batch_moments works on."""
+    d = channel_dim % x.ndim
+    return x.reshape(math.prod(x.shape[:d]), x.shape[d], -1)
+
+
+@pytest.mark.parametrize(("shape", "channel_dim"), [(LINEAR_SHAPE, -1), (CONV_SHAPE, 1)])
+@pytest.mark.parametrize("piece", [1, 7, 40, 200, 10_000])
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+def test_low_precision_pieces_match_scipy(shape, channel_dim, piece, offset, monkeypatch):
+    """float32 inputs: one centre for all pieces, any piece size, rtol 1e-8 vs scipy."""
+    monkeypatch.setattr(accumulators, "PIECE_ELEMENTS", piece)
+    x = activations(shape, channel_dim, seed=9, offset=offset)
+    assert accumulators._low_precision_moments(_as_acl(x, channel_dim)) is not None
+    acc = ChannelMoments(x.shape[channel_dim])
+    acc.update(x, channel_dim)
+    assert_channels_match(acc, channel_columns(x, channel_dim))
+
+
+@pytest.mark.parametrize(("shape", "channel_dim"), [((64, 4, 40), -1), ((2, 24, 8, 4), 1)])
+@pytest.mark.parametrize("margin", [-1, 0, 1])
+def test_low_precision_piece_boundaries(shape, channel_dim, margin, monkeypatch):
+    """Inputs just below, at and just above the piece size, and a row split in two."""
+    x = activations(shape, channel_dim, seed=10, offset=3.0)
+    x3 = _as_acl(x, channel_dim)
+    for limit in (x.numel() + margin, x3[0].numel() + margin):
+        monkeypatch.setattr(accumulators, "PIECE_ELEMENTS", limit)
+        acc = ChannelMoments(x.shape[channel_dim])
+        acc.update(x, channel_dim)
+        assert_channels_match(acc, channel_columns(x, channel_dim))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("shape", "channel_dim"), [(LINEAR_SHAPE, -1), (CONV_SHAPE, 1)])
+def test_half_precision_inputs_match_scipy_on_their_values(dtype, shape, channel_dim):
+    x = activations(shape, channel_dim, seed=11, offset=100.0).to(dtype)
+    acc = ChannelMoments(x.shape[channel_dim])
+    acc.update(x, channel_dim)
+    assert_channels_match(acc, channel_columns(x, channel_dim))
+
+
+@pytest.mark.parametrize(("shape", "channel_dim"), [((96, 4, 320), -1), ((2, 64, 4, 8, 8), 1)])
+def test_low_precision_path_agrees_with_float64_path(shape, channel_dim, monkeypatch):
+    """Same data as float32 and as float64: the two paths agree far below rtol 1e-8."""
+    monkeypatch.setattr(accumulators, "PIECE_ELEMENTS", 4096)
+    x = activations(shape, channel_dim, seed=12, offset=1e3)
+    fast = batch_moments(x, channel_dim)
+    exact = batch_moments(x.double(), channel_dim)
+    for k in ("count", "nan_count", "inf_count", "min", "max"):
+        assert torch.equal(fast[k], exact[k]), k
+    scale = exact["m2"] / exact["count"]
+    torch.testing.assert_close(fast["mean"], exact["mean"], rtol=1e-13, atol=0)
+    for p, k in ((2, "m2"), (3, "m3"), (4, "m4")):
+        # relative to n·σ^p, the natural size of M_p
+        err = (fast[k] - exact[k]).abs() / (exact["count"] * scale ** (p / 2))
+        assert float(err.max()) < 1e-12, k
+
+
+def test_low_precision_path_hands_over_far_centres_and_nonfinite_input(monkeypatch):
+    """The centre (the first piece's mean) far from the mean, or NaN/Inf: general path."""
+    monkeypatch.setattr(accumulators, "PIECE_ELEMENTS", 64)
+    x = torch.randn(4096, 3, generator=torch.Generator().manual_seed(13)) + 50.0
+    x[:16, 1] += 1e4  # the first piece (21 rows) of channel 1: its mean lies ~12 σ off
+    assert accumulators._low_precision_moments(_as_acl(x, -1)) is None
+    acc = ChannelMoments(3)
+    acc.update(x)
+    assert_channels_match(acc, x.double().numpy())
+    y = x.clone()
+    y[:16, 1] -= 1e4
+    y[7, 2] = math.inf
+    assert accumulators._low_precision_moments(_as_acl(y, -1)) is None
+    acc = ChannelMoments(3)
+    acc.update(y)
+    assert int(acc.inf_count[2]) == 1
+    assert_channels_match(acc, y.double().numpy())
+
+
+def test_low_precision_constant_channels_are_exact(monkeypatch):
+    monkeypatch.setattr(accumulators, "PIECE_ELEMENTS", 10)
+    x = torch.randn(40, 4)
+    x[:, 1] = 0.1
+    x[:, 3] = -3.7e5
+    got = batch_moments(x, -1)
+    for c, value in ((1, 0.1), (3, -3.7e5)):
+        v = float(torch.tensor(value, dtype=torch.float32))
+        assert float(got["mean"][c]) == v and float(got["min"][c]) == v
+        assert all(float(got[k][c]) == 0.0 for k in ("m2", "m3", "m4"))
+
+
 def test_update_rejects_wrong_channel_count():
     with pytest.raises(ValueError, match="channels"):
         ChannelMoments(4).update(torch.zeros(2, 5))
