@@ -18,8 +18,17 @@ Activation quantizers (``nn.Module``s whose parameters are buffers, so they foll
 - ``DynamicTokenActQuant``: per token, from each token's own min/max at run time;
 - ``LevelActQuant``: nearest level of a level set (HTDQ's codebooks).
 
-``wrapper.enabled = False`` (or ``set_enabled``) makes the wrapper an exact passthrough to
-the original module. ``swap_module`` puts a module at a dotted name and ``unwrap``
+An optional per-input-channel transform (``set_input_transform``: SCRI, OS+, SmoothQuant
+applied explicitly) computes the layer as W̃·X̃ + b̃ with X̃ = (X − z)/s taken before the
+input quantizer, the float weight already W̃ = W·diag(s) (the ``weight`` argument) and
+b̃ = b + W·z added by the wrapper (per timestep group when z is a (G, C) table). A conv
+with zero padding is computed "pad, then shift": zero padding of X is −z/s in the
+shifted domain, so X̃ is padded with −z/s (quantized like X̃) and the conv runs unpadded.
+
+``wrapper.enabled = False`` (or ``set_enabled``) turns the quantizers off: the wrapper then
+computes the float layer — the original module itself when nothing replaces its weight,
+bias or input, so an exact passthrough; otherwise the replaced weight and bias in float,
+with the input transform (which is what a model with folded transforms needs). ``swap_module`` puts a module at a dotted name and ``unwrap``
 restores every original.
 
 The forward stays cheap: static qparams are cached as Python numbers (no per-call
@@ -303,28 +312,191 @@ class QuantWrapper(nn.Module):
         # The float weight stays the module's own unless something replaces it.
         self.register_buffer("qweight", qweight)
         self.register_buffer("weight_scale", scale)
+        # The float replacement weight, for the unquantized path (enabled = False).
+        self.register_buffer("fweight", None if weight is None else source, persistent=False)
         if bias is not None:
             bias = bias.detach().to(device=module.weight.device, dtype=module.weight.dtype)
         self.register_buffer("bias_override", bias)
+        # Explicit input transform (set_input_transform): (G, C) shift and (C,) scale
+        # tables (G = 1 without timestep groups), the (G, O) bias with W·z folded in.
+        self.register_buffer("input_shift", None)
+        self.register_buffer("input_scale", None)
+        self.register_buffer("transform_bias", None)
+        self.shift_lookup: TimestepLookup | None = None
+        self.shift_tracker: Any = None
 
     @property
     def original(self) -> nn.Module:
         """The wrapped module (same as ``.module``)."""
         return self.module
 
+    @property
+    def has_transform(self) -> bool:
+        """True when an explicit input transform is set."""
+        return self.input_scale is not None
+
+    @torch.no_grad()
+    def set_input_transform(
+        self,
+        shift: Tensor | None,
+        scale: Tensor | None,
+        groups: Sequence[Sequence[float]] | None = None,
+        tracker: Any = None,
+    ) -> None:
+        """Computes the layer on X̃ = (X − z)/s, quantized, instead of on X.
+
+        The wrapper's float weight must already be W̃ = W·diag(s) (the ``weight``
+        argument); the bias b̃ = b + W·z = b + W̃·(z/s) (summed over a conv's kernel) is
+        computed here from that float weight.
+
+        Args:
+            shift: z, (C,) or (G, C) one row per timestep group; None for no shift.
+            scale: s, (C,) positive; None for no scale.
+            groups: the G timestep groups of a (G, C) shift; taken from the activation
+                quantizer when it is a ``GroupActQuant``.
+            tracker: the ``CallTracker`` that publishes the current timestep (same source).
+
+        Raises:
+            UserError: wrong shapes, non-positive scales, or a shift table without groups.
+        """
+        weight = self.module.weight if self.fweight is None else self.fweight
+        channels = weight.shape[1] * (self.module.groups if self.is_conv else 1)
+        f64 = dict(dtype=torch.float64, device=weight.device)
+        s = torch.ones(channels, **f64) if scale is None else torch.as_tensor(scale).to(**f64)
+        z = torch.zeros(channels, **f64) if shift is None else torch.as_tensor(shift).to(**f64)
+        z = z.reshape(-1, z.shape[-1]) if z.ndim else z.reshape(1, 1)
+        if s.shape != (channels,) or z.shape[-1] != channels:
+            raise UserError(
+                f"input transform needs ({channels},) scale and shift, got "
+                f"{tuple(s.shape)} and {tuple(z.shape)}"
+            )
+        if not bool((s > 0).all()) or not bool(torch.isfinite(z).all()):
+            raise UserError("input transform needs finite shifts and positive scales")
+        if z.shape[0] > 1:
+            if groups is None and isinstance(self.act, GroupActQuant):
+                groups, tracker = self.act.groups, self.act.tracker
+            if groups is None or len(groups) != z.shape[0]:
+                raise UserError(
+                    f"a ({z.shape[0]}, {channels}) shift table needs as many timestep groups"
+                )
+            self.shift_lookup, self.shift_tracker = TimestepLookup(groups), tracker
+        bias = self.module.bias if self.bias_override is None else self.bias_override
+        base = torch.zeros(weight.shape[0], **f64) if bias is None else bias.to(**f64)
+        correction = _fold_shift(weight.to(torch.float64), z / s, self.module)  # (G, O)
+        dtype = weight.dtype
+        self.input_shift = z.to(dtype)
+        self.input_scale = s.to(dtype)
+        self.transform_bias = (base + correction).to(dtype)
+
+    def _shift_row(self) -> int:
+        if self.shift_lookup is None:
+            return 0
+        call = getattr(self.shift_tracker, "current", None)
+        if call is None:
+            raise RuntimeError(
+                "per-timestep-group input shift called outside a denoiser call: attach a "
+                "CallTracker (qvd_bench.models.sampling) to the denoiser"
+            )
+        return self.shift_lookup(call.timestep)
+
+    def _transformed(self, x: Tensor, act: ActQuantizer | None) -> tuple[Tensor, Tensor]:
+        """(X̃ quantized by ``act``, padded "pad, then shift" for a zero-padded conv; bias)."""
+        row = self._shift_row()
+        shape = [1] * x.ndim
+        shape[self.channel_dim] = -1
+        z = self.input_shift[row].to(x.dtype).reshape(shape)
+        s = self.input_scale.to(x.dtype).reshape(shape)
+        x = (x - z) / s
+        if act is not None:
+            x = act(x, self.channel_dim)
+        pads = self._zero_pads()
+        if pads is not None:
+            # Zero padding of X is −z/s in the shifted domain; it is quantized like X̃ was
+            # (elementwise quantizers give exactly what quantizing the padded tensor would).
+            value = -z / s
+            if act is not None:
+                value = act(value, self.channel_dim)
+            x = _pad_with(x, pads, value)
+        return x, self.transform_bias[row].to(x.dtype)
+
+    def _zero_pads(self) -> list[int] | None:
+        """F.pad widths of a zero-padded conv (None when it needs no explicit padding)."""
+        m = self.module
+        if not self.is_conv or m.padding_mode != "zeros":
+            return None
+        pads = list(m._reversed_padding_repeated_twice)
+        return pads if any(pads) else None
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, padded: bool) -> Tensor:
+        m = self.module
+        if not padded:
+            return m._conv_forward(x, weight, bias)
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.ndim - 2]
+        return conv(x, weight, bias, m.stride, 0, m.dilation, m.groups)
+
     def forward(self, input: Tensor) -> Tensor:
         if not self.enabled:
-            return self.module(input)
-        x = input if self.act is None else self.act(input, self.channel_dim)
-        weight = self.module.weight if self.qweight is None else self.qweight
-        bias = self.module.bias if self.bias_override is None else self.bias_override
+            if self.fweight is None and self.bias_override is None and not self.has_transform:
+                return self.module(input)
+            weight = self.module.weight if self.fweight is None else self.fweight
+            act = None
+        else:
+            weight = self.module.weight if self.qweight is None else self.qweight
+            act = self.act
+        if self.has_transform:
+            x, bias = self._transformed(input, act)
+            padded = self._zero_pads() is not None
+        else:
+            x = input if act is None else act(input, self.channel_dim)
+            bias = self.module.bias if self.bias_override is None else self.bias_override
+            padded = False
         if self.is_conv:
-            return self.module._conv_forward(x, weight, bias)
+            return self._conv(x, weight, bias, padded)
         return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         state = "" if self.enabled else ", disabled"
-        return f"weight_bits={self.weight_bits}{state}"
+        transform = ", input_transform" if self.has_transform else ""
+        return f"weight_bits={self.weight_bits}{transform}{state}"
+
+
+def _fold_shift(weight: Tensor, shift: Tensor, module: nn.Module) -> Tensor:
+    """W·u for each row u of ``shift``, summed over a conv's kernel positions.
+
+    Args:
+        weight: (O, C) Linear or (O, C/groups, k...) conv weight.
+        shift: (G, C) per-input-channel values.
+        module: the layer (for a conv's ``groups``).
+
+    Returns:
+        (G, O).
+    """
+    out = weight.shape[0]
+    summed = weight.reshape(out, weight.shape[1], -1).sum(-1)  # (O, C/groups)
+    groups = getattr(module, "groups", 1) if isinstance(module, CONV_TYPES) else 1
+    # Input channels of each output's conv group, aligned with the summed weight.
+    u = shift.reshape(shift.shape[0], groups, -1).repeat_interleave(out // groups, dim=1)
+    return (summed[None] * u).sum(-1)
+
+
+def _pad_with(x: Tensor, pads: Sequence[int], value: Tensor) -> Tensor:
+    """``F.pad(x, pads)`` with a per-channel fill value instead of zero.
+
+    Args:
+        x: (B, C, *spatial).
+        pads: F.pad widths (last dimension first).
+        value: (1, C, 1, ...) fill values.
+    """
+    shape = list(x.shape)
+    index = [slice(None)] * x.ndim
+    for j in range(len(pads) // 2):
+        dim = x.ndim - 1 - j
+        left, right = pads[2 * j], pads[2 * j + 1]
+        shape[dim] += left + right
+        index[dim] = slice(left, left + x.shape[dim])
+    out = value.to(x.dtype).expand(shape).clone()
+    out[tuple(index)] = x
+    return out
 
 
 # --------------------------------------------------------------------------- model surgery

@@ -1,0 +1,608 @@
+"""The method interface: one handler per quantization method, one record per layer.
+
+A method is a ``Method`` subclass registered by name in ``METHODS``::
+
+    @register_method("minmax")
+    class MinMax(Method):
+        description = "per-tensor min-max activations, min-max weights"
+
+        def prepare(self, ctx: QuantContext) -> list[LayerRecord]:
+            return [minmax_record(ctx, name) for name in ctx.quantized_layers]
+
+``prepare`` reads statistics (``ctx.run``), the plan (``ctx.plan``) and the config
+(``ctx.config``) and returns one ``LayerRecord`` per layer of ``ctx.layers`` — every
+in-scope layer, kept-FP ones included (``fp_record``). It must not change the model:
+``quantize_`` builds the wrappers from the records (``build_wrapper``) and swaps them in,
+and ``apply_record`` does exactly the same on a fresh model, so a record reloaded from
+disk reproduces the quantized model bit for bit. Anything a method changes lives in a
+record:
+
+- ``LayerRecord.tensors``: the layer's own tensors, under the keys of ``TENSOR_KEYS``;
+- ``LayerRecord.folded``: parameters of *other* modules rewritten by an exact fold
+  (e.g. a preceding GroupNorm's ``weight``/``bias`` for SCRI), keyed by their qualified
+  name in ``denoiser.state_dict()``; written into the model before the wrappers are built;
+- ``LayerRecord.info``: JSON-safe facts (timestep groups, the chosen level set, the
+  figures behind a choice, how a transform was placed).
+
+A layer whose input needs a non-standard wrapper names a builder registered with
+``register_builder`` in ``LayerRecord.builder``; ``"standard"`` covers weights and the
+activation quantizers of ``quant/modules.py`` plus an explicit input transform (the
+``input_shift`` / ``input_scale`` tensors, handed to ``QuantWrapper.set_input_transform``
+when present).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from qvd_bench.errors import UserError
+from qvd_bench.quant.modules import (
+    ActQuantizer,
+    DynamicTokenActQuant,
+    GroupActQuant,
+    LevelActQuant,
+    QuantWrapper,
+    StaticActQuant,
+)
+from qvd_bench.quant.observers import weight_qparams
+from qvd_bench.registry import Registry
+
+if TYPE_CHECKING:
+    from qvd_bench.analysis.plan import QuantPlan
+    from qvd_bench.models.family import LoadedModel
+    from qvd_bench.quant.api import QuantConfig
+    from qvd_bench.store import StatsRun
+
+# Activation quantizer kinds a record may name.
+ACT_KINDS = ("none", "static", "group", "dynamic", "levels")
+
+# Tensor keys of a LayerRecord (all optional; shapes for a layer with O outputs, C inputs):
+TENSOR_KEYS = {
+    "weight_scale": "(O,) float32 per-output-channel symmetric weight scales",
+    "weight": "a replacement float weight, shaped like the layer's (transformed / folded)",
+    "bias": "(O,) a replacement bias",
+    "act_scale": "() static, or (G,) per timestep group, activation scale",
+    "act_zero_point": "like act_scale, int32 zero points",
+    "levels": "(L,) float64 level set of a 'levels' activation quantizer",
+    "input_shift": "(C,) or (G, C) per-input-channel shift z of X̃ = (X − z)/s",
+    "input_scale": "(C,) per-input-channel scale s of X̃ = (X − z)/s",
+}
+
+
+@dataclass
+class LayerRecord:
+    """Everything needed to rebuild one layer's quantizer, without statistics.
+
+    Attributes:
+        layer: qualified module name in the denoiser.
+        role: its role (for reading).
+        kind: "linear" or "conv".
+        w_bits: weight bits, None for a float weight.
+        weight_clipping: "minmax", "mse" or "none".
+        act: one of ``ACT_KINDS``.
+        a_bits: activation bits, None when ``act`` is "none".
+        tensors: see ``TENSOR_KEYS``.
+        folded: parameters of other modules rewritten by an exact fold, by state-dict name.
+        info: JSON-safe facts: "groups" (timestep groups of a "group" quantizer),
+            "family" (level-set description), figures, notes.
+        builder: the registered builder that makes the wrapper ("standard").
+    """
+
+    layer: str
+    role: str
+    kind: str
+    w_bits: int | None
+    weight_clipping: str
+    act: str
+    a_bits: int | None
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    folded: dict[str, Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    builder: str = "standard"
+
+    @property
+    def is_fp(self) -> bool:
+        """True when neither weights nor inputs are quantized and nothing is replaced."""
+        return (
+            self.w_bits is None
+            and self.act == "none"
+            and not self.folded
+            and not set(self.tensors) & {"weight", "bias", "input_shift", "input_scale"}
+        )
+
+    def meta(self) -> dict[str, Any]:
+        """The JSON part (everything but tensors)."""
+        return {
+            "layer": self.layer,
+            "role": self.role,
+            "kind": self.kind,
+            "w_bits": self.w_bits,
+            "weight_clipping": self.weight_clipping,
+            "act": self.act,
+            "a_bits": self.a_bits,
+            "tensors": sorted(self.tensors),
+            "folded": sorted(self.folded),
+            "info": self.info,
+            "builder": self.builder,
+        }
+
+
+@dataclass
+class QuantContext:
+    """What a method's ``prepare`` reads.
+
+    Attributes:
+        loaded: the model (not to be changed by ``prepare``); None when ``quantize_`` was
+            given a bare denoiser.
+        denoiser: the denoiser module.
+        run: its statistics.
+        plan: the plan, or None (methods that need one make it with ``analyze``).
+        config: the QuantConfig.
+        tracker: the CallTracker attached to the denoiser (for per-timestep quantizers).
+        layers: in-scope layer name -> module (every leaf Linear/Conv, in module order).
+        roles: layer name -> role.
+    """
+
+    loaded: LoadedModel | None
+    denoiser: nn.Module
+    run: StatsRun
+    plan: QuantPlan | None
+    config: QuantConfig
+    tracker: Any
+    layers: dict[str, nn.Module]
+    roles: dict[str, str]
+
+    @cached_property
+    def keep_fp(self) -> set[str]:
+        """Layers the config keeps in full precision (by role or by name)."""
+        roles = set(self.config.keep_fp_roles)
+        names = set(self.config.keep_fp_layers)
+        return {n for n in self.layers if n in names or self.roles.get(n) in roles}
+
+    @property
+    def quantized_layers(self) -> list[str]:
+        """In-scope layers that get quantizers, in module order."""
+        return [n for n in self.layers if n not in self.keep_fp]
+
+    @cached_property
+    def temporal_layers(self) -> list[str]:
+        """In-scope layers with temporal features stored in the run (their inputs depend
+        on the timestep only), in module order."""
+        temporal = self.run.temporal
+        have = set(temporal["layer"].astype(str).unique()) if not temporal.empty else set()
+        return [n for n in self.layers if n in have]
+
+    @cached_property
+    def input_channels(self) -> dict[str, Any]:
+        """Layer -> its input-channel statistics rows (one pandas split, shared by layers)."""
+        frame = self.run.channels
+        if "tensor" in frame.columns:
+            frame = frame[frame["tensor"] == "input"]
+        frame = frame[frame["count"] > 0]
+        return {str(k): v for k, v in frame.groupby("layer", observed=True)}
+
+    def weight(self, name: str) -> Tensor:
+        """The float weight of a layer (detached)."""
+        return self.layers[name].weight.detach()
+
+
+class Method:
+    """A quantization method: a name, a description and ``prepare``.
+
+    Class attributes:
+        name: the registry name (set by ``register_method``).
+        description: one line for listings.
+        granularity: the default activation granularity, "tensor", "timestep_group" or
+            "token" (``QuantConfig.granularity`` may override it where the method allows).
+        weight_clipping: the default weight clipping, "minmax" or "mse".
+        uses_plan: True when ``prepare`` reads ``ctx.plan`` (made with ``analyze`` when
+            none is given).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    granularity: ClassVar[str] = "tensor"
+    weight_clipping: ClassVar[str] = "mse"
+    uses_plan: ClassVar[bool] = False
+
+    def prepare(self, ctx: QuantContext) -> list[LayerRecord]:
+        """One record per layer of ``ctx.layers``; never changes the model."""
+        raise NotImplementedError
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: registers a ``Method`` subclass under ``name``."""
+
+    def decorate(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS.register(name, cls)
+        return cls
+
+    return decorate
+
+
+def get_method(name: str) -> Method:
+    """An instance of the registered method ``name`` (UserError with suggestions if unknown)."""
+    from qvd_bench.quant import methods  # noqa: F401  (registers every method module)
+
+    return METHODS.get(name)()
+
+
+# --------------------------------------------------------------------------- records
+
+
+def layer_kind(module: nn.Module) -> str:
+    return "linear" if isinstance(module, nn.Linear) else "conv"
+
+
+def fp_record(ctx: QuantContext, name: str, reason: str = "kept in full precision") -> LayerRecord:
+    """A layer kept in full precision (no wrapper is built for it).
+
+    Args:
+        ctx: the context.
+        name: the layer.
+        reason: why (stored as ``info["fp_reason"]``); a method that keeps an in-scope
+            layer FP on purpose (``fp``, ``fp-temporal``) must say so.
+    """
+    return LayerRecord(
+        layer=name,
+        role=ctx.roles.get(name, ""),
+        kind=layer_kind(ctx.layers[name]),
+        w_bits=None,
+        weight_clipping="none",
+        act="none",
+        a_bits=None,
+        info={"fp_reason": reason},
+    )
+
+
+_WEIGHT_SCALES: dict[tuple, Tensor] = {}
+_WEIGHT_CACHE_SIZE = 4096
+
+
+def cached_weight_scale(weight: Tensor, bits: int, clipping: str, p: float) -> Tensor:
+    """``weight_qparams`` scales (O,), memoised by the weight's content.
+
+    Methods share weight quantization (every ``mse``-based method searches the same
+    clipping), so a weight seen before with the same settings is not searched again.
+    """
+    data = weight.detach().cpu().contiguous()
+    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
+    key = (digest.hexdigest(), str(data.dtype), tuple(data.shape), bits, clipping, float(p))
+    scale = _WEIGHT_SCALES.get(key)
+    if scale is None:
+        scale, _ = weight_qparams(weight, bits, clipping, p=p)
+        if len(_WEIGHT_SCALES) >= _WEIGHT_CACHE_SIZE:
+            _WEIGHT_SCALES.pop(next(iter(_WEIGHT_SCALES)))
+        _WEIGHT_SCALES[key] = scale.cpu()
+    return scale.clone()
+
+
+def weight_record(
+    ctx: QuantContext,
+    name: str,
+    *,
+    clipping: str | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> LayerRecord:
+    """A record with the layer's weight quantized and no activation quantizer yet.
+
+    Args:
+        ctx: the context.
+        name: the layer.
+        clipping: "minmax" or "mse"; ``ctx.config.weight_clipping`` when None.
+        weight: a replacement float weight (quantized instead of the layer's).
+        bias: a replacement bias.
+
+    Returns:
+        The record; callers set ``act``, ``a_bits`` and the activation tensors.
+    """
+    module = ctx.layers[name]
+    clipping = clipping or ctx.config.weight_clipping
+    source = module.weight.detach() if weight is None else weight.detach()
+    scale = cached_weight_scale(source, ctx.config.w_bits, clipping, ctx.config.p)
+    tensors: dict[str, Tensor] = {"weight_scale": scale.cpu()}
+    if weight is not None:
+        tensors["weight"] = weight.detach().cpu()
+    if bias is not None:
+        tensors["bias"] = bias.detach().cpu()
+    return LayerRecord(
+        layer=name,
+        role=ctx.roles.get(name, ""),
+        kind=layer_kind(module),
+        w_bits=ctx.config.w_bits,
+        weight_clipping=clipping,
+        act="none",
+        a_bits=None,
+        tensors=tensors,
+    )
+
+
+# --------------------------------------------------------------------------- building
+
+
+def act_quantizer(record: LayerRecord, tracker: Any) -> ActQuantizer | None:
+    """The activation quantizer a record describes (None for "none")."""
+    t = record.tensors
+    if record.act == "none":
+        return None
+    if record.act == "static":
+        return StaticActQuant(t["act_scale"], t["act_zero_point"], record.a_bits)
+    if record.act == "group":
+        groups = record.info["groups"]
+        return GroupActQuant(
+            t["act_scale"], t["act_zero_point"], record.a_bits, groups, tracker, record.layer
+        )
+    if record.act == "dynamic":
+        return DynamicTokenActQuant(record.a_bits)
+    if record.act == "levels":
+        return LevelActQuant(t["levels"])
+    raise UserError(f"layer {record.layer!r}: unknown activation quantizer {record.act!r}")
+
+
+def standard_builder(module: nn.Module, record: LayerRecord, tracker: Any) -> QuantWrapper:
+    """Weights, activations and an optional explicit input transform from a record."""
+    t = record.tensors
+    wrapper = QuantWrapper(
+        module,
+        record.w_bits,
+        act_quantizer(record, tracker),
+        weight_scale=t.get("weight_scale"),
+        weight=t.get("weight"),
+        bias=t.get("bias"),
+    )
+    if "input_shift" in t or "input_scale" in t:
+        setter = getattr(wrapper, "set_input_transform", None)
+        if setter is None:
+            raise UserError(
+                f"layer {record.layer!r} needs an explicit input transform, which this "
+                "version of QuantWrapper does not support"
+            )
+        setter(t.get("input_shift"), t.get("input_scale"))
+    return wrapper
+
+
+BUILDERS: Registry[Callable[[nn.Module, LayerRecord, Any], nn.Module]] = Registry("builder")
+BUILDERS.register("standard", standard_builder)
+
+
+def register_builder(name: str) -> Callable:
+    """Function decorator: registers ``builder(module, record, tracker) -> nn.Module``."""
+
+    def decorate(fn: Callable) -> Callable:
+        BUILDERS.register(name, fn)
+        return fn
+
+    return decorate
+
+
+def build_wrapper(module: nn.Module, record: LayerRecord, tracker: Any) -> nn.Module:
+    """The quantized replacement of ``module`` described by ``record``."""
+    return BUILDERS.get(record.builder)(module, record, tracker)
+
+
+def to_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def stack_scalars(values: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """(G,) from G 0-d tensors."""
+    return torch.stack([torch.as_tensor(v).reshape(()) for v in values]).to(dtype)
+
+
+# --------------------------------------------------------------------------- calibration
+
+UNIFORM_RULES = ("minmax", "percentile", "mse")
+
+
+def activation_timesteps(ctx: QuantContext) -> list[float]:
+    """The timestep values with activation statistics, descending (sampler order)."""
+    values = ctx.run.manifest.get("schedule") or ctx.run.channels["timestep"].unique().tolist()
+    return sorted({float(t) for t in values}, reverse=True)
+
+
+def _rows_at(ctx: QuantContext, name: str, timesteps: list[float] | None) -> Tensor:
+    """Reservoir rows of a layer at some timesteps (all when None); may be empty."""
+    data = ctx.run.reservoir.get(name)
+    if data is None:
+        raise UserError(
+            f"layer {name!r} has no reservoir rows in {ctx.run.path}; collect with "
+            "--reservoir-capacity > 0"
+        )
+    rows = data["rows"]
+    if timesteps is not None:
+        wanted = torch.tensor(timesteps, dtype=torch.float64)
+        rows = rows[torch.isin(data["timesteps"].to(torch.float64), wanted)]
+    return rows
+
+
+def _extremes(
+    ctx: QuantContext,
+    name: str,
+    timesteps: list[float] | None,
+    transform: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, int]:
+    """Per-channel min (C,), max (C,) and the number of input rows (tokens) they cover.
+
+    With ``transform`` = (z, s) the extrema are those of X̃ = (X − z)/s (s > 0 keeps
+    each channel's min below its max).
+    """
+    rows = ctx.input_channels.get(name)
+    if rows is None or rows.empty:
+        raise UserError(f"layer {name!r} has no input statistics in {ctx.run.path}")
+    if timesteps is not None:
+        rows = rows[rows["timestep"].isin([float(t) for t in timesteps])]
+    # numpy scatter-reductions: several times faster than a categorical groupby.
+    channel = rows["channel"].to_numpy(np.int64)
+    channels = int(channel.max()) + 1
+    if transform is not None:
+        channels = max(channels, transform[0].numel())
+    lo = np.full(channels, np.inf)
+    hi = np.full(channels, -np.inf)
+    np.minimum.at(lo, channel, rows["min"].to_numpy(np.float64))
+    np.maximum.at(hi, channel, rows["max"].to_numpy(np.float64))
+    keep = np.isfinite(lo) & np.isfinite(hi)
+    # Every channel of a (timestep, branch) sees the same rows: total count / channels.
+    tokens = int(rows["count"].to_numpy(np.int64).sum() // max(1, int(keep.sum())))
+    lo, hi = torch.from_numpy(lo), torch.from_numpy(hi)
+    if transform is not None:
+        shift, scale = (v.to(torch.float64).reshape(-1).cpu() for v in transform)
+        lo, hi = (lo - shift) / scale, (hi - shift) / scale
+    keep = torch.from_numpy(keep)
+    return lo[keep], hi[keep], max(tokens, 1)
+
+
+def lp_clip_search(
+    rows: Tensor, channel_lo: Tensor, channel_hi: Tensor, tokens: int, bits: int, p: float
+) -> tuple[Tensor, Tensor]:
+    """Per-tensor range [α·lo, α·hi] minimising the Lp error of the whole calibration data.
+
+    The error of all ``tokens`` rows is estimated from the reservoir sample plus the two
+    exact extreme rows (per-channel min and max), weighted by their share of the data:
+    a sample of a few rows rarely holds the extreme tokens, and a search on the sample
+    alone would clip them unseen (at 16 bits it clips where no clipping is right).
+
+    Args:
+        rows: (N, C) reservoir rows (finite).
+        channel_lo, channel_hi: (C,) exact per-channel extrema over the same data.
+        tokens: how many rows the data has in all (≥ N + 2 normally).
+        bits: activation bits.
+        p: the Lp exponent.
+
+    Returns:
+        (lo, hi) 0-d float64 tensors: the extrema's min and max times the best α (the
+        grid of ``observers.shrink_factors``; ties keep the least clipping).
+    """
+    from qvd_bench.quant.observers import shrink_factors
+    from qvd_bench.quant.primitives import affine_qparams, fake_quant, quant_range
+
+    q_min, q_max = quant_range(bits)
+    lo, hi = channel_lo.min().to(torch.float64), channel_hi.max().to(torch.float64)
+    alpha = shrink_factors()  # (G,)
+    scale, zero_point = affine_qparams(alpha * lo, alpha * hi, bits)  # (G,)
+    scale, zero_point = scale[:, None], zero_point[:, None]
+
+    def error(x: Tensor) -> Tensor:  # (G,) mean |x − x̂|^p of the flattened x per candidate
+        x = x.reshape(1, -1).to(torch.float32)
+        diff = (fake_quant(x, scale, zero_point, q_min, q_max) - x).to(torch.float64).abs_()
+        return diff.pow_(p).mean(1)
+
+    err_extreme = error(torch.stack([channel_lo, channel_hi]))
+    err_sample = error(rows) if rows.numel() else err_extreme
+    share = min(1.0, 2.0 / tokens)
+    best = int(((1.0 - share) * err_sample + share * err_extreme).argmin())
+    return alpha[best] * lo, alpha[best] * hi
+
+
+def uniform_range(
+    ctx: QuantContext,
+    name: str,
+    rule: str,
+    timesteps: list[float] | None = None,
+    transform: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-tensor [lo, hi] of a layer's inputs by a clipping rule, over some timesteps.
+
+    Args:
+        ctx: the context.
+        name: the layer.
+        rule: "minmax" (exact extrema), "percentile" (``config.percentile`` of the merged
+            histograms) or "mse" (``lp_clip_search`` on the reservoir rows and the exact
+            extrema of those timesteps).
+        timesteps: the timestep values to calibrate on (all when None).
+        transform: (z, s) (C,) each: the range of X̃ = (X − z)/s instead of X ("mse"
+            only), for a layer computed on transformed inputs.
+
+    Returns:
+        (lo, hi) 0-d float64 tensors.
+    """
+    from qvd_bench.quant.observers import minmax_range, percentile_range
+
+    if transform is not None and rule != "mse":
+        raise UserError(f"a transformed input is calibrated with 'mse', not {rule!r}")
+    if rule == "minmax":
+        return minmax_range(ctx.run, name, timesteps)
+    if rule == "percentile":
+        return percentile_range(ctx.run, name, ctx.config.percentile, timesteps)
+    if rule == "mse":
+        rows = _rows_at(ctx, name, timesteps)
+        rows = rows[torch.isfinite(rows).all(1)] if rows.numel() else rows
+        if transform is not None:
+            shift, scale = (v.to(torch.float64).reshape(-1).cpu() for v in transform)
+            rows = (rows.to(torch.float64) - shift) / scale
+        channel_lo, channel_hi, tokens = _extremes(ctx, name, timesteps, transform)
+        return lp_clip_search(rows, channel_lo, channel_hi, tokens, ctx.config.a_bits, ctx.config.p)
+    raise UserError(f"unknown clipping rule {rule!r}; use one of {', '.join(UNIFORM_RULES)}")
+
+
+def set_uniform_act(
+    ctx: QuantContext,
+    record: LayerRecord,
+    rule: str,
+    granularity: str | None = None,
+    transform: tuple[Tensor, Tensor] | None = None,
+) -> LayerRecord:
+    """Fills a record's uniform activation quantizer (per tensor, group or token).
+
+    Args:
+        ctx: the context.
+        record: a record from ``weight_record`` (changed in place and returned).
+        rule: the clipping rule of ``uniform_range``.
+        granularity: "tensor", "timestep_group" or "token"; ``ctx.config.granularity``
+            when None.
+        transform: see ``uniform_range``.
+    """
+    from qvd_bench.quant.primitives import affine_qparams, timestep_groups
+
+    granularity = granularity or ctx.config.granularity or "tensor"
+    bits = ctx.config.a_bits
+    record.a_bits = bits
+    record.info["clipping"] = rule
+    if granularity == "token":
+        record.act = "dynamic"
+        return record
+    if granularity == "tensor":
+        lo, hi = uniform_range(ctx, record.layer, rule, transform=transform)
+        scale, zero_point = affine_qparams(lo, hi, bits)
+        record.act = "static"
+    elif granularity == "timestep_group":
+        steps = activation_timesteps(ctx)
+        groups = timestep_groups(steps, min(ctx.config.timestep_groups, len(steps)))
+        qparams = [
+            affine_qparams(*uniform_range(ctx, record.layer, rule, group, transform), bits)
+            for group in groups
+        ]
+        scale = stack_scalars([s for s, _ in qparams], torch.float32)
+        zero_point = stack_scalars([z for _, z in qparams], torch.int32)
+        record.act = "group"
+        record.info["groups"] = groups
+    else:
+        raise UserError(f"unknown activation granularity {granularity!r}")
+    record.tensors["act_scale"] = scale.reshape(scale.shape).cpu()
+    record.tensors["act_zero_point"] = zero_point.cpu()
+    return record
+
+
+def uniform_record(ctx: QuantContext, name: str, rule: str) -> LayerRecord:
+    """Weights by ``config.weight_clipping``, inputs by a uniform clipping rule."""
+    return set_uniform_act(ctx, weight_record(ctx, name), rule)
+
+
+def uniform_method_records(ctx: QuantContext, rule: str) -> list[LayerRecord]:
+    """Every layer uniform by ``rule``; kept-FP layers FP."""
+    return [
+        fp_record(ctx, name) if name in ctx.keep_fp else uniform_record(ctx, name, rule)
+        for name in ctx.layers
+    ]

@@ -1,0 +1,26 @@
+"""``mse``: Lp (p = 2.4) clipping search on reservoir rows; MSE-clipped weights per channel.
+
+Q-Diffusion / QDrop-style range setting without reconstruction.
+"""
+
+from qvd_bench.quant.methods.base import (
+    LayerRecord,
+    Method,
+    QuantContext,
+    register_method,
+    uniform_method_records,
+    uniform_record,
+)
+
+
+def mse_record(ctx: QuantContext, name: str) -> LayerRecord:
+    """One layer as ``mse`` quantizes it (the base every QVD variant starts from)."""
+    return uniform_record(ctx, name, "mse")
+
+
+@register_method("mse")
+class Mse(Method):
+    description = "per-tensor activations clipped by Lp search on reservoir rows; MSE weights"
+
+    def prepare(self, ctx: QuantContext) -> list[LayerRecord]:
+        return uniform_method_records(ctx, "mse")

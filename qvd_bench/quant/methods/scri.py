@@ -1,0 +1,399 @@
+"""``scri``: QVD's scattered channel range integration, and the machinery OS+ and
+SmoothQuant share with it.
+
+Per input channel c with range [lo_c, hi_c] (all timesteps) and half range h_c:
+z_c = (hi_c + lo_c)/2, s_c = max(1, h_c/t), X̃ = (X − z)/s, W̃ = W·diag(s), b̃ = b + W·z
+(DESIGN.md section 5). SCRI picks t among quantiles of h (``T_QUANTILES``; t = max h is
+the shift alone) to maximise the mean level coverage of X̃ (section 4, against the
+calibrated per-tensor range) subject to layer-output SQNR on held-out reservoir rows no
+worse than the ``mse`` baseline's; when no t qualifies the layer stays plain ``mse``.
+Reservoir rows are split by key parity: even keys calibrate the activation range, odd
+keys are held out. Layers fed by one norm share one (z, s) (q, k, v), decided on their
+common input with the SQNR bound checked for every one of them.
+
+The layer output is computed on reservoir rows (tokens / pixels): a Linear exactly; a
+conv as every kernel tap's contribution (rows as pixels), since rows carry no
+neighbourhoods. After the choice, layers quantize like ``mse``: weights per output
+channel on W̃, activations per tensor (or per the configured granularity) on X̃,
+clipped by the Lp search on all rows. Transforms fold where ``transforms.fold_sites``
+finds an exact site, else they stay explicit (``input_shift`` / ``input_scale``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from qvd_bench.quant.methods.base import (
+    LayerRecord,
+    Method,
+    QuantContext,
+    fp_record,
+    register_method,
+    set_uniform_act,
+    uniform_record,
+    weight_record,
+)
+from qvd_bench.quant.modules import CONV_TYPES
+from qvd_bench.quant.observers import minmax_channel_range, mse_range, weight_qparams
+from qvd_bench.quant.primitives import (
+    affine_qparams,
+    fake_quant_affine,
+    quant_levels,
+    sqnr_db,
+)
+from qvd_bench.quant.transforms import FoldSite, TransformRecord, fold_sites, plan_transform
+
+F64 = torch.float64
+
+# Candidate t: these quantiles of the channels' half ranges (1.0: shift only).
+T_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+# The Lp search grid used while choosing t (the final quantizer uses the default grid).
+SEARCH_GRID = 50
+
+
+# --------------------------------------------------------------------------- layer data
+
+
+@dataclass
+class GroupData:
+    """What deciding a transform for a group of layers (one shared input) needs.
+
+    Attributes:
+        layers: the layer names.
+        lo, hi: (C,) per-channel input range over all timesteps (float64, NaN -> 0).
+        rows: (N, C) all reservoir rows; ``calibration`` / ``held_out``: the even- /
+            odd-key rows.
+        weights: layer -> float weight (folded values where another fold rewrote it).
+        biases: layer -> bias or None.
+    """
+
+    layers: tuple[str, ...]
+    lo: Tensor
+    hi: Tensor
+    rows: Tensor
+    calibration: Tensor
+    held_out: Tensor
+    weights: dict[str, Tensor]
+    biases: dict[str, Tensor | None]
+
+    @property
+    def shift(self) -> Tensor:
+        """z (C,): the channel midpoints."""
+        return (self.hi + self.lo) / 2
+
+    @property
+    def half_range(self) -> Tensor:
+        """h (C,)."""
+        return (self.hi - self.lo) / 2
+
+
+def _param(ctx: QuantContext, name: str, attr: str, params: dict[str, Tensor]) -> Tensor | None:
+    value = params.get(f"{name}.{attr}")
+    module = ctx.layers[name]
+    return (getattr(module, attr) if value is None else value) if hasattr(module, attr) else None
+
+
+def group_data(
+    ctx: QuantContext, layers: Sequence[str], params: dict[str, Tensor] | None = None
+) -> GroupData:
+    """Statistics and weights of a group of layers sharing one input (the first's rows)."""
+    params = params or {}
+    first = layers[0]
+    lo, hi = minmax_channel_range(ctx.run, first)
+    lo, hi = torch.nan_to_num(lo), torch.nan_to_num(hi)
+    data = ctx.run.reservoir[first]
+    rows = data["rows"].to(F64)
+    rows = torch.where(torch.isfinite(rows), rows, 0.0)
+    even = data["keys"].to(torch.int64) % 2 == 0
+    weights = {n: _param(ctx, n, "weight", params).detach().to(F64).cpu() for n in layers}
+    biases = {}
+    for name in layers:
+        bias = _param(ctx, name, "bias", params)
+        biases[name] = None if bias is None else bias.detach().to(F64).cpu()
+    held_out = rows[~even] if bool((~even).any()) else rows
+    return GroupData(tuple(layers), lo, hi, rows, rows[even], held_out, weights, biases)
+
+
+def _tap_matrix(weight: Tensor, module: nn.Module) -> Tensor:
+    """(O·K, C) matrix of a layer's per-tap weights (a Linear: (O, C))."""
+    if not isinstance(module, CONV_TYPES) or weight.ndim == 2:
+        return weight
+    out, per_group = weight.shape[:2]
+    groups = module.groups
+    taps = weight.reshape(out, per_group, -1).permute(0, 2, 1)  # (O, K, C/groups)
+    if groups == 1:
+        return taps.reshape(-1, per_group)
+    # Grouped conv: each output reads its own group's channels; zeros elsewhere.
+    dense = torch.zeros(out, taps.shape[1], per_group * groups, dtype=weight.dtype)
+    for o in range(out):
+        g = o // (out // groups)
+        dense[o, :, g * per_group : (g + 1) * per_group] = taps[o]
+    return dense.reshape(-1, per_group * groups)
+
+
+def _act_qparams(rows: Tensor, bits: int, p: float, grid: int = 100) -> tuple[float, float]:
+    lo, hi = mse_range(rows, bits, p, grid)
+    return float(lo), float(hi)
+
+
+def _fake_quant_rows(x: Tensor, lo: float, hi: float, bits: int) -> Tensor:
+    scale, zero_point = affine_qparams(torch.tensor(lo), torch.tensor(hi), bits)
+    return fake_quant_affine(x, scale.reshape(()), zero_point.reshape(()), bits)
+
+
+def mean_coverage(lo_c: Tensor, hi_c: Tensor, lo: float, hi: float, bits: int) -> float:
+    """Mean over channels of the level coverage (DESIGN.md section 4) under [lo, hi]."""
+    level_min = quant_levels(torch.clamp(lo_c, min=lo), lo, hi, bits)
+    level_max = quant_levels(torch.clamp(hi_c, max=hi), lo, hi, bits)
+    overlap = (hi_c >= lo) & (lo_c <= hi)
+    share = torch.where(overlap, (level_max - level_min + 1).to(F64) / 2.0**bits, 0.0)
+    return float(share.mean())
+
+
+@dataclass
+class Candidate:
+    """The figures of one (z, s) on a group."""
+
+    t: float | None
+    shift: Tensor
+    scale: Tensor
+    coverage: float
+    sqnr_db: dict[str, float]
+    output_mse: dict[str, float]
+
+
+def evaluate(
+    ctx: QuantContext,
+    data: GroupData,
+    shift: Tensor,
+    scale: Tensor,
+    t: float | None = None,
+    *,
+    fit_rows: Tensor | None = None,
+    eval_rows: Tensor | None = None,
+) -> Candidate:
+    """Coverage and layer-output SQNR / MSE of quantizing a group under (z, s).
+
+    Args:
+        ctx: the context (bits, clipping, p).
+        data: the group.
+        shift, scale: (C,) z and s (zeros and ones: the plain ``mse`` baseline).
+        t: the threshold that gave them (recorded).
+        fit_rows: rows the activation range is calibrated on (``data.calibration``).
+        eval_rows: rows the output error is measured on (``data.held_out``).
+    """
+    config = ctx.config
+    fit = data.calibration if fit_rows is None else fit_rows
+    rows = data.held_out if eval_rows is None else eval_rows
+    lo, hi = _act_qparams((fit - shift) / scale, config.a_bits, config.p, SEARCH_GRID)
+    xq = _fake_quant_rows((rows - shift) / scale, lo, hi, config.a_bits)
+    coverage = mean_coverage((data.lo - shift) / scale, (data.hi - shift) / scale, lo, hi,
+                             config.a_bits)  # fmt: skip
+    sqnr, mse = {}, {}
+    for name in data.layers:
+        module = ctx.layers[name]
+        weight = data.weights[name]
+        view = [1] * weight.ndim
+        view[1] = -1
+        # Per conv group the input channels repeat; the scale follows the input axis.
+        groups = module.groups if isinstance(module, CONV_TYPES) else 1
+        s_in = scale.reshape(groups, -1).repeat_interleave(weight.shape[0] // groups, 0)
+        w_t = weight * s_in.reshape(weight.shape[0], -1, *([1] * (weight.ndim - 2)))
+        w_scale, _ = weight_qparams(w_t, config.w_bits, config.weight_clipping or "mse",
+                                    p=config.p, grid=SEARCH_GRID)  # fmt: skip
+        zero = torch.zeros_like(w_scale, dtype=torch.int32)
+        w_q = fake_quant_affine(w_t, w_scale, zero, config.w_bits, 0, symmetric=True)
+        taps, taps_q = _tap_matrix(weight, module), _tap_matrix(w_q.to(F64), module)
+        reference = rows @ taps.T
+        test = xq @ taps_q.T + (taps @ shift)
+        sqnr[name] = float(sqnr_db(reference, test))
+        mse[name] = float((reference - test).pow(2).mean())
+    return Candidate(t, shift, scale, coverage, sqnr, mse)
+
+
+def threshold_candidates(data: GroupData, quantiles: Sequence[float] = T_QUANTILES) -> list:
+    """(t, z, s) for each candidate t: quantiles of the half ranges of channels with data."""
+    h = data.half_range
+    live = h[h > 0]
+    if live.numel() == 0:
+        return []
+    out = []
+    for t in torch.quantile(live, torch.tensor(quantiles, dtype=F64)).unique().tolist():
+        out.append((t, data.shift, torch.clamp(h / t, min=1.0)))
+    return out
+
+
+def choose_scri(ctx: QuantContext, data: GroupData) -> tuple[Candidate, Candidate, int]:
+    """SCRI's choice on a group: (chosen, mse baseline, number of candidates that met the bound).
+
+    The chosen candidate is the baseline itself when none meets the SQNR bound.
+    """
+    channels = data.lo.numel()
+    baseline = evaluate(
+        ctx, data, torch.zeros(channels, dtype=F64), torch.ones(channels, dtype=F64)
+    )
+    best, passing = baseline, 0
+    for t, z, s in threshold_candidates(data):
+        cand = evaluate(ctx, data, z, s, t)
+        if any(cand.sqnr_db[n] < baseline.sqnr_db[n] for n in data.layers):
+            continue
+        passing += 1
+        key = (cand.coverage, min(cand.sqnr_db.values()))
+        if best is baseline or key > (best.coverage, min(best.sqnr_db.values())):
+            best = cand
+    return best, baseline, passing
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _groups(ctx: QuantContext, layers: Sequence[str], sites: dict[str, FoldSite]) -> list:
+    """Layer groups sharing one transform, fold sites first (their sources may be layers
+    transformed later, which must see the folded rows), then single layers.
+
+    A fold site is used only when every layer it feeds is in ``layers`` and its source,
+    if it is itself an in-scope layer, is in ``layers`` too; otherwise its layers go alone
+    (explicit transforms: exact, and nothing outside ``layers`` changes).
+    """
+    chosen = set(layers)
+    folded, single, seen = [], [], set()
+    for name in layers:
+        if name in seen:
+            continue
+        site = sites.get(name)
+        if (
+            site is not None
+            and set(site.layers) <= chosen
+            and (site.source not in ctx.layers or site.source in chosen)
+        ):
+            folded.append(site.layers)
+            seen.update(site.layers)
+        else:
+            single.append((name,))
+            seen.add(name)
+    return folded + single
+
+
+def transform_records(
+    ctx: QuantContext,
+    layers: Sequence[str],
+    choose: Callable[[QuantContext, GroupData], tuple[Tensor, Tensor, dict] | None],
+    method: str,
+) -> dict[str, LayerRecord]:
+    """Records of ``layers`` under the per-group transforms ``choose`` picks.
+
+    Args:
+        ctx: the context.
+        layers: in-scope layers to transform (others are untouched).
+        choose: (ctx, group) -> (z (C,), s (C,), JSON-safe figures), or None to leave
+            the group untransformed (plain ``mse``).
+        method: the method's name (recorded).
+
+    Returns:
+        layer -> record, in the order of ``layers``.
+    """
+    sites = fold_sites(ctx.denoiser)
+    params: dict[str, Tensor] = {}  # parameters rewritten by folds so far
+    records: dict[str, LayerRecord] = {}
+    for group in _groups(ctx, layers, sites):
+        data = group_data(ctx, group, params)
+        decision = choose(ctx, data)
+        if decision is None:
+            for name in group:
+                records[name] = _plain_record(ctx, name, params)
+            continue
+        shift, scale, figures = decision
+        placed = plan_transform(ctx.denoiser, group, shift, scale, sites=sites, params=params)
+        params.update(placed.folded)
+        for index, name in enumerate(placed.layers):
+            records[name] = _transformed_record(ctx, name, placed, figures, method, index == 0)
+    return {name: records[name] for name in layers}
+
+
+def _plain_record(ctx: QuantContext, name: str, params: dict[str, Tensor]) -> LayerRecord:
+    """``mse`` quantization; a fold source takes the rows an earlier fold rewrote."""
+    weight, bias = params.get(f"{name}.weight"), params.get(f"{name}.bias")
+    if weight is None:
+        return uniform_record(ctx, name, "mse")
+    record = weight_record(ctx, name, weight=weight, bias=bias)
+    return set_uniform_act(ctx, record, "mse")
+
+
+def _transformed_record(
+    ctx: QuantContext,
+    name: str,
+    placed: TransformRecord,
+    figures: dict,
+    method: str,
+    carries_fold: bool,
+) -> LayerRecord:
+    record = weight_record(ctx, name, weight=placed.weights[name], bias=placed.biases.get(name))
+    if placed.explicit:
+        record.tensors["input_shift"] = placed.shift.to(torch.float32)
+        record.tensors["input_scale"] = placed.scale.to(torch.float32)
+    if carries_fold:
+        record.folded = {k: v.detach().cpu() for k, v in placed.folded.items()}
+    record.info["transform"] = {
+        "method": method,
+        "placement": placed.kind,
+        "group": list(placed.layers),
+        "reason": placed.reason,
+        **figures,
+    }
+    # The same Lp search as ``mse`` (reservoir rows plus the exact per-channel extrema),
+    # on X̃: the rows alone miss the extreme tokens and would clip them even at 16 bits.
+    return set_uniform_act(ctx, record, "mse", transform=(placed.shift, placed.scale))
+
+
+def _scri_choice(ctx: QuantContext, data: GroupData) -> tuple[Tensor, Tensor, dict] | None:
+    best, baseline, passing = choose_scri(ctx, data)
+    if best is baseline:
+        return None
+    return (
+        best.shift,
+        best.scale,
+        {
+            "t": best.t,
+            "coverage": best.coverage,
+            "coverage_mse": baseline.coverage,
+            "sqnr_db": best.sqnr_db,
+            "sqnr_mse_db": baseline.sqnr_db,
+            "candidates_meeting_bound": passing,
+            "held_out_rows": int(data.held_out.shape[0]),
+        },
+    )
+
+
+def scri_records(ctx: QuantContext, layers: Sequence[str]) -> dict[str, LayerRecord]:
+    """SCRI on a subset of layers (``qvd`` calls this with the plan's choice).
+
+    A layer no t helps keeps a plain ``mse`` record with ``info["transform"]`` absent.
+    """
+    records = transform_records(ctx, layers, _scri_choice, "scri")
+    for record in records.values():
+        if "transform" not in record.info:
+            record.info["scri"] = "no threshold met the mse SQNR bound on held-out rows"
+    return records
+
+
+def apply_scri(ctx: QuantContext, layers: Sequence[str]) -> list[LayerRecord]:
+    """``scri_records`` as a list in the order of ``layers``."""
+    return list(scri_records(ctx, layers).values())
+
+
+def method_records(ctx: QuantContext, transform: Callable) -> list[LayerRecord]:
+    """Every in-scope layer: kept-FP ones FP, the rest through ``transform(ctx, layers)``."""
+    quantized = transform(ctx, ctx.quantized_layers)
+    return [quantized.get(n) or fp_record(ctx, n) for n in ctx.layers]
+
+
+@register_method("scri")
+class Scri(Method):
+    description = "SCRI: midpoint shift + range scaling for coverage, SQNR no worse than mse"
+
+    def prepare(self, ctx: QuantContext) -> list[LayerRecord]:
+        return method_records(ctx, scri_records)

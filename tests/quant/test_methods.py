@@ -1,0 +1,199 @@
+"""Conformance of every registered quantization method on tiny-unet3d.
+
+The statistics come from one tiny collection (2 prompts, 2 DDIM steps without CFG, 2
+frames of 8×8 latents), and every SQNR is taken on the final latents of the same short
+sampling run, so calibrated ranges cover the evaluated activations exactly. Methods run on
+a reduced scope (the temporal-feature layers and the first blocks; the rest kept FP) to
+keep the suite fast; the minmax / mse bit-width sweep runs on every layer.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import math
+import shutil
+import tempfile
+
+import pytest
+import torch
+
+from qvd_bench.collect.collector import collect
+from qvd_bench.config import CollectConfig
+from qvd_bench.models.sampling import sample_denoiser, text_states_for_prompts
+from qvd_bench.models.zoo import load_run_model
+from qvd_bench.quant.api import QuantConfig, quantize_
+from qvd_bench.quant.methods import METHODS
+from qvd_bench.quant.modules import DynamicTokenActQuant, quant_wrappers
+from qvd_bench.quant.primitives import sqnr_db
+from qvd_bench.store import StatsRun
+
+PROMPTS = ("a cat", "a dog")
+SAMPLING = {"steps": 2, "guidance_scale": 1.0, "frames": 2, "height": 8, "width": 8}
+# Blocks quantized by the per-method tests (with every temporal-feature layer).
+SCOPE_PREFIXES = (
+    "conv_in",
+    "time_embedding.",
+    "down_blocks.0.resnets.0.",
+    "down_blocks.0.temp_convs.0.",
+    "down_blocks.0.attentions.0.transformer_blocks.0.",
+    "down_blocks.0.temp_attentions.0.transformer_blocks.0.",
+)
+# Methods whose clipping does not depend on the bit-width: they clip at 16 bits too.
+CLIPPING_AT_ANY_BITS = {"percentile"}
+DESIGN_METHODS = (
+    "fp",
+    "minmax",
+    "percentile",
+    "mse",
+    "smoothquant",
+    "os+",
+    "timestep_aware",
+    "fsc",
+    "fp-temporal",
+    "htdq",
+    "scri",
+    "qvd",
+    "qvd-htdq",
+    "qvd-scri",
+)
+
+
+@functools.cache
+def tiny_stats() -> StatsRun:
+    """One statistics run shared by the quantization test modules (made once per process)."""
+    root = tempfile.mkdtemp(prefix="qvd-quant-stats-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    directory = f"{root}/run"
+    config = CollectConfig(
+        model="tiny-unet3d",
+        prompts=PROMPTS,
+        steps=SAMPLING["steps"],
+        guidance_scale=SAMPLING["guidance_scale"],
+        frames=SAMPLING["frames"],
+        height=SAMPLING["height"],
+        width=SAMPLING["width"],
+        temporal_stride=20,
+        reservoir_capacity=64,
+    )
+    collect(config, directory, progress=False)
+    return StatsRun(directory)
+
+
+def sample(loaded, tracker=None) -> torch.Tensor:
+    """Final latents of the short sampling run the statistics were collected on."""
+    cond, uncond = text_states_for_prompts(loaded, PROMPTS)
+    return sample_denoiser(
+        loaded, cond, uncond, seed=0, sample_ids=[0, 1], tracker=tracker, **SAMPLING
+    )
+
+
+@functools.cache
+def reference() -> torch.Tensor:
+    return sample(load_run_model(tiny_stats()))
+
+
+def out_of_scope(run: StatsRun) -> tuple[str, ...]:
+    temporal = set(run.temporal["layer"].astype(str))
+    return tuple(n for n in run.roles if n not in temporal and not n.startswith(SCOPE_PREFIXES))
+
+
+_SQNR: dict[tuple, float] = {}
+
+
+def quantized_sqnr(method: str, w_bits: int, a_bits: int, full: bool = False) -> float:
+    """SQNR (dB) of the quantized model's final latents against FP (memoised)."""
+    key = (method, w_bits, a_bits, full)
+    if key not in _SQNR:
+        run = tiny_stats()
+        loaded = load_run_model(run)
+        keep = () if full else out_of_scope(run)
+        config = QuantConfig(method, w_bits, a_bits, keep_fp_layers=keep)
+        record = quantize_(loaded, config, stats=run)
+        _SQNR[key] = float(sqnr_db(reference(), sample(loaded, record.tracker)))
+    return _SQNR[key]
+
+
+def test_registry_has_every_design_method():
+    assert set(DESIGN_METHODS) <= set(METHODS)
+    for name, cls in METHODS.items():
+        assert cls.name == name and cls.description
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_conformance_w8a8(method):
+    run = tiny_stats()
+    loaded = load_run_model(run)
+    keep = out_of_scope(run)
+    record = quantize_(loaded, QuantConfig(method, 8, 8, keep_fp_layers=keep), stats=run)
+    wrappers = dict(quant_wrappers(loaded.denoiser))
+    in_scope = [n for n in run.roles if n not in keep]
+    assert [r.layer for r in record.layers] == list(run.roles)
+    for layer in record.layers:
+        if layer.layer in keep:
+            assert layer.is_fp and layer.layer not in wrappers
+        elif layer.is_fp:  # kept FP on purpose by the method, and saying why
+            assert method in ("fp", "fp-temporal") and layer.info["fp_reason"]
+        else:
+            assert layer.layer in wrappers, f"{method}: {layer.layer} has no quantizer"
+    if method != "fp":
+        assert len(wrappers) >= len(in_scope) // 2
+
+    # Every quantized input has at most 2^b distinct values (per token when dynamic).
+    worst: dict[str, int] = {}
+
+    def count(name, quantizer):
+        def hook(module, args, output):
+            values = output.detach()
+            if isinstance(quantizer, DynamicTokenActQuant):
+                dim = wrappers[name].channel_dim
+                tokens = values.movedim(dim, -1).reshape(-1, values.shape[dim])
+                distinct = max(int(torch.unique(row).numel()) for row in tokens[:64])
+            else:
+                distinct = int(torch.unique(values).numel())
+            worst[name] = max(worst.get(name, 0), distinct)
+
+        return hook
+
+    handles = [w.act.register_forward_hook(count(n, w.act)) for n, w in wrappers.items() if w.act]
+    out = sample(loaded, record.tracker)
+    for handle in handles:
+        handle.remove()
+    assert torch.isfinite(out).all()
+    _SQNR[(method, 8, 8, False)] = float(sqnr_db(reference(), out))
+    assert worst or method == "fp"
+    for name, distinct in worst.items():
+        assert distinct <= 2**8, f"{method}: {name} has {distinct} distinct input values"
+
+
+# SmoothQuant and OS+ lose ~20 dB at W16A16 in the quantized transform path: a known
+# defect under investigation, kept visible as a strict xfail.
+_W16_DEFECTS = {"smoothquant", "os+"}
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param(
+            m,
+            marks=pytest.mark.xfail(
+                m in _W16_DEFECTS, reason="quantized transform path loses ~20 dB", strict=True
+            ),
+        )
+        for m in sorted(set(METHODS) - CLIPPING_AT_ANY_BITS)
+    ],
+)
+def test_w16a16_matches_fp(method):
+    assert quantized_sqnr(method, 16, 16) > 60.0
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"fp"}))
+def test_w8a8_beats_w4a4(method):
+    assert quantized_sqnr(method, 8, 8) > quantized_sqnr(method, 4, 4)
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_error_falls_with_bits(method):
+    figures = [quantized_sqnr(method, b, b, full=True) for b in (8, 6, 4)]
+    assert figures[0] > figures[1] > figures[2], figures
+    assert all(math.isfinite(f) for f in figures)
