@@ -184,6 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{name}", type=float, default=default, help=f"{text} (default: {default:g})"
         )
 
+    quantize = commands.add_parser(
+        "quantize", help="quantize a model from its statistics and save the quantizer record"
+    )
+    quantize.add_argument("--stats", required=True, help="the statistics run (stats/NAME)")
+    quantize.add_argument(
+        "--model", default=None, help="the model (default: the one the statistics come from)"
+    )
+    quantize.add_argument("--method", default="qvd", help="quantization method (default: qvd)")
+    quantize.add_argument("--bits", default="W8A8", help="WxAy, e.g. W4A8 (default: W8A8)")
+    quantize.add_argument(
+        "--plan", default=None, help="plan.json (default: decided from the stats)"
+    )
+    quantize.add_argument(
+        "--out", required=True, help="directory for record.safetensors + record.json"
+    )
+
     report = commands.add_parser("report", help="HTML + Markdown report of a stats run")
     report.add_argument("run", help="the run directory (stats/NAME)")
     report.add_argument("--out", default=None, help="report directory (default: reports/NAME)")
@@ -334,6 +350,29 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from qvd_bench.quant.api import quantize_command
+
+    summary = quantize_command(args.model, args.stats, args.method, args.bits, args.out, args.plan)
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(summary["activation_quantizers"].items()))
+    print(
+        f"{summary['method']} {args.bits.upper()}: {summary['quantized']} of {summary['layers']} layers quantized"
+    )
+    print(f"  activation quantizers: {kinds}")
+    coverage = summary["coverage"]
+    if coverage["layers"]:
+        print(
+            f"  mean level coverage of the calibrated ranges: {coverage['mean']:.1%} ({coverage['layers']} layers)"
+        )
+    for row in summary["temporal"]:
+        print(
+            f"  {row['layer']}: TDScore {row['tdscore']:.3f}, relative MSE {row['relative_mse']:.2e}, "
+            f"collisions {row['collisions']} ({row['act']})"
+        )
+    print(f"record written to {summary['out_dir']}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from qvd_bench.report import build_report
 
@@ -391,6 +430,7 @@ COMMANDS = {
     "models": cmd_models,
     "collect": cmd_collect,
     "analyze": cmd_analyze,
+    "quantize": cmd_quantize,
     "report": cmd_report,
     "info": cmd_info,
     "perf": cmd_perf,

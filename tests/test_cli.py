@@ -301,3 +301,35 @@ def test_report_command(tmp_path, capsys):
     assert (tmp_path / "report" / "report.md").exists()
     assert run_cli("report", run, "--compare", tmp_path / "nope", "--out", tmp_path / "r2") == 2
     assert "nope" in error_line(capsys)
+
+
+def test_quantize_command(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("collect", "--out", run, *SMALL, "--temporal-stride", "50") == 0
+    capsys.readouterr()
+    assert (
+        run_cli(
+            "quantize",
+            "--stats",
+            run,
+            "--method",
+            "htdq",
+            "--bits",
+            "W4A8",
+            "--out",
+            tmp_path / "rec",
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "htdq W4A8" in printed and "TDScore" in printed
+    assert (tmp_path / "rec" / "record.safetensors").exists() and (
+        tmp_path / "rec" / "record.json"
+    ).exists()
+    for args, message in (
+        (["--method", "qvdd"], "did you mean 'qvd'"),
+        (["--bits", "W1A8"], "between 2 and 16"),
+        (["--model", "tiny-latte"], "from another model"),
+    ):
+        assert run_cli("quantize", "--stats", run, "--out", tmp_path / "x", *args) == 2
+        assert message in error_line(capsys)
