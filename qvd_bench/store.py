@@ -66,6 +66,35 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def read_json_document(path: Path, *, format: str, what: str, redo: str, missing: str) -> dict:
+    """Reads one of qvd-bench's JSON documents, checking its format tag and schema version.
+
+    Args:
+        path: the file.
+        format: the expected ``format`` tag.
+        what: what the document is, for messages ("statistics manifest").
+        redo: what to do about another schema version ("recollect it with this version").
+        missing: the message when the file does not exist.
+
+    Raises:
+        UserError: the file is missing, unreadable, foreign or of another schema version.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(missing) from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is unreadable: {_one_line(error)}") from None
+    if not isinstance(data, dict) or data.get("format") != format:
+        raise UserError(f"{path} is not a qvd-bench {what}")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(
+            f"{path} has schema version {data.get('schema_version')}, this qvd-bench reads "
+            f"{SCHEMA_VERSION}; {redo}"
+        )
+    return data
+
+
 def write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=False)))
 
@@ -348,19 +377,13 @@ class StatsRun:
                 else ""
             )
             raise UserError(f"no statistics run at {self.path}{hint}")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"{self.path} is not a statistics run: {MANIFEST} is missing") from None
-        except (OSError, ValueError) as error:
-            raise UserError(f"{manifest_path} is unreadable: {_one_line(error)}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise UserError(f"{manifest_path} is not a qvd-bench statistics manifest")
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise UserError(
-                f"{self.path} has schema version {manifest.get('schema_version')}, this "
-                f"qvd-bench reads {SCHEMA_VERSION}; recollect it with this version"
-            )
+        manifest = read_json_document(
+            manifest_path,
+            format=FORMAT,
+            what="statistics manifest",
+            redo="recollect it with this version",
+            missing=f"{self.path} is not a statistics run: {MANIFEST} is missing",
+        )
         self.manifest: dict[str, Any] = manifest
 
     def _file(self, name: str) -> Path:

@@ -8,7 +8,6 @@ flip the decisions.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -127,13 +126,7 @@ class QuantPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantPlan:
-        if data.get("format") != PLAN_FORMAT:
-            raise UserError("not a qvd-bench quantization plan")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise UserError(
-                f"plan has schema version {data.get('schema_version')}, this qvd-bench reads "
-                f"{SCHEMA_VERSION}; rerun qvd-bench analyze"
-            )
+        """The inverse of ``to_dict`` (``load`` checks the format and schema version)."""
         layers = tuple(
             LayerPlan(
                 **{
@@ -161,15 +154,15 @@ class QuantPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> QuantPlan:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"no plan at {path}; run qvd-bench analyze first") from None
-        except (OSError, ValueError) as error:
-            raise UserError(f"{path} is unreadable: {' '.join(str(error).split())}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path} is not a qvd-bench quantization plan")
+        from qvd_bench.store import read_json_document
+
+        data = read_json_document(
+            Path(path),
+            format=PLAN_FORMAT,
+            what="quantization plan",
+            redo="rerun qvd-bench analyze",
+            missing=f"no plan at {path}; run qvd-bench analyze first",
+        )
         return cls.from_dict(data)
 
 
