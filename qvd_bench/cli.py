@@ -200,6 +200,93 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="directory for record.safetensors + record.json"
     )
 
+    evaluate = commands.add_parser(
+        "evaluate", help="the methods x bit-widths x metrics matrix -> results.parquet + report"
+    )
+    _add_model_args(evaluate)
+    evaluate.add_argument(
+        "--methods",
+        type=_csv,
+        default=("fp", "minmax", "mse", "qvd"),
+        help="comma-separated methods (default: fp,minmax,mse,qvd)",
+    )
+    evaluate.add_argument(
+        "--bits",
+        type=_csv,
+        default=("W8A8", "W6A6", "W4A8"),
+        help="comma-separated WxAy (default: W8A8,W6A6,W4A8)",
+    )
+    evaluate.add_argument(
+        "--metrics",
+        type=_csv,
+        default=("fidelity",),
+        help="fidelity (always), fvd, fvd-cd, fid, clipsim (default: fidelity)",
+    )
+    evaluate.add_argument(
+        "--prompts", metavar="FILE", help="prompt file (default: built-in prompts)"
+    )
+    evaluate.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts")
+    evaluate.add_argument(
+        "--reference",
+        default="fp",
+        help="Frechet reference: fp (FP generations paired by seed) or a directory of real videos",
+    )
+    evaluate.add_argument(
+        "--stats", default=None, help="statistics run to calibrate from (default: collect one)"
+    )
+    evaluate.add_argument(
+        "--seeds", type=int, default=1, help="number of weight seeds (default: 1)"
+    )
+    evaluate.add_argument("--steps", type=int, default=10, help="sampling steps (default: 10)")
+    evaluate.add_argument(
+        "--guidance-scale", type=float, default=7.5, help="CFG scale (default: 7.5)"
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    evaluate.add_argument("--frames", type=int, default=8, help="latent frames (default: 8)")
+    evaluate.add_argument("--height", type=int, default=16, help="latent height (default: 16)")
+    evaluate.add_argument("--width", type=int, default=16, help="latent width (default: 16)")
+    evaluate.add_argument("--fvd-weights", help="i3d_torchscript.pt (StyleGAN-V FVD)")
+    evaluate.add_argument("--fvd-cd-weights", help="i3d_pretrained_400.pt (cd-fvd FVD)")
+    evaluate.add_argument("--fid-weights", help="weights-inception-2015-12-05-6726825d.pth (FID)")
+    evaluate.add_argument(
+        "--clip-model", help="local CLIP directory, e.g. clip-vit-base-patch32 (CLIPSIM)"
+    )
+    evaluate.add_argument("--out", default="results", help="output root (default: results)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    run = commands.add_parser("run", help="the default end-to-end job on the tiny model")
+    run.add_argument(
+        "--out", default=".", help="output root for stats/, results/, reports/ (default: .)"
+    )
+    run.add_argument(
+        "--seeds", type=int, default=1, help="weight seeds; 3 adds the spread (default: 1)"
+    )
+    run.add_argument("--model", default=None, help="model (default: tiny-unet3d)")
+    run.add_argument("--num-prompts", type=int, default=None, help="prompts (default: 2)")
+    run.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 10)")
+    run.add_argument("--frames", type=int, default=None, help="latent frames (default: 8)")
+    run.add_argument("--height", type=int, default=None, help="latent height (default: 16)")
+    run.add_argument("--width", type=int, default=None, help="latent width (default: 16)")
+    run.add_argument(
+        "--methods",
+        type=_csv,
+        default=None,
+        help="methods (default: fp,minmax,mse,smoothquant,os+,qvd,qvd-htdq,qvd-scri)",
+    )
+    run.add_argument("--bits", type=_csv, default=None, help="bit-widths (default: W8A8,W4A8,W4A4)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    regress = commands.add_parser("regress", help="compare results with a stored baseline")
+    regress.add_argument(
+        "--results", required=True, help="a results directory (with results.parquet)"
+    )
+    regress.add_argument(
+        "--baseline", required=True, help="baseline JSON (stats/baselines/NAME.json)"
+    )
+    regress.add_argument(
+        "--update", action="store_true", help="write the results as the new baseline"
+    )
+
     report = commands.add_parser("report", help="HTML + Markdown report of a stats run")
     report.add_argument("run", help="the run directory (stats/NAME)")
     report.add_argument("--out", default=None, help="report directory (default: reports/NAME)")
@@ -373,6 +460,69 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from qvd_bench.evaluate.harness import evaluate_command
+
+    weights = {
+        name: path
+        for name, path in (
+            ("fvd", args.fvd_weights),
+            ("fvd-cd", args.fvd_cd_weights),
+            ("fid", args.fid_weights),
+            ("clipsim", args.clip_model),
+        )
+        if path
+    }
+    metrics = tuple(m for m in args.metrics if m != "fidelity")
+    return evaluate_command(
+        args.model,
+        args.methods,
+        args.bits,
+        metrics,
+        args.prompts,
+        args.reference,
+        args.out,
+        args.seeds,
+        num_prompts=args.num_prompts,
+        weight_seed=args.weight_seed,
+        stats=args.stats,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        disparity=args.disparity,
+        asymmetry=args.asymmetry,
+        weights=weights,
+        progress=not args.no_progress,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from qvd_bench.run import run_command
+
+    return run_command(
+        args.out,
+        args.seeds,
+        model=args.model,
+        num_prompts=args.num_prompts,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        methods=args.methods,
+        bits=args.bits,
+        progress=not args.no_progress,
+    )
+
+
+def cmd_regress(args: argparse.Namespace) -> int:
+    from qvd_bench.evaluate.regress import regress_command
+
+    return regress_command(args.results, args.baseline, update=args.update)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from qvd_bench.report import build_report
 
@@ -431,6 +581,9 @@ COMMANDS = {
     "collect": cmd_collect,
     "analyze": cmd_analyze,
     "quantize": cmd_quantize,
+    "evaluate": cmd_evaluate,
+    "run": cmd_run,
+    "regress": cmd_regress,
     "report": cmd_report,
     "info": cmd_info,
     "perf": cmd_perf,

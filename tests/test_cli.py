@@ -333,3 +333,38 @@ def test_quantize_command(tmp_path, capsys):
     ):
         assert run_cli("quantize", "--stats", run, "--out", tmp_path / "x", *args) == 2
         assert message in error_line(capsys)
+
+
+TINY_RUN = [
+    "--num-prompts",
+    "1",
+    "--steps",
+    "2",
+    "--frames",
+    "2",
+    "--height",
+    "8",
+    "--width",
+    "8",
+    "--bits",
+    "W8A8",
+    "--no-progress",
+]
+
+
+def test_run_evaluate_and_regress_commands(tmp_path, capsys):
+    assert run_cli("run", "--out", tmp_path, "--methods", "fp,minmax", *TINY_RUN) == 0
+    printed = capsys.readouterr().out
+    assert "tiny-unet3d" in printed and "index.html" in printed
+    results = next(p.parent for p in tmp_path.rglob("results.parquet"))
+    baseline = tmp_path / "baseline.json"
+    assert run_cli("regress", "--results", results, "--baseline", baseline, "--update") == 0
+    assert run_cli("regress", "--results", results, "--baseline", baseline) == 0
+    assert "no regression" in capsys.readouterr().out
+
+    out = tmp_path / "evaluate"
+    assert run_cli("evaluate", "--methods", "fp,mse", "--out", out, *TINY_RUN) == 0
+    assert list(out.rglob("results.parquet"))
+    capsys.readouterr()
+    assert run_cli("evaluate", "--metrics", "fvdd", "--out", out, *TINY_RUN) == 2
+    assert "did you mean 'fvd'" in error_line(capsys)

@@ -149,6 +149,29 @@ def make_scheduler(name: str, prediction_type: str):
     )
 
 
+@dataclass(frozen=True)
+class StepOutput:
+    """What one sampling step computed (for fidelity measurements).
+
+    Attributes:
+        index: the step, 0-based.
+        timestep: the scheduler timestep, a 0-d tensor.
+        latents: the sampler's latents x_t before the step, (B, ...).
+        model_input: what the denoiser saw (``latents`` after ``scale_model_input``).
+        uncond: the unconditional prediction, or None without CFG.
+        cond: the conditional prediction.
+        prediction: the output the scheduler steps with (after CFG combination).
+    """
+
+    index: int
+    timestep: torch.Tensor
+    latents: torch.Tensor
+    model_input: torch.Tensor
+    uncond: torch.Tensor | None
+    cond: torch.Tensor
+    prediction: torch.Tensor
+
+
 def sample_seed(seed: int, sample_id: int, stream: int = 0) -> int:
     """The seed of one sample's random draws: a function of (seed, sample id) only."""
     return int(np.random.SeedSequence([seed, sample_id, stream]).generate_state(1)[0])
@@ -169,6 +192,8 @@ def sample_denoiser(
     tracker: CallTracker | None = None,
     scheduler: str = "ddim",
     progress: Callable[[], Any] | None = None,
+    observe: Callable[[StepOutput], Any] | None = None,
+    teacher_inputs: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Samples latents with a scheduler loop and classifier-free guidance.
 
@@ -191,6 +216,10 @@ def sample_denoiser(
         scheduler: "ddim" (default), "euler" or "flow-euler"; flow-prediction families
             always use the flow-matching Euler scheduler.
         progress: called with no argument after each step (e.g. ``tqdm.update``).
+        observe: called after each step's denoiser calls with its ``StepOutput``.
+        teacher_inputs: teacher forcing: the latents to denoise at step i are
+            ``teacher_inputs[i]`` (another trajectory's, one per step) instead of this
+            sampler's own; the returned latents are then of no use.
 
     Returns:
         Final latents (B, C, F, H, W) or (B, F, C, H, W), per the family's layout.
@@ -221,8 +250,14 @@ def sample_denoiser(
         return tracker.branch(name) if tracker is not None else contextlib.nullcontext()
 
     batch_context = tracker.batch(sample_ids) if tracker is not None else contextlib.nullcontext()
+    if teacher_inputs is not None and len(teacher_inputs) != len(noise_scheduler.timesteps):
+        raise ValueError(
+            f"{len(teacher_inputs)} teacher inputs for {len(noise_scheduler.timesteps)} steps"
+        )
     with batch_context, torch.no_grad():
-        for t in noise_scheduler.timesteps:
+        for index, t in enumerate(noise_scheduler.timesteps):
+            if teacher_inputs is not None:
+                latents = teacher_inputs[index].to(device=device, dtype=dtype)
             model_input = latents
             if hasattr(noise_scheduler, "scale_model_input"):
                 model_input = noise_scheduler.scale_model_input(latents, t)
@@ -236,8 +271,21 @@ def sample_denoiser(
                 prediction = family.forward(
                     denoiser, model_input, timestep, text_states, conditioning
                 )
+            cond = prediction
             if use_cfg:
                 prediction = uncond + guidance_scale * (prediction - uncond)
+            if observe is not None:
+                observe(
+                    StepOutput(
+                        index,
+                        t,
+                        latents,
+                        model_input,
+                        uncond if use_cfg else None,
+                        cond,
+                        prediction,
+                    )
+                )
             latents = noise_scheduler.step(prediction, t, latents, return_dict=False)[0]
             if progress is not None:
                 progress()

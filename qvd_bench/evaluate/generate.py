@@ -1,0 +1,320 @@
+"""Seeded generation for fidelity measurements, cached on disk per video.
+
+A ``Generation`` is one video sampled by the minimal sampler (``sample_denoiser``): its
+final latents and, per step, what the denoiser was fed and what it predicted (the
+CFG-combined prediction and each branch). Two modes:
+
+- ``"free"``: the model follows its own trajectory (the final latents are its video);
+- ``"teacher"``: teacher-forced, the model is fed another generation's inputs at every
+  step (the FP trajectory's), so its per-step predictions compare with the teacher's on
+  identical inputs; its final latents are of no use and not kept.
+
+Predictions are stored raw (the denoiser's output, in the model's dtype); ``x0`` converts
+them to x0-space with ``fidelity.to_x0`` when they are compared, so ε-, v- and
+flow-prediction models compare alike.
+
+Cache: one safetensors file per (model, weight seed, method, bits, prompt index, seed,
+mode) under ``<results>/generations/``; the file name ends with a digest of everything
+else that decides the video (the prompt text, the sampling settings, the quantization
+config and the statistics it was calibrated on), so a change of settings never reuses a
+stale video, and a rerun with the same settings regenerates nothing. Files are written
+atomically, so an interruption leaves only finished videos. A cached file that cannot be
+read (damaged outside qvd-bench: the writes are atomic) is regenerated with a
+``CacheWarning`` naming it, since the cache is derived data and generation is
+deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from qvd_bench.errors import UserError
+from qvd_bench.evaluate.fidelity import to_x0
+from qvd_bench.models import sampling
+from qvd_bench.models.family import LoadedModel
+from qvd_bench.models.sampling import CallTracker, StepOutput
+from qvd_bench.store import atomic_write
+
+MODES = ("free", "teacher")
+GENERATIONS_DIR = "generations"
+
+
+class CacheWarning(UserWarning):
+    """A cached generation was unreadable and is being regenerated."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How videos are sampled (the same for the FP model and every quantized one).
+
+    Attributes:
+        steps: denoising steps.
+        guidance_scale: CFG scale; <= 1 disables guidance.
+        seed: sampling seed; video i's noise depends on (seed, i) only.
+        frames, height, width: latent size.
+        scheduler: "ddim", "euler" or "flow-euler" (``sampling.make_scheduler``).
+    """
+
+    steps: int = 10
+    guidance_scale: float = 7.5
+    seed: int = 0
+    frames: int = 8
+    height: int = 16
+    width: int = 16
+    scheduler: str = "ddim"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "frames", "height", "width"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.scheduler not in sampling.SCHEDULERS:
+            raise UserError(
+                f"unknown scheduler {self.scheduler!r} (known: {', '.join(sampling.SCHEDULERS)})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Generation:
+    """One generated video and its per-step record.
+
+    Shapes use S steps and the latent shape (1, ...) of one video in the family layout.
+
+    Attributes:
+        timesteps: (S,) the scheduler timesteps.
+        prediction: (S, 1, ...) CFG-combined denoiser output.
+        cond: (S, 1, ...) the conditional branch's output.
+        uncond: (S, 1, ...) the unconditional branch's output; None without CFG.
+        latents: (1, ...) final latents; None when teacher-forced.
+        inputs: (S, 1, ...) the latents x_t denoised at each step; None when
+            teacher-forced (they are the teacher's).
+        model_inputs: (S, 1, ...) what the denoiser saw (x_t after the scheduler's
+            ``scale_model_input``); None when teacher-forced.
+    """
+
+    timesteps: Tensor
+    prediction: Tensor
+    cond: Tensor
+    uncond: Tensor | None = None
+    latents: Tensor | None = None
+    inputs: Tensor | None = None
+    model_inputs: Tensor | None = None
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors to store; ``model_inputs`` only where they differ from ``inputs``."""
+        out = {
+            name: getattr(self, name)
+            for name in ("timesteps", "prediction", "cond", "uncond", "latents", "inputs")
+        }
+        if self.model_inputs is not None and not (
+            self.inputs is not None and torch.equal(self.model_inputs, self.inputs)
+        ):
+            out["model_inputs"] = self.model_inputs
+        return {k: v.detach().cpu().contiguous() for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> Generation:
+        inputs = tensors.get("inputs")
+        return cls(
+            timesteps=tensors["timesteps"],
+            prediction=tensors["prediction"],
+            cond=tensors["cond"],
+            uncond=tensors.get("uncond"),
+            latents=tensors.get("latents"),
+            inputs=inputs,
+            model_inputs=tensors.get("model_inputs", inputs),
+        )
+
+    def x0(self, scheduler, branch: str = "cfg", model_inputs: Tensor | None = None) -> Tensor:
+        """Per-step predictions in x0-space, (S, 1, ...) float64.
+
+        Args:
+            scheduler: the scheduler the video was sampled with (``scheduler_for``).
+            branch: "cfg" (the combined prediction), "uncond" or "cond".
+            model_inputs: (S, 1, ...) the denoiser inputs the predictions were made on;
+                this generation's own by default (pass the teacher's when teacher-forced).
+        """
+        value = {"cfg": self.prediction, "uncond": self.uncond, "cond": self.cond}[branch]
+        if value is None:
+            raise ValueError(f"this generation has no {branch} branch (no CFG)")
+        inputs = self.model_inputs if model_inputs is None else model_inputs
+        if inputs is None:
+            raise ValueError("a teacher-forced generation needs its teacher's model inputs")
+        return torch.stack(
+            [to_x0(value[i], inputs[i], self.timesteps[i], scheduler) for i in range(len(value))]
+        )
+
+
+def scheduler_for(loaded: LoadedModel, settings: GenerationSettings):
+    """The scheduler ``generate`` samples with, with its timesteps set (for ``to_x0``)."""
+    scheduler = sampling.make_scheduler(settings.scheduler, loaded.family.prediction_type)
+    scheduler.set_timesteps(settings.steps)
+    return scheduler
+
+
+def generate(
+    loaded: LoadedModel,
+    prompt: str,
+    sample_id: int,
+    settings: GenerationSettings,
+    *,
+    tracker: CallTracker | None = None,
+    teacher: Generation | None = None,
+) -> Generation:
+    """Samples one video with ``sample_denoiser`` and records every step.
+
+    Args:
+        loaded: the model (FP or quantized in place).
+        prompt: the prompt (pseudo text embeddings for bare denoisers).
+        sample_id: the video's global id (its noise depends on (seed, id) only).
+        settings: sampling settings.
+        tracker: the CallTracker attached to the denoiser (per-timestep quantizers read it).
+        teacher: teacher forcing: feed ``teacher.inputs[i]`` at step i.
+
+    Returns:
+        The Generation (``latents`` None when teacher-forced).
+    """
+    cond_states, uncond_states = sampling.text_states_for_prompts(loaded, [prompt])
+    steps: list[StepOutput] = []
+    latents = sampling.sample_denoiser(
+        loaded,
+        cond_states,
+        uncond_states,
+        steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        seed=settings.seed,
+        sample_ids=[sample_id],
+        frames=settings.frames,
+        height=settings.height,
+        width=settings.width,
+        tracker=tracker,
+        scheduler=settings.scheduler,
+        observe=steps.append,
+        teacher_inputs=None if teacher is None else list(teacher.inputs),
+    )
+
+    def stack(name: str) -> Tensor | None:
+        values = [getattr(step, name) for step in steps]
+        return None if values[0] is None else torch.stack([v.detach().cpu() for v in values])
+
+    forced = teacher is not None
+    return Generation(
+        timesteps=torch.stack([step.timestep.detach().cpu() for step in steps]),
+        prediction=stack("prediction"),
+        cond=stack("cond"),
+        uncond=stack("uncond"),
+        latents=None if forced else latents.detach().cpu(),
+        inputs=None if forced else stack("latents"),
+        model_inputs=None if forced else stack("model_input"),
+    )
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What names one cached video.
+
+    Attributes:
+        model: model name (zoo name or path).
+        weight_seed: its weight seed (None for loaded models).
+        method: quantization method ("reference" for the FP model itself).
+        bits: e.g. "W4A8" ("fp" for the reference).
+        prompt_index: index of the prompt (the video's sample id).
+        seed: sampling seed.
+        mode: "free" or "teacher".
+        context: everything else that decides the video (prompt text, settings, quant
+            config, statistics identity); only its digest is in the file name.
+    """
+
+    model: str
+    weight_seed: int | None
+    method: str
+    bits: str
+    prompt_index: int
+    seed: int
+    mode: str
+    context: str
+
+    def relative_path(self) -> Path:
+        digest = hashlib.sha256(self.context.encode("utf-8")).hexdigest()[:12]
+        model = Path(self.model).name or "model"
+        return (
+            Path(f"{model}-w{self.weight_seed}")
+            / self.method
+            / self.bits
+            / f"p{self.prompt_index:04d}-s{self.seed}-{self.mode}-{digest}.safetensors"
+        )
+
+
+def context_string(**parts: Any) -> str:
+    """A canonical JSON string of what decides a video (for ``CacheKey.context``)."""
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+class GenerationCache:
+    """The generation files under ``<results>/generations/``.
+
+    Args:
+        results_dir: the results directory.
+    """
+
+    def __init__(self, results_dir: str | Path):
+        self.root = Path(results_dir) / GENERATIONS_DIR
+
+    def path(self, key: CacheKey) -> Path:
+        return self.root / key.relative_path()
+
+    @staticmethod
+    def load_path(path: str | Path) -> Generation:
+        """Reads one cache file (raises safetensors' errors on a damaged one)."""
+        return Generation.from_tensors(load_file(str(path)))
+
+    def load(self, key: CacheKey) -> Generation | None:
+        """The cached video, or None when absent (or unreadable: warns, to regenerate)."""
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            return self.load_path(path)
+        except (OSError, SafetensorError, KeyError) as error:
+            reason = " ".join(str(error).split())[:200]
+            warnings.warn(
+                f"cached generation {path} is unreadable ({reason}); regenerating it",
+                CacheWarning,
+                stacklevel=2,
+            )
+            return None
+
+    def save(self, key: CacheKey, generation: Generation) -> Path:
+        path = self.path(key)
+        tensors = generation.tensors()
+        metadata = {"key": json.dumps(asdict(key), sort_keys=True)}
+        atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+        return path
+
+    def get_or_generate(self, key: CacheKey, make) -> tuple[Generation, bool]:
+        """The cached video, or ``make()`` stored under ``key``.
+
+        Returns:
+            (generation, True when it was generated now).
+        """
+        cached = self.load(key)
+        if cached is not None:
+            return cached, False
+        generation = make()
+        self.save(key, generation)
+        return generation, True

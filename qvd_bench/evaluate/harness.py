@@ -1,0 +1,958 @@
+"""The evaluation matrix: methods × bit-widths × metrics → ``results.parquet`` and a report.
+
+For every weight seed the harness
+
+1. takes statistics (``--stats``, or a collection it runs itself into
+   ``<out>/stats/<model>-w<seed>/``, reused when it exists with the same config) and
+   analyzes them (``analysis.parquet``, ``plan.json`` beside the statistics);
+2. generates the FP reference videos (free-running, every step recorded);
+3. for every (bits, method): loads a fresh model (quantization swaps modules in place),
+   quantizes it with ``quant.api.quantize_`` (one plan per bit-width, shared by the
+   methods) and generates each prompt twice: teacher-forced on the FP trajectory's
+   inputs, and free-running. A configuration that quantizes no layer (``fp``) is the
+   reference model, so its videos are the reference's and nothing is generated;
+4. measures fidelity (always) and, where their weights are given, FVD / FID / CLIPSIM.
+
+Every video is cached (``generate.GenerationCache``): an interrupted evaluation resumes
+without regenerating finished videos, and a rerun regenerates nothing.
+
+``results.parquet`` has one row per (model, weight_seed, method, bits, metric, mode,
+branch, step, protocol, reference): ``value`` and ``n`` (the number of videos). Fidelity
+rows:
+
+- mode "teacher-forced": SQNR (dB) and cosine of the x0-space predictions, per step
+  (``step`` 0..S-1) and over all steps (``step`` -1; SQNR from the total energies, cosine
+  the mean over steps and videos), for branch "cfg" (the combined output the sampler
+  uses), "uncond" and "cond"; protocol ``fidelity/x0``;
+- mode "free-running", step -1: SQNR and cosine of the final latents (protocol
+  ``fidelity/latents``), PSNR and SSIM of the final latents mapped to [0, 1] by the FP
+  reference's min and max over all its videos (data range 1; protocol
+  ``fidelity/latents-minmax``): bare denoisers have no VAE to decode frames with.
+
+Identical tensors give SQNR = PSNR = +inf (the fp method): kept as inf, not capped.
+Frechet metrics (mode "distribution") carry the protocol id with the detector's SHA-256;
+numbers under different protocol ids are never put in one table (``check_protocols``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from qvd_bench import store
+from qvd_bench.errors import UserError
+from qvd_bench.evaluate import fidelity
+from qvd_bench.evaluate import generate as gen
+from qvd_bench.evaluate.generate import CacheKey, Generation, GenerationCache, GenerationSettings
+from qvd_bench.models.family import LoadedModel
+from qvd_bench.registry import Registry
+
+RESULTS_FILE = "results.parquet"
+TIMINGS_FILE = "timings.parquet"
+SETTINGS_FILE = "settings.json"
+REFERENCE_METHOD = "reference"
+FP_BITS = "fp"
+BRANCHES = ("cfg", "uncond", "cond")
+ALL_STEPS = -1
+RESULT_COLUMNS = (
+    "model",
+    "weight_seed",
+    "method",
+    "bits",
+    "metric",
+    "mode",
+    "branch",
+    "step",
+    "protocol",
+    "reference",
+    "value",
+    "n",
+)
+# Collection settings of the statistics the harness collects itself: the temporal grid
+# every 10 timesteps (100 points) and 64 reservoir rows per layer keep calibration cheap
+# (the HTDQ search compares every pair of grid points) while covering the schedule.
+STATS_TEMPORAL_STRIDE = 10
+STATS_RESERVOIR = 64
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric of the matrix.
+
+    Attributes:
+        name: its name on the command line.
+        kind: "fidelity" (always computed, needs nothing) or "weights" (needs a local
+            network: skipped with a notice when absent).
+        option: the option that passes the weights path ("" for fidelity metrics).
+        description: one line.
+    """
+
+    name: str
+    kind: str
+    option: str
+    description: str
+
+
+METRICS: Registry[MetricSpec] = Registry("metric")
+for _spec in (
+    MetricSpec("sqnr", "fidelity", "", "SQNR (dB) against FP, x0-space and final latents"),
+    MetricSpec("cosine", "fidelity", "", "cosine similarity against FP"),
+    MetricSpec("psnr", "fidelity", "", "PSNR (dB) of the final output against FP"),
+    MetricSpec("ssim", "fidelity", "", "SSIM of the final output against FP"),
+    MetricSpec("fvd", "weights", "--fvd-weights", "FVD, StyleGAN-V protocol"),
+    MetricSpec("fvd-cd", "weights", "--fvd-cd-weights", "FVD, cd-fvd / TATS I3D protocol"),
+    MetricSpec("fid", "weights", "--fid-weights", "per-frame FID, Inception-v3"),
+    MetricSpec("clipsim", "weights", "--clip-model", "CLIPSIM and CLIP-Temp"),
+):
+    METRICS.register(_spec.name, _spec)
+FIDELITY_METRICS = ("sqnr", "cosine", "psnr", "ssim")
+
+
+def check_metrics(names: Sequence[str]) -> tuple[str, ...]:
+    """The requested metrics plus the fidelity ones (always run), in a stable order.
+
+    Raises:
+        UserError: an unknown metric (with a did-you-mean).
+    """
+    for name in names:
+        METRICS.get(name)
+    return tuple(dict.fromkeys([*FIDELITY_METRICS, *names]))
+
+
+def check_methods(names: Sequence[str]) -> tuple[str, ...]:
+    """Checks method names against the quantization registry (did-you-mean on a typo)."""
+    from qvd_bench.quant.methods import get_method
+
+    if not names:
+        raise UserError("no quantization method given")
+    for name in names:
+        get_method(name)
+    return tuple(dict.fromkeys(names))
+
+
+def check_bits(specs: Sequence[str]) -> tuple[str, ...]:
+    """Normalises bit-width specs ("w4a8" -> "W4A8")."""
+    from qvd_bench.quant.api import parse_bits
+
+    if not specs:
+        raise UserError("no bit-width given (e.g. W8A8,W4A8)")
+    return tuple(dict.fromkeys(f"W{w}A{a}" for w, a in (parse_bits(s) for s in specs)))
+
+
+def check_protocols(frame: pd.DataFrame) -> None:
+    """Refuses a table where one metric is measured under more than one protocol id.
+
+    Raises:
+        UserError: naming the metric and the ids.
+    """
+    if frame.empty:
+        return
+    ids = frame.groupby("metric")["protocol"].unique()
+    for metric, protocols in ids.items():
+        protocols = sorted(set(protocols))
+        if len(protocols) > 1 and metric not in FIDELITY_METRICS:
+            raise UserError(
+                f"{metric} is measured under different protocol ids ({', '.join(protocols)}); "
+                "numbers of different protocols are never compared"
+            )
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate.
+
+    Attributes:
+        model: zoo name or path.
+        weight_seeds: one evaluation per weight seed (random-weight presets).
+        methods: quantization method names.
+        bits: bit-width specs ("W4A8").
+        metrics: metric names (the fidelity metrics are always added).
+        prompts: the prompts; video i is prompt i with sample id i.
+        settings: sampling settings shared by every model.
+        disparity, asymmetry: outlier knobs of presets (None: preset defaults).
+        stats: a statistics run to quantize from (one weight seed only); None collects.
+        reference: "fp" (FP generations paired by seed) or a directory of real videos
+            (``videos.safetensors`` holding ``videos``, uint8 (N, T, H, W, 3)) for the
+            Frechet metrics.
+        weights: metric name -> local weights path (FVD detectors, Inception, CLIP dir).
+    """
+
+    model: str = "tiny-unet3d"
+    weight_seeds: tuple[int, ...] = (0,)
+    methods: tuple[str, ...] = ("fp", "minmax")
+    bits: tuple[str, ...] = ("W8A8",)
+    metrics: tuple[str, ...] = FIDELITY_METRICS
+    prompts: tuple[str, ...] = ()
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    disparity: float | None = None
+    asymmetry: float | None = None
+    stats: str | None = None
+    reference: str = "fp"
+    weights: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise UserError("no prompts: give a prompt file with at least one prompt")
+        if not self.weight_seeds:
+            raise UserError("no weight seed: --seeds must be at least 1")
+        if self.stats is not None and len(self.weight_seeds) > 1:
+            raise UserError("--stats describes one model; it cannot serve several weight seeds")
+        object.__setattr__(self, "metrics", check_metrics(self.metrics))
+        object.__setattr__(self, "methods", check_methods(self.methods))
+        object.__setattr__(self, "bits", check_bits(self.bits))
+        for name in self.weights:
+            METRICS.get(name)
+        if self.reference != "fp" and not Path(self.reference).is_dir():
+            raise UserError(
+                f"--reference must be 'fp' or a directory of real videos; {self.reference} is neither"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["settings"] = self.settings.to_dict()
+        return data
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation wrote.
+
+    Attributes:
+        results_dir: the results directory.
+        results: the results table (``results.parquet``).
+        timings: seconds per (weight_seed, method, bits) for quantization and generation.
+        notices: one line per metric skipped (weights absent) or other caveat.
+        stats_dirs: the statistics run of each weight seed.
+        generated, cached: videos generated now / taken from the cache.
+    """
+
+    results_dir: Path
+    results: pd.DataFrame
+    timings: pd.DataFrame
+    notices: list[str]
+    stats_dirs: dict[int, Path]
+    generated: int = 0
+    cached: int = 0
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def stats_dir_for(out_dir: Path, model: str, weight_seed: int) -> Path:
+    return Path(out_dir) / "stats" / f"{Path(model).name or 'model'}-w{weight_seed}"
+
+
+def ensure_stats(config: EvalConfig, weight_seed: int, out_dir: Path, progress: bool) -> Path:
+    """The statistics run of one weight seed: given, reused, or collected now; analyzed.
+
+    Raises:
+        UserError: a run exists at the default place but was collected with other settings.
+    """
+    from qvd_bench.analysis.summary import ANALYSIS_FILE, analyze
+    from qvd_bench.collect.collector import collect
+    from qvd_bench.config import CollectConfig
+    from qvd_bench.store import StatsRun
+
+    if config.stats is not None:
+        run_dir = Path(config.stats)
+        StatsRun(run_dir)  # a one-line UserError when it is not a run
+    else:
+        s = config.settings
+        collect_config = CollectConfig(
+            model=config.model,
+            weight_seed=weight_seed,
+            disparity=config.disparity,
+            asymmetry=config.asymmetry,
+            prompts=config.prompts,
+            steps=s.steps,
+            guidance_scale=s.guidance_scale,
+            seed=s.seed,
+            frames=s.frames,
+            height=s.height,
+            width=s.width,
+            sampler="denoiser",
+            temporal_stride=STATS_TEMPORAL_STRIDE,
+            reservoir_capacity=STATS_RESERVOIR,
+        )
+        run_dir = stats_dir_for(out_dir, config.model, weight_seed)
+        if (run_dir / store.MANIFEST).exists():
+            stored = StatsRun(run_dir).manifest["config"]
+            expected = json.loads(json.dumps(collect_config.to_dict()))
+            if stored != expected:
+                raise UserError(
+                    f"{run_dir} holds statistics collected with other settings; "
+                    "use another --out or remove it"
+                )
+        else:
+            collect(collect_config, run_dir, progress=progress)
+    if not (run_dir / ANALYSIS_FILE).exists():
+        analyze(run_dir)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- fidelity
+
+
+def _cat(generations: Sequence[Generation], name: str) -> torch.Tensor:
+    return torch.cat([getattr(g, name) for g in generations])
+
+
+def teacher_forced_rows(
+    reference: Sequence[Generation], forced: Sequence[Generation], scheduler
+) -> list[dict[str, Any]]:
+    """SQNR and cosine of x0-space predictions per step and over all steps, per branch.
+
+    Args:
+        reference: the FP free-running generations, one per prompt.
+        forced: the quantized model's teacher-forced generations on them, same order.
+        scheduler: the scheduler of the generations (``generate.scheduler_for``).
+
+    Returns:
+        Row dicts (metric, mode, branch, step, protocol, value, n).
+    """
+    rows = []
+    n = len(reference)
+    branches = [b for b in BRANCHES if b != "uncond" or reference[0].uncond is not None]
+    for branch in branches:
+        # (S, P, ...): steps first, the prompts of one step side by side.
+        ref = torch.cat([g.x0(scheduler, branch) for g in reference], dim=1)
+        test = torch.cat(
+            [g.x0(scheduler, branch, r.model_inputs) for g, r in zip(forced, reference)], dim=1
+        )
+        for step in range(ref.shape[0]):
+            for metric, value in _sqnr_cosine(ref[step], test[step]).items():
+                rows.append(_row(metric, "teacher-forced", branch, step, "fidelity/x0", value, n))
+        flat_ref, flat_test = ref.flatten(0, 1), test.flatten(0, 1)
+        for metric, value in _sqnr_cosine(flat_ref, flat_test).items():
+            rows.append(_row(metric, "teacher-forced", branch, ALL_STEPS, "fidelity/x0", value, n))
+    return rows
+
+
+def _sqnr_cosine(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
+    return {
+        "sqnr": float(fidelity.sqnr(reference, test)),
+        "cosine": float(fidelity.cosine_similarity(reference, test)),
+    }
+
+
+def latent_range(reference: Sequence[Generation]) -> tuple[float, float]:
+    """(min, max) of the FP reference's final latents over all its videos."""
+    latents = _cat(reference, "latents")
+    return float(latents.min()), float(latents.max())
+
+
+def latents_to_unit(latents: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
+    """Latents mapped affinely to [0, 1] by the reference's (min, max); not clamped."""
+    lo, hi = value_range
+    return (latents.to(torch.float64) - lo) / max(hi - lo, 1e-12)
+
+
+def latent_frames(latents: torch.Tensor, layout: str) -> torch.Tensor:
+    """(B, C, F, H, W) or (B, F, C, H, W) latents -> frames (B, F, C, H, W)."""
+    return latents.transpose(1, 2) if layout == "BCFHW" else latents
+
+
+def free_running_rows(
+    reference: Sequence[Generation], free: Sequence[Generation], layout: str
+) -> list[dict[str, Any]]:
+    """SQNR and cosine of the final latents; PSNR and SSIM of them mapped to [0, 1]."""
+    n = len(reference)
+    ref, test = _cat(reference, "latents"), _cat(free, "latents")
+    rows = [
+        _row(m, "free-running", "cfg", ALL_STEPS, "fidelity/latents", v, n)
+        for m, v in _sqnr_cosine(ref, test).items()
+    ]
+    value_range = latent_range(reference)
+    ref_frames = latent_frames(latents_to_unit(ref, value_range), layout)
+    test_frames = latent_frames(latents_to_unit(test, value_range), layout)
+    psnr = float(fidelity.psnr(ref_frames, test_frames, data_range=1.0))
+    rows.append(_row("psnr", "free-running", "cfg", ALL_STEPS, "fidelity/latents-minmax", psnr, n))
+    if min(ref_frames.shape[-2:]) >= 11:
+        ssim = float(fidelity.ssim(ref_frames, test_frames, data_range=1.0))
+        rows.append(
+            _row("ssim", "free-running", "cfg", ALL_STEPS, "fidelity/latents-minmax", ssim, n)
+        )
+    return rows
+
+
+def _row(metric, mode, branch, step, protocol, value, n) -> dict[str, Any]:
+    return {
+        "metric": metric,
+        "mode": mode,
+        "branch": branch,
+        "step": int(step),
+        "protocol": protocol,
+        "value": float(value),
+        "n": int(n),
+    }
+
+
+# ----------------------------------------------------------------------------- Frechet / CLIP
+
+
+def to_uint8_videos(latents: torch.Tensor, layout: str, value_range) -> torch.Tensor:
+    """Final latents -> uint8 RGB videos (B, T, H, W, 3) for the weight metrics.
+
+    Without a VAE the first three latent channels (repeated when fewer) stand for RGB,
+    mapped by the reference's range: this tests the metrics' protocol, not image quality.
+    """
+    frames = latent_frames(latents_to_unit(latents, value_range), layout).clamp(0, 1)
+    channels = frames.shape[2]
+    frames = frames[:, :, [i % channels for i in range(3)]]
+    return (frames * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).contiguous()
+
+
+def load_real_videos(directory: str | Path) -> torch.Tensor:
+    """The real reference videos: ``videos`` in ``<dir>/videos.safetensors``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(directory) / "videos.safetensors"
+    try:
+        videos = load_file(str(path))["videos"]
+    except (OSError, KeyError, SafetensorError) as error:
+        reason = " ".join(str(error).split())
+        raise UserError(f"cannot read real videos from {path}: {reason}") from None
+    if videos.dtype != torch.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
+        raise UserError(
+            f"{path}: 'videos' must be uint8 (N, T, H, W, 3), got {tuple(videos.shape)}"
+        )
+    return videos
+
+
+class WeightMetric:
+    """A loaded network metric: features or scores of uint8 videos, with a protocol id."""
+
+    def __init__(self, name: str, path: str):
+        self.name = name
+        if name in ("fvd", "fvd-cd"):
+            from qvd_bench.evaluate.fvd import load_detector
+
+            self.detector = load_detector("stylegan-v" if name == "fvd" else "cd-fvd-i3d400", path)
+            self.protocol = self.detector.protocol_id
+        elif name == "fid":
+            from qvd_bench.evaluate.fid import inception_fid_metric, inception_protocol_id
+
+            self.metric = inception_fid_metric(path)
+            self.protocol = inception_protocol_id(path)
+        else:
+            from qvd_bench.evaluate.clipsim import clip_protocol_id, load_clip
+
+            self.model, self.processor = load_clip(path)
+            self.protocol = clip_protocol_id(path)
+
+    def rows(self, videos: torch.Tensor, reference: torch.Tensor, prompts) -> list[dict]:
+        n = videos.shape[0]
+        if self.name in ("fvd", "fvd-cd"):
+            from qvd_bench.evaluate.fvd import fvd
+
+            value = fvd(self.detector.features(reference), self.detector.features(videos))
+            return [_row(self.name, "distribution", "cfg", ALL_STEPS, self.protocol, value, n)]
+        if self.name == "fid":
+            from qvd_bench.evaluate.fid import frame_fid
+
+            self.metric.reset()
+            value = frame_fid(self.metric, reference, videos)
+            return [_row("fid", "distribution", "cfg", ALL_STEPS, self.protocol, value, n)]
+        from qvd_bench.evaluate.clipsim import clip_scores
+
+        scores = clip_scores(self.model, self.processor, videos, list(prompts)).as_dict()
+        return [
+            _row(metric, "distribution", "cfg", ALL_STEPS, self.protocol, scores[metric], n)
+            for metric in ("clipsim", "clip_temp")
+        ]
+
+
+def load_weight_metrics(config: EvalConfig, notices: list[str]) -> list[WeightMetric]:
+    """The requested network metrics whose weights load; a notice for each one skipped."""
+    loaded = []
+    for name in config.metrics:
+        spec = METRICS.get(name)
+        if spec.kind != "weights":
+            continue
+        try:
+            loaded.append(WeightMetric(name, config.weights.get(name)))
+        except UserError as error:
+            notices.append(f"{name} skipped: {error}")
+    return loaded
+
+
+# ----------------------------------------------------------------------------- the matrix
+
+
+class _Videos:
+    """Generates or loads videos through the cache, counting both."""
+
+    def __init__(self, cache: GenerationCache, config: EvalConfig, bar):
+        self.cache, self.config, self.bar = cache, config, bar
+        self.generated = self.cached = 0
+
+    def key(self, model: LoadedModel, method: str, bits: str, index: int, mode: str, context):
+        return CacheKey(
+            model=model.name,
+            weight_seed=model.weight_seed,
+            method=method,
+            bits=bits,
+            prompt_index=index,
+            seed=self.config.settings.seed,
+            mode=mode,
+            context=gen.context_string(prompt=self.config.prompts[index], **context),
+        )
+
+    def get(self, key: CacheKey, make: Callable[[], Generation]) -> Generation:
+        generation, made = self.cache.get_or_generate(key, make)
+        if made:
+            self.generated += 1
+        else:
+            self.cached += 1
+        self.bar.update(1)
+        return generation
+
+
+class _Quantized:
+    """A model quantized on first use (a configuration whose videos are all cached is
+    never quantized: reruns are free)."""
+
+    def __init__(self, run, quant, plans: dict):
+        self.run, self.quant, self.plans = run, quant, plans
+        self.loaded: LoadedModel | None = None
+        self.tracker = None
+        self.record = None
+        self.seconds = 0.0
+
+    def model(self) -> LoadedModel:
+        from qvd_bench.models import zoo
+        from qvd_bench.models.sampling import CallTracker
+        from qvd_bench.quant.api import make_plan_for, quantize_
+
+        if self.loaded is None:
+            started = time.perf_counter()
+            bits = self.quant.bits
+            if bits not in self.plans:  # one plan per bit-width, shared by the methods
+                self.plans[bits] = make_plan_for(self.run, self.quant)
+            # Quantization swaps modules in place: every configuration gets a fresh model.
+            loaded = zoo.load_run_model(self.run)
+            self.tracker = CallTracker(loaded.denoiser).attach()
+            self.record = quantize_(
+                loaded, self.quant, stats=self.run, plan=self.plans[bits], tracker=self.tracker
+            )
+            self.loaded = loaded
+            self.seconds = time.perf_counter() - started
+        return self.loaded
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.detach()
+
+
+def reference_videos(
+    videos: _Videos, loaded: LoadedModel, settings: GenerationSettings
+) -> list[Generation]:
+    """The FP model's free-running videos, one per prompt."""
+    context = {"settings": settings.to_dict(), "knobs": loaded.knobs}
+    prompts = videos.config.prompts
+    return [
+        videos.get(
+            videos.key(loaded, REFERENCE_METHOD, FP_BITS, i, "free", context),
+            lambda i=i: gen.generate(loaded, prompts[i], i, settings),
+        )
+        for i in range(len(prompts))
+    ]
+
+
+def quantized_videos(
+    videos: _Videos,
+    fp_model: LoadedModel,
+    reference: list[Generation],
+    quantized: _Quantized,
+    context: dict[str, Any],
+) -> tuple[list[Generation], list[Generation]]:
+    """A configuration's teacher-forced and free-running videos, one each per prompt.
+
+    A configuration that quantizes no layer is the FP model: its videos are the
+    reference's, and nothing is generated or cached.
+    """
+    config, settings = videos.config, videos.config.settings
+    quant = quantized.quant
+    keys = {
+        (i, mode): videos.key(fp_model, quant.method, quant.bits, i, mode, context)
+        for i in range(len(config.prompts))
+        for mode in ("teacher", "free")
+    }
+    if not all(videos.cache.path(key).exists() for key in keys.values()):
+        quantized.model()
+        if not quantized.record.quantized:
+            videos.bar.update(len(keys))
+            return reference, reference
+
+    def make(i: int, mode: str) -> Generation:
+        teacher = reference[i] if mode == "teacher" else None
+        loaded = quantized.model()
+        tracker = quantized.tracker
+        return gen.generate(
+            loaded, config.prompts[i], i, settings, tracker=tracker, teacher=teacher
+        )
+
+    forced = [
+        videos.get(keys[(i, "teacher")], lambda i=i: make(i, "teacher"))
+        for i in range(len(reference))
+    ]
+    free = [
+        videos.get(keys[(i, "free")], lambda i=i: make(i, "free")) for i in range(len(reference))
+    ]
+    return forced, free
+
+
+def evaluate(
+    config: EvalConfig, out_dir: str | Path, *, progress: bool = True, write_report: bool = True
+) -> EvalResult:
+    """Runs the methods × bit-widths × metrics matrix and writes the results.
+
+    Args:
+        config: what to evaluate.
+        out_dir: the output root: statistics go to ``stats/``, results (``results.parquet``,
+            ``timings.parquet``, ``settings.json``, ``generations/``) to
+            ``results/<model>/``, the report to ``reports/<model>/``.
+        progress: show a progress bar over videos.
+        write_report: also write the HTML + Markdown report.
+
+    Returns:
+        The EvalResult.
+    """
+    from qvd_bench.models import zoo
+    from qvd_bench.quant.api import QuantConfig, parse_bits
+    from qvd_bench.store import StatsRun
+
+    out_dir = Path(out_dir)
+    name = Path(config.model).name or "model"
+    results_dir = out_dir / "results" / name
+    notices: list[str] = []
+    weight_metrics = load_weight_metrics(config, notices)
+    real_videos = load_real_videos(config.reference) if config.reference != "fp" else None
+    if real_videos is not None and not weight_metrics:
+        notices.append(
+            f"--reference {config.reference} is used by the Frechet metrics only; fidelity "
+            "is always measured against the FP generations"
+        )
+    settings = config.settings
+    prompts = len(config.prompts)
+    per_seed = prompts * (1 + 2 * len(config.methods) * len(config.bits))
+    bar = tqdm(
+        total=len(config.weight_seeds) * per_seed,
+        desc="evaluate",
+        unit="video",
+        disable=not progress,
+    )
+    videos = _Videos(GenerationCache(results_dir), config, bar)
+    rows: list[dict[str, Any]] = []
+    timings: list[dict[str, Any]] = []
+    stats_dirs: dict[int, Path] = {}
+    try:
+        for weight_seed in config.weight_seeds:
+            started = time.perf_counter()
+            run = StatsRun(ensure_stats(config, weight_seed, out_dir, progress))
+            stats_dirs[weight_seed] = run.path
+            timings.append(_timing(weight_seed, "statistics", "", time.perf_counter() - started))
+            fp_model = zoo.load_run_model(run)
+            scheduler = gen.scheduler_for(fp_model, settings)
+            layout = fp_model.family.layout
+            started = time.perf_counter()
+            reference = reference_videos(videos, fp_model, settings)
+            timings.append(
+                _timing(weight_seed, REFERENCE_METHOD, FP_BITS, 0.0, time.perf_counter() - started)
+            )
+            value_range = latent_range(reference)
+            ref_uint8 = (
+                real_videos
+                if real_videos is not None
+                else to_uint8_videos(_cat(reference, "latents"), layout, value_range)
+            )
+            stats_context = {"stats": run.manifest["config"], "settings": settings.to_dict()}
+            plans: dict[str, Any] = {}
+            for bits in config.bits:
+                w_bits, a_bits = parse_bits(bits)
+                for method in config.methods:
+                    quant = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits)
+                    quantized = _Quantized(run, quant, plans)
+                    started = time.perf_counter()
+                    try:
+                        forced, free = quantized_videos(
+                            videos, fp_model, reference, quantized,
+                            {**stats_context, "quant": quant.to_dict()},
+                        )  # fmt: skip
+                    finally:
+                        quantized.close()
+                    elapsed = time.perf_counter() - started
+                    timings.append(
+                        _timing(
+                            weight_seed,
+                            method,
+                            bits,
+                            quantized.seconds,
+                            elapsed - quantized.seconds,
+                        )
+                    )
+                    measured = teacher_forced_rows(reference, forced, scheduler)
+                    measured += free_running_rows(reference, free, layout)
+                    if weight_metrics:
+                        test = to_uint8_videos(_cat(free, "latents"), layout, value_range)
+                        for metric in weight_metrics:
+                            measured += [
+                                {**row, "reference": config.reference}
+                                for row in metric.rows(test, ref_uint8, config.prompts)
+                            ]
+                    ident = {
+                        "model": fp_model.name,
+                        "weight_seed": weight_seed,
+                        "method": method,
+                        "bits": bits,
+                        "reference": "fp",
+                    }
+                    rows += [{**ident, **row} for row in measured]
+    finally:
+        bar.close()
+
+    results = _results_frame(rows, config.metrics)
+    check_protocols(results)
+    timing_frame = pd.DataFrame(timings)
+    store.write_parquet(results_dir / RESULTS_FILE, results)
+    store.write_parquet(results_dir / TIMINGS_FILE, timing_frame)
+    store.write_json(
+        results_dir / SETTINGS_FILE,
+        {
+            "format": "qvd-bench-results",
+            "config": _json_safe(config.to_dict()),
+            "stats": {str(k): _portable(v, out_dir) for k, v in stats_dirs.items()},
+            "notices": notices,
+        },
+    )
+    result = EvalResult(
+        results_dir, results, timing_frame, notices, stats_dirs, videos.generated, videos.cached
+    )
+    if write_report:
+        from qvd_bench.report.results import build_results_report
+
+        build_results_report(result, out_dir / "reports" / name, config=config)
+    return result
+
+
+def _results_frame(rows: list[dict[str, Any]], metrics: Sequence[str]) -> pd.DataFrame:
+    """The rows of the requested metrics, in RESULT_COLUMNS order."""
+    frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    wanted = set(metrics) | ({"clip_temp"} if "clipsim" in metrics else set())
+    frame = frame[frame["metric"].isin(wanted)].reset_index(drop=True)
+    return frame.astype({"step": np.int64, "n": np.int64, "value": np.float64})
+
+
+def _timing(weight_seed, method, bits, quantize_s, generate_s=0.0) -> dict[str, Any]:
+    # For "statistics" rows quantize_s holds the collection + analysis time.
+    return {
+        "weight_seed": weight_seed,
+        "method": method,
+        "bits": bits,
+        "quantize_s": float(quantize_s),
+        "generate_s": float(generate_s),
+    }
+
+
+def _portable(path: Path, out_dir: Path) -> str:
+    """``path`` relative to the output root when it lies under it (the tree can move)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(out_dir).resolve()))
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def stats_paths(results_dir: Path, settings: dict[str, Any]) -> dict[int, Path]:
+    """The statistics run of each weight seed, from ``settings.json`` of a results dir."""
+    root = Path(results_dir).parent.parent  # <out>/results/<model>
+    return {int(k): root / v for k, v in settings["stats"].items()}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def headline_table(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, bits): the headline fidelity figures, mean (± std) over seeds.
+
+    Columns: method, bits, seeds, then per figure its mean and, with several seeds, its
+    sample standard deviation (``<figure> sd``): teacher-forced SQNR and cosine over all
+    steps (CFG output), free-running final SQNR, PSNR and SSIM.
+    """
+    figures = {
+        "SQNR tf (dB)": ("sqnr", "teacher-forced"),
+        "cos tf": ("cosine", "teacher-forced"),
+        "SQNR final (dB)": ("sqnr", "free-running"),
+        "PSNR final (dB)": ("psnr", "free-running"),
+        "SSIM final": ("ssim", "free-running"),
+    }
+    sel = results[(results["step"] == ALL_STEPS) & (results["branch"] == "cfg")]
+    order = {m: i for i, m in enumerate(dict.fromkeys(results["method"]))}
+    bit_order = {b: i for i, b in enumerate(dict.fromkeys(results["bits"]))}
+    out = []
+    for (method, bits), group in sel.groupby(["method", "bits"], sort=False):
+        row: dict[str, Any] = {
+            "method": method,
+            "bits": bits,
+            "seeds": group["weight_seed"].nunique(),
+        }
+        for label, (metric, mode) in figures.items():
+            values = group[(group["metric"] == metric) & (group["mode"] == mode)]["value"]
+            row[label] = _mean(values)
+            if row["seeds"] > 1:
+                row[f"{label} sd"] = _sd(values)
+        out.append(row)
+    frame = pd.DataFrame(out)
+    if frame.empty:
+        return frame
+    frame["_m"] = frame["method"].map(order)
+    frame["_b"] = frame["bits"].map(bit_order)
+    return frame.sort_values(["_b", "_m"]).drop(columns=["_m", "_b"]).reset_index(drop=True)
+
+
+def _mean(values: pd.Series) -> float:
+    values = values.to_numpy(dtype=np.float64)
+    if len(values) == 0:
+        return float("nan")
+    if np.isposinf(values).all():
+        return float("inf")
+    return float(values.mean())
+
+
+def _sd(values: pd.Series) -> float:
+    values = values.to_numpy(dtype=np.float64)
+    if len(values) < 2 or not np.isfinite(values).all():
+        return float("nan")
+    return float(values.std(ddof=1))
+
+
+def format_table(frame: pd.DataFrame) -> str:
+    """A plain-text table (for the terminal)."""
+    if frame.empty:
+        return "(no results)"
+
+    def cell(value: Any) -> str:
+        if isinstance(value, (float, np.floating)):
+            if np.isnan(value):
+                return "–"
+            if np.isinf(value):
+                return "inf" if value > 0 else "-inf"
+            return f"{value:.4g}"
+        return str(value)
+
+    cells = [[cell(v) for v in row] for row in frame.itertuples(index=False)]
+    widths = [max(len(str(c)), *(len(r[i]) for r in cells)) for i, c in enumerate(frame.columns)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(frame.columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def evaluate_command(
+    model: str,
+    methods: Sequence[str],
+    bits: Sequence[str],
+    metrics: Sequence[str],
+    prompts_file: str | None,
+    reference: str,
+    out: str | Path,
+    seeds: int = 1,
+    *,
+    num_prompts: int | None = None,
+    weight_seed: int = 0,
+    stats: str | None = None,
+    steps: int = 10,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    frames: int = 8,
+    height: int = 16,
+    width: int = 16,
+    scheduler: str = "ddim",
+    disparity: float | None = None,
+    asymmetry: float | None = None,
+    weights: dict[str, str] | None = None,
+    progress: bool = True,
+) -> int:
+    """``qvd-bench evaluate``: the matrix, ``results.parquet`` and the report; prints where.
+
+    Args:
+        model: zoo name or path.
+        methods, bits, metrics: the matrix (fidelity metrics always run).
+        prompts_file: a prompt file, or None for the built-in prompts.
+        reference: "fp" or a directory of real videos (Frechet metrics).
+        out: the output root.
+        seeds: number of weight seeds (``weight_seed``, ``weight_seed`` + 1, ...).
+        num_prompts: use the first N prompts (default: all of the file, 2 built-in).
+        weights: metric name -> local weights path.
+        The rest: sampling settings and outlier knobs.
+
+    Returns:
+        0.
+    """
+    from qvd_bench.prompts import select_prompts
+
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    count = num_prompts if num_prompts is not None else (None if prompts_file else 2)
+    config = EvalConfig(
+        model=model,
+        weight_seeds=tuple(range(weight_seed, weight_seed + seeds)),
+        methods=tuple(methods),
+        bits=tuple(bits),
+        metrics=tuple(metrics),
+        prompts=tuple(select_prompts(prompts_file, count)),
+        settings=GenerationSettings(
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            frames=frames,
+            height=height,
+            width=width,
+            scheduler=scheduler,
+        ),
+        disparity=disparity,
+        asymmetry=asymmetry,
+        stats=stats,
+        reference=reference,
+        weights=dict(weights or {}),
+    )
+    result = evaluate(config, out, progress=progress)
+    print_summary(result, Path(out), Path(config.model).name or "model")
+    return 0
+
+
+def print_summary(result: EvalResult, out: Path, name: str) -> None:
+    for notice in result.notices:
+        print(f"note: {notice}")
+    print(format_table(headline_table(result.results)))
+    print(
+        f"videos: {result.generated} generated, {result.cached} from the cache "
+        f"({result.results_dir / gen.GENERATIONS_DIR})"
+    )
+    print(f"results written to {result.results_dir / RESULTS_FILE}")
+    print(f"report written to {out / 'reports' / name / 'index.html'}")

@@ -1,0 +1,203 @@
+"""The evaluation report: results tables and plots, then the statistics they came from.
+
+Built from the blocks and renderers of ``report.render`` (the same HTML and Markdown as
+statistics reports): the headline table (one row per method and bit-width, mean ± sd over
+weight seeds), fidelity against bits per method, teacher-forced SQNR per step, the time
+each configuration took, the settings, and the statistics section of the first weight
+seed's run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from qvd_bench.report import render
+from qvd_bench.report.render import FigureBlock, Heading, Notice, Paragraph, Table
+
+INF_SUBSTITUTE_NOTE = (
+    "Configurations identical to FP (the fp method) have SQNR and PSNR = +inf; the plots "
+    "leave them out."
+)
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=render.FIGURE_DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _finite(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[np.isfinite(frame["value"].to_numpy(dtype=np.float64))]
+
+
+def fidelity_vs_bits(results: pd.DataFrame) -> Figure:
+    """Teacher-forced SQNR (all steps, CFG output) and final PSNR against bits, per method.
+
+    Lines are means over weight seeds, bands their standard deviation.
+    """
+    sel = results[(results["step"] == -1) & (results["branch"] == "cfg")]
+    panels = [
+        ("sqnr", "teacher-forced", "SQNR teacher-forced (dB)"),
+        ("psnr", "free-running", "PSNR final latents (dB)"),
+    ]
+    bits_order = list(dict.fromkeys(results["bits"]))
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    axes = fig.subplots(1, 2)
+    with sns.axes_style("whitegrid"):
+        for ax, (metric, mode, label) in zip(axes, panels):
+            data = _finite(sel[(sel["metric"] == metric) & (sel["mode"] == mode)]).copy()
+            data["bits"] = pd.Categorical(data["bits"], bits_order, ordered=True)
+            if not data.empty:
+                sns.lineplot(
+                    data=data, x="bits", y="value", hue="method", style="method",
+                    markers=True, dashes=False, errorbar="sd", ax=ax, legend=ax is axes[0],
+                )  # fmt: skip
+            ax.set_xlabel("bits")
+            ax.set_ylabel(label)
+    return fig
+
+
+def sqnr_per_step(results: pd.DataFrame) -> Figure:
+    """Teacher-forced SQNR of the CFG output per step, per method, one panel per bit-width."""
+    sel = results[
+        (results["metric"] == "sqnr")
+        & (results["mode"] == "teacher-forced")
+        & (results["branch"] == "cfg")
+        & (results["step"] >= 0)
+    ]
+    sel = _finite(sel)
+    bits_order = list(dict.fromkeys(results["bits"]))
+    fig = Figure(figsize=(3.6 * len(bits_order), 3.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(bits_order), sharey=True))
+    with sns.axes_style("whitegrid"):
+        for ax, bits in zip(axes, bits_order):
+            data = sel[sel["bits"] == bits]
+            if not data.empty:
+                sns.lineplot(
+                    data=data, x="step", y="value", hue="method", errorbar="sd", ax=ax,
+                    legend=ax is axes[0],
+                )  # fmt: skip
+            ax.set_title(bits)
+            ax.set_xlabel("step")
+            ax.set_ylabel("SQNR (dB)")
+    return fig
+
+
+def results_blocks(result, config) -> list:
+    """The blocks of the results section."""
+    from qvd_bench.evaluate.harness import headline_table
+
+    results = result.results
+    blocks: list = [
+        Heading("Fidelity against FP", 2),
+        Paragraph(
+            f"{len(config.methods)} methods × {len(config.bits)} bit-widths on {config.model}, "
+            f"{len(config.prompts)} prompts, weight seeds "
+            f"{', '.join(str(s) for s in config.weight_seeds)}. SQNR and cosine compare the "
+            "denoiser's CFG-combined prediction in x0-space with the FP model's, fed the FP "
+            "trajectory's inputs (teacher-forced); the final latents of each model's own "
+            "trajectory are compared free-running (PSNR / SSIM after mapping by the FP "
+            "latents' range to [0, 1])."
+        ),
+    ]
+    for notice in result.notices:
+        blocks.append(Notice(notice))
+    headline = headline_table(results)
+    blocks.append(
+        Table(
+            "Headline figures",
+            headline,
+            "Mean over weight seeds (sd: sample standard deviation across them); tf: "
+            "teacher-forced over all steps; final: free-running final latents.",
+        )
+    )
+    figures = [
+        ("fidelity_vs_bits.png", fidelity_vs_bits(results),
+         "Teacher-forced SQNR and final PSNR against bit-width per method (bands: sd over seeds)."),
+        ("sqnr_per_step.png", sqnr_per_step(results),
+         "Teacher-forced SQNR of the CFG output at each sampling step, per method."),
+    ]  # fmt: skip
+    for file, fig, caption in figures:
+        blocks.append(FigureBlock(file, _png(fig), caption))
+    if np.isinf(results["value"].to_numpy(dtype=np.float64)).any():
+        blocks.append(Notice(INF_SUBSTITUTE_NOTE))
+    timings = result.timings.copy()
+    if not timings.empty:
+        blocks.append(
+            Table(
+                "Time per configuration",
+                timings,
+                "Seconds spent quantizing (calibration from the statistics) and generating "
+                "(teacher-forced and free-running videos; 0 when cached).",
+                collapsed=True,
+            )
+        )
+    settings = pd.DataFrame(
+        [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in _flat(config.to_dict())],
+        columns=["setting", "value"],
+    )
+    blocks.append(Table("Settings", settings, collapsed=True))
+    return blocks
+
+
+def _flat(data: dict[str, Any], prefix: str = ""):
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def build_results_report(result, out_dir: str | Path, *, config, title: str | None = None) -> Path:
+    """Writes ``index.html`` and ``report.md`` (figures in ``figures/``) of an evaluation.
+
+    Args:
+        result: the harness's EvalResult.
+        out_dir: the report directory (created, or replaced when it holds a report).
+        config: the harness's EvalConfig.
+        title: the title; by default names the model.
+
+    Returns:
+        The path of ``index.html``.
+    """
+    out_dir = Path(out_dir)
+    render._check_out_dir(out_dir)
+    title = title or f"qvd-bench evaluation: {config.model}"
+    blocks: list = [Heading(title, 1)]
+    blocks.append(Notice(render.TINY_NOTE))
+    blocks += results_blocks(result, config)
+    first = min(result.stats_dirs)
+    stats = render._prepare(render.StatsRun(result.stats_dirs[first]), f"weight seed {first}")
+    blocks.append(Heading(f"Statistics (weight seed {first}, {stats.run.path})", 2))
+    blocks += render.run_blocks(stats, level=2, prefix="stats-")
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    footer = f"Generated {now} by {render._versions()}."
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    built = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        figures_dir = built / "figures"
+        figures_dir.mkdir()
+        for block in blocks:
+            if isinstance(block, FigureBlock):
+                (figures_dir / block.file).write_bytes(block.png)
+        (built / "index.html").write_text(
+            render.render_html(blocks, title, footer), encoding="utf-8"
+        )
+        (built / "report.md").write_text(render.render_markdown(blocks, footer), encoding="utf-8")
+        built.chmod(0o755)
+        render._swap_into_place(built, out_dir)
+    except BaseException:
+        shutil.rmtree(built, ignore_errors=True)
+        raise
+    return out_dir / "index.html"

@@ -1,0 +1,168 @@
+"""``qvd-bench run``: collect → analyze → quantize → evaluate fidelity → one report.
+
+The defaults are DESIGN section 7's: tiny-unet3d, 2 prompts, 8 frames, 16×16 latents,
+10 DDIM steps with CFG, methods fp, minmax, mse, smoothquant, os+, qvd, qvd-htdq,
+qvd-scri at W8A8, W4A8, W4A4, one weight seed (``--seeds 3`` adds the spread). They are
+printed before anything runs and recorded in ``results/<model>/run.json`` with the wall
+time and the time each phase took.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from qvd_bench import store
+from qvd_bench.errors import UserError
+
+RUN_DEFAULTS: dict[str, Any] = {
+    "model": "tiny-unet3d",
+    "num_prompts": 2,
+    "frames": 8,
+    "height": 16,
+    "width": 16,
+    "steps": 10,
+    "guidance_scale": 7.5,
+    "scheduler": "ddim",
+    "methods": ("fp", "minmax", "mse", "smoothquant", "os+", "qvd", "qvd-htdq", "qvd-scri"),
+    "bits": ("W8A8", "W4A8", "W4A4"),
+    "seeds": 1,
+    "weight_seed": 0,
+    "seed": 0,
+}
+RUN_RECORD = "run.json"
+
+
+def run_settings(seeds: int = 1, **overrides: Any) -> dict[str, Any]:
+    """The defaults with ``overrides`` applied (None means "keep the default").
+
+    Raises:
+        UserError: an unknown setting.
+    """
+    unknown = sorted(set(overrides) - set(RUN_DEFAULTS))
+    if unknown:
+        raise UserError(f"unknown run settings: {', '.join(unknown)}")
+    settings = dict(RUN_DEFAULTS)
+    settings["seeds"] = seeds
+    for key, value in overrides.items():
+        if value is not None:
+            settings[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+    return settings
+
+
+def format_settings(settings: dict[str, Any]) -> str:
+    """One line per setting, marking those changed from the defaults."""
+    lines = ["qvd-bench run settings (DESIGN section 7 defaults; * = changed by a flag):"]
+    for key, value in settings.items():
+        shown = ",".join(value) if isinstance(value, tuple) else value
+        mark = "*" if value != RUN_DEFAULTS[key] else " "
+        lines.append(f" {mark} {key:<15} {shown}")
+    return "\n".join(lines)
+
+
+def run_command(
+    out: str | Path = ".",
+    seeds: int = 1,
+    *,
+    model: str | None = None,
+    num_prompts: int | None = None,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    scheduler: str | None = None,
+    methods: Sequence[str] | None = None,
+    bits: Sequence[str] | None = None,
+    weight_seed: int | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+) -> int:
+    """Runs the whole pipeline with the defaults (flags change them) and prints where.
+
+    Writes ``stats/<model>-w<seed>/`` (statistics, ``analysis.parquet``, ``plan.json``),
+    ``results/<model>/`` (``results.parquet``, ``timings.parquet``, ``run.json``, the
+    generation cache) and ``reports/<model>/index.html`` under ``out``.
+
+    Args:
+        out: the output root (default: the current directory).
+        seeds: number of weight seeds; more than one reports mean ± sd.
+        The rest: overrides of ``RUN_DEFAULTS`` (None keeps the default).
+
+    Returns:
+        0.
+    """
+    from qvd_bench.evaluate import harness
+    from qvd_bench.evaluate.generate import GenerationSettings
+    from qvd_bench.prompts import select_prompts
+
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    settings = run_settings(
+        seeds,
+        model=model,
+        num_prompts=num_prompts,
+        frames=frames,
+        height=height,
+        width=width,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        scheduler=scheduler,
+        methods=methods,
+        bits=bits,
+        weight_seed=weight_seed,
+        seed=seed,
+    )
+    print(format_settings(settings), flush=True)
+    started = time.perf_counter()
+    config = harness.EvalConfig(
+        model=settings["model"],
+        weight_seeds=tuple(range(settings["weight_seed"], settings["weight_seed"] + seeds)),
+        methods=settings["methods"],
+        bits=settings["bits"],
+        prompts=tuple(select_prompts(None, settings["num_prompts"])),
+        settings=GenerationSettings(
+            steps=settings["steps"],
+            guidance_scale=settings["guidance_scale"],
+            seed=settings["seed"],
+            frames=settings["frames"],
+            height=settings["height"],
+            width=settings["width"],
+            scheduler=settings["scheduler"],
+        ),
+    )
+    out = Path(out)
+    result = harness.evaluate(config, out, progress=progress)
+    wall = time.perf_counter() - started
+    timings = result.timings
+    per_method = (
+        timings[timings["bits"] != ""]
+        .groupby("method", sort=False)[["quantize_s", "generate_s"]]
+        .sum()
+        .round(2)
+    )
+    record = {
+        "defaults": _jsonable(RUN_DEFAULTS),
+        "settings": _jsonable(settings),
+        "wall_seconds": round(wall, 2),
+        "statistics_seconds": round(
+            float(timings.loc[timings["method"] == "statistics", "quantize_s"].sum()), 2
+        ),
+        "seconds_per_method": per_method.to_dict(orient="index"),
+        "videos_generated": result.generated,
+        "videos_cached": result.cached,
+    }
+    store.write_json(result.results_dir / RUN_RECORD, record)
+    name = Path(settings["model"]).name
+    harness.print_summary(result, out, name)
+    print(f"statistics in {', '.join(str(p) for p in result.stats_dirs.values())}")
+    print(f"wall time {wall:.1f} s; seconds per method (quantize, generate):")
+    for method, row in per_method.iterrows():
+        print(f"  {method:<12} {row['quantize_s']:8.1f} {row['generate_s']:8.1f}")
+    return 0
+
+
+def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
