@@ -421,11 +421,7 @@ class QuantWrapper(nn.Module):
 
     def _zero_pads(self) -> list[int] | None:
         """F.pad widths of a zero-padded conv (None when it needs no explicit padding)."""
-        m = self.module
-        if not self.is_conv or m.padding_mode != "zeros":
-            return None
-        pads = list(m._reversed_padding_repeated_twice)
-        return pads if any(pads) else None
+        return zero_pads(self.module)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, padded: bool) -> Tensor:
         m = self.module
@@ -458,6 +454,14 @@ class QuantWrapper(nn.Module):
         state = "" if self.enabled else ", disabled"
         transform = ", input_transform" if self.has_transform else ""
         return f"weight_bits={self.weight_bits}{transform}{state}"
+
+
+def zero_pads(module: nn.Module) -> list[int] | None:
+    """F.pad widths of a zero-padded conv; None for a Linear or an unpadded conv."""
+    if not isinstance(module, CONV_TYPES) or module.padding_mode != "zeros":
+        return None
+    pads = list(module._reversed_padding_repeated_twice)
+    return pads if any(pads) else None
 
 
 def _fold_shift(weight: Tensor, shift: Tensor, module: nn.Module) -> Tensor:

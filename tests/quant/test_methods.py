@@ -166,23 +166,7 @@ def test_conformance_w8a8(method):
         assert distinct <= 2**8, f"{method}: {name} has {distinct} distinct input values"
 
 
-# SmoothQuant and OS+ lose ~20 dB at W16A16 in the quantized transform path: a known
-# defect under investigation, kept visible as a strict xfail.
-_W16_DEFECTS = {"smoothquant", "os+"}
-
-
-@pytest.mark.parametrize(
-    "method",
-    [
-        pytest.param(
-            m,
-            marks=pytest.mark.xfail(
-                m in _W16_DEFECTS, reason="quantized transform path loses ~20 dB", strict=True
-            ),
-        )
-        for m in sorted(set(METHODS) - CLIPPING_AT_ANY_BITS)
-    ],
-)
+@pytest.mark.parametrize("method", sorted(set(METHODS) - CLIPPING_AT_ANY_BITS))
 def test_w16a16_matches_fp(method):
     assert quantized_sqnr(method, 16, 16) > 60.0
 

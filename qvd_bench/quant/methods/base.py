@@ -51,6 +51,7 @@ from qvd_bench.quant.modules import (
     LevelActQuant,
     QuantWrapper,
     StaticActQuant,
+    zero_pads,
 )
 from qvd_bench.quant.observers import weight_qparams
 from qvd_bench.registry import Registry
@@ -428,6 +429,18 @@ def _rows_at(ctx: QuantContext, name: str, timesteps: list[float] | None) -> Ten
     return rows
 
 
+def temporal_rows(ctx: QuantContext, name: str) -> Tensor | None:
+    """(T, C) float64 inputs of a temporal-feature layer on the stored timestep grid, or None.
+
+    Such inputs depend on the timestep alone, so the sampling schedule's statistics hold
+    only a few distinct rows; the grid spans every timestep a sampler may use.
+    """
+    if name not in ctx.temporal_layers:
+        return None
+    _, vectors = ctx.run.temporal_matrix(name)
+    return torch.from_numpy(np.asarray(vectors, dtype=np.float64))
+
+
 def _extremes(
     ctx: QuantContext,
     name: str,
@@ -437,7 +450,9 @@ def _extremes(
     """Per-channel min (C,), max (C,) and the number of input rows (tokens) they cover.
 
     With ``transform`` = (z, s) the extrema are those of X̃ = (X − z)/s (s > 0 keeps
-    each channel's min below its max).
+    each channel's min below its max), over the temporal-feature grid too: z and s narrow
+    each channel to its calibrated range, so a timestep outside the schedule would
+    otherwise be clipped.
     """
     rows = ctx.input_channels.get(name)
     if rows is None or rows.empty:
@@ -457,6 +472,9 @@ def _extremes(
     # Every channel of a (timestep, branch) sees the same rows: total count / channels.
     tokens = int(rows["count"].to_numpy(np.int64).sum() // max(1, int(keep.sum())))
     lo, hi = torch.from_numpy(lo), torch.from_numpy(hi)
+    grid = temporal_rows(ctx, name) if transform is not None else None
+    if grid is not None and grid.shape[1] == channels:
+        lo, hi = torch.minimum(lo, grid.min(0).values), torch.maximum(hi, grid.max(0).values)
     if transform is not None:
         shift, scale = (v.to(torch.float64).reshape(-1).cpu() for v in transform)
         lo, hi = (lo - shift) / scale, (hi - shift) / scale
@@ -465,7 +483,15 @@ def _extremes(
 
 
 def lp_clip_search(
-    rows: Tensor, channel_lo: Tensor, channel_hi: Tensor, tokens: int, bits: int, p: float
+    rows: Tensor,
+    channel_lo: Tensor,
+    channel_hi: Tensor,
+    tokens: int,
+    bits: int,
+    p: float,
+    *,
+    cover: Tensor | None = None,
+    grid: int = 100,
 ) -> tuple[Tensor, Tensor]:
     """Per-tensor range [α·lo, α·hi] minimising the Lp error of the whole calibration data.
 
@@ -480,6 +506,10 @@ def lp_clip_search(
         tokens: how many rows the data has in all (≥ N + 2 normally).
         bits: activation bits.
         p: the Lp exponent.
+        cover: values the range must contain (never clipped): the padding −z/s of a
+            zero-padded conv computed on X̃ = (X − z)/s, which the quantizer sees at every
+            border position but the statistics do not.
+        grid: see ``observers.shrink_factors``.
 
     Returns:
         (lo, hi) 0-d float64 tensors: the extrema's min and max times the best α (the
@@ -490,7 +520,13 @@ def lp_clip_search(
 
     q_min, q_max = quant_range(bits)
     lo, hi = channel_lo.min().to(torch.float64), channel_hi.max().to(torch.float64)
-    alpha = shrink_factors()  # (G,)
+    alpha = shrink_factors(grid)  # (G,)
+    if cover is not None and cover.numel():
+        cover = cover.to(torch.float64)
+        lo, hi = torch.minimum(lo, cover.min()), torch.maximum(hi, cover.max())
+        # α = 1 always qualifies (lo ≤ 0 ≤ hi once the quantizer includes zero).
+        fits = (alpha * lo.clamp(max=0) <= cover.min()) & (alpha * hi.clamp(min=0) >= cover.max())
+        alpha = alpha[fits | (alpha == 1.0)]
     scale, zero_point = affine_qparams(alpha * lo, alpha * hi, bits)  # (G,)
     scale, zero_point = scale[:, None], zero_point[:, None]
 
@@ -543,7 +579,12 @@ def uniform_range(
             shift, scale = (v.to(torch.float64).reshape(-1).cpu() for v in transform)
             rows = (rows.to(torch.float64) - shift) / scale
         channel_lo, channel_hi, tokens = _extremes(ctx, name, timesteps, transform)
-        return lp_clip_search(rows, channel_lo, channel_hi, tokens, ctx.config.a_bits, ctx.config.p)
+        cover = None
+        if transform is not None and zero_pads(ctx.layers[name]) is not None:
+            cover = -shift / scale
+        return lp_clip_search(
+            rows, channel_lo, channel_hi, tokens, ctx.config.a_bits, ctx.config.p, cover=cover
+        )
     raise UserError(f"unknown clipping rule {rule!r}; use one of {', '.join(UNIFORM_RULES)}")
 
 

@@ -34,6 +34,7 @@ from qvd_bench.quant.methods.base import (
     fp_record,
     register_method,
     set_uniform_act,
+    temporal_rows,
     uniform_record,
     weight_record,
 )
@@ -114,8 +115,16 @@ def group_data(
     for name in layers:
         bias = _param(ctx, name, "bias", params)
         biases[name] = None if bias is None else bias.detach().to(F64).cpu()
-    held_out = rows[~even] if bool((~even).any()) else rows
-    return GroupData(tuple(layers), lo, hi, rows, rows[even], held_out, weights, biases)
+    calibration, held_out = rows[even], rows[~even] if bool((~even).any()) else rows
+    grid = temporal_rows(ctx, first)
+    if grid is not None and grid.shape[1] == lo.numel():
+        # Timestep-only inputs: the schedule's rows repeat a few timesteps, so (z, s) are
+        # fit to the whole grid and judged on grid timesteps the calibration did not see.
+        lo, hi = torch.minimum(lo, grid.min(0).values), torch.maximum(hi, grid.max(0).values)
+        rows = torch.cat([rows, grid])
+        calibration = torch.cat([calibration, grid[0::2]])
+        held_out = torch.cat([held_out, grid[1::2]])
+    return GroupData(tuple(layers), lo, hi, rows, calibration, held_out, weights, biases)
 
 
 def _tap_matrix(weight: Tensor, module: nn.Module) -> Tensor:
