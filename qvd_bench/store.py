@@ -249,7 +249,7 @@ def write_run(
     write_json(partial / MANIFEST, full)
     for leftover in (CHECKPOINT_TENSORS, CHECKPOINT_JSON):
         (partial / leftover).unlink(missing_ok=True)
-    _swap_into_place(partial, run_dir)
+    replace_directory(partial, run_dir)
     return run_dir
 
 
@@ -272,12 +272,13 @@ def check_writable(run_dir: Path, *, overwrite: bool) -> None:
         raise UserError(f"cannot write to {parent}: not a writable directory")
 
 
-def _swap_into_place(partial: Path, run_dir: Path) -> None:
+def replace_directory(built: Path, target: Path) -> None:
+    """Renames a finished directory over ``target``; a previous one is removed after."""
     old = None
-    if run_dir.exists():
-        old = run_dir.with_name(f".{run_dir.name}.old-{os.getpid()}")
-        os.replace(run_dir, old)
-    os.replace(partial, run_dir)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(built, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

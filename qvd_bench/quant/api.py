@@ -24,7 +24,6 @@ Per-timestep quantizers read the timestep of the current denoiser call from a
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from qvd_bench.quant.methods.base import (
 )
 from qvd_bench.quant.modules import quant_wrappers, swap_module
 from qvd_bench.quant.primitives import check_bits, quant_range
-from qvd_bench.store import StatsRun, atomic_write, write_json
+from qvd_bench.store import StatsRun, atomic_write, read_json_document, write_json
 
 RECORD_FORMAT = "qvd-bench-quant-record"
 RECORD_JSON = "record.json"
@@ -258,19 +257,13 @@ def load_record(directory: str | Path) -> QuantRecord:
     """
     directory = Path(directory)
     json_path, tensor_path = directory / RECORD_JSON, directory / RECORD_TENSORS
-    try:
-        data = json.loads(json_path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"no quantization record at {directory} ({RECORD_JSON} missing)") from None
-    except (OSError, ValueError) as error:
-        raise UserError(f"{json_path} is unreadable: {' '.join(str(error).split())}") from None
-    if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT:
-        raise UserError(f"{json_path} is not a qvd-bench quantization record")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(
-            f"{json_path} has schema version {data.get('schema_version')}, this qvd-bench "
-            f"reads {SCHEMA_VERSION}; quantize again with this version"
-        )
+    data = read_json_document(
+        json_path,
+        format=RECORD_FORMAT,
+        what="quantization record",
+        redo="quantize again with this version",
+        missing=f"no quantization record at {directory} ({RECORD_JSON} missing)",
+    )
     try:
         flat = load_file(str(tensor_path))
     except FileNotFoundError:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 import re
 import shutil
 import tempfile
@@ -48,7 +47,7 @@ from qvd_bench.analysis.plan import QuantPlan, make_plan
 from qvd_bench.analysis.summary import PLAN_FILE, layer_summary, role_summary
 from qvd_bench.errors import UserError
 from qvd_bench.report import figures as F
-from qvd_bench.store import StatsRun
+from qvd_bench.store import StatsRun, replace_directory
 
 COVERAGE_BITS = (8, 4)
 FIGURE_DPI = 100
@@ -569,17 +568,6 @@ def _check_out_dir(out_dir: Path) -> None:
         )
 
 
-def _swap_into_place(built: Path, out_dir: Path) -> None:
-    """Renames the finished report over ``out_dir`` (an earlier report is removed after)."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(built, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _versions() -> str:
     names = ("qvd-bench", "pandas", "matplotlib", "seaborn")
     found = []
@@ -641,7 +629,7 @@ def build_report(
         (built / "index.html").write_text(render_html(blocks, title, footer), encoding="utf-8")
         (built / "report.md").write_text(render_markdown(blocks, footer), encoding="utf-8")
         built.chmod(0o755)  # mkdtemp makes it private; a report is meant to be read
-        _swap_into_place(built, out_dir)
+        replace_directory(built, out_dir)
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         raise

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 
 from qvd_bench.report import render
 from qvd_bench.report.render import FigureBlock, Heading, Notice, Paragraph, Table
+from qvd_bench.store import replace_directory
 
 INF_SUBSTITUTE_NOTE = (
     "Configurations identical to FP (the fp method) have SQNR and PSNR = +inf; the plots "
@@ -196,7 +197,7 @@ def build_results_report(result, out_dir: str | Path, *, config, title: str | No
         )
         (built / "report.md").write_text(render.render_markdown(blocks, footer), encoding="utf-8")
         built.chmod(0o755)
-        render._swap_into_place(built, out_dir)
+        replace_directory(built, out_dir)
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         raise
