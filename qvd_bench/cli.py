@@ -303,12 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("run", help="the run directory (stats/NAME)")
 
     perf = commands.add_parser("perf", help="performance benchmarks (ratios measured in one run)")
-    perf.add_argument("benchmark", choices=("collect", "frechet"), help="which benchmark")
+    perf.add_argument("benchmark", choices=("collect", "frechet", "quant"), help="which benchmark")
     perf.add_argument(
         "--models",
         type=_csv,
         default=None,
-        help="what to measure: models for collect (default: tiny-unet3d,modelscope-t2v-arch), "
+        help="what to measure: models for collect and quant (default: tiny-unet3d,modelscope-t2v-arch), "
         "feature dimensions for frechet (default: 400,1024,2048)",
     )
     perf.add_argument(

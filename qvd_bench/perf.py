@@ -305,12 +305,156 @@ def bench_frechet(model: str, repeats: int) -> Table:
     return table
 
 
-BENCHMARKS = {"collect": bench_collect, "frechet": bench_frechet}
+class _PeerFakeQuant(nn.Module):
+    """The usual simulator layer: ``torch.fake_quantize_per_tensor_affine`` on the input
+    and ``torch.fake_quantize_per_channel_affine`` on the weight, both at every call (as
+    Q-Diffusion / PTQ4DiT-style ``QuantModule``s do), with the given qparams."""
+
+    def __init__(self, module: nn.Module, act, weight_scale: torch.Tensor, w_bits: int):
+        from qvd_bench.quant.primitives import quant_range
+
+        super().__init__()
+        self.module = module
+        self.act_scale, self.act_zero = act._scale, act._zero_point
+        self.act_min, self.act_max = act.q_min, act.q_max
+        self.w_min, self.w_max = quant_range(w_bits, symmetric=True)
+        self.register_buffer("w_scale", weight_scale.to(torch.float32))
+        self.register_buffer("w_zero", torch.zeros_like(self.w_scale, dtype=torch.int32))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        x = torch.fake_quantize_per_tensor_affine(
+            input, self.act_scale, self.act_zero, self.act_min, self.act_max
+        )
+        w = torch.fake_quantize_per_channel_affine(
+            m.weight, self.w_scale, self.w_zero, 0, self.w_min, self.w_max
+        )
+        if isinstance(m, nn.Linear):
+            return nn.functional.linear(x, w, m.bias)
+        return m._conv_forward(x, w, m.bias)
+
+
+def bench_quant(model_name: str, repeats: int) -> Table:
+    """Fake-quantized forward against the FP forward, on one model instance.
+
+    Statistics come from a minimal collection (1 prompt, 1 step, no CFG) into a
+    temporary directory, collected before the benchmark's model is loaded (never two
+    copies in memory). ``quantize_`` with ``minmax`` at W8A8 swaps in ``QuantWrapper``s
+    (per-channel weights fake-quantized once, static per-tensor inputs); the other
+    variants switch references only: each wrapper's original module (FP), its input
+    quantizer replaced by the ``DynamicTokenActQuant`` that
+    ``QuantConfig(granularity="token")`` builds (dynamic per token) or by None (weights
+    only), and a peer simulator layer with the same qparams that fake-quantizes input
+    and weight with torch's ops at every call. Notes give each output's relative L2
+    error against the FP output.
+    """
+    import gc
+    import tempfile
+
+    from qvd_bench.collect.collector import collect
+    from qvd_bench.config import CollectConfig
+    from qvd_bench.models import zoo
+    from qvd_bench.quant.api import QuantConfig, quantize_
+    from qvd_bench.quant.modules import DynamicTokenActQuant, quant_wrappers, swap_module
+    from qvd_bench.store import StatsRun
+
+    frames, height, width = PERF_LATENTS.get(model_name, DEFAULT_LATENT)
+    config = QuantConfig(method="minmax", w_bits=8, a_bits=8)
+    with tempfile.TemporaryDirectory(prefix="qvd-perf-quant-") as tmp:
+        stats_dir = Path(tmp) / "stats"
+        collect(
+            CollectConfig(
+                model=model_name,
+                prompts=("a calibration prompt",),
+                steps=1,
+                guidance_scale=1.0,
+                frames=frames,
+                height=height,
+                width=width,
+                histograms=False,
+                reservoir_capacity=32,
+                temporal_stride=100,
+            ),
+            stats_dir,
+            progress=False,
+        )
+        gc.collect()  # the collection's model copy is gone before ours is loaded
+        loaded = zoo.load_model(model_name)
+        record = quantize_(loaded, config, stats=StatsRun(stats_dir))
+    denoiser, family = loaded.denoiser.eval(), loaded.family
+    wrappers = dict(quant_wrappers(denoiser))
+    static_acts = {name: w.act for name, w in wrappers.items()}
+    token_acts = {name: DynamicTokenActQuant(config.a_bits) for name in wrappers}
+    peers = {
+        name: _PeerFakeQuant(w.module, w.act, w.weight_scale, config.w_bits)
+        for name, w in wrappers.items()
+    }
+
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(
+        family.latent_shape(denoiser, 1, frames, height, width), generator=generator
+    )
+    length, dim = family.text_embedding_shape(denoiser)
+    text = torch.randn(1, length, dim, generator=generator)
+    conditioning = family.conditioning(denoiser, 1, frames, height, width, generator)
+    timestep = torch.tensor([500.0])
+
+    def forward():
+        with torch.no_grad():
+            return family.forward(denoiser, latents, timestep, text, conditioning)
+
+    def use(modules: dict[str, nn.Module], acts: dict | None = None):
+        def run():
+            for name, module in modules.items():
+                if acts is not None:
+                    module.act = acts[name]
+                swap_module(denoiser, name, module)
+            return forward()
+
+        return run
+
+    fp_modules = {name: w.module for name, w in wrappers.items()}
+    none_acts = dict.fromkeys(wrappers)
+    static = "W8A8 minmax (static per-tensor)"
+    variants: dict[str, Callable[[], torch.Tensor]] = {
+        "FP forward": use(fp_modules),
+        static: use(wrappers, static_acts),
+        "W8A8 dynamic per-token": use(wrappers, token_acts),
+        "W8 weights only": use(wrappers, none_acts),
+        "peer: torch fake_quant every call": use(peers),
+    }
+    outputs = {name: run().detach().clone() for name, run in variants.items()}
+    reference = outputs["FP forward"]
+
+    def relative_error(out: torch.Tensor) -> float:
+        return float((out - reference).norm() / reference.norm().clamp_min(1e-30))
+
+    peer_gap = float((outputs["peer: torch fake_quant every call"] - outputs[static]).abs().max())
+    times = interleaved(variants, repeats)
+    variants[static]()  # leave the model quantized
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    base = medians["FP forward"]
+    table = Table(
+        f"perf quant: {model_name}, latent {frames}x{height}x{width}, {len(wrappers)} "
+        f"quantized layers ({record.summary()['activation_quantizers']}), "
+        f"{loaded.param_count / 1e6:,.1f} M parameters, {repeats} interleaved repeats, "
+        "medians; one conditional call at t=500; ratio = time / FP forward"
+    )
+    for name, median in medians.items():
+        note = f"rel. L2 error vs FP {relative_error(outputs[name]):.2e}"
+        if name.startswith("peer"):
+            note += f"; max |peer - ours static| = {peer_gap:.2e}"
+        table.rows.append(Row(name, median, median / base, note=note))
+    return table
+
+
+BENCHMARKS = {"collect": bench_collect, "frechet": bench_frechet, "quant": bench_quant}
 
 # What ``--models`` means per benchmark when the user gives none.
 BENCHMARK_DEFAULT_MODELS = {
     "collect": ("tiny-unet3d", "modelscope-t2v-arch"),
     "frechet": ("400", "1024", "2048"),
+    "quant": ("tiny-unet3d", "modelscope-t2v-arch"),
 }
 
 
