@@ -613,12 +613,21 @@ def build_report(
             else f"qvd-bench comparison of {len(data)} statistics runs"
         )
     blocks = report_blocks(data, title)
+    return write_report(blocks, title, out_dir)
+
+
+def write_report(blocks: list, title: str, out_dir: Path) -> Path:
+    """Writes ``index.html``, ``report.md`` and ``figures/`` of ``blocks`` into ``out_dir``.
+
+    Everything is written into a sibling temporary directory, then renamed into place, so
+    a reader never sees a half-written report.
+
+    Returns:
+        The path of ``index.html``.
+    """
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     footer = f"Generated {now} by {_versions()}."
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Everything is written into a sibling temporary directory, then renamed into place,
-    # so a reader never sees a half-written report.
     built = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         figures_dir = built / "figures"

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
-import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,6 @@ from matplotlib.figure import Figure
 
 from qvd_bench.report import render
 from qvd_bench.report.render import FigureBlock, Heading, Notice, Paragraph, Table
-from qvd_bench.store import replace_directory
 
 INF_SUBSTITUTE_NOTE = (
     "Configurations identical to FP (the fp method) have SQNR and PSNR = +inf; the plots "
@@ -182,23 +178,4 @@ def build_results_report(result, out_dir: str | Path, *, config, title: str | No
     stats = render._prepare(render.StatsRun(result.stats_dirs[first]), f"weight seed {first}")
     blocks.append(Heading(f"Statistics (weight seed {first}, {stats.run.path})", 2))
     blocks += render.run_blocks(stats, level=2, prefix="stats-")
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    footer = f"Generated {now} by {render._versions()}."
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    built = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        figures_dir = built / "figures"
-        figures_dir.mkdir()
-        for block in blocks:
-            if isinstance(block, FigureBlock):
-                (figures_dir / block.file).write_bytes(block.png)
-        (built / "index.html").write_text(
-            render.render_html(blocks, title, footer), encoding="utf-8"
-        )
-        (built / "report.md").write_text(render.render_markdown(blocks, footer), encoding="utf-8")
-        built.chmod(0o755)
-        replace_directory(built, out_dir)
-    except BaseException:
-        shutil.rmtree(built, ignore_errors=True)
-        raise
-    return out_dir / "index.html"
+    return render.write_report(blocks, title, out_dir)
