@@ -54,6 +54,32 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
 
 
+def _add_sampling_args(parser: argparse.ArgumentParser, *, steps: int) -> None:
+    """Prompts and sampling settings, shared by collect and evaluate."""
+    parser.add_argument(
+        "--prompts", metavar="FILE", help="prompt file, one per line (default: built-in prompts)"
+    )
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        default=None,
+        help="use the first N prompts (default: all of the file, 2 built-in)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=steps, help=f"sampling steps (default: {steps})"
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=7.5,
+        help="classifier-free guidance scale; <= 1 disables CFG (default: 7.5)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--frames", type=int, default=8, help="latent frames (default: 8)")
+    parser.add_argument("--height", type=int, default=16, help="latent height (default: 16)")
+    parser.add_argument("--width", type=int, default=16, help="latent width (default: 16)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qvd-bench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -71,26 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     collect = commands.add_parser("collect", help="collect per-timestep, per-channel statistics")
     _add_model_args(collect)
-    collect.add_argument(
-        "--prompts", metavar="FILE", help="prompt file, one per line (default: built-in prompts)"
-    )
-    collect.add_argument(
-        "--num-prompts",
-        type=int,
-        default=None,
-        help="use the first N prompts (default: all of the file, 2 built-in)",
-    )
-    collect.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
-    collect.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=7.5,
-        help="classifier-free guidance scale; <= 1 disables CFG (default: 7.5)",
-    )
-    collect.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    collect.add_argument("--frames", type=int, default=8, help="latent frames (default: 8)")
-    collect.add_argument("--height", type=int, default=16, help="latent height (default: 16)")
-    collect.add_argument("--width", type=int, default=16, help="latent width (default: 16)")
+    _add_sampling_args(collect, steps=20)
     collect.add_argument(
         "--sampler",
         default="auto",
@@ -222,10 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=("fidelity",),
         help="fidelity (always), fvd, fvd-cd, fid, clipsim (default: fidelity)",
     )
-    evaluate.add_argument(
-        "--prompts", metavar="FILE", help="prompt file (default: built-in prompts)"
-    )
-    evaluate.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts")
+    _add_sampling_args(evaluate, steps=10)
     evaluate.add_argument(
         "--reference",
         default="fp",
@@ -237,14 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--seeds", type=int, default=1, help="number of weight seeds (default: 1)"
     )
-    evaluate.add_argument("--steps", type=int, default=10, help="sampling steps (default: 10)")
-    evaluate.add_argument(
-        "--guidance-scale", type=float, default=7.5, help="CFG scale (default: 7.5)"
-    )
-    evaluate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    evaluate.add_argument("--frames", type=int, default=8, help="latent frames (default: 8)")
-    evaluate.add_argument("--height", type=int, default=16, help="latent height (default: 16)")
-    evaluate.add_argument("--width", type=int, default=16, help="latent width (default: 16)")
     evaluate.add_argument("--fvd-weights", help="i3d_torchscript.pt (StyleGAN-V FVD)")
     evaluate.add_argument("--fvd-cd-weights", help="i3d_pretrained_400.pt (cd-fvd FVD)")
     evaluate.add_argument("--fid-weights", help="weights-inception-2015-12-05-6726825d.pth (FID)")
