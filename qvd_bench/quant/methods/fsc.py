@@ -18,12 +18,11 @@ from qvd_bench.quant.methods.base import (
     Method,
     QuantContext,
     activation_timesteps,
-    fp_record,
     register_method,
     set_uniform_act,
     weight_record,
 )
-from qvd_bench.quant.methods.mse import mse_record
+from qvd_bench.quant.methods.mse import mse_except
 
 
 def fsc_record(ctx: QuantContext, name: str) -> LayerRecord:
@@ -40,13 +39,4 @@ class FiniteSetCalibration(Method):
     description = "temporal features: separate qparams at each stored timestep; the rest as mse"
 
     def prepare(self, ctx: QuantContext) -> list[LayerRecord]:
-        temporal = set(ctx.temporal_layers)
-        records = []
-        for name in ctx.layers:
-            if name in ctx.keep_fp:
-                records.append(fp_record(ctx, name))
-            elif name in temporal:
-                records.append(fsc_record(ctx, name))
-            else:
-                records.append(mse_record(ctx, name))
-        return records
+        return mse_except(ctx, set(ctx.temporal_layers), fsc_record)

@@ -38,11 +38,10 @@ from qvd_bench.quant.methods.base import (
     LayerRecord,
     Method,
     QuantContext,
-    fp_record,
     register_method,
     weight_record,
 )
-from qvd_bench.quant.methods.mse import mse_record
+from qvd_bench.quant.methods.mse import mse_except
 from qvd_bench.quant.observers import mse_range
 from qvd_bench.quant.primitives import (
     LOG_BASES,
@@ -218,15 +217,7 @@ def htdq_record(ctx: QuantContext, name: str) -> LayerRecord:
 
 def htdq_layer_records(ctx: QuantContext, htdq_layers: set[str]) -> list[LayerRecord]:
     """HTDQ on ``htdq_layers``, ``mse`` elsewhere, kept-FP layers FP."""
-    records = []
-    for name in ctx.layers:
-        if name in ctx.keep_fp:
-            records.append(fp_record(ctx, name))
-        elif name in htdq_layers:
-            records.append(htdq_record(ctx, name))
-        else:
-            records.append(mse_record(ctx, name))
-    return records
+    return mse_except(ctx, htdq_layers, htdq_record)
 
 
 @register_method("htdq")

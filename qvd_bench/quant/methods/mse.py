@@ -3,10 +3,13 @@
 Q-Diffusion / QDrop-style range setting without reconstruction.
 """
 
+from collections.abc import Callable, Collection
+
 from qvd_bench.quant.methods.base import (
     LayerRecord,
     Method,
     QuantContext,
+    fp_record,
     register_method,
     uniform_method_records,
     uniform_record,
@@ -16,6 +19,22 @@ from qvd_bench.quant.methods.base import (
 def mse_record(ctx: QuantContext, name: str) -> LayerRecord:
     """One layer as ``mse`` quantizes it (the base every QVD variant starts from)."""
     return uniform_record(ctx, name, "mse")
+
+
+def mse_except(
+    ctx: QuantContext,
+    special: Collection[str],
+    make: Callable[[QuantContext, str], LayerRecord],
+) -> list[LayerRecord]:
+    """``make`` on the ``special`` layers, ``mse`` elsewhere; kept-FP layers FP."""
+    return [
+        fp_record(ctx, name)
+        if name in ctx.keep_fp
+        else make(ctx, name)
+        if name in special
+        else mse_record(ctx, name)
+        for name in ctx.layers
+    ]
 
 
 @register_method("mse")
