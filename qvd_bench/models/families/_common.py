@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qvd_bench.models.family import Family
+
+# CLIP text encoders pad prompts to 77 tokens.
+CLIP_SEQUENCE_LENGTH = 77
+
 # Regex fragment for a numbered child ("down_blocks.0").
 N = r"\d+"
 
@@ -57,6 +62,21 @@ def unet_probe_size(denoiser: nn.Module, num_groups: int) -> tuple[int, int, int
     channels_per_group = min(denoiser.config.block_out_channels) // num_groups
     side = factor if channels_per_group >= 2 else 2 * factor
     return (1, side, side)
+
+
+class TextUNetFamily(Family):
+    """A text-conditioned video UNet: latents (B, C, F, H, W), CLIP text states."""
+
+    layout = "BCFHW"
+
+    def latent_shape(self, denoiser, batch, frames, height, width):
+        return (batch, denoiser.config.in_channels, frames, height, width)
+
+    def probe_size(self, denoiser):
+        return unet_probe_size(denoiser, denoiser.config.norm_num_groups)
+
+    def text_embedding_shape(self, denoiser):
+        return (CLIP_SEQUENCE_LENGTH, denoiser.config.cross_attention_dim)
 
 
 def generator_or_default(generator: torch.Generator | None) -> torch.Generator:

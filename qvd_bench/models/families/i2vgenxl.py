@@ -11,21 +11,18 @@ from qvd_bench.models.families._common import (
     COMMON_OUTLIER_TARGETS,
     UNET_HEAD_ROLES,
     UNET_SPATIAL_ROLES,
+    TextUNetFamily,
     randn,
-    unet_probe_size,
 )
-from qvd_bench.models.families.unet3d import CLIP_SEQUENCE_LENGTH
-from qvd_bench.models.family import Family
 
 # The frame rate the I2VGen-XL pipeline asks for by default.
 DEFAULT_FPS = 16.0
 
 
-class I2VGenXLFamily(Family):
+class I2VGenXLFamily(TextUNetFamily):
     name = "i2vgenxl"
     denoiser_class = "I2VGenXLUNet"
     pipeline_classes = ("I2VGenXLPipeline",)
-    layout = "BCFHW"
     prediction_type = "v_prediction"
     role_table = (
         *UNET_HEAD_ROLES,
@@ -62,15 +59,6 @@ class I2VGenXLFamily(Family):
         from diffusers import I2VGenXLUNet
 
         return I2VGenXLUNet(**config)
-
-    def latent_shape(self, denoiser, batch, frames, height, width):
-        return (batch, denoiser.config.in_channels, frames, height, width)
-
-    def probe_size(self, denoiser):
-        return unet_probe_size(denoiser, denoiser.config.norm_num_groups)
-
-    def text_embedding_shape(self, denoiser):
-        return (CLIP_SEQUENCE_LENGTH, denoiser.config.cross_attention_dim)
 
     def conditioning(self, denoiser, batch, frames, height, width, generator=None):
         """Returns fps (B,), image_latents (B, C, F, H, W), image_embeddings (B, D).

@@ -10,17 +10,14 @@ from qvd_bench.models.families._common import (
     COMMON_OUTLIER_TARGETS,
     UNET_HEAD_ROLES,
     UNET_SPATIAL_ROLES,
-    unet_probe_size,
+    TextUNetFamily,
 )
-from qvd_bench.models.families.unet3d import CLIP_SEQUENCE_LENGTH
-from qvd_bench.models.family import Family
 
 
-class MotionFamily(Family):
+class MotionFamily(TextUNetFamily):
     name = "motion"
     denoiser_class = "UNetMotionModel"
     pipeline_classes = ("AnimateDiffPipeline", "AnimateDiffVideoToVideoPipeline")
-    layout = "BCFHW"
     prediction_type = "epsilon"
     role_table = (
         *UNET_HEAD_ROLES,
@@ -70,15 +67,6 @@ class MotionFamily(Family):
             return UNetMotionModel.from_unet2d(unet, adapter)
         finally:
             diffusers_logging.set_verbosity(verbosity)
-
-    def latent_shape(self, denoiser, batch, frames, height, width):
-        return (batch, denoiser.config.in_channels, frames, height, width)
-
-    def probe_size(self, denoiser):
-        return unet_probe_size(denoiser, denoiser.config.norm_num_groups)
-
-    def text_embedding_shape(self, denoiser):
-        return (CLIP_SEQUENCE_LENGTH, denoiser.config.cross_attention_dim)
 
     def forward(self, denoiser, latents, timestep, text_states, conditioning):
         # The spatial blocks see one image per frame, so each sample's text states are

@@ -10,19 +10,14 @@ from qvd_bench.models.families._common import (
     COMMON_OUTLIER_TARGETS,
     UNET_HEAD_ROLES,
     UNET_SPATIAL_ROLES,
-    unet_probe_size,
+    TextUNetFamily,
 )
-from qvd_bench.models.family import Family
-
-# CLIP text encoders pad prompts to 77 tokens.
-CLIP_SEQUENCE_LENGTH = 77
 
 
-class UNet3DFamily(Family):
+class UNet3DFamily(TextUNetFamily):
     name = "unet3d"
     denoiser_class = "UNet3DConditionModel"
     pipeline_classes = ("TextToVideoSDPipeline", "VideoToVideoSDPipeline")
-    layout = "BCFHW"
     prediction_type = "epsilon"
     role_table = (
         *UNET_HEAD_ROLES,
@@ -54,15 +49,6 @@ class UNet3DFamily(Family):
         from diffusers import UNet3DConditionModel
 
         return UNet3DConditionModel(**config)
-
-    def latent_shape(self, denoiser, batch, frames, height, width):
-        return (batch, denoiser.config.in_channels, frames, height, width)
-
-    def probe_size(self, denoiser):
-        return unet_probe_size(denoiser, denoiser.config.norm_num_groups)
-
-    def text_embedding_shape(self, denoiser):
-        return (CLIP_SEQUENCE_LENGTH, denoiser.config.cross_attention_dim)
 
     def forward(self, denoiser, latents, timestep, text_states, conditioning):
         return denoiser(latents, timestep, encoder_hidden_states=text_states, return_dict=False)[0]
