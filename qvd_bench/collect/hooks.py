@@ -131,6 +131,7 @@ class StatsCollector:
         self.histograms: dict[StatsKey, Histogram] = {}
         self.reservoirs: dict[str, Reservoir] = {}
         self._handles: list = []
+        self._ids_cache: tuple | None = None
 
     def attach(self) -> StatsCollector:
         for name, module in self.layers.items():
@@ -201,9 +202,19 @@ class StatsCollector:
                         seed=self.seed,
                         device=chunk.device,
                     )
-                ids = torch.tensor(call.sample_ids, dtype=torch.int64, device=chunk.device)
                 rows = channel_last_rows(chunk, len(call.sample_ids), channel_dim)
+                ids = self._sample_ids(call, chunk.device)
                 reservoir.update(rows, ids, call.timestep, BRANCHES.index(branch))
+
+    def _sample_ids(self, call, device: torch.device) -> torch.Tensor:
+        """The call's sample ids as a tensor, built once per denoiser call (not per layer)."""
+        cached = self._ids_cache
+        if cached is None or cached[0] is not call or cached[1].device != device:
+            cached = self._ids_cache = (
+                call,
+                torch.tensor(call.sample_ids, dtype=torch.int64, device=device),
+            )
+        return cached[1]
 
 
 @torch.no_grad()
