@@ -11,6 +11,12 @@ from qvd_bench.errors import UserError
 T = TypeVar("T")
 
 
+def did_you_mean(name: str, known: list[str]) -> str:
+    """ "; did you mean 'a' or 'b'?" for the close matches of ``name`` ("" when none)."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
 class Registry(Generic[T]):
     """Maps names to objects; unknown names raise a ``UserError`` with suggestions.
 
@@ -35,8 +41,7 @@ class Registry(Generic[T]):
             raise UserError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(name, list(self._entries), n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(name, list(self._entries))
         return f"unknown {self.kind} {name!r}{hint} (known: {', '.join(sorted(self._entries))})"
 
     def __contains__(self, name: object) -> bool:

@@ -98,6 +98,15 @@ class QuantConfig:
             number of stored timesteps).
         keep_fp_roles: roles whose layers stay in full precision (default: none).
         keep_fp_layers: layer names that stay in full precision (default: none).
+        role_bits: mixed precision by role, ``(role, w_bits, a_bits)`` triples overriding
+            ``w_bits`` / ``a_bits`` for the layers of that role.
+        layer_bits: mixed precision by layer, ``(layer, w_bits, a_bits)`` triples; they
+            take precedence over ``role_bits``.
+        attention_bits: bits of the attention matmul inputs (q, k, v, softmax output),
+            quantized through ``quant/attention.py``: () leaves them in float, one value
+            gives all four, four values give q, k, v and softmax in that order.
+        split_skip: Q-Diffusion's split quantization of skip-connection concatenations:
+            layers reading ``cat([h, skip])`` get one activation range per part.
         p: exponent of the Lp clipping search (2.4, Q-Diffusion).
         percentile: upper probability of the ``percentile`` method.
         htdq_tolerance: HTDQ accepts a level set whose relative MSE is at most
@@ -112,6 +121,10 @@ class QuantConfig:
     timestep_groups: int = 4
     keep_fp_roles: tuple[str, ...] = ()
     keep_fp_layers: tuple[str, ...] = ()
+    role_bits: tuple[tuple[str, int, int], ...] = ()
+    layer_bits: tuple[tuple[str, int, int], ...] = ()
+    attention_bits: tuple[int, ...] = ()
+    split_skip: bool = False
     p: float = 2.4
     percentile: float = 0.999
     htdq_tolerance: float = 0.1
@@ -142,15 +155,42 @@ class QuantConfig:
         # Lists from JSON become tuples: the config stays hashable and comparable.
         object.__setattr__(self, "keep_fp_roles", tuple(self.keep_fp_roles))
         object.__setattr__(self, "keep_fp_layers", tuple(self.keep_fp_layers))
+        object.__setattr__(self, "role_bits", _bit_overrides(self.role_bits, "role"))
+        object.__setattr__(self, "layer_bits", _bit_overrides(self.layer_bits, "layer"))
+        attention = tuple(check_bits(int(b)) for b in self.attention_bits)
+        if len(attention) not in (0, 1, 4):
+            raise UserError(
+                "attention bits take one value (q, k, v and softmax) or four "
+                f"(q, k, v, softmax), got {len(attention)}"
+            )
+        object.__setattr__(self, "attention_bits", attention)
 
     @property
     def bits(self) -> str:
+        """The default bit-widths, e.g. "W4A8" (mixed configs override them per layer)."""
         return f"W{self.w_bits}A{self.a_bits}"
+
+    @property
+    def is_mixed(self) -> bool:
+        """True when some role or layer has its own bit-widths."""
+        return bool(self.role_bits or self.layer_bits)
+
+    def bits_for(self, layer: str, role: str) -> tuple[int, int]:
+        """(w_bits, a_bits) of one layer: its layer entry, else its role's, else the default."""
+        for name, w_bits, a_bits in self.layer_bits:
+            if name == layer:
+                return w_bits, a_bits
+        for name, w_bits, a_bits in self.role_bits:
+            if name == role:
+                return w_bits, a_bits
+        return self.w_bits, self.a_bits
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["keep_fp_roles"] = list(self.keep_fp_roles)
-        data["keep_fp_layers"] = list(self.keep_fp_layers)
+        for key in ("keep_fp_roles", "keep_fp_layers", "attention_bits"):
+            data[key] = list(getattr(self, key))
+        for key in ("role_bits", "layer_bits"):
+            data[key] = [list(entry) for entry in getattr(self, key)]
         return data
 
     @classmethod
@@ -160,6 +200,21 @@ class QuantConfig:
         if unknown:
             raise UserError(f"unknown quantization config fields: {', '.join(unknown)}")
         return cls(**data)
+
+
+def _bit_overrides(entries: Any, what: str) -> tuple[tuple[str, int, int], ...]:
+    """Validated ``(name, w_bits, a_bits)`` triples (lists from JSON become tuples)."""
+    out = []
+    for entry in entries:
+        if len(entry) != 3 or not isinstance(entry[0], str):
+            raise UserError(f"{what} bits must be (name, w_bits, a_bits) triples, got {entry!r}")
+        name, w_bits, a_bits = entry
+        out.append((name, check_bits(int(w_bits)), check_bits(int(a_bits))))
+    names = [name for name, _, _ in out]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"{what} {repeated[0]!r} is given bits more than once")
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- the record
@@ -417,6 +472,33 @@ def check_stats_match(denoiser: nn.Module, run: StatsRun) -> dict[str, nn.Module
     return layers
 
 
+def check_config_names(config: QuantConfig, roles: dict[str, str]) -> None:
+    """Every layer and role a config names exists in the model.
+
+    Args:
+        config: the config.
+        roles: in-scope layer name -> role.
+
+    Raises:
+        UserError: naming the first unknown layer or role, with suggestions.
+    """
+    from qvd_bench.registry import did_you_mean
+
+    known_roles = set(roles.values())
+    for role in [*config.keep_fp_roles, *(r for r, _, _ in config.role_bits)]:
+        if role not in known_roles:
+            raise UserError(
+                f"unknown role {role!r}{did_you_mean(role, sorted(known_roles))}; "
+                f"this model's roles: {', '.join(sorted(known_roles))}"
+            )
+    for layer in [*config.keep_fp_layers, *(n for n, _, _ in config.layer_bits)]:
+        if layer not in roles:
+            raise UserError(
+                f"the model has no layer {layer!r}{did_you_mean(layer, list(roles))} "
+                "(qvd-bench models --roles MODEL lists them)"
+            )
+
+
 def _check_plan(plan: Any, layers: dict[str, nn.Module]) -> None:
     for entry in plan.layers:
         if entry.layer not in layers:
@@ -475,11 +557,12 @@ def quantize_(
     if next(quant_wrappers(denoiser), None) is not None:
         raise UserError("the model is already quantized; load a fresh one (or unwrap it)")
     layers = check_stats_match(denoiser, run)
+    roles = {name: run.roles.get(name, "") for name in layers}
+    check_config_names(config, roles)
     if plan is not None:
         _check_plan(plan, layers)
     elif method.uses_plan:
         plan = make_plan_for(run, config)
-    roles = {name: run.roles.get(name, "") for name in layers}
     ctx = QuantContext(loaded, denoiser, run, plan, config, tracker, layers, roles)
     records = method.prepare(ctx)
     _check_records(ctx, records)

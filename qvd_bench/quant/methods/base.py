@@ -168,6 +168,14 @@ class QuantContext:
         names = set(self.config.keep_fp_layers)
         return {n for n in self.layers if n in names or self.roles.get(n) in roles}
 
+    def w_bits(self, name: str) -> int:
+        """Weight bits of a layer (``QuantConfig.bits_for``: mixed precision aware)."""
+        return self.config.bits_for(name, self.roles.get(name, ""))[0]
+
+    def a_bits(self, name: str) -> int:
+        """Activation bits of a layer (``QuantConfig.bits_for``: mixed precision aware)."""
+        return self.config.bits_for(name, self.roles.get(name, ""))[1]
+
     @property
     def quantized_layers(self) -> list[str]:
         """In-scope layers that get quantizers, in module order."""
@@ -313,7 +321,7 @@ def weight_record(
     module = ctx.layers[name]
     clipping = clipping or ctx.config.weight_clipping
     source = module.weight.detach() if weight is None else weight.detach()
-    scale = cached_weight_scale(source, ctx.config.w_bits, clipping, ctx.config.p)
+    scale = cached_weight_scale(source, ctx.w_bits(name), clipping, ctx.config.p)
     tensors: dict[str, Tensor] = {"weight_scale": scale.cpu()}
     if weight is not None:
         tensors["weight"] = weight.detach().cpu()
@@ -323,7 +331,7 @@ def weight_record(
         layer=name,
         role=ctx.roles.get(name, ""),
         kind=layer_kind(module),
-        w_bits=ctx.config.w_bits,
+        w_bits=ctx.w_bits(name),
         weight_clipping=clipping,
         act="none",
         a_bits=None,
@@ -583,7 +591,7 @@ def uniform_range(
         if transform is not None and zero_pads(ctx.layers[name]) is not None:
             cover = -shift / scale
         return lp_clip_search(
-            rows, channel_lo, channel_hi, tokens, ctx.config.a_bits, ctx.config.p, cover=cover
+            rows, channel_lo, channel_hi, tokens, ctx.a_bits(name), ctx.config.p, cover=cover
         )
     raise UserError(f"unknown clipping rule {rule!r}; use one of {', '.join(UNIFORM_RULES)}")
 
@@ -608,7 +616,7 @@ def set_uniform_act(
     from qvd_bench.quant.primitives import affine_qparams, timestep_groups
 
     granularity = granularity or ctx.config.granularity or "tensor"
-    bits = ctx.config.a_bits
+    bits = ctx.a_bits(record.layer)
     record.a_bits = bits
     record.info["clipping"] = rule
     if granularity == "token":

@@ -205,11 +205,10 @@ def htdq_record(ctx: QuantContext, name: str) -> LayerRecord:
     """One temporal-feature layer with the HTDQ level set; weights as ``config``."""
     _, vectors = ctx.run.temporal_matrix(name)
     features = torch.from_numpy(np.asarray(vectors, dtype=np.float64))
-    choice = htdq_search(
-        features, ctx.weight(name), ctx.config.a_bits, ctx.config.htdq_tolerance, ctx.config.p
-    )
+    bits = ctx.a_bits(name)
+    choice = htdq_search(features, ctx.weight(name), bits, ctx.config.htdq_tolerance, ctx.config.p)
     record = weight_record(ctx, name)
-    record.act, record.a_bits = "levels", ctx.config.a_bits
+    record.act, record.a_bits = "levels", bits
     record.tensors["levels"] = choice.candidate.levels.clone()
     record.info["htdq"] = choice.info()
     return record

@@ -198,10 +198,13 @@ def evaluate(
     config = ctx.config
     fit = data.calibration if fit_rows is None else fit_rows
     rows = data.held_out if eval_rows is None else eval_rows
-    lo, hi = _act_qparams((fit - shift) / scale, config.a_bits, config.p, SEARCH_GRID)
-    xq = _fake_quant_rows((rows - shift) / scale, lo, hi, config.a_bits)
+    # Layers sharing one input transform may have their own bits (mixed precision): the
+    # shared (z, s) is judged at the fewest of them, the most demanding.
+    a_bits = min(ctx.a_bits(name) for name in data.layers)
+    lo, hi = _act_qparams((fit - shift) / scale, a_bits, config.p, SEARCH_GRID)
+    xq = _fake_quant_rows((rows - shift) / scale, lo, hi, a_bits)
     coverage = mean_coverage((data.lo - shift) / scale, (data.hi - shift) / scale, lo, hi,
-                             config.a_bits)  # fmt: skip
+                             a_bits)  # fmt: skip
     sqnr, mse = {}, {}
     for name in data.layers:
         module = ctx.layers[name]
@@ -212,10 +215,11 @@ def evaluate(
         groups = module.groups if isinstance(module, CONV_TYPES) else 1
         s_in = scale.reshape(groups, -1).repeat_interleave(weight.shape[0] // groups, 0)
         w_t = weight * s_in.reshape(weight.shape[0], -1, *([1] * (weight.ndim - 2)))
-        w_scale, _ = weight_qparams(w_t, config.w_bits, config.weight_clipping or "mse",
+        w_bits = ctx.w_bits(name)
+        w_scale, _ = weight_qparams(w_t, w_bits, config.weight_clipping or "mse",
                                     p=config.p, grid=SEARCH_GRID)  # fmt: skip
         zero = torch.zeros_like(w_scale, dtype=torch.int32)
-        w_q = fake_quant_affine(w_t, w_scale, zero, config.w_bits, 0, symmetric=True)
+        w_q = fake_quant_affine(w_t, w_scale, zero, w_bits, 0, symmetric=True)
         taps, taps_q = _tap_matrix(weight, module), _tap_matrix(w_q.to(F64), module)
         reference = rows @ taps.T
         test = xq @ taps_q.T + (taps @ shift)
