@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="stride of the timestep grid for temporal features; 0 disables (default: 1)",
     )
     collect.add_argument(
+        "--attention",
+        action="store_true",
+        help="also collect q, k, v and softmax statistics of every attention module "
+        "(needed by quantize --attention-bits)",
+    )
+    collect.add_argument(
         "--out", default=None, help="run directory (default: stats/<model>-w<weight-seed>)"
     )
     collect.add_argument("--overwrite", action="store_true", help="replace an existing run")
@@ -206,6 +212,83 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument(
         "--out", required=True, help="directory for record.safetensors + record.json"
     )
+    quantize.add_argument(
+        "--attention-bits",
+        type=_csv,
+        default=(),
+        metavar="BITS",
+        help="also quantize the attention matmuls: bits of q, k, v and the softmax output, "
+        "one value (e.g. 8) or four (e.g. 8,8,8,6); needs statistics collected with "
+        "--attention (default: attention in float)",
+    )
+    quantize.add_argument(
+        "--granularity",
+        default=None,
+        metavar="{tensor,timestep_group,token}",
+        help="activation quantizers: static per tensor, per timestep group, or dynamic per "
+        "token (default: the method's own)",
+    )
+    quantize.add_argument(
+        "--split-skip",
+        action="store_true",
+        help="one activation range per part of skip-connection concatenations in UNet up "
+        "blocks (Q-Diffusion's shortcut splitting; weights split too)",
+    )
+    quantize.add_argument(
+        "--mixed",
+        default=None,
+        metavar="BUDGET",
+        help="mixed precision: a mean bit budget over layers, e.g. A6 (activations) or W5 "
+        "(weights); bits per layer assigned from measured sensitivity, the decisions "
+        "written to mixed.json (default: uniform bits)",
+    )
+    quantize.add_argument(
+        "--mixed-bits",
+        type=_csv,
+        default=("4", "6", "8"),
+        metavar="BITS",
+        help="candidate bit-widths of --mixed (default: 4,6,8)",
+    )
+    quantize.add_argument(
+        "--probe-seed",
+        type=int,
+        default=None,
+        help="sampling seed of the sensitivity probe (default: the statistics' seed + 1)",
+    )
+
+    sensitivity = commands.add_parser(
+        "sensitivity",
+        help="end-to-end SQNR with one layer (or role) quantized at a time: ranked table",
+    )
+    sensitivity.add_argument("--stats", required=True, help="the statistics run (stats/NAME)")
+    sensitivity.add_argument(
+        "--model", default=None, help="the model (default: the one the statistics come from)"
+    )
+    sensitivity.add_argument("--method", default="mse", help="quantization method (default: mse)")
+    sensitivity.add_argument("--bits", default="W4A4", help="WxAy (default: W4A4)")
+    sensitivity.add_argument(
+        "--by",
+        type=_csv,
+        default=("layer", "role"),
+        help="units: layer, role or layer,role (default: layer,role)",
+    )
+    sensitivity.add_argument(
+        "--num-prompts", type=int, default=None, help="probe prompts (default: the run's)"
+    )
+    sensitivity.add_argument(
+        "--steps", type=int, default=None, help="probe sampling steps (default: the run's)"
+    )
+    sensitivity.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="probe sampling seed (default: the statistics' seed + 1)",
+    )
+    sensitivity.add_argument("--top", type=int, default=20, help="rows shown (default: 20)")
+    sensitivity.add_argument(
+        "--out", default=None, help="report directory (default: reports/<run>-sensitivity-<bits>)"
+    )
+    sensitivity.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     evaluate = commands.add_parser(
         "evaluate", help="the methods x bit-widths x metrics matrix -> results.parquet + report"
@@ -359,6 +442,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         histogram_stride=args.histogram_stride,
         reservoir_capacity=args.reservoir,
         temporal_stride=args.temporal_stride,
+        attention=args.attention,
         device=args.device,
         dtype=args.dtype,
     )
@@ -436,7 +520,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from qvd_bench.quant.api import quantize_command
 
-    summary = quantize_command(args.model, args.stats, args.method, args.bits, args.out, args.plan)
+    summary = quantize_command(
+        args.model,
+        args.stats,
+        args.method,
+        args.bits,
+        args.out,
+        args.plan,
+        attention_bits=_int_list(args.attention_bits, "--attention-bits"),
+        split_skip=args.split_skip,
+        granularity=args.granularity,
+        mixed=args.mixed,
+        mixed_bits=_int_list(args.mixed_bits, "--mixed-bits"),
+        probe_seed=args.probe_seed,
+    )
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(summary["activation_quantizers"].items()))
     print(
         f"{summary['method']} {args.bits.upper()}: {summary['quantized']} of {summary['layers']} layers quantized"
@@ -452,7 +549,49 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"  {row['layer']}: TDScore {row['tdscore']:.3f}, relative MSE {row['relative_mse']:.2e}, "
             f"collisions {row['collisions']} ({row['act']})"
         )
+    attention = summary["attention"]
+    if attention["modules"]:
+        bits = ", ".join(f"{t} {b}" for t, b in attention["bits"].items())
+        print(f"  attention: {attention['modules']} modules quantized ({bits} bits)")
+    split = summary.get("split_skip")
+    if split is not None:
+        print(f"  split skip concatenations: {split['layers']} layers split")
+        for layer, reason in split["skipped"].items():
+            print(f"    {layer} not split: {reason}")
+        if "note" in split:
+            print(f"    {split['note']}")
+    mixed = summary.get("mixed")
+    if mixed is not None:
+        counts = ", ".join(
+            f"{n} layers at {b}" for b, n in sorted(mixed["layers_per_bits"].items())
+        )
+        print(
+            f"  mixed precision {mixed['budget']}: mean {mixed['mean_bits']:.2f} bits ({counts}); "
+            "decisions in mixed.json"
+        )
     print(f"record written to {summary['out_dir']}")
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from qvd_bench.quant.sensitivity import sensitivity_command
+
+    table, index = sensitivity_command(
+        args.stats,
+        model=args.model,
+        method=args.method,
+        bits_spec=args.bits,
+        by=args.by,
+        num_prompts=args.num_prompts,
+        steps=args.steps,
+        seed=args.seed,
+        out_dir=args.out,
+        top=args.top,
+        progress=not args.no_progress,
+    )
+    shown = table[["kind", "rank", "unit", "role", "sqnr_db"]]
+    print(shown[shown["rank"] <= args.top].to_string(index=False, float_format="%.2f"))
+    print(f"report written to {index}")
     return 0
 
 
@@ -577,6 +716,7 @@ COMMANDS = {
     "collect": cmd_collect,
     "analyze": cmd_analyze,
     "quantize": cmd_quantize,
+    "sensitivity": cmd_sensitivity,
     "evaluate": cmd_evaluate,
     "run": cmd_run,
     "regress": cmd_regress,

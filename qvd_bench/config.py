@@ -40,6 +40,9 @@ class CollectConfig:
         histogram_stride: count every k-th element (a token subsample).
         reservoir_capacity: rows kept per layer (0 disables the reservoir).
         temporal_stride: stride of the timestep grid for temporal features (0 disables).
+        attention: also collect per-tensor statistics of q, k, v and the softmax output of
+            every attention module (``quant/attention.py``; what ``--attention-bits``
+            quantization calibrates on).
         device: torch device string.
         dtype: model dtype, one of DTYPES.
     """
@@ -65,6 +68,7 @@ class CollectConfig:
     histogram_stride: int = 1
     reservoir_capacity: int = 256
     temporal_stride: int = 1
+    attention: bool = False
     device: str = "cpu"
     dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)

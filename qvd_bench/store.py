@@ -8,6 +8,9 @@ A run directory holds::
     temporal.parquet       per (layer, timestep) the full input vector of time_emb layers
     weights.parquet        per (layer, output channel) weight statistics
     reservoir.safetensors  per layer the sampled input rows and their keys
+    attention.parquet      (``collect --attention`` only) per (attention module, tensor,
+                           timestep, branch) moments of q, k, v and the softmax output
+    attention_histograms.parquet   their non-zero histogram bins (with histograms on)
 
 Every file is written to a temporary name and renamed, and a run is assembled in
 ``<run>.partial/`` and renamed into place at the end, so an interrupted write never
@@ -46,8 +49,12 @@ TABLE_COLUMNS = {
     "histograms": ("layer", "role", "timestep", "branch", "bin", "count"),
     "temporal": ("layer", "timestep", "vector"),
     "weights": ("layer", "role", "out_channel", *WEIGHT_FIELDS),
+    "attention": ("module", "tensor", "timestep", "branch", *MOMENT_FIELDS),
+    "attention_histograms": ("module", "tensor", "timestep", "branch", "bin", "count"),
 }
-CATEGORICAL = ("tensor", "layer", "role", "branch")
+CATEGORICAL = ("tensor", "layer", "role", "branch", "module")
+# Tables only some runs have: a run without one loads it as an empty frame.
+OPTIONAL_TABLES = ("attention", "attention_histograms")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -196,6 +203,48 @@ def _concat(parts: list[pd.DataFrame], table: str) -> pd.DataFrame:
     return pd.DataFrame({c: [] for c in TABLE_COLUMNS[table]})
 
 
+def attention_frame(moments: dict) -> pd.DataFrame:
+    """One row of per-tensor moments per (attention module, tensor, timestep, branch).
+
+    Args:
+        moments: (module, tensor, timestep, branch) -> one-channel ChannelMoments.
+    """
+    keys = sorted(moments)
+    columns: dict[str, Any] = {
+        "module": [key[0] for key in keys],
+        "tensor": [key[1] for key in keys],
+        "timestep": np.array([key[2] for key in keys], dtype=np.float64),
+        "branch": [key[3] for key in keys],
+    }
+    states = [moments[key].state_dict() for key in keys]
+    for field in MOMENT_FIELDS:
+        values = [float(state[field].reshape(-1)[0]) for state in states]
+        columns[field] = np.array(values, dtype=np.int64 if "count" in field else np.float64)
+    return _categorical(pd.DataFrame(columns, columns=list(TABLE_COLUMNS["attention"])))
+
+
+def attention_histograms_frame(histograms: dict) -> pd.DataFrame:
+    """Non-zero histogram bins per (attention module, tensor, timestep, branch)."""
+    parts = []
+    for key in sorted(histograms):
+        counts = histograms[key].state_dict()["counts"].detach().cpu()
+        bins = torch.nonzero(counts).reshape(-1)
+        n = bins.numel()
+        parts.append(
+            pd.DataFrame(
+                {
+                    "module": [key[0]] * n,
+                    "tensor": [key[1]] * n,
+                    "timestep": np.full(n, key[2], dtype=np.float64),
+                    "branch": [key[3]] * n,
+                    "bin": bins.numpy().astype(np.int32),
+                    "count": counts[bins].numpy().astype(np.int64),
+                }
+            )
+        )
+    return _categorical(_concat(parts, "attention_histograms"))
+
+
 def reservoir_tensors(reservoirs: dict) -> dict[str, torch.Tensor]:
     """Flattens layer -> Reservoir into safetensors names ``<layer>/<field>``."""
     return {
@@ -214,6 +263,8 @@ def write_run(
     temporal: dict,
     reservoirs: dict,
     weights: dict,
+    attention: dict | None = None,
+    attention_histograms: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Writes a complete run atomically: everything into ``<run>.partial/``, then a rename.
@@ -222,6 +273,9 @@ def write_run(
         run_dir: the run directory to create.
         manifest: run metadata; ``format``, ``schema_version`` and ``files`` are added.
         moments, histograms, temporal, reservoirs, weights: the accumulators.
+        attention: (module, tensor, timestep, branch) -> ChannelMoments of the attention
+            matmul operands (``AttentionStats``); None writes no attention tables.
+        attention_histograms: the same keys -> Histogram (with ``attention``).
         overwrite: replace an existing run at ``run_dir``.
 
     Returns:
@@ -245,6 +299,14 @@ def write_run(
     write_parquet(partial / files["weights"], weights_frame(weights, roles))
     tensors = reservoir_tensors(reservoirs)
     atomic_write(partial / files["reservoir"], lambda p: save_file(tensors, str(p)))
+    if attention is not None:
+        files["attention"] = "attention.parquet"
+        files["attention_histograms"] = "attention_histograms.parquet"
+        write_parquet(partial / files["attention"], attention_frame(attention))
+        write_parquet(
+            partial / files["attention_histograms"],
+            attention_histograms_frame(attention_histograms or {}),
+        )
     full = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **manifest, "files": files}
     write_json(partial / MANIFEST, full)
     for leftover in (CHECKPOINT_TENSORS, CHECKPOINT_JSON):
@@ -394,6 +456,8 @@ class StatsRun:
         return path
 
     def _table(self, name: str) -> pd.DataFrame:
+        if name in OPTIONAL_TABLES and name not in self.manifest["files"]:
+            return _concat([], name)
         path = self._file(name)
         try:
             frame = pq.read_table(path).to_pandas()
@@ -443,6 +507,18 @@ class StatsRun:
     def weights(self) -> pd.DataFrame:
         """Per (layer, output channel) weight statistics."""
         return self._table("weights")
+
+    @cached_property
+    def attention(self) -> pd.DataFrame:
+        """Per (attention module, tensor, timestep, branch) moments of q, k, v and the
+        softmax output; empty for a run collected without ``--attention``."""
+        return self._table("attention")
+
+    @cached_property
+    def attention_histograms(self) -> pd.DataFrame:
+        """Non-zero histogram bins of the attention tensors (edges in the manifest); empty
+        without ``--attention`` or histograms."""
+        return self._table("attention_histograms")
 
     def temporal_matrix(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """The temporal features of one layer as (timesteps (T,), vectors (T, D))."""

@@ -9,6 +9,7 @@ accumulators merged with torch.distributed before rank 0 writes the run.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import re
 import subprocess
@@ -178,11 +179,23 @@ def collect(
         reservoir_capacity=config.reservoir_capacity,
         seed=config.seed,
     )
+    attention = None
+    if config.attention:
+        from qvd_bench.quant.attention import ATTENTION_TENSORS, AttentionStats
+
+        attention = AttentionStats(
+            loaded.denoiser,
+            tracker,
+            histogram_edges=edges,
+            histogram_stride=config.histogram_stride,
+        )
     fingerprint = {**config.to_dict(), "rank": rank, "world": world}
     factories = {
         "moments": ChannelMoments.from_state_dict,
         "histograms": Histogram.from_state_dict,
         "reservoirs": Reservoir.from_state_dict,
+        "attention": ChannelMoments.from_state_dict,
+        "attention_histograms": Histogram.from_state_dict,
     }
     done: set[int] = set()
     checkpoint = store.load_checkpoint(run_dir, fingerprint, factories)
@@ -191,6 +204,9 @@ def collect(
         collector.moments = groups["moments"]
         collector.histograms = groups["histograms"]
         collector.reservoirs = groups["reservoirs"]
+        if attention is not None:
+            attention.moments = groups.get("attention", {})
+            attention.histograms = groups.get("attention_histograms", {})
     mine = [i for i in range(len(config.prompts)) if i % world == rank]
     todo = [i for i in mine if i not in done]
     bar = tqdm(
@@ -202,7 +218,7 @@ def collect(
     )
     last_checkpoint = time.monotonic()
     try:
-        with collector, torch.no_grad():
+        with collector, attention or contextlib.nullcontext(), torch.no_grad():
             for sample_id in todo:
                 run_sample(
                     loaded,
@@ -224,6 +240,8 @@ def collect(
                         "moments": collector.moments,
                         "histograms": collector.histograms,
                         "reservoirs": collector.reservoirs,
+                        "attention": attention.moments if attention else {},
+                        "attention_histograms": attention.histograms if attention else {},
                     },
                 )
     finally:
@@ -243,10 +261,20 @@ def collect(
     moments = distributed.merge_across_processes(collector.moments)
     histograms = distributed.merge_across_processes(collector.histograms)
     reservoirs = distributed.merge_across_processes(collector.reservoirs)
+    attention_moments = attention_histograms = None
+    if attention is not None:
+        attention_moments = distributed.merge_across_processes(attention.moments)
+        attention_histograms = distributed.merge_across_processes(attention.histograms)
     if rank != 0:
         return None  # type: ignore[return-value]
 
     manifest = build_manifest(loaded, config, infos, moments, edges, world)
+    if attention is not None:
+        manifest["attention"] = {
+            "modules": attention.modules,
+            "tensors": list(ATTENTION_TENSORS),
+            "statistics": "per tensor, as the attention matmuls read them",
+        }
     store.write_run(
         run_dir,
         manifest,
@@ -255,6 +283,8 @@ def collect(
         temporal=temporal,
         reservoirs=reservoirs,
         weights=weights,
+        attention=attention_moments,
+        attention_histograms=attention_histograms,
         overwrite=overwrite,
     )
     role_counts: dict[str, int] = {}

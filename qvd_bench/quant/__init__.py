@@ -7,6 +7,9 @@
   histograms), MSE clipping search (on reservoir rows), per-channel weight qparams.
 - ``modules``: ``QuantWrapper`` around Linear/Conv layers with static, per-timestep-group,
   dynamic per-token or level-set input quantizers; ``swap_module`` / ``unwrap``.
+- ``attention``: ``QuantAttnProcessor``, the attention processor that quantizes q, k, v and
+  the softmax output (and collects their statistics); ``attention_records`` /
+  ``install_attention``.
 """
 
 from qvd_bench.quant.modules import (

@@ -4,6 +4,7 @@
     record.save("out/")                       # record.safetensors + record.json
     fresh = load_model(...)
     apply_record(fresh, load_record("out/"))  # same outputs, no statistics needed
+    unquantize_(fresh, record)                # the float model again, bit for bit
 
 The method (``METHODS``, one module per method in ``quant/methods/``) turns statistics,
 the plan and the config into one ``LayerRecord`` per in-scope layer; ``quantize_`` and
@@ -16,6 +17,10 @@ statistics must describe exactly those layers. By default everything is quantize
 last layers or any role in full precision, but the default stays the plain, comparable
 "quantize everything" so that methods differ only in how they quantize.
 
+Attention matmuls (``QuantConfig.attention_bits``): q, k, v and the softmax output of every
+attention module get static per-tensor quantizers through ``quant/attention.py``, calibrated
+on statistics collected with ``--attention``; the record carries them (``record.attention``).
+
 Per-timestep quantizers read the timestep of the current denoiser call from a
 ``CallTracker`` (``record.tracker``, attached to the denoiser): pass it to
 ``sample_denoiser(..., tracker=record.tracker)`` so batches and CFG branches are announced.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,6 +47,14 @@ from qvd_bench.config import SCHEMA_VERSION
 from qvd_bench.errors import UserError
 from qvd_bench.models.family import LoadedModel
 from qvd_bench.models.roles import leaf_layers
+from qvd_bench.quant.attention import (
+    AttentionRecord,
+    attention_modules,
+    attention_processors,
+    attention_records,
+    attention_summary,
+    install_attention,
+)
 from qvd_bench.quant.methods.base import (
     LayerRecord,
     QuantContext,
@@ -50,6 +64,7 @@ from qvd_bench.quant.methods.base import (
 )
 from qvd_bench.quant.modules import quant_wrappers, swap_module
 from qvd_bench.quant.primitives import check_bits, quant_range
+from qvd_bench.quant.split import split_summary
 from qvd_bench.store import StatsRun, atomic_write, read_json_document, write_json
 
 RECORD_FORMAT = "qvd-bench-quant-record"
@@ -93,7 +108,9 @@ class QuantConfig:
             ``minmax`` / ``percentile``, MSE-clipped for the rest).
         granularity: activation granularity, "tensor" (static, all timesteps),
             "timestep_group" (``timestep_groups`` contiguous groups) or "token" (dynamic);
-            None takes the method's default.
+            None takes the method's default. Every method's uniform activation quantizers
+            follow it; quantizers a method defines for temporal features keep their own
+            form: HTDQ's level sets and fsc's one range per stored timestep.
         timestep_groups: number of groups for "timestep_group" quantizers (capped at the
             number of stored timesteps).
         keep_fp_roles: roles whose layers stay in full precision (default: none).
@@ -106,7 +123,9 @@ class QuantConfig:
             quantized through ``quant/attention.py``: () leaves them in float, one value
             gives all four, four values give q, k, v and softmax in that order.
         split_skip: Q-Diffusion's split quantization of skip-connection concatenations:
-            layers reading ``cat([h, skip])`` get one activation range per part.
+            layers reading ``cat([h, skip])`` get one activation range and one set of
+            weight scales per part (``quant/split.py``); nothing changes on a denoiser
+            without skip concatenations (DiTs).
         p: exponent of the Lp clipping search (2.4, Q-Diffusion).
         percentile: upper probability of the ``percentile`` method.
         htdq_tolerance: HTDQ accepts a level set whose relative MSE is at most
@@ -229,12 +248,21 @@ class QuantRecord:
         model: identity of the model (name, weight seed, knobs) when known.
         layers: one LayerRecord per in-scope layer, in module order.
         tracker: the CallTracker the per-timestep quantizers read (not saved).
+        attention: one AttentionRecord per attention module when
+            ``config.attention_bits`` is set (q, k, v and softmax quantizers), else empty.
+        originals: the values the layers' folds overwrote in the model, by ``state_dict``
+            name (in memory, not saved): what ``unquantize_`` writes back.
+        owns_tracker: True when ``tracker`` was made by ``quantize_`` / ``apply_record``
+            (``unquantize_`` then detaches it).
     """
 
     config: QuantConfig
     model: dict[str, Any]
     layers: list[LayerRecord]
     tracker: Any = field(default=None, repr=False, compare=False)
+    attention: list[AttentionRecord] = field(default_factory=list)
+    originals: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
+    owns_tracker: bool = field(default=False, repr=False, compare=False)
 
     def __getitem__(self, layer: str) -> LayerRecord:
         for record in self.layers:
@@ -254,16 +282,21 @@ class QuantRecord:
             "config": self.config.to_dict(),
             "model": self.model,
             "layers": [_json_safe(r.meta()) for r in self.layers],
+            "attention": [_json_safe(r.meta()) for r in self.attention],
         }
 
     def tensors(self) -> dict[str, Tensor]:
-        """Flat safetensors dict: ``layers/<layer>/<key>`` and ``folded/<layer>/<param>``."""
+        """Flat safetensors dict: ``layers/<layer>/<key>``, ``folded/<layer>/<param>`` and
+        ``attention/<module>/<tensor>_scale`` / ``_zero_point``."""
         out: dict[str, Tensor] = {}
         for record in self.layers:
             for key, value in record.tensors.items():
                 out[f"layers/{record.layer}/{key}"] = value.detach().cpu().contiguous().clone()
             for name, value in record.folded.items():
                 out[f"folded/{record.layer}/{name}"] = value.detach().cpu().contiguous().clone()
+        for record in self.attention:
+            for key, value in record.tensors.items():
+                out[f"attention/{record.module}/{key}"] = value.detach().cpu().contiguous().clone()
         return out
 
     def save(self, directory: str | Path) -> Path:
@@ -286,6 +319,8 @@ class QuantRecord:
             "layers": len(self.layers),
             "quantized": len(self.quantized),
             "activation_quantizers": kinds,
+            "attention": attention_summary(self.attention),
+            **({"split_skip": split_summary(self.layers)} if self.config.split_skip else {}),
         }
 
 
@@ -327,9 +362,13 @@ def load_record(directory: str | Path) -> QuantRecord:
         raise UserError(f"{tensor_path} is corrupt: {' '.join(str(error).split())}") from None
     tensors: dict[str, dict[str, Tensor]] = {}
     folded: dict[str, dict[str, Tensor]] = {}
+    attention: dict[str, dict[str, Tensor]] = {}
+    groups = {"layers": tensors, "folded": folded, "attention": attention}
     for name, value in flat.items():
         kind, layer, key = name.split("/", 2)
-        (tensors if kind == "layers" else folded).setdefault(layer, {})[key] = value
+        if kind not in groups:
+            raise UserError(f"{tensor_path} holds an unknown tensor {name!r}")
+        groups[kind].setdefault(layer, {})[key] = value
     layers = []
     for meta in data["layers"]:
         name = meta["layer"]
@@ -348,7 +387,13 @@ def load_record(directory: str | Path) -> QuantRecord:
                 builder=meta.get("builder", "standard"),
             )
         )
-    return QuantRecord(QuantConfig.from_dict(data["config"]), data["model"], layers)
+    attention_layers = [
+        AttentionRecord.from_meta(meta, attention.get(meta["module"], {}))
+        for meta in data.get("attention", [])
+    ]
+    return QuantRecord(
+        QuantConfig.from_dict(data["config"]), data["model"], layers, attention=attention_layers
+    )
 
 
 # --------------------------------------------------------------------------- applying
@@ -377,9 +422,16 @@ def _ensure_tracker(denoiser: nn.Module, records: list[LayerRecord], tracker: An
     return CallTracker(denoiser).attach()
 
 
-def _apply_layers(denoiser: nn.Module, records: list[LayerRecord], tracker: Any) -> None:
-    """Writes folded parameters, then swaps a wrapper in for every non-FP record."""
+def _apply_layers(
+    denoiser: nn.Module, records: list[LayerRecord], tracker: Any
+) -> dict[str, Tensor]:
+    """Writes folded parameters, then swaps a wrapper in for every non-FP record.
+
+    Returns:
+        The values the folds overwrote (copies, before any fold), by ``state_dict`` name.
+    """
     state = denoiser.state_dict(keep_vars=True)
+    originals: dict[str, Tensor] = {}
     with torch.no_grad():
         for record in records:
             for name, value in record.folded.items():
@@ -391,6 +443,7 @@ def _apply_layers(denoiser: nn.Module, records: list[LayerRecord], tracker: Any)
                         f"record folds a {tuple(value.shape)} tensor into {name!r} of shape "
                         f"{tuple(target.shape)}: the record is for another model"
                     )
+                originals.setdefault(name, target.detach().clone())
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
     layers = leaf_layers(denoiser)
     for record in records:
@@ -400,6 +453,7 @@ def _apply_layers(denoiser: nn.Module, records: list[LayerRecord], tracker: Any)
         wrapper = build_wrapper(module, record, tracker)
         device = module.weight.device
         swap_module(denoiser, record.layer, wrapper.to(device))
+    return originals
 
 
 def _check_record_fits(denoiser: nn.Module, record: QuantRecord) -> None:
@@ -412,11 +466,30 @@ def _check_record_fits(denoiser: nn.Module, record: QuantRecord) -> None:
                 "the record is for another model"
             )
         scale = layer.tensors.get("weight_scale")
-        if scale is not None and scale.numel() != module.weight.shape[0]:
+        # (O,) scales, or (2, O) for a split layer (one row per part of its inputs).
+        if scale is not None and scale.shape[-1] != module.weight.shape[0]:
             raise UserError(
                 f"layer {layer.layer!r} has {module.weight.shape[0]} output channels, the record "
-                f"{scale.numel()}: the record is for another model"
+                f"{scale.shape[-1]}: the record is for another model"
             )
+    modules = attention_modules(denoiser)
+    for attention in record.attention:
+        if attention.module not in modules:
+            raise UserError(
+                f"the record quantizes attention module {attention.module!r}, which the model "
+                "does not have: the record is for another model"
+            )
+
+
+def _check_unquantized(denoiser: nn.Module) -> None:
+    """Raises UserError when layers or attention of the denoiser are already quantized."""
+    if (
+        next(quant_wrappers(denoiser), None) is not None
+        or next(attention_processors(denoiser), None) is not None
+    ):
+        raise UserError(
+            "the model is already quantized; load a fresh one (or undo it with unquantize_)"
+        )
 
 
 def apply_record(
@@ -434,13 +507,39 @@ def apply_record(
         The record, its ``tracker`` set.
     """
     _, denoiser = _denoiser(model)
-    if next(quant_wrappers(denoiser), None) is not None:
-        raise UserError("the model is already quantized; load a fresh one (or unwrap it)")
+    _check_unquantized(denoiser)
     _check_record_fits(denoiser, record)
-    tracker = _ensure_tracker(denoiser, record.layers, tracker)
-    _apply_layers(denoiser, record.layers, tracker)
-    record.tracker = tracker
+    made = _ensure_tracker(denoiser, record.layers, tracker)
+    record.originals = _apply_layers(denoiser, record.layers, made)
+    install_attention(denoiser, record.attention)
+    record.tracker, record.owns_tracker = made, made is not tracker
     return record
+
+
+def unquantize_(model: LoadedModel | nn.Module, record: QuantRecord) -> None:
+    """Takes back ``quantize_`` / ``apply_record``: the original layers, attention
+    processors and parameters, bit for bit (the state dict equals the one before).
+
+    Folds (SCRI, OS+, SmoothQuant) rewrite parameters of other modules — norm affines,
+    modulation Linears and tables, GEGLU projections — which unwrapping alone would leave
+    changed; the record remembers their values from before.
+
+    Args:
+        model: the LoadedModel or denoiser the record was applied to.
+        record: its record, from the same ``quantize_`` / ``apply_record`` call.
+
+    Raises:
+        UserError: the record holds values of parameters the model does not have.
+    """
+    from qvd_bench.quant.modules import unwrap
+    from qvd_bench.quant.transforms import restore_parameters
+
+    _, denoiser = _denoiser(model)
+    unwrap(denoiser)
+    restore_parameters(denoiser, record.originals)
+    if record.owns_tracker and hasattr(record.tracker, "detach"):
+        record.tracker.detach()
+    record.tracker, record.owns_tracker = None, False
 
 
 # --------------------------------------------------------------------------- quantize_
@@ -554,8 +653,7 @@ def quantize_(
     method = get_method(config.method)
     config = _resolve(config, method)
     run = stats if isinstance(stats, StatsRun) else StatsRun(stats)
-    if next(quant_wrappers(denoiser), None) is not None:
-        raise UserError("the model is already quantized; load a fresh one (or unwrap it)")
+    _check_unquantized(denoiser)
     layers = check_stats_match(denoiser, run)
     roles = {name: run.roles.get(name, "") for name in layers}
     check_config_names(config, roles)
@@ -563,13 +661,18 @@ def quantize_(
         _check_plan(plan, layers)
     elif method.uses_plan:
         plan = make_plan_for(run, config)
+    # Before any layer is touched: missing attention statistics fail with the model intact.
+    attention = attention_records(denoiser, run, config.attention_bits)
     ctx = QuantContext(loaded, denoiser, run, plan, config, tracker, layers, roles)
     records = method.prepare(ctx)
     _check_records(ctx, records)
-    tracker = _ensure_tracker(denoiser, records, tracker)
-    _apply_layers(denoiser, records, tracker)
+    made = _ensure_tracker(denoiser, records, tracker)
+    originals = _apply_layers(denoiser, records, made)
     _check_wrapped(denoiser, ctx, records)
-    return QuantRecord(config, _model_identity(loaded), records, tracker)
+    install_attention(denoiser, attention)
+    record = QuantRecord(config, _model_identity(loaded), records, made, attention=attention)
+    record.originals, record.owns_tracker = originals, made is not tracker
+    return record
 
 
 def _check_records(ctx: QuantContext, records: list[LayerRecord]) -> None:
@@ -679,7 +782,12 @@ def coverage_report(run: StatsRun, record: QuantRecord) -> dict[str, Any]:
     ranges = {}
     for layer in record.layers:
         span = act_range(layer) if layer.a_bits is not None else None
-        if span is not None and "input_shift" not in layer.tensors:
+        # A transformed layer's range is on X̃ = (X − z)/s, not on the stored X.
+        if (
+            span is not None
+            and "transform" not in layer.info
+            and "input_shift" not in layer.tensors
+        ):
             ranges[layer.layer] = span
     if not ranges:
         return {"layers": 0, "mean": float("nan"), "table": None}
@@ -701,6 +809,13 @@ def quantize_command(
     bits_spec: str,
     out_dir: str | Path,
     plan_path: str | Path | None = None,
+    attention_bits: Sequence[int] = (),
+    *,
+    split_skip: bool = False,
+    granularity: str | None = None,
+    mixed: str | None = None,
+    mixed_bits: Sequence[int] = (4, 6, 8),
+    probe_seed: int | None = None,
 ) -> dict[str, Any]:
     """``qvd-bench quantize``: quantize a model from its statistics and save the record.
 
@@ -712,23 +827,58 @@ def quantize_command(
         bits_spec: e.g. "W4A8".
         out_dir: where ``record.safetensors`` and ``record.json`` go.
         plan_path: a plan JSON (``qvd-bench analyze``); decided from the statistics if None.
+        attention_bits: bits of the attention matmul inputs (``QuantConfig.attention_bits``:
+            one value, or four for q, k, v and softmax); () keeps attention in float.
+        split_skip: split quantization of skip concatenations (``QuantConfig.split_skip``).
+        granularity: activation granularity, "tensor", "timestep_group" or "token"; None
+            takes the method's default.
+        mixed: a mean bit budget ("A6", "W5"): bits per layer assigned from measured
+            sensitivity (``quant.sensitivity``); the decisions go to ``mixed.json`` and
+            ``mixed.parquet`` beside the record.
+        mixed_bits: the candidate bit-widths of a mixed assignment.
+        probe_seed: sampling seed of the sensitivity probe (default: the statistics'
+            seed + 1, noise not seen in calibration).
 
     Returns:
         A summary: the record's counts, the output directory, level coverage of the
-        calibrated ranges and, per temporal-feature layer, the quantizer's TDScore.
+        calibrated ranges, per temporal-feature layer the quantizer's TDScore, the
+        attention quantizers (``summary["attention"]``) and, with ``split_skip``, what
+        was split (``summary["split_skip"]``).
     """
     from qvd_bench.analysis.plan import QuantPlan
     from qvd_bench.models.zoo import load_model, load_run_model
 
     w_bits, a_bits = parse_bits(bits_spec)
     get_method(method)  # an unknown name fails before any loading
+    config = QuantConfig(
+        method,
+        w_bits,
+        a_bits,
+        granularity=granularity,
+        attention_bits=tuple(attention_bits),
+        split_skip=split_skip,
+    )
     run = StatsRun(stats)
     plan = QuantPlan.load(plan_path) if plan_path is not None else None
     loaded = load_run_model(run) if model is None else load_model(model)
     layers = dict(leaf_layers(loaded.denoiser))
-    record = quantize_(loaded, QuantConfig(method, w_bits, a_bits), stats=run, plan=plan)
+    decisions = None
+    if mixed is not None:
+        from qvd_bench.quant.sensitivity import Budget, mixed_config, probe_for_run
+
+        budget = Budget.parse(mixed)
+        check_config_names(config, {n: run.roles.get(n, "") for n in layers})
+        probe = probe_for_run(loaded, run, seed=probe_seed)
+        config, decisions = mixed_config(
+            loaded, run, config, budget, probe, candidates=mixed_bits, plan=plan, progress=True
+        )
+    record = quantize_(loaded, config, stats=run, plan=plan)
     record.save(out_dir)
     summary = record.summary()
+    if decisions is not None:
+        from qvd_bench.quant.sensitivity import write_mixed
+
+        summary["mixed"] = write_mixed(out_dir, budget, config, decisions, probe)
     summary["out_dir"] = str(out_dir)
     summary["coverage"] = coverage_report(run, record)
     summary["temporal"] = temporal_report(run, record, layers)

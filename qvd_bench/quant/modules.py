@@ -198,17 +198,21 @@ class DynamicTokenActQuant(ActQuantizer):
 
     Args:
         bits: b, an integer in 2..16.
+        clip_ratio: share of each token's range kept, in (0, 1].
     """
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, clip_ratio: float = 1.0):
         super().__init__()
         self.bits = check_bits(bits)
+        if not 0.0 < clip_ratio <= 1.0:
+            raise UserError(f"a per-token clip ratio must be in (0, 1], got {clip_ratio}")
+        self.clip_ratio = float(clip_ratio)
 
     def forward(self, x: Tensor, channel_dim: int = -1) -> Tensor:
-        return fake_quant_dynamic_per_token(x, self.bits, channel_dim)
+        return fake_quant_dynamic_per_token(x, self.bits, channel_dim, self.clip_ratio)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return f"bits={self.bits}, clip_ratio={self.clip_ratio:g}"
 
 
 class LevelActQuant(ActQuantizer):
@@ -540,19 +544,28 @@ def quant_wrappers(model: nn.Module) -> Iterator[tuple[str, QuantWrapper]]:
 
 
 def set_enabled(model: nn.Module, enabled: bool) -> None:
-    """Turns quantization of every wrapper in ``model`` on or off (off: exact passthrough)."""
+    """Turns quantization of every wrapper and quantized attention processor in ``model`` on
+    or off (off: exact passthrough)."""
+    # Imported here: quant/attention.py builds on this module's quantizers.
+    from qvd_bench.quant.attention import set_attention_enabled
+
     for _, wrapper in quant_wrappers(model):
         wrapper.enabled = bool(enabled)
+    set_attention_enabled(model, enabled)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Restores the original module of every ``QuantWrapper`` in ``model``, in place.
+    """Restores the original module of every ``QuantWrapper`` in ``model``, and the original
+    processor of every quantized attention module, in place.
 
     Returns:
         ``model``, or its original module when ``model`` itself is a wrapper.
     """
+    from qvd_bench.quant.attention import restore_processors
+
     if isinstance(model, QuantWrapper):
         return unwrap(model.module)
+    restore_processors(model)
     for name, _ in list(quant_wrappers(model)):
         wrapper = model.get_submodule(name)
         swap_module(model, name, wrapper.module)

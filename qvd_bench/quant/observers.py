@@ -290,6 +290,38 @@ def shrink_search(
     return factors[errors.argmin(0)]
 
 
+def token_clip_ratio(
+    rows: Tensor, bits: int, p: float = 2.4, grid: int | Sequence[float] = 20
+) -> float:
+    """One shrink factor for every token's own range: dynamic per-token with clipping.
+
+    Per-token ranges are taken at run time, so only a ratio can be calibrated offline: the
+    α minimising the mean Lp error of ``fake_quant_dynamic_per_token(rows, bits, α)`` over
+    the sampled rows (tokens). Without it a token's range is its unclipped min-max, which
+    loses to an MSE-clipped static range on single-token inputs (time embeddings).
+
+    Args:
+        rows: (N, C) sampled layer inputs, one token per row (finite).
+        bits: b, an integer in 2..16.
+        p: the Lp exponent.
+        grid: see ``shrink_factors`` (a count n tries 1 − i/n, i < n).
+
+    Returns:
+        The best factor in (0, 1] (1.0 without rows; ties: the earliest in the grid).
+    """
+    from qvd_bench.quant.primitives import fake_quant_dynamic_per_token
+
+    p = _check_p(p)
+    if rows.numel() == 0:
+        return 1.0
+    xc = rows.to(F64)
+    errors = [
+        float((fake_quant_dynamic_per_token(xc, bits, -1, float(alpha)) - xc).abs().pow(p).mean())
+        for alpha in shrink_factors(grid).tolist()
+    ]
+    return float(shrink_factors(grid)[int(np.argmin(errors))])
+
+
 def mse_range(
     rows: Tensor,
     bits: int,

@@ -271,17 +271,21 @@ def fake_quant_affine(
     return fake_quant(x, scale, zero_point, q_min, q_max)
 
 
-def fake_quant_dynamic_per_token(x: Tensor, bits: int, channel_dim: int = -1) -> Tensor:
+def fake_quant_dynamic_per_token(
+    x: Tensor, bits: int, channel_dim: int = -1, clip_ratio: float = 1.0
+) -> Tensor:
     """Dynamic per-token asymmetric fake quantization (ViDiT-Q style).
 
     A token is one position of every axis but ``channel_dim``; each token is quantized with
-    the qparams of its own [min, max] (widened to contain 0, as ``affine_qparams``),
-    computed on the fly in float32 (float64 for float64 inputs).
+    the qparams of its own [min, max] (widened to contain 0, as ``affine_qparams``) times
+    ``clip_ratio``, computed on the fly in float32 (float64 for float64 inputs).
 
     Args:
         x: any shape with channels on ``channel_dim`` (−1 for Linear inputs, 1 for conv).
         bits: b, an integer in 2..16.
         channel_dim: the axis reduced to find each token's range.
+        clip_ratio: in (0, 1]: the share of each token's range kept (values beyond are
+            clipped), calibrated offline per layer (``observers.token_clip_ratio``).
 
     Returns:
         Shaped and typed like ``x``; at most 2^b distinct values per token.
@@ -291,6 +295,8 @@ def fake_quant_dynamic_per_token(x: Tensor, bits: int, channel_dim: int = -1) ->
     # amin and amax, not aminmax: two reductions are faster on CPU than the fused one.
     lo = xc.amin(dim=channel_dim, keepdim=True).clamp_(max=0.0)
     hi = xc.amax(dim=channel_dim, keepdim=True).clamp_(min=0.0)
+    if clip_ratio != 1.0:
+        lo, hi = lo * clip_ratio, hi * clip_ratio
     # affine_qparams inlined: no validation or dtype round trips in the forward path.
     scale = ((hi - lo) / (q_max - q_min)).clamp_(min=EPS)
     zero_point = (q_min - torch.round(lo / scale)).clamp_(q_min, q_max)

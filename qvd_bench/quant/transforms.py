@@ -2,21 +2,36 @@
 
 A transform with shift z (C,) and scale s (C,) computes a layer on X̃ = (X − z)/s with
 W̃ = W·diag(s) and b̃ = b + W·z (summed over a conv's kernel), which leaves its output
-unchanged (DESIGN.md section 5: SCRI, OS+, SmoothQuant with z = 0). Where the input is
-the output of a norm with nothing in between, the transform folds into that norm exactly:
+unchanged (DESIGN.md section 5: SCRI, OS+, SmoothQuant with z = 0). Where what produces
+the input can absorb the transform, it folds there exactly (``KINDS``):
 
-- ``folded_norm``: the norm's affine (GroupNorm / LayerNorm), γ' = γ/s, β' = (β − z)/s;
-- ``folded_adaln``: the Linear that computes the norm's modulation (shift, scale) from the
-  timestep (adaLN without a shared table): its shift rows become (shift − z)/s and its
-  scale rows (1 + scale)/s − 1, exact at every timestep;
-- ``explicit``: everywhere else (an activation, a reshape with a pad, or a modulation
-  computed once for every block lies between the norm and the layer): the wrapper
-  computes (X − z)/s before its quantizer (``QuantWrapper.set_input_transform``).
+- ``folded_norm``: into the affine of a norm that feeds the layer directly (GroupNorm /
+  LayerNorm): γ' = γ/s, β' = (β − z)/s;
+- ``folded_adaln``: into the Linear that computes a norm's modulation (shift, scale) from
+  the timestep, one Linear per block (CogVideoX's adaLN-zero): its shift rows become
+  (shift − z)/s and its scale rows (1 + scale)/s − 1, exact at every timestep;
+- ``folded_adaln_shift``: into the per-block modulation table of adaLN-single (Latte,
+  PixArt) and Wan, where shift = table[k] + m(t) with m one Linear shared by every block:
+  z folds into the table row exactly (table[k] − z), s cannot (it would scale m(t) for
+  every block at once), so the wrapper still divides by s (nothing when s = 1);
+- ``folded_geglu_scale``: into the linear half of a GEGLU / SwiGLU projection feeding the
+  FFN output layer, X = h ⊙ act(gate): h/s gives X/s exactly, X − z has no such form, so
+  the wrapper still subtracts z/s (nothing when z = 0);
+- ``explicit``: everywhere else (an activation, a reshape with a pad, or nothing that
+  can absorb it between the norm and the layer): the wrapper computes (X − z)/s before
+  its quantizer (``QuantWrapper.set_input_transform``).
 
-Every layer a norm feeds gets the same (z, s) (q, k and v of a self-attention). Sites
-come from ``FOLD_TABLE``, a small declarative table keyed by block class, never by model
-name; a site is used only when its checks pass (norm has an affine, consumers exist,
-convs are unpadded, the attention applies no norm of its own).
+What the wrapper still computes is the record's ``input_shift`` / ``input_scale``: the
+whole (z, s) when explicit, the part a partial fold leaves, None when fully folded.
+
+Every layer one source feeds gets the same (z, s) (q, k and v of a self-attention).
+Sites come from ``FOLD_TABLE``, a small declarative table keyed by block class, never by
+model name; a site is used only when its checks pass (the source exists with the right
+shape, consumers exist, convs are unpadded, the attention applies no norm of its own).
+A site's source may itself be a transformed layer (a modulation Linear, a GEGLU
+projection): such sites go first (``fold_order``) so that the layer is transformed with
+its rewritten rows. Folds rewrite parameters in place; ``restore_parameters`` puts the
+values ``apply_channel_transform`` replaced back.
 """
 
 from __future__ import annotations
@@ -32,7 +47,9 @@ from qvd_bench.models.family import LoadedModel
 from qvd_bench.models.roles import leaf_layers
 from qvd_bench.quant.modules import CONV_TYPES, QuantWrapper, swap_module
 
-KINDS = ("folded_norm", "folded_adaln", "explicit")
+KINDS = ("folded_norm", "folded_adaln", "folded_adaln_shift", "folded_geglu_scale", "explicit")
+# Kinds whose source is a parameter of the block (a modulation table), not a module.
+_TABLE_KINDS = ("folded_adaln_shift",)
 
 _QKV = ("to_q", "to_k", "to_v")
 _LN_TYPES = ("layer_norm", "layer_norm_i2vgen")
@@ -59,19 +76,44 @@ def _cross_attn2(block: nn.Module) -> bool:
     return attn2 is not None and attn2.is_cross_attention
 
 
+def _ada_single(block: nn.Module) -> bool:
+    """A BasicTransformerBlock modulated by adaLN-single (its own table + a shared Linear)."""
+    return getattr(block, "norm_type", "") == "ada_norm_single" and (
+        getattr(block, "pos_embed", None) is None
+    )
+
+
+def _gated_ffn(ff: nn.Module) -> bool:
+    """A FeedForward whose output Linear reads h ⊙ act(gate) through a dropout only."""
+    net = getattr(ff, "net", None)
+    return (
+        isinstance(net, nn.ModuleList)
+        and len(net) >= 3
+        and type(net[0]).__name__ in _GATED_ACTIVATIONS
+        and isinstance(net[1], nn.Dropout)
+        and isinstance(net[2], nn.Linear)
+    )
+
+
+# Gated activations computing proj(x).chunk(2) -> (h, gate) -> h * act(gate).
+_GATED_ACTIVATIONS = ("GEGLU", "SwiGLU")
+
+
 @dataclass(frozen=True)
 class FoldRule:
     """One exact fold site of a block class.
 
     Attributes:
         blocks: block class names the rule applies to.
-        source: the norm (``folded_norm``) or modulation Linear (``folded_adaln``),
-            relative to the block.
+        source: relative to the block: the norm (``folded_norm``), the modulation Linear
+            (``folded_adaln``), the modulation table parameter (``folded_adaln_shift``)
+            or the gated projection Linear (``folded_geglu_scale``).
         layers: the layers the source feeds, relative to the block; all get one (z, s).
-        kind: "folded_norm" or "folded_adaln".
+        kind: one of ``KINDS`` except "explicit".
         when: extra structural condition on the block.
-        chunks: adaLN only: the number of equal row chunks of the modulation Linear.
-        pairs: adaLN only: (shift chunk, scale chunk) of every stream feeding the layers.
+        chunks: adaLN kinds: the number of equal row chunks of the modulation Linear or
+            table (the table's last axis is the channel axis).
+        pairs: adaLN kinds: (shift chunk, scale chunk) of every stream feeding the layers.
     """
 
     blocks: tuple[str, ...]
@@ -143,23 +185,62 @@ FOLD_TABLE: tuple[FoldRule, ...] = (
         chunks=2,
         pairs=((0, 1),),
     ),  # fmt: skip
+    # adaLN-single (Latte) and Wan: a per-block table (shift_msa, scale_msa, gate_msa,
+    # shift_mlp, scale_mlp, gate_mlp) plus a modulation shared by every block.
+    FoldRule(
+        ("BasicTransformerBlock",),
+        "scale_shift_table",
+        _qkv("attn1"),
+        "folded_adaln_shift",
+        when=lambda b: _ada_single(b) and not b.only_cross_attention,
+        chunks=6,
+        pairs=((0, 1),),
+    ),  # fmt: skip
+    FoldRule(
+        ("BasicTransformerBlock",),
+        "scale_shift_table",
+        ("ff.net.0.proj",),
+        "folded_adaln_shift",
+        when=_ada_single,
+        chunks=6,
+        pairs=((3, 4),),
+    ),  # fmt: skip
+    FoldRule(
+        ("WanTransformerBlock",),
+        "scale_shift_table",
+        _qkv("attn1"),
+        "folded_adaln_shift",
+        chunks=6,
+        pairs=((0, 1),),
+    ),  # fmt: skip
+    FoldRule(
+        ("WanTransformerBlock",),
+        "scale_shift_table",
+        ("ffn.net.0.proj",),
+        "folded_adaln_shift",
+        chunks=6,
+        pairs=((3, 4),),
+    ),  # fmt: skip
+    # The final norm: (shift, scale) from the model's table plus the shared embedding.
+    FoldRule(
+        ("LatteTransformer3DModel", "WanTransformer3DModel"),
+        "scale_shift_table",
+        ("proj_out",),
+        "folded_adaln_shift",
+        chunks=2,
+        pairs=((0, 1),),
+    ),  # fmt: skip
+    # GEGLU / SwiGLU: the output Linear reads h ⊙ act(gate), h the first half of proj.
+    FoldRule(("FeedForward",), "net.0.proj", ("net.2",), "folded_geglu_scale", when=_gated_ffn),
 )
 
 # Why a layer has no fold site, by (block class, layer suffix); first match wins.
 _EXPLICIT_REASONS: tuple[tuple[str, str, str], ...] = (
     (
-        "BasicTransformerBlock",
         "",
-        "adaLN-single: the modulation comes from one Linear shared "
-        "by every block (plus a per-block table), so s cannot fold per block",
-    ),  # fmt: skip
-    (
-        "WanTransformerBlock",
-        "",
-        "the modulation comes from one Linear shared by every block "
-        "(plus a per-block table), so s cannot fold per block",
-    ),  # fmt: skip
-    ("", "net.2", "GELU/GEGLU between the norm and the layer"),
+        "net.2",
+        "an activation (GELU, or a GEGLU gate that cannot fold) between the norm and the layer",
+    ),
     ("ResnetBlock2D", "", "SiLU between the GroupNorm and the conv"),
     ("TemporalResnetBlock", "", "SiLU between the GroupNorm and the conv"),
     ("TemporalConvLayer", "", "SiLU between the GroupNorm and the conv"),
@@ -185,6 +266,16 @@ class FoldSite:
 
     @property
     def reason(self) -> str:
+        if self.kind == "folded_adaln_shift":
+            return (
+                f"shift folded into the modulation table {self.source}; the scale stays "
+                "explicit (the modulation Linear is shared by every block)"
+            )
+        if self.kind == "folded_geglu_scale":
+            return (
+                f"scale folded into the linear half of {self.source}; the shift stays "
+                "explicit (the gate multiplies it)"
+            )
         what = "affine" if self.kind == "folded_norm" else "modulation rows"
         return f"folded into the {what} of {self.source}"
 
@@ -201,7 +292,13 @@ class TransformRecord:
         scale: s (C,) float64.
         folded: new values of other modules' parameters, by ``state_dict`` name.
         weights: layer -> W̃ = W·diag(s) in the layer's dtype.
-        biases: layer -> b̃ = b + W·z (folded kinds; an explicit wrapper computes its own).
+        biases: layer -> b̃ = b + W·z where z is folded (a wrapper that subtracts a shift
+            itself computes its own bias).
+        input_shift: (C,) float64, the shift the wrapper still subtracts (z, or z/s after
+            a scale fold), or None.
+        input_scale: (C,) float64, the scale the wrapper still divides by, or None.
+        replaced: the values ``folded`` overwrote, by ``state_dict`` name (set by
+            ``apply_channel_transform``; ``restore_parameters`` writes them back).
     """
 
     kind: str
@@ -212,10 +309,19 @@ class TransformRecord:
     folded: dict[str, Tensor] = field(default_factory=dict)
     weights: dict[str, Tensor] = field(default_factory=dict)
     biases: dict[str, Tensor] = field(default_factory=dict)
+    input_shift: Tensor | None = None
+    input_scale: Tensor | None = None
+    replaced: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def explicit(self) -> bool:
+        """True when nothing folds (the wrapper computes the whole transform)."""
         return self.kind == "explicit"
+
+    @property
+    def has_input_transform(self) -> bool:
+        """True when the wrapper computes some of the transform itself."""
+        return self.input_shift is not None or self.input_scale is not None
 
 
 # --------------------------------------------------------------------------- sites
@@ -246,17 +352,32 @@ def _consumer_ok(root: nn.Module, name: str) -> bool:
     )
 
 
-def _source_ok(root: nn.Module, rule: FoldRule, name: str) -> bool:
+def _channels(module: nn.Module) -> int:
+    """Input channels of a Linear / Conv layer."""
+    groups = module.groups if isinstance(module, CONV_TYPES) else 1
+    return module.weight.shape[1] * groups
+
+
+def _source_ok(root: nn.Module, rule: FoldRule, name: str, channels: int) -> bool:
+    """The source exists and has the shape the rule's fold needs for ``channels`` inputs."""
+    if rule.kind in _TABLE_KINDS:
+        try:
+            table = root.get_parameter(name)
+        except AttributeError:
+            return False
+        return table.shape[-1] == channels and table.numel() == rule.chunks * channels
     try:
         source = root.get_submodule(name)
     except AttributeError:
         return False
     if rule.kind == "folded_norm":
-        return _has_affine(source)
+        return _has_affine(source) and source.weight.numel() == channels
+    if rule.kind == "folded_geglu_scale":
+        return isinstance(source, nn.Linear) and source.out_features == 2 * channels
     return (
         isinstance(source, nn.Linear)
         and source.bias is not None
-        and (source.out_features % rule.chunks == 0)
+        and source.out_features == rule.chunks * channels
     )
 
 
@@ -278,15 +399,42 @@ def fold_sites(denoiser: nn.Module) -> dict[str, FoldSite]:
                 continue
             source = prefix + rule.source
             layers = tuple(prefix + layer for layer in rule.layers)
-            if not _source_ok(denoiser, rule, source):
-                continue
             if not all(_consumer_ok(denoiser, layer) for layer in layers):
+                continue
+            channels = {_channels(denoiser.get_submodule(layer)) for layer in layers}
+            if len(channels) != 1 or not _source_ok(denoiser, rule, source, channels.pop()):
                 continue
             if any(layer in sites for layer in layers):
                 continue
             site = FoldSite(rule.kind, source, layers, rule.chunks, rule.pairs)
             sites.update(dict.fromkeys(layers, site))
     return sites
+
+
+def fold_order(sites: dict[str, FoldSite]) -> list[FoldSite]:
+    """The distinct sites, each before any site that feeds its source.
+
+    A site whose source is a layer another site feeds (a GEGLU projection after a norm)
+    must fold first: that layer is then transformed with its rewritten rows. Otherwise
+    sites keep their order in ``sites``.
+
+    Args:
+        sites: ``fold_sites(denoiser)`` (or a subset).
+
+    Returns:
+        The sites in a valid folding order.
+    """
+    pending = list(dict.fromkeys(sites.values()))
+    ordered: list[FoldSite] = []
+    while pending:
+        sources = {site.source for site in pending}
+        # A site may go when none of its layers is the source of a site still to go.
+        ready = [site for site in pending if not sources & set(site.layers)]
+        if not ready:  # a cycle cannot occur in a feed-forward model; keep the order
+            ready = pending[:1]
+        ordered += ready
+        pending = [site for site in pending if site not in ready]
+    return ordered
 
 
 def explicit_reason(denoiser: nn.Module, layer: str) -> str:
@@ -296,11 +444,6 @@ def explicit_reason(denoiser: nn.Module, layer: str) -> str:
                  range(len(parts) - 1, 0, -1)]  # fmt: skip
     for block, suffix, reason in _EXPLICIT_REASONS:
         if (not block or block in ancestors) and layer.endswith(suffix):
-            if block == "BasicTransformerBlock":
-                index = ancestors.index(block)
-                owner = denoiser.get_submodule(".".join(parts[: len(parts) - 1 - index]))
-                if getattr(owner, "norm_type", "") != "ada_norm_single":
-                    continue
             return reason
     return "no norm feeds the layer directly"
 
@@ -379,14 +522,38 @@ def _param(module: nn.Module, name: str, attr: str, params: dict[str, Tensor]) -
 def _folded_source(
     denoiser: nn.Module, site: FoldSite, z: Tensor, s: Tensor, params: dict[str, Tensor]
 ) -> dict[str, Tensor]:
-    """New parameters of the site's norm / modulation Linear."""
+    """New parameters of the site's source (by ``state_dict`` name), computed in float64.
+
+    Args:
+        denoiser: the denoiser.
+        site: the fold site.
+        z, s: (C,) the transform.
+        params: values already rewritten by other folds, used instead of the model's.
+    """
+    if site.kind in _TABLE_KINDS:
+        current = params.get(site.source)
+        table = denoiser.get_parameter(site.source) if current is None else current
+        rows = table.detach().to(torch.float64).reshape(site.chunks, -1).clone()
+        for shift_chunk, _ in site.pairs:
+            rows[shift_chunk] -= z.to(rows.device)
+        return {site.source: rows.reshape(table.shape).to(table.dtype)}
     source = denoiser.get_submodule(site.source)
     dtype = source.weight.dtype
     weight = _param(source, site.source, "weight", params).detach().to(torch.float64)
-    bias = _param(source, site.source, "bias", params).detach().to(torch.float64)
+    bias = _param(source, site.source, "bias", params)
+    bias = None if bias is None else bias.detach().to(torch.float64)
     z, s = z.to(weight.device), s.to(weight.device)
     if site.kind == "folded_norm":
         new_weight, new_bias = weight / s, (bias - z) / s
+    elif site.kind == "folded_geglu_scale":
+        # proj(x).chunk(2) = (h, gate): the first C rows compute h.
+        width = weight.shape[0] // 2
+        new_weight = weight.clone()
+        new_weight[:width] = weight[:width] / s[:, None]
+        new_bias = None
+        if bias is not None:
+            new_bias = bias.clone()
+            new_bias[:width] = bias[:width] / s
     else:
         width = weight.shape[0] // site.chunks
         new_weight, new_bias = weight.clone(), bias.clone()
@@ -397,10 +564,26 @@ def _folded_source(
             rows = slice(scale_chunk * width, (scale_chunk + 1) * width)
             new_weight[rows] = weight[rows] / s[:, None]
             new_bias[rows] = (1.0 + bias[rows]) / s - 1.0
-    return {
-        f"{site.source}.weight": new_weight.to(dtype),
-        f"{site.source}.bias": new_bias.to(dtype),
-    }
+    out = {f"{site.source}.weight": new_weight.to(dtype)}
+    if new_bias is not None:
+        out[f"{site.source}.bias"] = new_bias.to(dtype)
+    return out
+
+
+def _residual(kind: str, z: Tensor, s: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """(shift, scale) the wrapper still applies after a fold of ``kind`` (None: nothing).
+
+    After a scale fold the input is X/s, and (X − z)/s = X/s − z/s; after a shift fold it
+    is X − z. Identity parts are left out, so a fold that absorbs all there is to absorb
+    (s = 1 with a shift fold, z = 0 with a scale fold) leaves the wrapper plain.
+    """
+    if kind == "explicit":
+        return z, s
+    if kind == "folded_adaln_shift":
+        return None, (None if bool((s == 1).all()) else s)
+    if kind == "folded_geglu_scale":
+        return (None if bool((z == 0).all()) else z / s), None
+    return None, None
 
 
 def plan_transform(
@@ -427,8 +610,9 @@ def plan_transform(
         fold: False forces an explicit transform.
         sites: ``fold_sites(denoiser)``, to reuse.
         params: parameter values already rewritten by other folds (``state_dict`` name ->
-            tensor), used instead of the model's: a modulation Linear that is itself
-            transformed after a fold into its rows.
+            tensor), used instead of the model's: a modulation Linear or GEGLU projection
+            that is itself transformed after a fold into its rows, a table two sites
+            fold into.
 
     Returns:
         The TransformRecord (parameters in the model's dtype, on its device).
@@ -451,17 +635,19 @@ def plan_transform(
             if site is not None
             else explicit_reason(denoiser, names[0])
         )
-    first = modules[names[0]]
-    channels = first.weight.shape[1] * (first.groups if isinstance(first, CONV_TYPES) else 1)
-    z, s = _check_transform(shift, scale, channels)
+    z, s = _check_transform(shift, scale, _channels(modules[names[0]]))
     params = params or {}
-    record = TransformRecord(kind, names, reason, z, s)
+    input_shift, input_scale = _residual(kind, z, s)
+    record = TransformRecord(kind, names, reason, z, s, input_shift=input_shift,
+                             input_scale=input_scale)  # fmt: skip
     for name in names:
         module = modules[name]
         device = module.weight.device
         weight = _param(module, name, "weight", params)
         record.weights[name] = transformed_weight(module, s.to(device), weight)
-        if kind != "explicit":
+        if input_shift is None and kind != "explicit":
+            # z is folded upstream (or zero): b̃ = b + W·z replaces the bias. A wrapper
+            # that subtracts a shift itself computes its bias from its own weight.
             bias = _param(module, name, "bias", params)
             record.biases[name] = transformed_bias(module, z.to(device), weight, bias)
     if kind != "explicit":
@@ -470,13 +656,30 @@ def plan_transform(
 
 
 @torch.no_grad()
-def write_folded(denoiser: nn.Module, folded: dict[str, Tensor]) -> None:
-    """Writes folded parameters (by ``state_dict`` name) into the model in place."""
+def write_folded(denoiser: nn.Module, folded: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Writes folded parameters (by ``state_dict`` name) into the model in place.
+
+    Returns:
+        The values they replaced (copies), by the same names.
+    """
     state = denoiser.state_dict(keep_vars=True)
+    replaced = {}
     for name, value in folded.items():
         if name not in state:
             raise UserError(f"folded parameter {name!r} is not in the model")
+        replaced[name] = state[name].detach().clone()
         state[name].data.copy_(value.to(state[name]))
+    return replaced
+
+
+@torch.no_grad()
+def restore_parameters(denoiser: nn.Module, originals: dict[str, Tensor]) -> None:
+    """Writes original parameter values (by ``state_dict`` name) back, bit for bit."""
+    state = denoiser.state_dict(keep_vars=True)
+    for name, value in originals.items():
+        if name not in state:
+            raise UserError(f"parameter {name!r} to restore is not in the model")
+        state[name].data.copy_(value)
 
 
 def transform_wrapper(module: nn.Module, record: TransformRecord, layer: str) -> QuantWrapper:
@@ -484,8 +687,8 @@ def transform_wrapper(module: nn.Module, record: TransformRecord, layer: str) ->
     wrapper = QuantWrapper(
         module, None, None, weight=record.weights[layer], bias=record.biases.get(layer)
     )
-    if record.explicit:
-        wrapper.set_input_transform(record.shift, record.scale)
+    if record.has_input_transform:
+        wrapper.set_input_transform(record.input_shift, record.input_scale)
     return wrapper
 
 
@@ -499,11 +702,13 @@ def apply_channel_transform(
 ) -> TransformRecord:
     """Transforms a layer (or group) of the model in place, without quantizing.
 
-    Transform fold sites before the modulation Linears that feed them (a source already
-    wrapped is no longer found: the layers it feeds are then transformed explicitly).
-    Folded parameters are written into the model; every transformed layer becomes a
-    ``QuantWrapper`` without quantizers holding W̃ (and b̃, or the explicit input
-    transform), so the model computes the same function (up to rounding).
+    Transform sites in ``fold_order`` and before the layers their sources are (a source
+    already wrapped is no longer found: the layers it feeds are then transformed
+    explicitly). Folded parameters are written into the model (the values they replace
+    are kept in ``record.replaced``); every transformed layer becomes a ``QuantWrapper``
+    without quantizers holding W̃ (and b̃, or what is left of the input transform), so
+    the model computes the same function (up to rounding). ``undo_channel_transforms``
+    takes it back.
 
     Args:
         loaded: the model.
@@ -517,8 +722,24 @@ def apply_channel_transform(
     """
     denoiser = loaded.denoiser
     record = plan_transform(denoiser, layer_or_group, shift, scale, fold=fold)
-    write_folded(denoiser, record.folded)
+    record.replaced = write_folded(denoiser, record.folded)
     for name in record.layers:
         module = denoiser.get_submodule(name)
         swap_module(denoiser, name, transform_wrapper(module, record, name))
     return record
+
+
+def undo_channel_transforms(loaded: LoadedModel, records: Sequence[TransformRecord]) -> None:
+    """Takes back ``apply_channel_transform`` calls: the original layers and parameters.
+
+    Args:
+        loaded: the model.
+        records: the records of the calls, in the order they were made.
+    """
+    denoiser = loaded.denoiser
+    for record in reversed(records):
+        for name in record.layers:
+            wrapper = denoiser.get_submodule(name)
+            if isinstance(wrapper, QuantWrapper):
+                swap_module(denoiser, name, wrapper.module)
+        restore_parameters(denoiser, record.replaced)

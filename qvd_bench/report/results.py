@@ -28,7 +28,7 @@ INF_SUBSTITUTE_NOTE = (
 )
 
 
-def _png(fig: Figure) -> bytes:
+def figure_png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=render.FIGURE_DPI, metadata={"Software": None})
     return buffer.getvalue()
@@ -126,7 +126,7 @@ def results_blocks(result, config) -> list:
          "Teacher-forced SQNR of the CFG output at each sampling step, per method."),
     ]  # fmt: skip
     for file, fig, caption in figures:
-        blocks.append(FigureBlock(file, _png(fig), caption))
+        blocks.append(FigureBlock(file, figure_png(fig), caption))
     if np.isinf(results["value"].to_numpy(dtype=np.float64)).any():
         blocks.append(Notice(INF_SUBSTITUTE_NOTE))
     timings = result.timings.copy()

@@ -67,10 +67,10 @@ ACT_KINDS = ("none", "static", "group", "dynamic", "levels")
 
 # Tensor keys of a LayerRecord (all optional; shapes for a layer with O outputs, C inputs):
 TENSOR_KEYS = {
-    "weight_scale": "(O,) float32 per-output-channel symmetric weight scales",
+    "weight_scale": "(O,) float32 per-output-channel symmetric weight scales; (2, O) split",
     "weight": "a replacement float weight, shaped like the layer's (transformed / folded)",
     "bias": "(O,) a replacement bias",
-    "act_scale": "() static, or (G,) per timestep group, activation scale",
+    "act_scale": "() static, or (G,) per timestep group, activation scale; split: (2,), (2, G)",
     "act_zero_point": "like act_scale, int32 zero points",
     "levels": "(L,) float64 level set of a 'levels' activation quantizer",
     "input_shift": "(C,) or (G, C) per-input-channel shift z of X̃ = (X − z)/s",
@@ -188,6 +188,16 @@ class QuantContext:
         temporal = self.run.temporal
         have = set(temporal["layer"].astype(str).unique()) if not temporal.empty else set()
         return [n for n in self.layers if n in have]
+
+    @cached_property
+    def skip_splits(self) -> dict[str, int]:
+        """Layer -> C_h for the layers reading a skip concatenation ``cat([h, skip])``
+        (``quant.split.skip_splits``); empty unless ``config.split_skip``."""
+        if not self.config.split_skip:
+            return {}
+        from qvd_bench.quant.split import skip_splits
+
+        return {name: c for name, c in skip_splits(self.denoiser).items() if name in self.layers}
 
     @cached_property
     def input_channels(self) -> dict[str, Any]:
@@ -355,7 +365,7 @@ def act_quantizer(record: LayerRecord, tracker: Any) -> ActQuantizer | None:
             t["act_scale"], t["act_zero_point"], record.a_bits, groups, tracker, record.layer
         )
     if record.act == "dynamic":
-        return DynamicTokenActQuant(record.a_bits)
+        return DynamicTokenActQuant(record.a_bits, record.info.get("clip_ratio", 1.0))
     if record.act == "levels":
         return LevelActQuant(t["levels"])
     raise UserError(f"layer {record.layer!r}: unknown activation quantizer {record.act!r}")
@@ -437,6 +447,41 @@ def _rows_at(ctx: QuantContext, name: str, timesteps: list[float] | None) -> Ten
     return rows
 
 
+def _transform_f64(transform: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(z, s) of X̃ = (X − z)/s as flat float64 CPU tensors."""
+    shift, scale = transform
+    return (v.to(torch.float64).reshape(-1).cpu() for v in (shift, scale))
+
+
+def calibration_rows(
+    ctx: QuantContext,
+    name: str,
+    timesteps: list[float] | None,
+    transform: tuple[Tensor, Tensor] | None = None,
+    channels: Any = None,
+) -> Tensor:
+    """Finite reservoir rows of a layer, as its quantizer sees them.
+
+    Args:
+        ctx: the context.
+        name: the layer.
+        timesteps: the timestep values to take (all when None).
+        transform: (z, s) (C,) each: rows of X̃ = (X − z)/s instead of X.
+        channels: a column selection (one part of a split layer), all when None.
+
+    Returns:
+        (N, C') rows, float64 when transformed; may be empty.
+    """
+    rows = _rows_at(ctx, name, timesteps)
+    if channels is not None:
+        rows = rows[:, channels]
+    rows = rows[torch.isfinite(rows).all(1)] if rows.numel() else rows
+    if transform is not None:
+        shift, scale = _transform_f64(transform)
+        rows = (rows.to(torch.float64) - shift) / scale
+    return rows
+
+
 def temporal_rows(ctx: QuantContext, name: str) -> Tensor | None:
     """(T, C) float64 inputs of a temporal-feature layer on the stored timestep grid, or None.
 
@@ -454,13 +499,15 @@ def _extremes(
     name: str,
     timesteps: list[float] | None,
     transform: tuple[Tensor, Tensor] | None = None,
+    part: slice | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Per-channel min (C,), max (C,) and the number of input rows (tokens) they cover.
 
     With ``transform`` = (z, s) the extrema are those of X̃ = (X − z)/s (s > 0 keeps
     each channel's min below its max), over the temporal-feature grid too: z and s narrow
     each channel to its calibrated range, so a timestep outside the schedule would
-    otherwise be clipped.
+    otherwise be clipped. With ``part`` only those input channels are returned (the
+    token count is the layer's).
     """
     rows = ctx.input_channels.get(name)
     if rows is None or rows.empty:
@@ -484,9 +531,11 @@ def _extremes(
     if grid is not None and grid.shape[1] == channels:
         lo, hi = torch.minimum(lo, grid.min(0).values), torch.maximum(hi, grid.max(0).values)
     if transform is not None:
-        shift, scale = (v.to(torch.float64).reshape(-1).cpu() for v in transform)
+        shift, scale = _transform_f64(transform)
         lo, hi = (lo - shift) / scale, (hi - shift) / scale
     keep = torch.from_numpy(keep)
+    if part is not None:
+        lo, hi, keep = lo[part], hi[part], keep[part]
     return lo[keep], hi[keep], max(tokens, 1)
 
 
@@ -556,6 +605,7 @@ def uniform_range(
     rule: str,
     timesteps: list[float] | None = None,
     transform: tuple[Tensor, Tensor] | None = None,
+    channels: slice | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-tensor [lo, hi] of a layer's inputs by a clipping rule, over some timesteps.
 
@@ -568,6 +618,9 @@ def uniform_range(
         timesteps: the timestep values to calibrate on (all when None).
         transform: (z, s) (C,) each: the range of X̃ = (X − z)/s instead of X ("mse"
             only), for a layer computed on transformed inputs.
+        channels: only these input channels (the reservoir columns and channel extrema
+            of a part of the input, e.g. one side of a skip concatenation); "minmax" and
+            "mse" only, without ``transform``.
 
     Returns:
         (lo, hi) 0-d float64 tensors.
@@ -576,19 +629,26 @@ def uniform_range(
 
     if transform is not None and rule != "mse":
         raise UserError(f"a transformed input is calibrated with 'mse', not {rule!r}")
+    if channels is not None:
+        if rule == "percentile" or transform is not None:
+            # Histograms merge every channel of the layer: no range of a channel subset.
+            raise UserError(
+                f"a range of some input channels needs the 'minmax' or 'mse' rule and no "
+                f"transform, got {rule!r}"
+            )
+        if rule == "minmax":
+            channel_lo, channel_hi, _ = _extremes(ctx, name, timesteps, part=channels)
+            return channel_lo.min(), channel_hi.max()
     if rule == "minmax":
         return minmax_range(ctx.run, name, timesteps)
     if rule == "percentile":
         return percentile_range(ctx.run, name, ctx.config.percentile, timesteps)
     if rule == "mse":
-        rows = _rows_at(ctx, name, timesteps)
-        rows = rows[torch.isfinite(rows).all(1)] if rows.numel() else rows
-        if transform is not None:
-            shift, scale = (v.to(torch.float64).reshape(-1).cpu() for v in transform)
-            rows = (rows.to(torch.float64) - shift) / scale
-        channel_lo, channel_hi, tokens = _extremes(ctx, name, timesteps, transform)
+        rows = calibration_rows(ctx, name, timesteps, transform, channels)
+        channel_lo, channel_hi, tokens = _extremes(ctx, name, timesteps, transform, channels)
         cover = None
         if transform is not None and zero_pads(ctx.layers[name]) is not None:
+            shift, scale = _transform_f64(transform)
             cover = -shift / scale
         return lp_clip_search(
             rows, channel_lo, channel_hi, tokens, ctx.a_bits(name), ctx.config.p, cover=cover
@@ -612,6 +672,9 @@ def set_uniform_act(
         granularity: "tensor", "timestep_group" or "token"; ``ctx.config.granularity``
             when None.
         transform: see ``uniform_range``.
+
+    With ``config.split_skip``, a layer reading a skip-connection concatenation gets one
+    quantizer per part instead (``quant.split.set_split_act``).
     """
     from qvd_bench.quant.primitives import affine_qparams, timestep_groups
 
@@ -619,8 +682,18 @@ def set_uniform_act(
     bits = ctx.a_bits(record.layer)
     record.a_bits = bits
     record.info["clipping"] = rule
+    if ctx.config.split_skip:
+        from qvd_bench.quant.split import set_split_act  # split.py imports this module
+
+        if set_split_act(ctx, record, rule, granularity, transform):
+            return record
     if granularity == "token":
         record.act = "dynamic"
+        if rule == "mse":
+            from qvd_bench.quant.observers import token_clip_ratio
+
+            rows = calibration_rows(ctx, record.layer, None, transform)
+            record.info["clip_ratio"] = token_clip_ratio(rows, bits, ctx.config.p)
         return record
     if granularity == "tensor":
         lo, hi = uniform_range(ctx, record.layer, rule, transform=transform)

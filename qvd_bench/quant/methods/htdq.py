@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qvd_bench.analysis.temporal import tdscore
+from qvd_bench.analysis.temporal import TemporalPairs
 from qvd_bench.quant.methods.base import (
     LayerRecord,
     Method,
@@ -122,9 +122,19 @@ def htdq_candidates(features: Tensor, bits: int, p: float = 2.4) -> list[Candida
     return out
 
 
-def score_candidate(features: Tensor, weight: Tensor, levels: Tensor) -> dict[str, Any]:
-    """TDScore, relative MSE and collisions of one level set (float64)."""
-    return tdscore(features, weight, lambda e: fake_quant_levels(e, levels))
+def score_candidate(
+    features: Tensor | TemporalPairs, weight: Tensor | None, levels: Tensor
+) -> dict[str, Any]:
+    """TDScore, relative MSE and collisions of one level set (float64).
+
+    Args:
+        features: (T, D) temporal features, or their ``TemporalPairs`` (then ``weight``
+            is not used: the pairs hold it).
+        weight: (O, D) the consuming layer's weight.
+        levels: (L,) the level set.
+    """
+    pairs = features if isinstance(features, TemporalPairs) else TemporalPairs(features, weight)
+    return pairs.score(fake_quant_levels(pairs.features, levels))
 
 
 @dataclass(frozen=True)
@@ -184,7 +194,8 @@ def htdq_search(
     e = torch.as_tensor(features).to(F64)
     w = torch.as_tensor(weight).detach().to(F64).reshape(weight.shape[0], -1)
     candidates = htdq_candidates(e, bits, p)
-    scores = [score_candidate(e, w, c.levels) for c in candidates]
+    pairs = TemporalPairs(e, w)  # the float side, shared by every candidate
+    scores = [score_candidate(pairs, None, c.levels) for c in candidates]
     reference = scores[0]
     bound = reference["relative_mse"] * (1.0 + tolerance)
     best, best_key, feasible = 0, None, 0

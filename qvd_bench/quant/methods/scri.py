@@ -16,14 +16,21 @@ conv as every kernel tap's contribution (rows as pixels), since rows carry no
 neighbourhoods. After the choice, layers quantize like ``mse``: weights per output
 channel on W̃, activations per tensor (or per the configured granularity) on X̃,
 clipped by the Lp search on all rows. Transforms fold where ``transforms.fold_sites``
-finds an exact site, else they stay explicit (``input_shift`` / ``input_scale``).
+finds an exact site, else they stay explicit; what a partial fold leaves (the scale after
+a shift fold into a modulation table, the shift after a scale fold into a GEGLU
+projection) and an explicit transform are the record's ``input_shift`` / ``input_scale``.
+A record's ``folded`` holds the final value of every parameter it rewrote, after every
+fold of the method (two sites may fold into one modulation table).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -46,7 +53,13 @@ from qvd_bench.quant.primitives import (
     quant_levels,
     sqnr_db,
 )
-from qvd_bench.quant.transforms import FoldSite, TransformRecord, fold_sites, plan_transform
+from qvd_bench.quant.transforms import (
+    FoldSite,
+    TransformRecord,
+    fold_order,
+    fold_sites,
+    plan_transform,
+)
 
 F64 = torch.float64
 
@@ -54,6 +67,27 @@ F64 = torch.float64
 T_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 # The Lp search grid used while choosing t (the final quantizer uses the default grid).
 SEARCH_GRID = 50
+# Clipping searches memoised by the content of their inputs. SCRI, OS+, qvd and qvd-scri
+# evaluate many identical candidates (the same t on the same layer), and bit-widths that
+# share the weight or the activation bits repeat those searches exactly.
+_SEARCHES: dict[tuple, Any] = {}
+_SEARCH_CACHE_SIZE = 16384
+
+
+def _digest(x: Tensor) -> tuple[str, str, tuple[int, ...]]:
+    data = x.detach().cpu().contiguous()
+    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
+    return digest.hexdigest(), str(data.dtype), tuple(data.shape)
+
+
+def _memoised(key: tuple, compute: Callable[[], Any]) -> Any:
+    value = _SEARCHES.get(key)
+    if value is None:
+        value = compute()
+        if len(_SEARCHES) >= _SEARCH_CACHE_SIZE:
+            _SEARCHES.pop(next(iter(_SEARCHES)))
+        _SEARCHES[key] = value
+    return value
 
 
 # --------------------------------------------------------------------------- layer data
@@ -104,7 +138,7 @@ def group_data(
     """Statistics and weights of a group of layers sharing one input (the first's rows)."""
     params = params or {}
     first = layers[0]
-    lo, hi = minmax_channel_range(ctx.run, first)
+    lo, hi = _channel_range(ctx, first)
     lo, hi = torch.nan_to_num(lo), torch.nan_to_num(hi)
     data = ctx.run.reservoir[first]
     rows = data["rows"].to(F64)
@@ -127,6 +161,24 @@ def group_data(
     return GroupData(tuple(layers), lo, hi, rows, calibration, held_out, weights, biases)
 
 
+def _channel_range(ctx: QuantContext, name: str) -> tuple[Tensor, Tensor]:
+    """``minmax_channel_range(ctx.run, name)``: (C,) float64 per-channel min and max, NaN
+    for channels without data, from the context's per-layer split of the statistics
+    (numpy scatter-reductions instead of a groupby per layer)."""
+    rows = ctx.input_channels.get(name)
+    if rows is None or rows.empty:
+        return minmax_channel_range(ctx.run, name)  # its UserError names what is missing
+    channel = rows["channel"].to_numpy(np.int64)
+    lo = np.full(int(channel.max()) + 1, np.inf)
+    hi = np.full_like(lo, -np.inf)
+    np.minimum.at(lo, channel, rows["min"].to_numpy(np.float64))
+    np.maximum.at(hi, channel, rows["max"].to_numpy(np.float64))
+    seen = np.zeros(lo.shape, dtype=bool)
+    seen[channel] = True
+    lo[~seen], hi[~seen] = np.nan, np.nan
+    return torch.from_numpy(lo), torch.from_numpy(hi)
+
+
 def _tap_matrix(weight: Tensor, module: nn.Module) -> Tensor:
     """(O·K, C) matrix of a layer's per-tap weights (a Linear: (O, C))."""
     if not isinstance(module, CONV_TYPES) or weight.ndim == 2:
@@ -145,8 +197,18 @@ def _tap_matrix(weight: Tensor, module: nn.Module) -> Tensor:
 
 
 def _act_qparams(rows: Tensor, bits: int, p: float, grid: int = 100) -> tuple[float, float]:
-    lo, hi = mse_range(rows, bits, p, grid)
-    return float(lo), float(hi)
+    def search() -> tuple[float, float]:
+        lo, hi = mse_range(rows, bits, p, grid)
+        return float(lo), float(hi)
+
+    return _memoised(("act", _digest(rows), bits, float(p), grid), search)
+
+
+def _weight_scale(weight: Tensor, bits: int, clipping: str, p: float, grid: int) -> Tensor:
+    """``weight_qparams`` scales (O,) of a candidate's transformed weight, memoised."""
+    key = ("weight", _digest(weight), bits, clipping, float(p), grid)
+    scale = _memoised(key, lambda: weight_qparams(weight, bits, clipping, p=p, grid=grid)[0])
+    return scale.clone()
 
 
 def _fake_quant_rows(x: Tensor, lo: float, hi: float, bits: int) -> Tensor:
@@ -216,8 +278,8 @@ def evaluate(
         s_in = scale.reshape(groups, -1).repeat_interleave(weight.shape[0] // groups, 0)
         w_t = weight * s_in.reshape(weight.shape[0], -1, *([1] * (weight.ndim - 2)))
         w_bits = ctx.w_bits(name)
-        w_scale, _ = weight_qparams(w_t, w_bits, config.weight_clipping or "mse",
-                                    p=config.p, grid=SEARCH_GRID)  # fmt: skip
+        w_scale = _weight_scale(w_t, w_bits, config.weight_clipping or "mse", config.p,
+                                SEARCH_GRID)  # fmt: skip
         zero = torch.zeros_like(w_scale, dtype=torch.int32)
         w_q = fake_quant_affine(w_t, w_scale, zero, w_bits, 0, symmetric=True)
         taps, taps_q = _tap_matrix(weight, module), _tap_matrix(w_q.to(F64), module)
@@ -265,30 +327,24 @@ def choose_scri(ctx: QuantContext, data: GroupData) -> tuple[Candidate, Candidat
 
 
 def _groups(ctx: QuantContext, layers: Sequence[str], sites: dict[str, FoldSite]) -> list:
-    """Layer groups sharing one transform, fold sites first (their sources may be layers
-    transformed later, which must see the folded rows), then single layers.
+    """Layer groups sharing one transform: fold sites first, in ``fold_order`` (a site
+    whose source is a layer — a modulation Linear, a GEGLU projection — goes before that
+    layer, which must be transformed with its folded rows), then single layers.
 
     A fold site is used only when every layer it feeds is in ``layers`` and its source,
     if it is itself an in-scope layer, is in ``layers`` too; otherwise its layers go alone
     (explicit transforms: exact, and nothing outside ``layers`` changes).
     """
     chosen = set(layers)
-    folded, single, seen = [], [], set()
-    for name in layers:
-        if name in seen:
-            continue
-        site = sites.get(name)
-        if (
-            site is not None
-            and set(site.layers) <= chosen
-            and (site.source not in ctx.layers or site.source in chosen)
-        ):
-            folded.append(site.layers)
-            seen.update(site.layers)
-        else:
-            single.append((name,))
-            seen.add(name)
-    return folded + single
+    usable = {
+        name: site
+        for name, site in sites.items()
+        if name in chosen
+        and set(site.layers) <= chosen
+        and (site.source not in ctx.layers or site.source in chosen)
+    }
+    folded = [site.layers for site in fold_order(usable)]
+    return folded + [(name,) for name in layers if name not in usable]
 
 
 def transform_records(
@@ -324,6 +380,10 @@ def transform_records(
         params.update(placed.folded)
         for index, name in enumerate(placed.layers):
             records[name] = _transformed_record(ctx, name, placed, figures, method, index == 0)
+    for record in records.values():
+        # Final values: records are applied in module order, which need not be the order
+        # the folds were made in, and two sites may rewrite one parameter.
+        record.folded = {key: params[key].detach().cpu() for key in record.folded}
     return {name: records[name] for name in layers}
 
 
@@ -345,14 +405,21 @@ def _transformed_record(
     carries_fold: bool,
 ) -> LayerRecord:
     record = weight_record(ctx, name, weight=placed.weights[name], bias=placed.biases.get(name))
-    if placed.explicit:
-        record.tensors["input_shift"] = placed.shift.to(torch.float32)
-        record.tensors["input_scale"] = placed.scale.to(torch.float32)
+    if placed.input_shift is not None:
+        record.tensors["input_shift"] = placed.input_shift.to(torch.float32)
+    if placed.input_scale is not None:
+        record.tensors["input_scale"] = placed.input_scale.to(torch.float32)
     if carries_fold:
         record.folded = {k: v.detach().cpu() for k, v in placed.folded.items()}
     record.info["transform"] = {
         "method": method,
         "placement": placed.kind,
+        # What the wrapper still computes before its quantizer (the rest is folded).
+        "explicit_part": [
+            part
+            for part, value in (("shift", placed.input_shift), ("scale", placed.input_scale))
+            if value is not None
+        ],
         "group": list(placed.layers),
         "reason": placed.reason,
         **figures,
