@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--reference",
         default="fp",
-        help="Frechet reference: fp (FP generations paired by seed) or a directory of real videos",
+        help="Frechet reference: fp (FP generations paired by seed) or a directory of real "
+        "videos (videos.safetensors: 'videos', uint8 N x T x H x W x 3)",
     )
     evaluate.add_argument(
         "--stats", default=None, help="statistics run to calibrate from (default: collect one)"

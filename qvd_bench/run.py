@@ -9,6 +9,7 @@ time and the time each phase took.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -115,7 +116,8 @@ def run_command(
         weight_seed=weight_seed,
         seed=seed,
     )
-    print(format_settings(settings), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 prints and records
+        print(format_settings(settings), flush=True)
     started = time.perf_counter()
     config = harness.EvalConfig(
         model=settings["model"],
@@ -135,6 +137,8 @@ def run_command(
     )
     out = Path(out)
     result = harness.evaluate(config, out, progress=progress)
+    if result is None:  # not rank 0 of a multi-process run: rank 0 records and reports
+        return 0
     wall = time.perf_counter() - started
     timings = result.timings
     per_method = (

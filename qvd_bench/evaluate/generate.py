@@ -13,6 +13,9 @@ Predictions are stored raw (the denoiser's output, in the model's dtype); ``x0``
 them to x0-space with ``fidelity.to_x0`` when they are compared, so ε-, v- and
 flow-prediction models compare alike.
 
+The two CFG branches run as one batched forward per step when ``cfg_batch_safe`` says the
+model's quantizers allow it (every sample computed on its own), else as two.
+
 Cache: one safetensors file per (model, weight seed, method, bits, prompt index, seed,
 mode) under ``<results>/generations/``; the file name ends with a digest of everything
 else that decides the video (the prompt text, the sampling settings, the quantization
@@ -36,7 +39,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate.fidelity import to_x0
@@ -47,6 +50,8 @@ from qvd_bench.store import atomic_write
 
 MODES = ("free", "teacher")
 GENERATIONS_DIR = "generations"
+# Where quantization modules and attention processors come from (``cfg_batch_safe``).
+QUANT_PACKAGE = "qvd_bench.quant."
 
 
 class CacheWarning(UserWarning):
@@ -157,6 +162,44 @@ class Generation:
         )
 
 
+def cfg_batch_safe(denoiser: nn.Module) -> bool:
+    """Whether one forward on [uncond, cond] gives each branch what its own forward would.
+
+    The denoisers compute every sample on its own; so do the activation quantizers listed
+    here: per tensor with calibrated constants, per timestep group (the timestep is the
+    call's, the same for both branches), per token, on a level set, and split inputs made
+    of those. Any other quantizer or wrapper (subclasses included), and any other module
+    or attention processor of ``qvd_bench.quant``, makes the answer False (the branches
+    then run as separate forwards), so a quantizer that looks across samples is never
+    batched unknowingly.
+
+    Args:
+        denoiser: the model, FP or quantized in place.
+    """
+    from qvd_bench.quant import modules, split
+
+    safe = (
+        modules.QuantWrapper,
+        modules.StaticActQuant,
+        modules.GroupActQuant,
+        modules.DynamicTokenActQuant,
+        modules.LevelActQuant,
+        split.SplitQuantWrapper,
+        split.SplitActQuant,
+    )
+    for module in denoiser.modules():
+        kind = type(module)
+        quantizing = kind.__module__.startswith(QUANT_PACKAGE) or isinstance(
+            module, (modules.ActQuantizer, modules.QuantWrapper)
+        )
+        if quantizing and kind not in safe:
+            return False
+        processor = getattr(module, "processor", None)
+        if processor is not None and type(processor).__module__.startswith(QUANT_PACKAGE):
+            return False
+    return True
+
+
 def scheduler_for(loaded: LoadedModel, settings: GenerationSettings):
     """The scheduler ``generate`` samples with, with its timesteps set (for ``to_x0``)."""
     scheduler = sampling.make_scheduler(settings.scheduler, loaded.family.prediction_type)
@@ -172,6 +215,7 @@ def generate(
     *,
     tracker: CallTracker | None = None,
     teacher: Generation | None = None,
+    start: Generation | None = None,
 ) -> Generation:
     """Samples one video with ``sample_denoiser`` and records every step.
 
@@ -182,42 +226,77 @@ def generate(
         settings: sampling settings.
         tracker: the CallTracker attached to the denoiser (per-timestep quantizers read it).
         teacher: teacher forcing: feed ``teacher.inputs[i]`` at step i.
+        start: with ``teacher``, this model's free-running video of the same prompt and
+            seed. Both trajectories start from the same noise, so its first step is the
+            teacher-forced first step (the same call on the same input): it is taken
+            instead of computed again, one step in S saved. Not used when its first input
+            or its timesteps differ from the teacher's.
 
     Returns:
         The Generation (``latents`` None when teacher-forced).
     """
+    reuse = (
+        teacher is not None
+        and start is not None
+        and start.inputs is not None
+        and torch.equal(start.timesteps, teacher.timesteps)
+        and torch.equal(start.inputs[0], teacher.inputs[0])
+    )
+    first_step = 1 if reuse else 0
     cond_states, uncond_states = sampling.text_states_for_prompts(loaded, [prompt])
     steps: list[StepOutput] = []
-    latents = sampling.sample_denoiser(
-        loaded,
-        cond_states,
-        uncond_states,
-        steps=settings.steps,
-        guidance_scale=settings.guidance_scale,
-        seed=settings.seed,
-        sample_ids=[sample_id],
-        frames=settings.frames,
-        height=settings.height,
-        width=settings.width,
-        tracker=tracker,
-        scheduler=settings.scheduler,
-        observe=steps.append,
-        teacher_inputs=None if teacher is None else list(teacher.inputs),
-    )
+    latents = None
+    if not reuse or len(teacher.inputs) > 1:  # a one-step teacher-forced video is all reused
+        latents = sampling.sample_denoiser(
+            loaded,
+            cond_states,
+            uncond_states,
+            steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            seed=settings.seed,
+            sample_ids=[sample_id],
+            frames=settings.frames,
+            height=settings.height,
+            width=settings.width,
+            tracker=tracker,
+            scheduler=settings.scheduler,
+            observe=steps.append,
+            teacher_inputs=None if teacher is None else list(teacher.inputs),
+            batch_cfg=cfg_batch_safe(loaded.denoiser),
+            first_step=first_step,
+        )
 
     def stack(name: str) -> Tensor | None:
         values = [getattr(step, name) for step in steps]
+        if not values:
+            return None
         return None if values[0] is None else torch.stack([v.detach().cpu() for v in values])
 
-    forced = teacher is not None
+    def with_start(name: str, ran: Tensor | None) -> Tensor | None:
+        """The reused first step of ``start`` followed by the steps run here."""
+        if not reuse:
+            return ran
+        first = getattr(start, name)
+        if first is None:
+            return None
+        return first[:1].clone() if ran is None else torch.cat([first[:1], ran])
+
+    if teacher is not None:
+        timesteps = [step.timestep.detach().cpu() for step in steps]
+        return Generation(
+            timesteps=with_start("timesteps", torch.stack(timesteps) if timesteps else None),
+            prediction=with_start("prediction", stack("prediction")),
+            cond=with_start("cond", stack("cond")),
+            uncond=with_start("uncond", stack("uncond")),
+        )
     return Generation(
         timesteps=torch.stack([step.timestep.detach().cpu() for step in steps]),
         prediction=stack("prediction"),
         cond=stack("cond"),
         uncond=stack("uncond"),
-        latents=None if forced else latents.detach().cpu(),
-        inputs=None if forced else stack("latents"),
-        model_inputs=None if forced else stack("model_input"),
+        latents=latents.detach().cpu(),
+        inputs=stack("latents"),
+        model_inputs=stack("model_input"),
     )
 
 

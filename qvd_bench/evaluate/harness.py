@@ -8,13 +8,31 @@ For every weight seed the harness
 2. generates the FP reference videos (free-running, every step recorded);
 3. for every (bits, method): loads a fresh model (quantization swaps modules in place),
    quantizes it with ``quant.api.quantize_`` (one plan per bit-width, shared by the
-   methods) and generates each prompt twice: teacher-forced on the FP trajectory's
-   inputs, and free-running. A configuration that quantizes no layer (``fp``) is the
+   methods) and generates each prompt twice: free-running, and teacher-forced on the FP
+   trajectory's inputs (its first step, on the same noise, is the free-running one's and
+   is not computed again). A configuration that quantizes no layer (``fp``) is the
    reference model, so its videos are the reference's and nothing is generated;
 4. measures fidelity (always) and, where their weights are given, FVD / FID / CLIPSIM.
 
 Every video is cached (``generate.GenerationCache``): an interrupted evaluation resumes
 without regenerating finished videos, and a rerun regenerates nothing.
+
+Under ``torchrun --nproc_per_node=N`` (torch.distributed, gloo on CPU) the prompts are
+sharded across the processes as ``collect`` shards them (prompt i on rank i mod N): the
+collection merges its accumulators, every process quantizes each configuration itself
+(deterministic, so identically) and generates its own prompts' videos, and rank 0 gathers
+the per-prompt generations, measures and writes everything. Each video is computed alone
+from its own seeds and the statistics merge as ``collect``'s do (exactly with one prompt
+per process, else to float64 rounding), so the numbers equal a single process's. The
+output root must be one directory every process sees (one machine, or a shared
+filesystem): the statistics are read back from it and each process writes its own videos
+into the generation cache.
+
+The Frechet reference (``--reference``) is the FP generations paired by seed, or a
+directory of real videos (``videos.safetensors`` with one tensor ``videos``, uint8
+(N, T, H, W, 3)); Frechet rows name it in their ``reference`` column (``fp``, or
+``real:<directory name>/sha256:<16 hex digits of the file>``) and ``settings.json``
+records the file, its full digest and the number and shape of the videos.
 
 ``results.parquet`` has one row per (model, weight_seed, method, bits, metric, mode,
 branch, step, protocol, reference): ``value`` and ``n`` (the number of videos). Fidelity
@@ -47,9 +65,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from qvd_bench import store
+from qvd_bench.collect import distributed
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate import fidelity
 from qvd_bench.evaluate import generate as gen
@@ -83,6 +103,8 @@ RESULT_COLUMNS = (
 # (the HTDQ search compares every pair of grid points) while covering the schedule.
 STATS_TEMPORAL_STRIDE = 10
 STATS_RESERVOIR = 64
+REAL_VIDEOS_FILE = "videos.safetensors"
+REAL_VIDEOS_KEY = "videos"
 
 
 @dataclass(frozen=True)
@@ -140,13 +162,33 @@ def check_methods(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def check_bits(specs: Sequence[str]) -> tuple[str, ...]:
-    """Normalises bit-width specs ("w4a8" -> "W4A8")."""
+MIXED_SUFFIX = "-mixed"
+
+
+def split_bits_spec(spec: str) -> tuple[int, int, bool]:
+    """``"W8A6"`` -> (8, 6, False); ``"W8A6-mixed"`` -> (8, 6, True).
+
+    A mixed spec keeps weights at W bits and gives activations bits per layer from measured
+    sensitivity with a mean of at most A (``quant.sensitivity.mixed_config``, candidates
+    4, 6 and 8).
+    """
     from qvd_bench.quant.api import parse_bits
 
+    text = str(spec).strip()
+    mixed = text.lower().endswith(MIXED_SUFFIX)
+    w_bits, a_bits = parse_bits(text[: -len(MIXED_SUFFIX)] if mixed else text)
+    return w_bits, a_bits, mixed
+
+
+def check_bits(specs: Sequence[str]) -> tuple[str, ...]:
+    """Normalises bit-width specs ("w4a8" -> "W4A8", "w8a6-MIXED" -> "W8A6-mixed")."""
     if not specs:
         raise UserError("no bit-width given (e.g. W8A8,W4A8)")
-    return tuple(dict.fromkeys(f"W{w}A{a}" for w, a in (parse_bits(s) for s in specs)))
+    normalised = []
+    for spec in specs:
+        w_bits, a_bits, mixed = split_bits_spec(spec)
+        normalised.append(f"W{w_bits}A{a_bits}{MIXED_SUFFIX if mixed else ''}")
+    return tuple(dict.fromkeys(normalised))
 
 
 def check_protocols(frame: pd.DataFrame) -> None:
@@ -185,8 +227,8 @@ class EvalConfig:
         disparity, asymmetry: outlier knobs of presets (None: preset defaults).
         stats: a statistics run to quantize from (one weight seed only); None collects.
         reference: "fp" (FP generations paired by seed) or a directory of real videos
-            (``videos.safetensors`` holding ``videos``, uint8 (N, T, H, W, 3)) for the
-            Frechet metrics.
+            (``videos.safetensors`` holding ``videos``, uint8 (N, T, H, W, 3), N >= 1)
+            for the Frechet metrics; checked here, before anything runs.
         weights: metric name -> local weights path (FVD detectors, Inception, CLIP dir).
     """
 
@@ -215,10 +257,13 @@ class EvalConfig:
         object.__setattr__(self, "bits", check_bits(self.bits))
         for name in self.weights:
             METRICS.get(name)
-        if self.reference != "fp" and not Path(self.reference).is_dir():
-            raise UserError(
-                f"--reference must be 'fp' or a directory of real videos; {self.reference} is neither"
-            )
+        if self.reference != "fp":
+            if not Path(self.reference).is_dir():
+                raise UserError(
+                    f"--reference must be 'fp' or a directory of real videos; "
+                    f"{self.reference} is neither"
+                )
+            check_real_videos(self.reference)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -255,8 +300,18 @@ def stats_dir_for(out_dir: Path, model: str, weight_seed: int) -> Path:
     return Path(out_dir) / "stats" / f"{Path(model).name or 'model'}-w{weight_seed}"
 
 
-def ensure_stats(config: EvalConfig, weight_seed: int, out_dir: Path, progress: bool) -> Path:
+def ensure_stats(
+    config: EvalConfig,
+    weight_seed: int,
+    out_dir: Path,
+    progress: bool,
+    shard: Shard | None = None,
+) -> Path:
     """The statistics run of one weight seed: given, reused, or collected now; analyzed.
+
+    With several processes every one takes part in the collection (``collect`` shards the
+    prompts and merges the accumulators; rank 0 writes the run), rank 0 analyzes, and all
+    of them wait until the run is complete before going on.
 
     Raises:
         UserError: a run exists at the default place but was collected with other settings.
@@ -298,8 +353,10 @@ def ensure_stats(config: EvalConfig, weight_seed: int, out_dir: Path, progress: 
                 )
         else:
             collect(collect_config, run_dir, progress=progress)
-    if not (run_dir / ANALYSIS_FILE).exists():
+    shard = shard or Shard()
+    if shard.main and not (run_dir / ANALYSIS_FILE).exists():
         analyze(run_dir)
+    shard.barrier()
     return run_dir
 
 
@@ -415,22 +472,88 @@ def to_uint8_videos(latents: torch.Tensor, layout: str, value_range) -> torch.Te
     return (frames * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).contiguous()
 
 
+def check_real_videos(directory: str | Path) -> tuple[int, ...]:
+    """Checks a real-video reference directory from the file header, without loading it.
+
+    Args:
+        directory: holds ``videos.safetensors`` with ``videos``, uint8 (N, T, H, W, 3).
+
+    Returns:
+        The shape (N, T, H, W, 3).
+
+    Raises:
+        UserError: one line, when the file is absent (an empty directory), unreadable, or
+            holds no uint8 (N, T, H, W, 3) ``videos`` with N >= 1.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(directory) / REAL_VIDEOS_FILE
+    if not path.is_file():
+        raise UserError(
+            f"--reference {directory} holds no {REAL_VIDEOS_FILE}: put the real videos there "
+            f"as one tensor '{REAL_VIDEOS_KEY}', uint8 (N, T, H, W, 3)"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names = sorted(handle.keys())
+            if REAL_VIDEOS_KEY not in names:
+                raise UserError(
+                    f"{path} has no tensor '{REAL_VIDEOS_KEY}' (it has {', '.join(names) or 'none'})"
+                )
+            view = handle.get_slice(REAL_VIDEOS_KEY)
+            shape, dtype = tuple(view.get_shape()), view.get_dtype()
+    except (OSError, SafetensorError) as error:
+        reason = " ".join(str(error).split())
+        raise UserError(f"cannot read real videos from {path}: {reason}") from None
+    if dtype != "U8" or len(shape) != 5 or shape[-1] != 3 or shape[0] < 1:
+        raise UserError(
+            f"{path}: '{REAL_VIDEOS_KEY}' must be uint8 (N, T, H, W, 3) with N >= 1, got "
+            f"{dtype} {shape}"
+        )
+    return shape
+
+
 def load_real_videos(directory: str | Path) -> torch.Tensor:
-    """The real reference videos: ``videos`` in ``<dir>/videos.safetensors``."""
+    """The real reference videos: uint8 (N, T, H, W, 3), ``videos`` in
+    ``<dir>/videos.safetensors`` (checked by ``check_real_videos``)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(directory) / "videos.safetensors"
+    check_real_videos(directory)
+    path = Path(directory) / REAL_VIDEOS_FILE
     try:
-        videos = load_file(str(path))["videos"]
-    except (OSError, KeyError, SafetensorError) as error:
+        return load_file(str(path))[REAL_VIDEOS_KEY]
+    except (OSError, SafetensorError) as error:
         reason = " ".join(str(error).split())
         raise UserError(f"cannot read real videos from {path}: {reason}") from None
-    if videos.dtype != torch.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
-        raise UserError(
-            f"{path}: 'videos' must be uint8 (N, T, H, W, 3), got {tuple(videos.shape)}"
-        )
-    return videos
+
+
+def real_reference(directory: str | Path, videos: torch.Tensor) -> tuple[str, dict[str, Any]]:
+    """The id of a real reference set for the ``reference`` column, and its record.
+
+    The id names the directory and the file's content (``real:<name>/sha256:<16 hex>``),
+    so numbers measured against different real sets are told apart wherever they go.
+
+    Args:
+        directory: the reference directory.
+        videos: its videos, uint8 (N, T, H, W, 3).
+
+    Returns:
+        (id, JSON-safe record: directory, file, sha256, videos, shape).
+    """
+    from qvd_bench.evaluate.weights import sha256_of
+
+    path = Path(directory).resolve() / REAL_VIDEOS_FILE
+    digest = sha256_of(path)
+    record = {
+        "kind": "real",
+        "directory": str(path.parent),
+        "file": REAL_VIDEOS_FILE,
+        "sha256": digest,
+        "videos": int(videos.shape[0]),
+        "shape": [int(n) for n in videos.shape],
+    }
+    return f"real:{path.parent.name}/sha256:{digest[:16]}", record
 
 
 class WeightMetric:
@@ -490,6 +613,61 @@ def load_weight_metrics(config: EvalConfig, notices: list[str]) -> list[WeightMe
     return loaded
 
 
+# ----------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a (possibly multi-process) evaluation.
+
+    Attributes:
+        rank: this process's rank (0 for a single process).
+        world: the number of processes.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """True on rank 0, the process that measures and writes."""
+        return self.rank == 0
+
+    def prompts(self, count: int) -> list[int]:
+        """This process's prompt indices out of ``count``: i with i mod world == rank (the
+        split ``collect`` uses)."""
+        return [i for i in range(count) if i % self.world == self.rank]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def gather(self, local: dict[int, Generation], count: int) -> list[Generation] | None:
+        """Every process's generations, in prompt order, on rank 0 (None elsewhere).
+
+        Args:
+            local: prompt index -> this process's generation of it.
+            count: the number of prompts (their indices are 0..count-1 across processes).
+        """
+        if self.world == 1:
+            return [local[i] for i in range(count)]
+        payload = {i: g.tensors() for i, g in local.items()}
+        gathered: list[dict] | None = [{}] * self.world if self.main else None
+        dist.gather_object(payload, gathered, dst=0)
+        if not self.main:
+            return None
+        merged = {i: t for part in gathered for i, t in part.items()}
+        return [Generation.from_tensors(merged[i]) for i in range(count)]
+
+    def total(self, *values: int) -> tuple[int, ...]:
+        """The sums over processes of some per-process counts."""
+        if self.world == 1:
+            return values
+        summed = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(summed)
+        return tuple(int(v) for v in summed)
+
+
 # ----------------------------------------------------------------------------- the matrix
 
 
@@ -526,8 +704,8 @@ class _Quantized:
     """A model quantized on first use (a configuration whose videos are all cached is
     never quantized: reruns are free)."""
 
-    def __init__(self, run, quant, plans: dict):
-        self.run, self.quant, self.plans = run, quant, plans
+    def __init__(self, run, quant, plans: dict, mixed: bool = False):
+        self.run, self.quant, self.plans, self.mixed = run, quant, plans, mixed
         self.loaded: LoadedModel | None = None
         self.tracker = None
         self.record = None
@@ -545,6 +723,14 @@ class _Quantized:
                 self.plans[bits] = make_plan_for(self.run, self.quant)
             # Quantization swaps modules in place: every configuration gets a fresh model.
             loaded = zoo.load_run_model(self.run)
+            if self.mixed:
+                from qvd_bench.quant.sensitivity import Budget, mixed_config, probe_for_run
+
+                budget = Budget("a", float(self.quant.a_bits))
+                self.quant, _ = mixed_config(
+                    loaded, self.run, self.quant, budget, probe_for_run(loaded, self.run),
+                    plan=self.plans[bits],
+                )  # fmt: skip
             self.tracker = CallTracker(loaded.denoiser).attach()
             self.record = quantize_(
                 loaded, self.quant, stats=self.run, plan=self.plans[bits], tracker=self.tracker
@@ -559,37 +745,50 @@ class _Quantized:
 
 
 def reference_videos(
-    videos: _Videos, loaded: LoadedModel, settings: GenerationSettings
-) -> list[Generation]:
-    """The FP model's free-running videos, one per prompt."""
+    videos: _Videos,
+    loaded: LoadedModel,
+    settings: GenerationSettings,
+    indices: Sequence[int] | None = None,
+) -> dict[int, Generation]:
+    """The FP model's free-running videos of some prompts (all by default), by index."""
     context = {"settings": settings.to_dict(), "knobs": loaded.knobs}
     prompts = videos.config.prompts
-    return [
-        videos.get(
+    indices = range(len(prompts)) if indices is None else indices
+    return {
+        i: videos.get(
             videos.key(loaded, REFERENCE_METHOD, FP_BITS, i, "free", context),
             lambda i=i: gen.generate(loaded, prompts[i], i, settings),
         )
-        for i in range(len(prompts))
-    ]
+        for i in indices
+    }
 
 
 def quantized_videos(
     videos: _Videos,
     fp_model: LoadedModel,
-    reference: list[Generation],
+    reference: dict[int, Generation],
     quantized: _Quantized,
     context: dict[str, Any],
-) -> tuple[list[Generation], list[Generation]]:
-    """A configuration's teacher-forced and free-running videos, one each per prompt.
+) -> tuple[dict[int, Generation], dict[int, Generation]]:
+    """A configuration's teacher-forced and free-running videos of the reference's prompts.
 
-    A configuration that quantizes no layer is the FP model: its videos are the
-    reference's, and nothing is generated or cached.
+    Args:
+        videos: the cache and counters.
+        fp_model: the FP model (names the cache entries).
+        reference: prompt index -> the FP video it is teacher-forced on.
+        quantized: the configuration, quantized on first use.
+        context: what else decides the videos (for the cache key).
+
+    Returns:
+        (teacher-forced, free-running), each prompt index -> video. A configuration that
+        quantizes no layer is the FP model: its videos are the reference's, and nothing is
+        generated or cached.
     """
     config, settings = videos.config, videos.config.settings
     quant = quantized.quant
     keys = {
         (i, mode): videos.key(fp_model, quant.method, quant.bits, i, mode, context)
-        for i in range(len(config.prompts))
+        for i in reference
         for mode in ("teacher", "free")
     }
     if not all(videos.cache.path(key).exists() for key in keys.values()):
@@ -598,63 +797,85 @@ def quantized_videos(
             videos.bar.update(len(keys))
             return reference, reference
 
-    def make(i: int, mode: str) -> Generation:
-        teacher = reference[i] if mode == "teacher" else None
+    def make(
+        i: int, teacher: Generation | None = None, start: Generation | None = None
+    ) -> Generation:
         loaded = quantized.model()
-        tracker = quantized.tracker
         return gen.generate(
-            loaded, config.prompts[i], i, settings, tracker=tracker, teacher=teacher
-        )
+            loaded, config.prompts[i], i, settings, tracker=quantized.tracker,
+            teacher=teacher, start=start,
+        )  # fmt: skip
 
-    forced = [
-        videos.get(keys[(i, "teacher")], lambda i=i: make(i, "teacher"))
-        for i in range(len(reference))
-    ]
-    free = [
-        videos.get(keys[(i, "free")], lambda i=i: make(i, "free")) for i in range(len(reference))
-    ]
+    forced, free = {}, {}
+    for i in reference:
+        # Free-running first: its first step is the teacher-forced one's (same noise).
+        free[i] = videos.get(keys[(i, "free")], lambda i=i: make(i))
+        forced[i] = videos.get(
+            keys[(i, "teacher")], lambda i=i: make(i, teacher=reference[i], start=free[i])
+        )
     return forced, free
 
 
 def evaluate(
     config: EvalConfig, out_dir: str | Path, *, progress: bool = True, write_report: bool = True
-) -> EvalResult:
+) -> EvalResult | None:
     """Runs the methods × bit-widths × metrics matrix and writes the results.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) the prompts are sharded across the processes and
+    rank 0 measures and writes (module doc); the process group is joined here when the
+    caller has not, and left again at the end.
 
     Args:
         config: what to evaluate.
         out_dir: the output root: statistics go to ``stats/``, results (``results.parquet``,
             ``timings.parquet``, ``settings.json``, ``generations/``) to
             ``results/<model>/``, the report to ``reports/<model>/``.
-        progress: show a progress bar over videos.
+        progress: show a progress bar over videos (rank 0's).
         write_report: also write the HTML + Markdown report.
 
     Returns:
-        The EvalResult.
+        The EvalResult on rank 0 (the only process of a single-process run); None on the
+        other ranks.
     """
+    joined = not (dist.is_available() and dist.is_initialized())
+    shard = Shard(*distributed.rank_and_world())
+    try:
+        return _evaluate(config, Path(out_dir), shard, progress, write_report)
+    finally:
+        if shard.world > 1 and joined:
+            dist.destroy_process_group()
+
+
+def _evaluate(
+    config: EvalConfig, out_dir: Path, shard: Shard, progress: bool, write_report: bool
+) -> EvalResult | None:
     from qvd_bench.models import zoo
-    from qvd_bench.quant.api import QuantConfig, parse_bits
+    from qvd_bench.quant.api import QuantConfig
     from qvd_bench.store import StatsRun
 
-    out_dir = Path(out_dir)
     name = Path(config.model).name or "model"
     results_dir = out_dir / "results" / name
     notices: list[str] = []
-    weight_metrics = load_weight_metrics(config, notices)
-    real_videos = load_real_videos(config.reference) if config.reference != "fp" else None
-    if real_videos is not None and not weight_metrics:
-        notices.append(
-            f"--reference {config.reference} is used by the Frechet metrics only; fidelity "
-            "is always measured against the FP generations"
-        )
+    # Only rank 0 measures: the other processes load no metric network or reference set.
+    weight_metrics = load_weight_metrics(config, notices) if shard.main else []
+    real_videos, reference_id, reference_record = None, "fp", {"kind": "fp"}
+    if config.reference != "fp" and shard.main:
+        real_videos = load_real_videos(config.reference)
+        reference_id, reference_record = real_reference(config.reference, real_videos)
+        if not weight_metrics:
+            notices.append(
+                f"--reference {config.reference} is used by the Frechet metrics only; "
+                "fidelity is always measured against the FP generations"
+            )
     settings = config.settings
     prompts = len(config.prompts)
-    per_seed = prompts * (1 + 2 * len(config.methods) * len(config.bits))
+    mine = shard.prompts(prompts)
+    per_seed = len(mine) * (1 + 2 * len(config.methods) * len(config.bits))
     bar = tqdm(
         total=len(config.weight_seeds) * per_seed,
         desc="evaluate",
         unit="video",
-        disable=not progress,
+        disable=not (progress and shard.main),
     )
     videos = _Videos(GenerationCache(results_dir), config, bar)
     rows: list[dict[str, Any]] = []
@@ -663,38 +884,44 @@ def evaluate(
     try:
         for weight_seed in config.weight_seeds:
             started = time.perf_counter()
-            run = StatsRun(ensure_stats(config, weight_seed, out_dir, progress))
+            run = StatsRun(ensure_stats(config, weight_seed, out_dir, progress, shard))
             stats_dirs[weight_seed] = run.path
             timings.append(_timing(weight_seed, "statistics", "", time.perf_counter() - started))
             fp_model = zoo.load_run_model(run)
             scheduler = gen.scheduler_for(fp_model, settings)
             layout = fp_model.family.layout
             started = time.perf_counter()
-            reference = reference_videos(videos, fp_model, settings)
+            reference_local = reference_videos(videos, fp_model, settings, mine)
+            reference = shard.gather(reference_local, prompts)
             timings.append(
                 _timing(weight_seed, REFERENCE_METHOD, FP_BITS, 0.0, time.perf_counter() - started)
             )
-            value_range = latent_range(reference)
-            ref_uint8 = (
-                real_videos
-                if real_videos is not None
-                else to_uint8_videos(_cat(reference, "latents"), layout, value_range)
-            )
+            if shard.main:
+                value_range = latent_range(reference)
+                ref_uint8 = (
+                    real_videos
+                    if real_videos is not None
+                    else to_uint8_videos(_cat(reference, "latents"), layout, value_range)
+                )
             stats_context = {"stats": run.manifest["config"], "settings": settings.to_dict()}
             plans: dict[str, Any] = {}
             for bits in config.bits:
-                w_bits, a_bits = parse_bits(bits)
+                w_bits, a_bits, mixed = split_bits_spec(bits)
                 for method in config.methods:
                     quant = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits)
-                    quantized = _Quantized(run, quant, plans)
+                    quantized = _Quantized(run, quant, plans, mixed)
+                    context = {**stats_context, "quant": quant.to_dict()}
+                    if mixed:
+                        context["mixed"] = bits
                     started = time.perf_counter()
                     try:
-                        forced, free = quantized_videos(
-                            videos, fp_model, reference, quantized,
-                            {**stats_context, "quant": quant.to_dict()},
-                        )  # fmt: skip
+                        forced_local, free_local = quantized_videos(
+                            videos, fp_model, reference_local, quantized, context
+                        )
                     finally:
                         quantized.close()
+                    forced = shard.gather(forced_local, prompts)
+                    free = shard.gather(free_local, prompts)
                     elapsed = time.perf_counter() - started
                     timings.append(
                         _timing(
@@ -705,13 +932,15 @@ def evaluate(
                             elapsed - quantized.seconds,
                         )
                     )
+                    if not shard.main:
+                        continue
                     measured = teacher_forced_rows(reference, forced, scheduler)
                     measured += free_running_rows(reference, free, layout)
                     if weight_metrics:
                         test = to_uint8_videos(_cat(free, "latents"), layout, value_range)
                         for metric in weight_metrics:
                             measured += [
-                                {**row, "reference": config.reference}
+                                {**row, "reference": reference_id}
                                 for row in metric.rows(test, ref_uint8, config.prompts)
                             ]
                     ident = {
@@ -724,6 +953,9 @@ def evaluate(
                     rows += [{**ident, **row} for row in measured]
     finally:
         bar.close()
+    generated, cached = shard.total(videos.generated, videos.cached)
+    if not shard.main:
+        return None
 
     results = _results_frame(rows, config.metrics)
     check_protocols(results)
@@ -736,12 +968,12 @@ def evaluate(
             "format": "qvd-bench-results",
             "config": _json_safe(config.to_dict()),
             "stats": {str(k): _portable(v, out_dir) for k, v in stats_dirs.items()},
+            "reference": {"id": reference_id, **reference_record},
+            "processes": shard.world,
             "notices": notices,
         },
     )
-    result = EvalResult(
-        results_dir, results, timing_frame, notices, stats_dirs, videos.generated, videos.cached
-    )
+    result = EvalResult(results_dir, results, timing_frame, notices, stats_dirs, generated, cached)
     if write_report:
         from qvd_bench.report.results import build_results_report
 
@@ -900,6 +1132,9 @@ def evaluate_command(
 ) -> int:
     """``qvd-bench evaluate``: the matrix, ``results.parquet`` and the report; prints where.
 
+    Under ``torchrun --nproc_per_node=N`` the prompts are sharded across the processes
+    and rank 0 writes and prints (``evaluate``).
+
     Args:
         model: zoo name or path.
         methods, bits, metrics: the matrix (fidelity metrics always run).
@@ -942,7 +1177,8 @@ def evaluate_command(
         weights=dict(weights or {}),
     )
     result = evaluate(config, out, progress=progress)
-    print_summary(result, Path(out), Path(config.model).name or "model")
+    if result is not None:  # rank 0 reports; the other processes of a torchrun stay quiet
+        print_summary(result, Path(out), Path(config.model).name or "model")
     return 0
 
 

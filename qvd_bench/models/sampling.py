@@ -194,14 +194,17 @@ def sample_denoiser(
     progress: Callable[[], Any] | None = None,
     observe: Callable[[StepOutput], Any] | None = None,
     teacher_inputs: Sequence[torch.Tensor] | None = None,
+    batch_cfg: bool = False,
+    first_step: int = 0,
 ) -> torch.Tensor:
     """Samples latents with a scheduler loop and classifier-free guidance.
 
     Each step runs the denoiser twice, uncond then cond, as separate forwards (announced
-    to ``tracker`` with ``branch``), or once (cond) when ``guidance_scale <= 1``. Each
-    sample's initial noise and conditioning come from its own generator seeded by
-    ``sample_seed(seed, sample_id)``, so its trajectory does not depend on the other
-    samples of the batch.
+    to ``tracker`` with ``branch``), or once (cond) when ``guidance_scale <= 1``; with
+    ``batch_cfg`` the two branches run as one forward on the 2B samples [uncond, cond],
+    which the tracker announces as a batched CFG call. Each sample's initial noise and
+    conditioning come from its own generator seeded by ``sample_seed(seed, sample_id)``,
+    so its trajectory does not depend on the other samples of the batch.
 
     Args:
         loaded: the model.
@@ -220,6 +223,13 @@ def sample_denoiser(
         teacher_inputs: teacher forcing: the latents to denoise at step i are
             ``teacher_inputs[i]`` (another trajectory's, one per step) instead of this
             sampler's own; the returned latents are then of no use.
+        batch_cfg: one forward per step for both CFG branches, which saves the second
+            call's per-call overhead. It gives the same values up to float rounding where
+            every sample is computed on its own (the denoisers here, and quantizers that
+            pass ``evaluate.generate.cfg_batch_safe``). Hooks then see batched inputs:
+            the tracker marks the call as CFG-batched and statistics hooks split it.
+        first_step: with ``teacher_inputs``, start at this step (0-based): the earlier
+            steps are known from elsewhere. ``observe`` sees only the steps run.
 
     Returns:
         Final latents (B, C, F, H, W) or (B, F, C, H, W), per the family's layout.
@@ -254,23 +264,39 @@ def sample_denoiser(
         raise ValueError(
             f"{len(teacher_inputs)} teacher inputs for {len(noise_scheduler.timesteps)} steps"
         )
+    total = len(noise_scheduler.timesteps)
+    if first_step and (teacher_inputs is None or not 0 <= first_step <= total):
+        # Without teacher inputs the latents of a later step are unknown.
+        raise ValueError(f"first_step {first_step} needs teacher inputs and 0 <= it <= {total}")
     with batch_context, torch.no_grad():
         for index, t in enumerate(noise_scheduler.timesteps):
+            if index < first_step:
+                continue
             if teacher_inputs is not None:
                 latents = teacher_inputs[index].to(device=device, dtype=dtype)
             model_input = latents
             if hasattr(noise_scheduler, "scale_model_input"):
                 model_input = noise_scheduler.scale_model_input(latents, t)
             timestep = t.expand(batch)
-            if use_cfg:
-                with branch("uncond"):
-                    uncond = family.forward(
-                        denoiser, model_input, timestep, uncond_states, conditioning
-                    )
-            with branch("cond"):
-                prediction = family.forward(
-                    denoiser, model_input, timestep, text_states, conditioning
+            if use_cfg and batch_cfg:
+                both = family.forward(
+                    denoiser,
+                    torch.cat([model_input, model_input]),
+                    t.expand(2 * batch),
+                    torch.cat([uncond_states, text_states]),
+                    {key: torch.cat([value, value]) for key, value in conditioning.items()},
                 )
+                uncond, prediction = both.chunk(2)
+            else:
+                if use_cfg:
+                    with branch("uncond"):
+                        uncond = family.forward(
+                            denoiser, model_input, timestep, uncond_states, conditioning
+                        )
+                with branch("cond"):
+                    prediction = family.forward(
+                        denoiser, model_input, timestep, text_states, conditioning
+                    )
             cond = prediction
             if use_cfg:
                 prediction = uncond + guidance_scale * (prediction - uncond)

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate import fidelity
@@ -26,9 +27,12 @@ def reference(loaded):
 
 def test_free_generation_matches_the_minimal_sampler(loaded, reference):
     cond, uncond = sampling.text_states_for_prompts(loaded, ["a cat"])
+    # An FP model computes every sample on its own: generate batches the CFG branches.
+    assert gen.cfg_batch_safe(loaded.denoiser)
     latents = sampling.sample_denoiser(
-        loaded, cond, uncond, steps=3, sample_ids=[0], frames=2, height=16, width=16
-    )
+        loaded, cond, uncond, steps=3, sample_ids=[0], frames=2, height=16, width=16,
+        batch_cfg=True,
+    )  # fmt: skip
     assert torch.equal(reference.latents, latents)
     assert reference.prediction.shape == (3, *latents.shape)
     assert reference.inputs.shape == (3, *latents.shape)
@@ -57,16 +61,113 @@ def test_teacher_forcing_feeds_the_teacher_inputs(loaded, reference):
     finally:
         handle.remove()
     assert forced.latents is None and forced.inputs is None
-    # Two CFG branches per step, each fed the teacher's latents of that step.
+    # One batched [uncond, cond] call per step, each half fed the teacher's latents.
+    assert len(seen) == 3
     for i in range(3):
-        assert torch.equal(seen[2 * i], reference.inputs[i])
-        assert torch.equal(seen[2 * i + 1], reference.inputs[i])
+        assert torch.equal(seen[i], reference.inputs[i].expand(2, *reference.inputs[i].shape[1:]))
     # The same model on the same inputs predicts the same: SQNR +inf.
     assert torch.equal(forced.prediction, reference.prediction)
     scheduler = gen.scheduler_for(loaded, SETTINGS)
     ref_x0 = reference.x0(scheduler)
     forced_x0 = forced.x0(scheduler, model_inputs=reference.model_inputs)
     assert float(fidelity.sqnr(ref_x0, forced_x0)) == float("inf")
+
+
+@pytest.mark.parametrize("steps", [3, 1])
+def test_teacher_forcing_takes_the_first_step_of_the_free_running_video(loaded, steps):
+    settings = GenerationSettings(steps=steps, frames=2, height=16, width=16)
+    teacher = gen.generate(loaded, "a cat", 0, settings)
+    other = zoo.load_model("tiny-unet3d", weight_seed=1)  # the model under test
+    calls = []
+    handle = other.denoiser.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        free = gen.generate(other, "a cat", 0, settings)
+        elsewhere = gen.generate(other, "a cat", 1, settings)  # sample 1: other noise
+        calls.clear()
+        full = gen.generate(other, "a cat", 0, settings, teacher=teacher)
+        assert len(calls) == steps  # one batched CFG call per step
+        calls.clear()
+        reused = gen.generate(other, "a cat", 0, settings, teacher=teacher, start=free)
+        assert len(calls) == steps - 1
+        calls.clear()
+        unused = gen.generate(other, "a cat", 0, settings, teacher=teacher, start=elsewhere)
+        assert len(calls) == steps
+    finally:
+        handle.remove()
+    assert not torch.equal(full.prediction, teacher.prediction)  # another model's outputs
+    for video in (reused, unused):
+        assert video.latents is None and video.inputs is None
+        for name in ("timesteps", "prediction", "cond", "uncond"):
+            assert torch.equal(getattr(video, name), getattr(full, name)), name
+    # A free-running sampler cannot start later: its latents there are unknown.
+    cond, uncond = sampling.text_states_for_prompts(other, ["a cat"])
+    with pytest.raises(ValueError, match="first_step 1 needs teacher inputs"):
+        sampling.sample_denoiser(
+            other, cond, uncond, steps=steps, sample_ids=[0], frames=2, height=16, width=16,
+            first_step=1,
+        )  # fmt: skip
+
+
+def test_batched_cfg_equals_separate_branches_and_is_announced_as_batched(loaded):
+    cond, uncond = sampling.text_states_for_prompts(loaded, ["a cat", "a dog"])
+    tracker = sampling.CallTracker(loaded.denoiser).attach()
+    calls = []
+    handle = loaded.denoiser.register_forward_pre_hook(
+        lambda module, args: calls.append(tracker.current)
+    )  # registered after the tracker's hook: sees the call it published
+    results = {}
+    try:
+        for batched in (False, True):
+            steps = []
+            latents = sampling.sample_denoiser(
+                loaded, cond, uncond, steps=3, sample_ids=[4, 7], frames=2, height=16,
+                width=16, tracker=tracker, observe=steps.append, batch_cfg=batched,
+            )  # fmt: skip
+            results[batched] = (latents, steps, list(calls))
+            calls.clear()
+    finally:
+        handle.remove()
+        tracker.detach()
+    (separate, separate_steps, separate_calls), (batched, batched_steps, batched_calls) = (
+        results[False],
+        results[True],
+    )
+    assert [c.branches for c in separate_calls] == [("uncond",), ("cond",)] * 3
+    assert [c.branches for c in batched_calls] == [("uncond", "cond")] * 3
+    assert all(c.sample_ids == (4, 7) for c in separate_calls + batched_calls)
+
+    # Each sample is computed on its own: on the same inputs (step 0) the branches differ
+    # by float32 rounding only; the trajectories then drift apart by little more.
+    def relative_difference(a, b):
+        return float((a - b).abs().max() / a.abs().max())
+
+    first, first_batched = separate_steps[0], batched_steps[0]
+    assert torch.equal(first.latents, first_batched.latents)
+    assert relative_difference(first.uncond, first_batched.uncond) < 1e-5
+    assert relative_difference(first.cond, first_batched.cond) < 1e-5
+    assert relative_difference(first.uncond, first.cond) > 1e-2  # the branches differ
+    assert relative_difference(separate, batched) < 1e-4
+
+
+def test_cfg_batching_only_with_quantizers_known_to_work_per_sample():
+    from qvd_bench.quant.attention import QuantAttnProcessor, attention_modules, install_processors
+    from qvd_bench.quant.modules import QuantWrapper, StaticActQuant, swap_module
+
+    class LooksAcrossSamples(StaticActQuant):
+        """A quantizer the check does not know (it might use batch statistics)."""
+
+    def quantized(act):
+        model = zoo.load_model("tiny-unet3d").denoiser
+        name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear))
+        swap_module(model, name, QuantWrapper(layer, 8, act))
+        return model
+
+    assert gen.cfg_batch_safe(quantized(StaticActQuant(0.1, 128, 8)))
+    assert not gen.cfg_batch_safe(quantized(LooksAcrossSamples(0.1, 128, 8)))
+    model = zoo.load_model("tiny-unet3d").denoiser
+    first = next(iter(attention_modules(model)))
+    install_processors(model, lambda name, original: QuantAttnProcessor(original, name), [first])
+    assert not gen.cfg_batch_safe(model)
 
 
 def _key(context="ctx", mode="free"):

@@ -1,14 +1,25 @@
-"""The evaluation matrix: results rows, fidelity values, resume, reference, bad input."""
+"""The evaluation matrix: results rows, fidelity values, resume, reference, bad input,
+and a two-process run against one process."""
 
+import hashlib
+import json
 import math
+import os
+import re
+import socket
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from qvd_bench import cli
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate import fidelity, harness
 from qvd_bench.evaluate import generate as gen
+from qvd_bench.evaluate.frechet import SampleSizeWarning
 from qvd_bench.evaluate.generate import CacheKey, GenerationCache, GenerationSettings
 from qvd_bench.models import zoo
 
@@ -184,3 +195,168 @@ def test_cache_key_includes_everything_that_decides_a_video():
     a = CacheKey("m", 0, "minmax", "W8A8", 0, 0, "free", gen.context_string(steps=2))
     b = CacheKey("m", 0, "minmax", "W8A8", 0, 0, "free", gen.context_string(steps=3))
     assert a.relative_path() != b.relative_path()
+
+
+# ----------------------------------------------------------------------------- real reference
+
+
+@pytest.fixture(scope="module")
+def real_clips(tmp_path_factory):
+    """A directory of 3 synthetic real videos (16 frames) and a TorchScript FVD detector."""
+    from tests.evaluate.test_fvd import ScriptedDetector, random_videos
+
+    root = tmp_path_factory.mktemp("real")
+    directory = root / "clips"
+    directory.mkdir()
+    videos = random_videos(3, 16, 12, seed=5).contiguous()
+    save_file({"videos": videos}, str(directory / "videos.safetensors"))
+    torch.manual_seed(2)
+    detector = root / "i3d_torchscript.pt"
+    torch.jit.script(ScriptedDetector()).save(str(detector))
+    return directory, detector
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:DeprecationWarning")
+def test_real_video_reference_end_to_end(real_clips, evaluated, tmp_path):
+    from qvd_bench.evaluate.fvd import fvd, load_detector
+
+    directory, detector_file = real_clips
+    # 16 frames: the StyleGAN-V protocol takes exactly 16. The statistics of the module's
+    # run calibrate the quantizers (their frame count does not matter to the check).
+    settings = GenerationSettings(steps=2, frames=16, height=8, width=8)
+    config = _config(
+        settings=settings,
+        metrics=("fvd",),
+        reference=str(directory),
+        weights={"fvd": str(detector_file)},
+        stats=str(evaluated[1].stats_dirs[0]),
+    )
+    with pytest.warns(SampleSizeWarning):  # 2 and 3 videos of 400-d features
+        result = harness.evaluate(config, tmp_path, progress=False, write_report=False)
+
+    digest = hashlib.sha256((directory / "videos.safetensors").read_bytes()).hexdigest()
+    reference_id = f"real:clips/sha256:{digest[:16]}"
+    detector = load_detector("stylegan-v", detector_file)
+    frechet = result.results[result.results["metric"] == "fvd"]
+    assert sorted(frechet["method"]) == ["fp", "minmax"]
+    assert (frechet["protocol"] == detector.protocol_id).all()
+    assert (frechet["reference"] == reference_id).all()
+    assert (frechet["mode"] == "distribution").all() and (frechet["n"] == 2).all()
+    fidelity_rows = result.results[result.results["metric"] != "fvd"]
+    assert (fidelity_rows["reference"] == "fp").all()
+
+    # Each value: FVD of the real set against the method's free-running videos.
+    loaded = zoo.load_model("tiny-unet3d")
+    layout = loaded.family.layout
+    reference = _cached(result.results_dir, "reference", "fp", "free")
+    value_range = harness.latent_range(reference)
+    real = load_file(str(directory / "videos.safetensors"))["videos"]
+    real_features = detector.features(real)
+    generated = {"fp": reference, "minmax": _cached(result.results_dir, "minmax", "W8A8", "free")}
+    for method, videos in generated.items():
+        latents = torch.cat([g.latents for g in videos])
+        test = harness.to_uint8_videos(latents, layout, value_range)
+        with pytest.warns(SampleSizeWarning):
+            expected = fvd(real_features, detector.features(test))
+        value = frechet.loc[frechet["method"] == method, "value"].item()
+        assert value == pytest.approx(expected, rel=1e-9) and value > 0
+
+    recorded = json.loads((result.results_dir / harness.SETTINGS_FILE).read_text())["reference"]
+    assert recorded["id"] == reference_id and recorded["sha256"] == digest
+    assert recorded["directory"] == str(directory.resolve())
+    assert recorded["videos"] == 3 and recorded["shape"] == [3, 16, 12, 12, 3]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "holds no videos.safetensors"),
+        (b"<html>not found</html>", "cannot read real videos"),
+        ({"clips": torch.zeros(1, 2, 4, 4, 3, dtype=torch.uint8)}, "has no tensor 'videos'"),
+        ({"videos": torch.zeros(1, 2, 4, 4, 3)}, r"must be uint8 \(N, T, H, W, 3\)"),
+        ({"videos": torch.zeros(0, 2, 4, 4, 3, dtype=torch.uint8)}, "N >= 1"),
+    ],
+    ids=["empty", "unreadable", "no-videos-tensor", "float", "no-videos"],
+)
+def test_bad_reference_directory_exits_2_with_one_line(tmp_path, capsys, content, message):
+    directory = tmp_path / "real"
+    directory.mkdir()
+    if isinstance(content, bytes):
+        (directory / "videos.safetensors").write_bytes(content)
+    elif content is not None:
+        save_file(content, str(directory / "videos.safetensors"))
+    out = tmp_path / "out"
+    code = cli.main(["evaluate", "--reference", str(directory), "--out", str(out), "--no-progress"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and re.search(message, error), error
+    assert not out.exists()  # refused before anything ran
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one(tmp_path, capsys):
+    """``torchrun --nproc_per_node=2 -m qvd_bench evaluate`` writes what one process does.
+
+    Equality is exact: every video is computed alone from its own seeds by the same
+    operations whichever process runs it, and the collection's two prompts (one per
+    process) merge in the order one process folds them in, so nothing is summed in another
+    order.
+    """
+    args = [
+        "evaluate", "--model", "tiny-unet3d", "--num-prompts", "2", "--frames", "2",
+        "--height", "8", "--width", "8", "--steps", "2", "--methods", "fp,mse",
+        "--bits", "W8A8", "--no-progress",
+    ]  # fmt: skip
+    assert cli.main([*args, "--out", str(tmp_path / "single")]) == 0
+    capsys.readouterr()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "qvd_bench", *args,
+            "--out", str(tmp_path / "double"),
+        ],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("results written to") == 1  # rank 0 alone reports
+
+    single = tmp_path / "single" / "results" / "tiny-unet3d"
+    double = tmp_path / "double" / "results" / "tiny-unet3d"
+    a = pd.read_parquet(single / harness.RESULTS_FILE)
+    b = pd.read_parquet(double / harness.RESULTS_FILE)
+    assert len(a) > 0 and set(a["method"]) == {"fp", "mse"}
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    settings = json.loads((double / harness.SETTINGS_FILE).read_text())
+    assert settings["processes"] == 2
+    manifest = json.loads(
+        (tmp_path / "double" / "stats" / "tiny-unet3d-w0" / "manifest.json").read_text()
+    )
+    assert manifest["world_size"] == 2
+    # Each process wrote its own prompts' videos; together the single process's set.
+    files = {p.relative_to(single) for p in single.rglob("*.safetensors")}
+    assert files == {p.relative_to(double) for p in double.rglob("*.safetensors")}
+    assert {p.name[:5] for p in files} == {"p0000", "p0001"}
+
+
+def test_mixed_bits_specs_run_in_the_matrix(tmp_path):
+    config = _config(
+        model="tiny-wan", methods=("mse",), bits=("w8a6-MIXED", "W8A6"), prompts=PROMPTS[:1]
+    )
+    assert config.bits == ("W8A6-mixed", "W8A6")
+    result = harness.evaluate(config, tmp_path, progress=False, write_report=False)
+    frame = result.results
+    sqnr = frame[(frame["metric"] == "sqnr") & (frame["step"] == -1) & (frame["branch"] == "cfg")]
+    assert set(sqnr["bits"]) == {"W8A6-mixed", "W8A6"}
+    assert sqnr["value"].map(math.isfinite).all()
+    mixed = sqnr[sqnr["bits"] == "W8A6-mixed"]["value"].tolist()
+    uniform = sqnr[sqnr["bits"] == "W8A6"]["value"].tolist()
+    assert mixed != uniform  # the mixed cell is quantized with its own bits per layer
+    with pytest.raises(UserError):
+        _config(bits=("W8A6-mixd",))
