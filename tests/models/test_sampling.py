@@ -41,7 +41,9 @@ def test_a_sample_trajectory_does_not_depend_on_the_batch(name):
     loaded = model(name)
     together = run(loaded, ["a cat", "a dog"], [3, 7])
     alone = run(loaded, ["a dog"], [7])
-    torch.testing.assert_close(together[1:], alone, atol=1e-5, rtol=1e-5)
+    # A dependence on the batch through the random draws would be O(1); what remains is
+    # float32 rounding of batch-size-dependent kernels, amplified by the CFG scale (7.5).
+    torch.testing.assert_close(together[1:], alone, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(together[0], together[1])
 
 
