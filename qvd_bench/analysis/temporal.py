@@ -27,9 +27,103 @@ from qvd_bench.analysis.channels import check_bits, quant_levels
 F64 = torch.float64
 
 
-def _pairwise(y: Tensor) -> Tensor:
-    """Exact Euclidean distances (T, T): no matrix-product shortcut, so equal rows give 0."""
-    return torch.cdist(y, y, compute_mode="donot_use_mm_for_euclid_dist")
+# Squared distances below this share of ‖a‖² + ‖b‖² are recomputed from the difference:
+# there the Gram form ‖a‖² + ‖b‖² − 2a·b loses its digits to cancellation (float64).
+_CANCELLATION = 1e-8
+
+
+def _pair_distances(y: Tensor, upper: Tensor) -> Tensor:
+    """Euclidean distances of the pairs ``upper`` of the rows of ``y`` (float64).
+
+    The Gram form costs one matrix product for all T² pairs (the cost of a direct
+    difference per pair is T² × O); pairs where it cancels — close and equal rows — are
+    recomputed from the difference, so equal rows give exactly 0.
+
+    Args:
+        y: (T, K) float64 rows.
+        upper: (P,) flat indices i·T + j of the pairs (i < j).
+
+    Returns:
+        (P,) float64 distances.
+    """
+    t = y.shape[0]
+    norms = y.square().sum(1)
+    gram = y @ y.T
+    total = (norms[:, None] + norms[None, :]).reshape(-1)[upper]
+    squared = (total - 2.0 * gram.reshape(-1)[upper]).clamp_(min=0.0)
+    suspect = torch.nonzero(squared <= _CANCELLATION * total).reshape(-1)
+    if suspect.numel():
+        i, j = upper[suspect] // t, upper[suspect] % t
+        squared[suspect] = (y[i] - y[j]).square().sum(1)
+    return squared.sqrt_()
+
+
+class TemporalPairs:
+    """The float side of TDScore on one layer, computed once for any number of quantizers.
+
+    With W = Q·R (R: (K, D), K = min(O, D)), ‖W·v‖ = ‖R·v‖ for every v, so distances
+    and errors are taken on R·e: the same values in K ≤ O dimensions.
+
+    Args:
+        features: (T, D) temporal features e_i, one row per timestep of the grid.
+        weight: (O, D) weight W of the layer that consumes them.
+
+    Raises:
+        ValueError: shapes that do not match.
+    """
+
+    def __init__(self, features: Tensor, weight: Tensor):
+        e = torch.as_tensor(features).detach().to(F64)
+        w = torch.as_tensor(weight).detach().to(device=e.device, dtype=F64)
+        if e.ndim != 2 or w.ndim != 2 or w.shape[1] != e.shape[1]:
+            raise ValueError(
+                f"expected features (T, D) and weight (O, D), got {tuple(e.shape)} and "
+                f"{tuple(w.shape)}"
+            )
+        self.features = e
+        self.projection = torch.linalg.qr(w, mode="r").R if w.shape[0] > w.shape[1] else w
+        t = e.shape[0]
+        i, j = torch.triu_indices(t, t, offset=1, device=e.device)
+        upper = i * t + j
+        self.y = e @ self.projection.T  # (T, K)
+        d = _pair_distances(self.y, upper)
+        keep = d > 0
+        self.upper, self.d = upper[keep], d[keep]
+        self.norm = float(self.y.square().sum())
+
+    @property
+    def pairs(self) -> int:
+        """Pairs with d_ij > 0."""
+        return int(self.d.numel())
+
+    def score(self, quantized: Tensor) -> dict:
+        """TDScore, relative MSE and collisions of quantized features.
+
+        Args:
+            quantized: (T, D) Q(e_i), the dequantized features.
+
+        Returns:
+            See ``tdscore``.
+        """
+        q = torch.as_tensor(quantized).detach().to(device=self.features.device, dtype=F64)
+        if q.shape != self.features.shape:
+            raise ValueError(
+                f"quantize returned shape {tuple(q.shape)} for {tuple(self.features.shape)}"
+            )
+        y_hat = q @ self.projection.T
+        d_hat = _pair_distances(y_hat, self.upper)
+        collapsed = d_hat == 0
+        safe = torch.where(collapsed, 1.0, d_hat)
+        ratio = torch.where(collapsed, 0.0, torch.minimum(d_hat / self.d, self.d / safe))
+        pairs = self.pairs
+        return {
+            "tdscore": float(ratio.mean()) if pairs else float("nan"),
+            "relative_mse": float((y_hat - self.y).square().sum()) / self.norm
+            if self.norm > 0
+            else float("nan"),
+            "collisions": int(collapsed.sum()),
+            "pairs": pairs,
+        }
 
 
 def tdscore(features: Tensor, weight: Tensor, quantize: Callable[[Tensor], Tensor]) -> dict:
@@ -46,31 +140,8 @@ def tdscore(features: Tensor, weight: Tensor, quantize: Callable[[Tensor], Tenso
         y = 0), collisions (int: pairs with d̂_ij = 0 < d_ij), pairs (int: pairs with
         d_ij > 0). All computed in float64.
     """
-    e = torch.as_tensor(features).detach().to(F64)
-    w = torch.as_tensor(weight).detach().to(device=e.device, dtype=F64)
-    if e.ndim != 2 or w.ndim != 2 or w.shape[1] != e.shape[1]:
-        raise ValueError(
-            f"expected features (T, D) and weight (O, D), got {tuple(e.shape)} and {tuple(w.shape)}"
-        )
-    q = torch.as_tensor(quantize(e.clone())).detach().to(device=e.device, dtype=F64)
-    if q.shape != e.shape:
-        raise ValueError(f"quantize returned shape {tuple(q.shape)} for {tuple(e.shape)}")
-    y, y_hat = e @ w.T, q @ w.T  # (T, O)
-    i, j = torch.triu_indices(e.shape[0], e.shape[0], offset=1, device=e.device)
-    d, d_hat = _pairwise(y)[i, j], _pairwise(y_hat)[i, j]
-    keep = d > 0
-    d, d_hat = d[keep], d_hat[keep]
-    collapsed = d_hat == 0
-    safe = torch.where(collapsed, 1.0, d_hat)
-    ratio = torch.where(collapsed, 0.0, torch.minimum(d_hat / d, d / safe))
-    pairs = int(keep.sum())
-    norm = float(y.square().sum())
-    return {
-        "tdscore": float(ratio.mean()) if pairs else float("nan"),
-        "relative_mse": float((y_hat - y).square().sum()) / norm if norm > 0 else float("nan"),
-        "collisions": int(collapsed.sum()),
-        "pairs": pairs,
-    }
+    pairs = TemporalPairs(features, weight)
+    return pairs.score(quantize(pairs.features.clone()))
 
 
 def uniform_quantize(

@@ -558,6 +558,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     """Restores the original module of every ``QuantWrapper`` in ``model``, and the original
     processor of every quantized attention module, in place.
 
+    Parameters that folds rewrote (norm affines, modulation rows and tables, GEGLU
+    projections) stay as they are: ``quant.api.unquantize_`` restores those too.
+
     Returns:
         ``model``, or its original module when ``model`` itself is a wrapper.
     """

@@ -252,10 +252,11 @@ class FoldSite:
     """An exact fold site found in a model.
 
     Attributes:
-        kind: "folded_norm" or "folded_adaln".
-        source: qualified name of the norm or modulation Linear.
+        kind: one of ``KINDS`` except "explicit".
+        source: qualified name of the norm, modulation Linear, modulation table
+            (a parameter) or gated projection.
         layers: qualified names of the layers it feeds (one shared transform).
-        chunks, pairs: see ``FoldRule`` (adaLN only).
+        chunks, pairs: see ``FoldRule`` (adaLN kinds only).
     """
 
     kind: str
@@ -638,6 +639,10 @@ def plan_transform(
     z, s = _check_transform(shift, scale, _channels(modules[names[0]]))
     params = params or {}
     input_shift, input_scale = _residual(kind, z, s)
+    partial = kind in ("folded_adaln_shift", "folded_geglu_scale")
+    if partial and input_shift is None and input_scale is None:
+        # A shift alone into a table, a scale alone into a projection: it folds whole.
+        reason = f"folded whole into {site.source} (the part it cannot absorb is identity)"
     record = TransformRecord(kind, names, reason, z, s, input_shift=input_shift,
                              input_scale=input_scale)  # fmt: skip
     for name in names:

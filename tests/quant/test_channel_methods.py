@@ -8,7 +8,7 @@ import torch
 
 from qvd_bench.models.roles import leaf_layers
 from qvd_bench.models.zoo import load_model
-from qvd_bench.quant.api import QuantConfig, quantize_, unquantize_
+from qvd_bench.quant.api import QuantConfig, apply_record, quantize_, unquantize_
 from qvd_bench.quant.methods.base import QuantContext
 from qvd_bench.quant.methods.scri import scri_records
 from qvd_bench.quant.modules import QuantWrapper, quant_wrappers, set_enabled
@@ -131,6 +131,43 @@ def test_dit_folds_reproduce_the_model_off_and_undo_exactly(preset):
         assert _relative_error(_forward(loaded, probe), float_out) < 1e-5, method
         unquantize_(loaded, record)
         _assert_restored(loaded.denoiser, original)
+        # The record reapplied without statistics, and taken back again.
+        apply_record(loaded, record)
+        assert record.originals.keys() == {k for r in record.layers for k in r.folded}
+        unquantize_(loaded, record)
+        _assert_restored(loaded.denoiser, original)
+
+
+def test_a_fold_site_is_used_only_whole(unet_run):
+    """A subset with q but not k and v of one norm (as a plan may choose) keeps q explicit
+    and leaves k and v untouched: folding would change their inputs too."""
+    ctx = _context(unet_run, 8)
+    block = "down_blocks.0.attentions.0.transformer_blocks.0"
+    records = scri_records(ctx, [f"{block}.attn1.to_q"])
+    assert list(records) == [f"{block}.attn1.to_q"]
+    record = records[f"{block}.attn1.to_q"]
+    assert not record.folded
+    if "transform" in record.info:  # SCRI may also keep the layer plain mse
+        assert record.info["transform"]["placement"] == "explicit"
+        assert f"not folded into {block}.norm1" in record.info["transform"]["reason"]
+
+
+def test_modulation_source_kept_out_keeps_the_model_exact():
+    """CogVideoX with its adaLN modulation Linears kept FP: q/k/v cannot fold into them
+    (their records would not match), so they go explicit and the model stays exact."""
+    preset = "tiny-cogvideox"
+    loaded = load_model(preset, dtype=torch.float64)
+    sources = tuple(n for n in leaf_layers(loaded.denoiser) if n.endswith("norm1.linear"))
+    probe = _probe(loaded, torch.float64)
+    float_out = _forward(loaded, probe)
+    config = QuantConfig("scri", 8, 8, keep_fp_layers=sources)
+    record = quantize_(loaded, config, stats=tiny_run(preset))
+    for layer in record.layers:
+        if layer.layer.endswith("attn1.to_q") and "transform" in layer.info:
+            assert layer.info["transform"]["placement"] == "explicit"
+    assert not any(key.startswith(sources) for r in record.layers for key in r.folded)
+    set_enabled(loaded.denoiser, False)
+    assert _relative_error(_forward(loaded, probe), float_out) < 1e-5
 
 
 E2E_MODEL = "tiny-wan"

@@ -19,7 +19,7 @@ from qvd_bench.quant.methods.htdq import (
     htdq_search,
     score_candidate,
 )
-from qvd_bench.quant.primitives import sqnr_db
+from qvd_bench.quant.primitives import fake_quant_levels, sqnr_db
 from tests.quant.test_methods import reference, sample, tiny_stats
 
 F64 = torch.float64
@@ -46,6 +46,28 @@ def test_family_has_the_stated_members():
         assert c.levels.numel() <= 2**3
         assert bool((c.levels == 0).any())
         assert bool((c.levels.diff() > 0).all())
+
+
+def test_scores_match_direct_pairwise_distances():
+    """The Gram-form scorer against distances taken from every pair's difference."""
+    e = skewed_features(t=300, d=6)
+    e[10] = e[11]  # an equal pair (left out) and a near-equal one (cancels in Gram form)
+    e[20] = e[21] + 1e-9
+    w = torch.randn(9, 6, generator=torch.Generator().manual_seed(3), dtype=F64)
+    for candidate in htdq_candidates(e, 3)[:6]:
+        q = fake_quant_levels(e, candidate.levels)
+        got = score_candidate(e, w, candidate.levels)
+        y, y_hat = e @ w.T, q @ w.T
+        i, j = torch.triu_indices(len(e), len(e), offset=1)
+        d, d_hat = (y[i] - y[j]).norm(dim=1), (y_hat[i] - y_hat[j]).norm(dim=1)
+        keep = d > 0
+        d, d_hat = d[keep], d_hat[keep]
+        ratio = torch.where(d_hat == 0, 0.0, torch.minimum(d_hat / d, d / d_hat))
+        assert got["pairs"] == int(keep.sum()) == len(i) - 1
+        assert got["collisions"] == int((d_hat == 0).sum())
+        assert got["tdscore"] == pytest.approx(float(ratio.mean()), abs=1e-12)
+        relative_mse = float((y_hat - y).square().sum() / y.square().sum())
+        assert got["relative_mse"] == pytest.approx(relative_mse, rel=1e-10)
 
 
 def test_search_is_the_brute_force_argmax():

@@ -22,6 +22,16 @@ lo = min e, hi = max e over the grid:
 Ties on TDScore keep the lower relative MSE, then the earlier candidate. Calibration uses
 only the temporal-feature grid, so the choice holds for any sampling schedule. Layers
 without temporal features are quantized as ``mse``.
+
+The grid's density decides how well the calibrated TDScore carries to timesteps off the
+grid. TDScore is a mean over pairs of timesteps whose ratios are erratic for close pairs
+(they share levels or just cross a level boundary), so on a coarse grid it rests on few
+points; and the sinusoidal timestep embedding has components that turn within a few
+timesteps, so a grid coarser than that aliases them and misses the features' extremes.
+Calibrate on the collector's default grid (every training timestep,
+``CollectConfig.temporal_stride`` = 1): the search computes the float side of the score
+once per layer and each candidate in one matrix product (``TemporalPairs``), which keeps
+1000 grid points affordable. ``info["htdq"]["grid_timesteps"]`` records the grid size.
 """
 
 from __future__ import annotations
@@ -147,6 +157,7 @@ class HtdqChoice:
         reference: the same figures for ``uniform-mse``.
         bound: the relative-MSE bound the choice satisfied.
         feasible: how many candidates met the bound, of ``total``.
+        grid_timesteps: T, the grid points the scores are taken on.
     """
 
     candidate: Candidate
@@ -155,6 +166,7 @@ class HtdqChoice:
     bound: float
     feasible: int
     total: int
+    grid_timesteps: int
 
     def info(self) -> dict[str, Any]:
         return {
@@ -169,6 +181,7 @@ class HtdqChoice:
             "mse_bound": self.bound,
             "feasible": self.feasible,
             "candidates": self.total,
+            "grid_timesteps": self.grid_timesteps,
         }
 
 
@@ -209,7 +222,9 @@ def htdq_search(
         key = (td, -mse)
         if best_key is None or key > best_key:
             best, best_key = i, key
-    return HtdqChoice(candidates[best], scores[best], reference, bound, feasible, len(candidates))
+    return HtdqChoice(
+        candidates[best], scores[best], reference, bound, feasible, len(candidates), e.shape[0]
+    )
 
 
 def htdq_record(ctx: QuantContext, name: str) -> LayerRecord:

@@ -326,23 +326,30 @@ def choose_scri(ctx: QuantContext, data: GroupData) -> tuple[Candidate, Candidat
 # --------------------------------------------------------------------------- records
 
 
-def _groups(ctx: QuantContext, layers: Sequence[str], sites: dict[str, FoldSite]) -> list:
-    """Layer groups sharing one transform: fold sites first, in ``fold_order`` (a site
-    whose source is a layer — a modulation Linear, a GEGLU projection — goes before that
-    layer, which must be transformed with its folded rows), then single layers.
+def usable_sites(
+    ctx: QuantContext, layers: Sequence[str], sites: dict[str, FoldSite]
+) -> dict[str, FoldSite]:
+    """The fold sites a transform of ``layers`` may use, by layer.
 
-    A fold site is used only when every layer it feeds is in ``layers`` and its source,
-    if it is itself an in-scope layer, is in ``layers`` too; otherwise its layers go alone
-    (explicit transforms: exact, and nothing outside ``layers`` changes).
+    A site is usable only when every layer it feeds is in ``layers`` and its source, if it
+    is itself an in-scope layer, is in ``layers`` too: its record is then computed with
+    the rewritten rows. Otherwise its layers are transformed explicitly (exact, and
+    nothing outside ``layers`` changes).
     """
     chosen = set(layers)
-    usable = {
+    return {
         name: site
         for name, site in sites.items()
         if name in chosen
         and set(site.layers) <= chosen
         and (site.source not in ctx.layers or site.source in chosen)
     }
+
+
+def _groups(layers: Sequence[str], usable: dict[str, FoldSite]) -> list[tuple[str, ...]]:
+    """Layer groups sharing one transform: usable fold sites first, in ``fold_order`` (a
+    site whose source is a layer — a modulation Linear, a GEGLU projection — goes before
+    that layer, which must be transformed with its folded rows), then single layers."""
     folded = [site.layers for site in fold_order(usable)]
     return folded + [(name,) for name in layers if name not in usable]
 
@@ -366,9 +373,10 @@ def transform_records(
         layer -> record, in the order of ``layers``.
     """
     sites = fold_sites(ctx.denoiser)
+    usable = usable_sites(ctx, layers, sites)
     params: dict[str, Tensor] = {}  # parameters rewritten by folds so far
     records: dict[str, LayerRecord] = {}
-    for group in _groups(ctx, layers, sites):
+    for group in _groups(layers, usable):
         data = group_data(ctx, group, params)
         decision = choose(ctx, data)
         if decision is None:
@@ -376,7 +384,14 @@ def transform_records(
                 records[name] = _plain_record(ctx, name, params)
             continue
         shift, scale, figures = decision
-        placed = plan_transform(ctx.denoiser, group, shift, scale, sites=sites, params=params)
+        # Only usable sites: a layer of an unusable one must not bring its site along.
+        placed = plan_transform(ctx.denoiser, group, shift, scale, sites=usable, params=params)
+        if placed.explicit and group[0] in sites:
+            site = sites[group[0]]
+            placed.reason = (
+                f"not folded into {site.source}: that fold needs {site.source} (when it is "
+                f"a layer) and all of {', '.join(site.layers)} transformed by this method"
+            )
         params.update(placed.folded)
         for index, name in enumerate(placed.layers):
             records[name] = _transformed_record(ctx, name, placed, figures, method, index == 0)
