@@ -368,7 +368,9 @@ def save_checkpoint(
         entries = []
         for i, (key, acc) in enumerate(accumulators.items()):
             for field, value in acc.state_dict().items():
-                tensors[f"{group}/{i}/{field}"] = value.detach().cpu().contiguous()
+                # A copy of its own: accumulators may share storage (layers reading one
+                # tensor), which safetensors refuses to write.
+                tensors[f"{group}/{i}/{field}"] = value.detach().to("cpu", copy=True)
             entries.append(list(key) if isinstance(key, tuple) else key)
         index[group] = entries
     # Tensors first: the JSON names the state, so a crash between the two leaves the old

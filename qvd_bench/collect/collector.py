@@ -232,6 +232,7 @@ def collect(
                 if time.monotonic() - last_checkpoint < checkpoint_every:
                     continue
                 last_checkpoint = time.monotonic()
+                collector.flush()
                 store.save_checkpoint(
                     run_dir,
                     fingerprint,

@@ -25,6 +25,8 @@ from qvd_bench.collect.accumulators import (
     Reservoir,
     SignedLogEdges,
     TemporalFeatures,
+    batch_moments,
+    fold_many,
 )
 from qvd_bench.models.family import LoadedModel
 from qvd_bench.models.sampling import BRANCHES, CallTracker
@@ -132,6 +134,15 @@ class StatsCollector:
         self.reservoirs: dict[str, Reservoir] = {}
         self._handles: list = []
         self._ids_cache: tuple | None = None
+        # (tensor, version, channel_dim, branches, per-branch batch moments) of the last
+        # observed tensor: consecutive layers often read the same one (the q/k/v
+        # projections), and its moments are then computed once. Holding the tensor keeps
+        # its identity unambiguous; the version catches in-place changes.
+        self._last_moments: tuple | None = None
+        # Moments batches waiting to be folded in with one merge (``fold_many``): those
+        # of one denoiser call, each accumulator at most once. ``flush`` folds them.
+        self._pending: dict[int, tuple[ChannelMoments, dict[str, torch.Tensor]]] = {}
+        self._pending_call = None
 
     def attach(self) -> StatsCollector:
         for name, module in self.layers.items():
@@ -146,6 +157,17 @@ class StatsCollector:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._last_moments = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Folds the pending moments batches in; the statistics are then complete.
+
+        Hooks defer the merges of a denoiser call; ``detach`` (and leaving the ``with``
+        block) flushes, so only code reading ``moments`` while attached calls this.
+        """
+        fold_many(list(self._pending.values()))
+        self._pending.clear()
 
     def __enter__(self) -> StatsCollector:
         return self.attach()
@@ -171,11 +193,15 @@ class StatsCollector:
         call = self.tracker.current
         if call is None:
             return
-        x = x.detach()
+        source, x = x, x.detach()  # detach() makes a new object: the cache keys on source
         info = self.infos[name]
         channel_dim = info.channel_dim
         chunks = x.chunk(len(call.branches), dim=0) if len(call.branches) > 1 else (x,)
-        for branch, chunk in zip(call.branches, chunks):
+        batches = self._batch_moments(source, chunks, channel_dim) if self.collect_moments else ()
+        if call is not self._pending_call:
+            self.flush()
+            self._pending_call = call
+        for index, (branch, chunk) in enumerate(zip(call.branches, chunks)):
             key = (tensor, name, call.timestep, branch)
             if self.collect_moments:
                 moments = self.moments.get(key)
@@ -183,7 +209,9 @@ class StatsCollector:
                     moments = self.moments[key] = ChannelMoments(
                         chunk.shape[channel_dim], device=chunk.device
                     )
-                moments.update(chunk, channel_dim)
+                if id(moments) in self._pending:  # a layer called twice in one call
+                    self.flush()
+                self._pending[id(moments)] = (moments, batches[index])
             if tensor != "input":
                 continue
             if self.histogram_edges is not None:
@@ -205,6 +233,32 @@ class StatsCollector:
                 rows = channel_last_rows(chunk, len(call.sample_ids), channel_dim)
                 ids = self._sample_ids(call, chunk.device)
                 reservoir.update(rows, ids, call.timestep, BRANCHES.index(branch))
+
+    def _batch_moments(
+        self, x: torch.Tensor, chunks: Sequence[torch.Tensor], channel_dim: int
+    ) -> list[dict[str, torch.Tensor]]:
+        """``batch_moments`` of each chunk of ``x``, reused when ``x`` was just seen.
+
+        Args:
+            x: the tensor as the layer received it (its identity is the cache key).
+            chunks: its per-branch chunks (detached views).
+            channel_dim: the channel axis.
+
+        Returns:
+            One ``batch_moments`` dict per chunk.
+        """
+        last = self._last_moments
+        if (
+            last is not None
+            and last[0] is x
+            and last[1] == x._version
+            and last[2] == channel_dim
+            and last[3] == len(chunks)
+        ):
+            return last[4]
+        batches = [batch_moments(chunk, channel_dim) for chunk in chunks]
+        self._last_moments = (x, x._version, channel_dim, len(chunks), batches)
+        return batches
 
     def _sample_ids(self, call, device: torch.device) -> torch.Tensor:
         """The call's sample ids as a tensor, built once per denoiser call (not per layer)."""

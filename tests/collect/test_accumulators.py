@@ -264,22 +264,28 @@ def test_low_precision_path_agrees_with_float64_path(shape, channel_dim, monkeyp
 
 
 def test_low_precision_path_hands_over_far_centres_and_nonfinite_input(monkeypatch):
-    """The centre (the first piece's mean) far from the mean, or NaN/Inf: general path."""
+    """A centre judged too far from the mean, or NaN/Inf input: the general path."""
     monkeypatch.setattr(accumulators, "PIECE_ELEMENTS", 64)
     x = torch.randn(4096, 3, generator=torch.Generator().manual_seed(13)) + 50.0
-    x[:16, 1] += 1e4  # the first piece (21 rows) of channel 1: its mean lies ~12 σ off
+    x[:16, 1] += 1e4
+    assert accumulators._low_precision_moments(_as_acl(x, -1)) is not None
+    # The float32 centre is never exact here: with no spread allowed it always hands over.
+    monkeypatch.setattr(accumulators, "CENTER_SPREAD", 0.0)
     assert accumulators._low_precision_moments(_as_acl(x, -1)) is None
     acc = ChannelMoments(3)
     acc.update(x)
     assert_channels_match(acc, x.double().numpy())
+    monkeypatch.undo()
     y = x.clone()
-    y[:16, 1] -= 1e4
     y[7, 2] = math.inf
     assert accumulators._low_precision_moments(_as_acl(y, -1)) is None
     acc = ChannelMoments(3)
     acc.update(y)
     assert int(acc.inf_count[2]) == 1
     assert_channels_match(acc, y.double().numpy())
+    z = x.clone()
+    z[9, 0] = math.nan
+    assert accumulators._low_precision_moments(_as_acl(z, -1)) is None
 
 
 def test_low_precision_constant_channels_are_exact(monkeypatch):
@@ -845,3 +851,35 @@ def test_from_state_dict_rejects_incomplete_state():
     del state["m4"]
     with pytest.raises(ValueError, match="m4"):
         ChannelMoments.from_state_dict(state)
+
+
+def test_fold_many_equals_folding_one_by_one_bit_for_bit():
+    generator = torch.Generator().manual_seed(21)
+
+    def filled(channels: int, offset: float) -> ChannelMoments:
+        acc = ChannelMoments(channels)
+        acc.update(torch.randn(50, channels, generator=generator) * 3.0 + offset)
+        return acc
+
+    sizes = (1, 5, 320, 7, 64)
+    accs = [filled(c, 10.0 * i) for i, c in enumerate(sizes)]
+    accs.append(ChannelMoments(3))  # empty: takes the batch as it is
+    accs.append(ChannelMoments.from_state_dict(filled(4, -2.0).state_dict()))
+    batches = [
+        batch_moments(torch.randn(30, acc.channels, generator=generator) + 1e3, -1) for acc in accs
+    ]
+    one_by_one = [ChannelMoments.from_state_dict(acc.state_dict()) for acc in accs]
+    one_by_one[5] = ChannelMoments(3)
+    for acc, batch in zip(one_by_one, batches):
+        acc.fold(batch)
+    accumulators.fold_many(list(zip(accs, batches)))
+    for got, want in zip(accs, one_by_one):
+        for k in MOMENT_KEYS:
+            assert torch.equal(getattr(got, k), getattr(want, k)), k
+    with pytest.raises(ValueError, match="at most once"):
+        accumulators.fold_many([(accs[0], batches[0]), (accs[0], batches[0])])
+
+
+def test_fold_rejects_statistics_of_another_width():
+    with pytest.raises(ValueError, match="channels"):
+        ChannelMoments(4).fold(batch_moments(torch.zeros(2, 5), -1))

@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from torch import nn
 
+from qvd_bench.collect.accumulators import ChannelMoments
 from qvd_bench.collect.hooks import (
     StatsCollector,
     capture_temporal_features,
@@ -10,7 +12,7 @@ from qvd_bench.collect.hooks import (
     describe_layer,
 )
 from qvd_bench.models import roles, zoo
-from qvd_bench.models.sampling import CallTracker
+from qvd_bench.models.sampling import CallTracker, DenoiserCall
 
 PRESETS = [
     "tiny-unet3d",
@@ -140,3 +142,70 @@ def test_temporal_features_equal_direct_inputs(preset):
         # The feature is the same vector on every row of the call (it depends on t only).
         torch.testing.assert_close(direct, direct[:1].expand_as(direct))
         torch.testing.assert_close(vectors[1].float(), direct[0].float(), rtol=1e-5, atol=1e-5)
+
+
+class SharedInputs(nn.Module):
+    """Layers reading one tensor (q/k/v style), an in-place change, a layer called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.after, self.twice = (nn.Linear(6, 6) for _ in range(5))
+
+    def forward(self, x):
+        y = self.q(x) + self.k(x) + self.v(x)
+        x.mul_(2.0).add_(1.0)  # same object, new version: must not reuse q's moments
+        y = y + self.after(x)
+        return self.twice(y) + self.twice(x.flip(0))
+
+
+def _shared_inputs_setup():
+    torch.manual_seed(0)
+    model = SharedInputs()
+    layers = {n: m for n, m in model.named_children()}
+    infos = {n: describe_layer(n, m, "ffn", "test") for n, m in layers.items()}
+    tracker = CallTracker(model)  # calls are set by hand below
+    return model, layers, infos, tracker
+
+
+def test_shared_inputs_and_repeated_layers_equal_direct_updates():
+    """Reused moments of a shared input, in-place changes and deferred folds are exact."""
+    model, layers, infos, tracker = _shared_inputs_setup()
+    collector = StatsCollector(layers, infos, tracker)
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: seen[n].append(args[0].clone()))
+        for n, m in layers.items()
+    ]
+    calls = [DenoiserCall(t, ("uncond", "cond"), (0,)) for t in (900.0, 500.0, 900.0)]
+    with collector, torch.no_grad():
+        for index, call in enumerate(calls):
+            tracker.current = call
+            model(torch.randn(8, 6, generator=torch.Generator().manual_seed(index)))
+            if index == 1:  # read while attached: flush makes the statistics complete
+                collector.flush()
+                assert collector.moments[("input", "q", 900.0, "cond")].count.tolist() == [4] * 6
+    for h in handles:
+        h.remove()
+
+    expected: dict[tuple, ChannelMoments] = {}
+    for n in layers:
+        per_call = len(seen[n]) // len(calls)
+        for index, call in enumerate(calls):
+            for x in seen[n][index * per_call : (index + 1) * per_call]:
+                for branch, chunk in zip(call.branches, x.chunk(2)):
+                    acc = expected.setdefault(
+                        ("input", n, call.timestep, branch), ChannelMoments(6)
+                    )
+                    acc.update(chunk)
+    assert set(collector.moments) == set(expected)
+    for key, acc in expected.items():
+        got = collector.moments[key].state_dict()
+        for k, v in acc.state_dict().items():
+            assert torch.equal(got[k], v), (key, k)
+    # q, k and v read one tensor; "after" read it changed in place.
+    q = collector.moments[("input", "q", 500.0, "cond")].compute()["mean"]
+    assert torch.equal(q, collector.moments[("input", "v", 500.0, "cond")].compute()["mean"])
+    after = collector.moments[("input", "after", 500.0, "cond")].compute()["mean"]
+    torch.testing.assert_close(after, 2.0 * q + 1.0)
+    # The twice-called layer holds both of its inputs per call: 2 calls × 2 inputs × 4 rows.
+    assert collector.moments[("input", "twice", 900.0, "uncond")].count.tolist() == [16] * 6
