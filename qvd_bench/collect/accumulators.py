@@ -248,29 +248,25 @@ def _pieces(x3: Tensor, limit: int) -> list[Tensor]:
     return [p for rows in x3.split(1, dim=0) for p in rows.split(step, dim=2)]
 
 
-def _low_precision_pieces(x3: Tensor, limit: int) -> list[tuple[slice, list[Tensor]]]:
+def _low_precision_pieces(x3: Tensor, limit: int) -> list[list[Tensor]]:
     """Contiguous pieces of an (A, C, L) tensor, each of at most ``limit`` elements.
 
     Linear inputs (L = 1) give one group, all channels, of (R, C) blocks of whole rows
     (one row even when C exceeds ``limit``), reduced over axis 0. Conv inputs give one
-    group per block of channels, holding its (c, L) pieces of every sample (split along
-    L when one channel alone exceeds ``limit``), reduced over axis 1. Every element lies
-    in exactly one piece, and for a contiguous input every piece is contiguous: strided
-    pieces reduce about half as fast.
+    group per block of channels, in channel order, holding its (c, L) pieces of every
+    sample (split along L when one channel alone exceeds ``limit``), reduced over axis
+    1. Every element lies in exactly one piece, and for a contiguous input every piece
+    is contiguous: strided pieces reduce about half as fast.
 
     Returns:
-        [(channel slice, pieces)] in channel order.
+        The groups, each a list of pieces covering the same channels.
     """
     outer, channels, inner = x3.shape
     if inner == 1:
-        step = max(1, limit // channels)
-        return [(slice(None), list(x3[:, :, 0].split(step)))]
+        return [list(x3[:, :, 0].split(max(1, limit // channels)))]
     step, span = max(1, limit // inner), min(inner, limit)
     return [
-        (
-            slice(start, start + step),
-            [p for sample in x3[:, start : start + step] for p in sample.split(span, dim=1)],
-        )
+        [p for sample in x3[:, start : start + step] for p in sample.split(span, dim=1)]
         for start in range(0, channels, step)
     ]
 
@@ -278,12 +274,12 @@ def _low_precision_pieces(x3: Tensor, limit: int) -> list[tuple[slice, list[Tens
 def _low_precision_moments(x3: Tensor) -> dict[str, Tensor] | None:
     """``batch_moments`` of a float32/float16/bfloat16 (A, C, L) tensor, or None.
 
-    The centre c is the channel mean summed in float32 (one cheap pass). Each contiguous
-    piece of at most ``PIECE_ELEMENTS`` (``_low_precision_pieces``) is copied into a
-    cache-sized float64 work buffer, where the deviations d = x − c and their powers are
-    summed. With one centre per channel the sums S_p of the pieces simply add up (no
-    merge per piece); the residual mean δ = S_1/n then corrects them as in
-    ``batch_moments``, removing the error of the float32 centre.
+    Each contiguous piece of at most ``PIECE_ELEMENTS`` (``_low_precision_pieces``) is
+    copied into a cache-sized float64 work buffer, where the deviations d = x − c and
+    their powers are summed. The centre c of each channel is the float32 mean of the
+    first piece holding it, so the sums S_p of its pieces simply add up (no merge per
+    piece); the residual mean δ = S_1/n then corrects them as in ``batch_moments``,
+    removing the error of the centre.
 
     Error (u = 2^-53): every input value is exact in float64, so d = fl(x − c) has
     relative error ≤ u and fl(d^p) ≤ (2p − 1)·u; the float64 sums add ≤ γ·u relative to
@@ -295,20 +291,25 @@ def _low_precision_moments(x3: Tensor) -> dict[str, Tensor] | None:
     constant) and S_4 is finite, which it is exactly when every input is (powers of
     float16/bfloat16/float32 values cannot overflow float64, and a non-finite input makes
     c non-finite); otherwise None is returned and the general path starts over from the
-    exact mean. A float32 mean is off by far less than 8σ unless the channel's spread is
-    within a few float32 ulps of its mean.
+    exact mean. For conv inputs of one sample, the first piece holds all of a channel:
+    its float32 mean is off by far less than 8σ unless the channel's spread is within a
+    few float32 ulps of its mean.
     """
     outer, channels, inner = x3.shape
     count = outer * inner
     n = float(count)
-    center = x3.sum((0, 2), dtype=torch.float32).to(F64).div_(n)
     groups = _low_precision_pieces(x3, PIECE_ELEMENTS)
-    largest = max(p.numel() for _, pieces in groups for p in pieces)
+    largest = max(p.numel() for pieces in groups for p in pieces)
     buffer = torch.empty(2 * largest, dtype=F64, device=x3.device)
-    sums, lows, highs = [], [], []
-    for part, pieces in groups:
-        dim = 0 if inner == 1 else 1
-        part_center = center[part] if dim == 0 else center[part, None]
+    dim = 0 if inner == 1 else 1
+    centers, sums, lows, highs = [], [], [], []
+    for pieces in groups:
+        # The centre of a group: its first piece's channel means, summed in float32 (the
+        # piece is then in cache for the copy below).
+        first = pieces[0]
+        part_center = first.sum(dim, keepdim=True, dtype=torch.float32).to(F64)
+        part_center /= first.shape[dim]
+        centers.append(part_center.view(-1))
         piece_sums, piece_lows, piece_highs = [], [], []
         for piece in pieces:
             work = buffer[: 2 * piece.numel()].view(2, *piece.shape)
@@ -333,9 +334,11 @@ def _low_precision_moments(x3: Tensor) -> dict[str, Tensor] | None:
             highs.append(torch.stack(piece_highs).amax(0))
     if len(groups) == 1:
         (s1, s2, s3, s4), lo, hi = sums[0], lows[0].to(F64), highs[0].to(F64)
+        center = centers[0]
     else:
         s1, s2, s3, s4 = torch.cat(sums, dim=1)
         lo, hi = torch.cat(lows).to(F64), torch.cat(highs).to(F64)
+        center = torch.cat(centers)
     delta = s1 / n
     dd = delta * delta
     # M_2 = S_2 − nδ², M_3 = S_3 − δ(3S_2 − 2nδ²), M_4 = S_4 − δ(4S_3 − δ(6S_2 − 3nδ²)).
