@@ -54,11 +54,12 @@ numbers under different protocol ids are never put in one table (``check_protoco
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -700,19 +701,38 @@ class _Videos:
         return generation
 
 
+def fresh_model(run, models: dict) -> LoadedModel:
+    """An unquantized model of a statistics run, for one configuration to change in place.
+
+    Building a zoo preset (random initialisation, outlier injection) costs far more than
+    copying it, so the first one built is kept in ``models`` untouched and each call
+    returns a deep copy: the same parameters, bit for bit. A model with a pipeline is
+    loaded each time (the pipeline holds its own reference to the denoiser).
+    """
+    from qvd_bench.models import zoo
+
+    template = models.get("template")
+    if template is None:
+        template = zoo.load_run_model(run)
+        if template.pipeline is not None:
+            return template
+        models["template"] = template
+    return replace(template, denoiser=copy.deepcopy(template.denoiser))
+
+
 class _Quantized:
     """A model quantized on first use (a configuration whose videos are all cached is
     never quantized: reruns are free)."""
 
-    def __init__(self, run, quant, plans: dict, mixed: bool = False):
+    def __init__(self, run, quant, plans: dict, mixed: bool = False, models: dict | None = None):
         self.run, self.quant, self.plans, self.mixed = run, quant, plans, mixed
+        self.models = {} if models is None else models  # the unquantized model, shared
         self.loaded: LoadedModel | None = None
         self.tracker = None
         self.record = None
         self.seconds = 0.0
 
     def model(self) -> LoadedModel:
-        from qvd_bench.models import zoo
         from qvd_bench.models.sampling import CallTracker
         from qvd_bench.quant.api import make_plan_for, quantize_
 
@@ -722,7 +742,7 @@ class _Quantized:
             if bits not in self.plans:  # one plan per bit-width, shared by the methods
                 self.plans[bits] = make_plan_for(self.run, self.quant)
             # Quantization swaps modules in place: every configuration gets a fresh model.
-            loaded = zoo.load_run_model(self.run)
+            loaded = fresh_model(self.run, self.models)
             if self.mixed:
                 from qvd_bench.quant.sensitivity import Budget, mixed_config, probe_for_run
 
@@ -905,11 +925,12 @@ def _evaluate(
                 )
             stats_context = {"stats": run.manifest["config"], "settings": settings.to_dict()}
             plans: dict[str, Any] = {}
+            models: dict[str, LoadedModel] = {}
             for bits in config.bits:
                 w_bits, a_bits, mixed = split_bits_spec(bits)
                 for method in config.methods:
                     quant = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits)
-                    quantized = _Quantized(run, quant, plans, mixed)
+                    quantized = _Quantized(run, quant, plans, mixed, models)
                     context = {**stats_context, "quant": quant.to_dict()}
                     if mixed:
                         context["mixed"] = bits

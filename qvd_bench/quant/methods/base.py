@@ -286,8 +286,32 @@ def fp_record(ctx: QuantContext, name: str, reason: str = "kept in full precisio
     )
 
 
-_WEIGHT_SCALES: dict[tuple, Tensor] = {}
-_WEIGHT_CACHE_SIZE = 4096
+# Searches memoised by the content of their inputs: methods share most of them (every
+# ``mse``-based method searches the same weight clipping and the same activation ranges),
+# and bit-widths that share the weight or the activation bits repeat them exactly.
+_SEARCHES: dict[tuple, Any] = {}
+_SEARCH_CACHE_SIZE = 16384
+
+
+def content_key(x: Tensor) -> tuple[str, str, tuple[int, ...]]:
+    """A hashable key of a tensor's exact content (digest, dtype, shape)."""
+    data = x.detach().cpu().contiguous()
+    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
+    return digest.hexdigest(), str(data.dtype), tuple(data.shape)
+
+
+def memoised(key: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()``, or the value it returned before for the same ``key``.
+
+    Callers must not change the returned value in place (clone tensors first).
+    """
+    value = _SEARCHES.get(key)
+    if value is None:
+        value = compute()
+        if len(_SEARCHES) >= _SEARCH_CACHE_SIZE:
+            _SEARCHES.pop(next(iter(_SEARCHES)))
+        _SEARCHES[key] = value
+    return value
 
 
 def cached_weight_scale(weight: Tensor, bits: int, clipping: str, p: float) -> Tensor:
@@ -296,15 +320,8 @@ def cached_weight_scale(weight: Tensor, bits: int, clipping: str, p: float) -> T
     Methods share weight quantization (every ``mse``-based method searches the same
     clipping), so a weight seen before with the same settings is not searched again.
     """
-    data = weight.detach().cpu().contiguous()
-    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
-    key = (digest.hexdigest(), str(data.dtype), tuple(data.shape), bits, clipping, float(p))
-    scale = _WEIGHT_SCALES.get(key)
-    if scale is None:
-        scale, _ = weight_qparams(weight, bits, clipping, p=p)
-        if len(_WEIGHT_SCALES) >= _WEIGHT_CACHE_SIZE:
-            _WEIGHT_SCALES.pop(next(iter(_WEIGHT_SCALES)))
-        _WEIGHT_SCALES[key] = scale.cpu()
+    key = ("weight_scale", content_key(weight), bits, clipping, float(p))
+    scale = memoised(key, lambda: weight_qparams(weight, bits, clipping, p=p)[0].cpu())
     return scale.clone()
 
 
@@ -572,6 +589,35 @@ def lp_clip_search(
         (lo, hi) 0-d float64 tensors: the extrema's min and max times the best α (the
         grid of ``observers.shrink_factors``; ties keep the least clipping).
     """
+    # Every mse-based method searches the same ranges, and W8A8 / W4A8 share them.
+    key = (
+        "lp_clip",
+        content_key(rows),
+        content_key(channel_lo),
+        content_key(channel_hi),
+        int(tokens),
+        bits,
+        float(p),
+        None if cover is None else content_key(cover),
+        grid,
+    )
+    lo, hi = memoised(
+        key, lambda: _lp_clip_search(rows, channel_lo, channel_hi, tokens, bits, p, cover, grid)
+    )
+    return lo.clone(), hi.clone()
+
+
+def _lp_clip_search(
+    rows: Tensor,
+    channel_lo: Tensor,
+    channel_hi: Tensor,
+    tokens: int,
+    bits: int,
+    p: float,
+    cover: Tensor | None,
+    grid: int,
+) -> tuple[Tensor, Tensor]:
+    """``lp_clip_search`` without the memo."""
     from qvd_bench.quant.observers import shrink_factors
     from qvd_bench.quant.primitives import affine_qparams, fake_quant, quant_range
 

@@ -25,10 +25,8 @@ fold of the method (two sites may fold into one modulation table).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +36,9 @@ from qvd_bench.quant.methods.base import (
     LayerRecord,
     Method,
     QuantContext,
+    content_key,
     fp_record,
+    memoised,
     register_method,
     set_uniform_act,
     temporal_rows,
@@ -67,27 +67,6 @@ F64 = torch.float64
 T_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 # The Lp search grid used while choosing t (the final quantizer uses the default grid).
 SEARCH_GRID = 50
-# Clipping searches memoised by the content of their inputs. SCRI, OS+, qvd and qvd-scri
-# evaluate many identical candidates (the same t on the same layer), and bit-widths that
-# share the weight or the activation bits repeat those searches exactly.
-_SEARCHES: dict[tuple, Any] = {}
-_SEARCH_CACHE_SIZE = 16384
-
-
-def _digest(x: Tensor) -> tuple[str, str, tuple[int, ...]]:
-    data = x.detach().cpu().contiguous()
-    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
-    return digest.hexdigest(), str(data.dtype), tuple(data.shape)
-
-
-def _memoised(key: tuple, compute: Callable[[], Any]) -> Any:
-    value = _SEARCHES.get(key)
-    if value is None:
-        value = compute()
-        if len(_SEARCHES) >= _SEARCH_CACHE_SIZE:
-            _SEARCHES.pop(next(iter(_SEARCHES)))
-        _SEARCHES[key] = value
-    return value
 
 
 # --------------------------------------------------------------------------- layer data
@@ -201,13 +180,13 @@ def _act_qparams(rows: Tensor, bits: int, p: float, grid: int = 100) -> tuple[fl
         lo, hi = mse_range(rows, bits, p, grid)
         return float(lo), float(hi)
 
-    return _memoised(("act", _digest(rows), bits, float(p), grid), search)
+    return memoised(("act", content_key(rows), bits, float(p), grid), search)
 
 
 def _weight_scale(weight: Tensor, bits: int, clipping: str, p: float, grid: int) -> Tensor:
     """``weight_qparams`` scales (O,) of a candidate's transformed weight, memoised."""
-    key = ("weight", _digest(weight), bits, clipping, float(p), grid)
-    scale = _memoised(key, lambda: weight_qparams(weight, bits, clipping, p=p, grid=grid)[0])
+    key = ("weight", content_key(weight), bits, clipping, float(p), grid)
+    scale = memoised(key, lambda: weight_qparams(weight, bits, clipping, p=p, grid=grid)[0])
     return scale.clone()
 
 
