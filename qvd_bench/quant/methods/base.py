@@ -601,48 +601,36 @@ def lp_clip_search(
         None if cover is None else content_key(cover),
         grid,
     )
-    lo, hi = memoised(
-        key, lambda: _lp_clip_search(rows, channel_lo, channel_hi, tokens, bits, p, cover, grid)
-    )
+
+    def search() -> tuple[Tensor, Tensor]:
+        from qvd_bench.quant.observers import shrink_factors
+        from qvd_bench.quant.primitives import affine_qparams, fake_quant, quant_range
+
+        q_min, q_max = quant_range(bits)
+        lo, hi = channel_lo.min().to(torch.float64), channel_hi.max().to(torch.float64)
+        alpha = shrink_factors(grid)  # (G,)
+        if cover is not None and cover.numel():
+            low, high = cover.min().to(torch.float64), cover.max().to(torch.float64)
+            lo, hi = torch.minimum(lo, low), torch.maximum(hi, high)
+            # α = 1 always qualifies (lo ≤ 0 ≤ hi once the quantizer includes zero).
+            fits = (alpha * lo.clamp(max=0) <= low) & (alpha * hi.clamp(min=0) >= high)
+            alpha = alpha[fits | (alpha == 1.0)]
+        scale, zero_point = affine_qparams(alpha * lo, alpha * hi, bits)  # (G,)
+        scale, zero_point = scale[:, None], zero_point[:, None]
+
+        def error(x: Tensor) -> Tensor:  # (G,) mean |x − x̂|^p of the flattened x per candidate
+            x = x.reshape(1, -1).to(torch.float32)
+            diff = (fake_quant(x, scale, zero_point, q_min, q_max) - x).to(torch.float64).abs_()
+            return diff.pow_(p).mean(1)
+
+        err_extreme = error(torch.stack([channel_lo, channel_hi]))
+        err_sample = error(rows) if rows.numel() else err_extreme
+        share = min(1.0, 2.0 / tokens)
+        best = int(((1.0 - share) * err_sample + share * err_extreme).argmin())
+        return alpha[best] * lo, alpha[best] * hi
+
+    lo, hi = memoised(key, search)
     return lo.clone(), hi.clone()
-
-
-def _lp_clip_search(
-    rows: Tensor,
-    channel_lo: Tensor,
-    channel_hi: Tensor,
-    tokens: int,
-    bits: int,
-    p: float,
-    cover: Tensor | None,
-    grid: int,
-) -> tuple[Tensor, Tensor]:
-    """``lp_clip_search`` without the memo."""
-    from qvd_bench.quant.observers import shrink_factors
-    from qvd_bench.quant.primitives import affine_qparams, fake_quant, quant_range
-
-    q_min, q_max = quant_range(bits)
-    lo, hi = channel_lo.min().to(torch.float64), channel_hi.max().to(torch.float64)
-    alpha = shrink_factors(grid)  # (G,)
-    if cover is not None and cover.numel():
-        cover = cover.to(torch.float64)
-        lo, hi = torch.minimum(lo, cover.min()), torch.maximum(hi, cover.max())
-        # α = 1 always qualifies (lo ≤ 0 ≤ hi once the quantizer includes zero).
-        fits = (alpha * lo.clamp(max=0) <= cover.min()) & (alpha * hi.clamp(min=0) >= cover.max())
-        alpha = alpha[fits | (alpha == 1.0)]
-    scale, zero_point = affine_qparams(alpha * lo, alpha * hi, bits)  # (G,)
-    scale, zero_point = scale[:, None], zero_point[:, None]
-
-    def error(x: Tensor) -> Tensor:  # (G,) mean |x − x̂|^p of the flattened x per candidate
-        x = x.reshape(1, -1).to(torch.float32)
-        diff = (fake_quant(x, scale, zero_point, q_min, q_max) - x).to(torch.float64).abs_()
-        return diff.pow_(p).mean(1)
-
-    err_extreme = error(torch.stack([channel_lo, channel_hi]))
-    err_sample = error(rows) if rows.numel() else err_extreme
-    share = min(1.0, 2.0 / tokens)
-    best = int(((1.0 - share) * err_sample + share * err_extreme).argmin())
-    return alpha[best] * lo, alpha[best] * hi
 
 
 def uniform_range(
