@@ -701,22 +701,18 @@ class _Videos:
         return generation
 
 
-def fresh_model(run, models: dict) -> LoadedModel:
+def fresh_model(run, template: LoadedModel) -> LoadedModel:
     """An unquantized model of a statistics run, for one configuration to change in place.
 
     Building a zoo preset (random initialisation, outlier injection) costs far more than
-    copying it, so the first one built is kept in ``models`` untouched and each call
-    returns a deep copy: the same parameters, bit for bit. A model with a pipeline is
-    loaded each time (the pipeline holds its own reference to the denoiser).
+    copying it, so each configuration gets a deep copy of the FP model ``template`` (built
+    from ``run``, never quantized): the same parameters, bit for bit. A model with a
+    pipeline is loaded again (the pipeline holds its own reference to the denoiser).
     """
     from qvd_bench.models import zoo
 
-    template = models.get("template")
-    if template is None:
-        template = zoo.load_run_model(run)
-        if template.pipeline is not None:
-            return template
-        models["template"] = template
+    if template.pipeline is not None:
+        return zoo.load_run_model(run)
     return replace(template, denoiser=copy.deepcopy(template.denoiser))
 
 
@@ -724,9 +720,9 @@ class _Quantized:
     """A model quantized on first use (a configuration whose videos are all cached is
     never quantized: reruns are free)."""
 
-    def __init__(self, run, quant, plans: dict, mixed: bool = False, models: dict | None = None):
+    def __init__(self, run, quant, plans: dict, template: LoadedModel, mixed: bool = False):
         self.run, self.quant, self.plans, self.mixed = run, quant, plans, mixed
-        self.models = {} if models is None else models  # the unquantized model, shared
+        self.template = template  # the FP model each configuration copies
         self.loaded: LoadedModel | None = None
         self.tracker = None
         self.record = None
@@ -742,15 +738,15 @@ class _Quantized:
             if bits not in self.plans:  # one plan per bit-width, shared by the methods
                 self.plans[bits] = make_plan_for(self.run, self.quant)
             # Quantization swaps modules in place: every configuration gets a fresh model.
-            loaded = fresh_model(self.run, self.models)
+            loaded = fresh_model(self.run, self.template)
             if self.mixed:
                 from qvd_bench.quant.sensitivity import Budget, mixed_config, probe_for_run
 
                 budget = Budget("a", float(self.quant.a_bits))
+                probe = probe_for_run(loaded, self.run)
                 self.quant, _ = mixed_config(
-                    loaded, self.run, self.quant, budget, probe_for_run(loaded, self.run),
-                    plan=self.plans[bits],
-                )  # fmt: skip
+                    loaded, self.run, self.quant, budget, probe, plan=self.plans[bits]
+                )
             self.tracker = CallTracker(loaded.denoiser).attach()
             self.record = quantize_(
                 loaded, self.quant, stats=self.run, plan=self.plans[bits], tracker=self.tracker
@@ -821,10 +817,10 @@ def quantized_videos(
         i: int, teacher: Generation | None = None, start: Generation | None = None
     ) -> Generation:
         loaded = quantized.model()
+        prompt, tracker = config.prompts[i], quantized.tracker
         return gen.generate(
-            loaded, config.prompts[i], i, settings, tracker=quantized.tracker,
-            teacher=teacher, start=start,
-        )  # fmt: skip
+            loaded, prompt, i, settings, tracker=tracker, teacher=teacher, start=start
+        )
 
     forced, free = {}, {}
     for i in reference:
@@ -925,12 +921,11 @@ def _evaluate(
                 )
             stats_context = {"stats": run.manifest["config"], "settings": settings.to_dict()}
             plans: dict[str, Any] = {}
-            models: dict[str, LoadedModel] = {}
             for bits in config.bits:
                 w_bits, a_bits, mixed = split_bits_spec(bits)
                 for method in config.methods:
                     quant = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits)
-                    quantized = _Quantized(run, quant, plans, mixed, models)
+                    quantized = _Quantized(run, quant, plans, fp_model, mixed)
                     context = {**stats_context, "quant": quant.to_dict()}
                     if mixed:
                         context["mixed"] = bits

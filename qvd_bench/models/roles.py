@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,15 +38,28 @@ class RoleDecision:
     decided_by: str
 
 
-def leaf_layers(denoiser: nn.Module) -> dict[str, nn.Module]:
+def leaf_layers(denoiser: nn.Module, names: Sequence[str] | None = None) -> dict[str, nn.Module]:
     """Every Linear / Conv1d / Conv2d / Conv3d (subclasses included), in module order.
+
+    Args:
+        denoiser: the model.
+        names: only these qualified names (those that are leaf layers, in this order),
+            looked up one by one instead of walking every module.
 
     Returns:
         Qualified module name -> module.
     """
-    return {
-        name: module for name, module in denoiser.named_modules() if isinstance(module, LEAF_TYPES)
-    }
+    if names is None:
+        return {n: m for n, m in denoiser.named_modules() if isinstance(m, LEAF_TYPES)}
+    found = {}
+    for name in names:
+        try:
+            module = denoiser.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(module, LEAF_TYPES):
+            found[name] = module
+    return found
 
 
 def classify(loaded: LoadedModel, *, detect: bool = False) -> dict[str, RoleDecision]:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from qvd_bench.errors import UserError
 from qvd_bench.models.family import LoadedModel
-from qvd_bench.models.roles import LEAF_TYPES
+from qvd_bench.models.roles import leaf_layers
 from qvd_bench.quant.modules import CONV_TYPES, QuantWrapper, swap_module
 
 KINDS = ("folded_norm", "folded_adaln", "folded_adaln_shift", "folded_geglu_scale", "explicit")
@@ -587,23 +587,6 @@ def _residual(kind: str, z: Tensor, s: Tensor) -> tuple[Tensor | None, Tensor | 
     return None, None
 
 
-def _leaf_modules(denoiser: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
-    """The leaf layers (``leaf_layers``) among ``names``, by name.
-
-    Looked up one by one: a walk over every module of the denoiser per transformed group
-    costs more than the rest of ``plan_transform``.
-    """
-    out = {}
-    for name in names:
-        try:
-            module = denoiser.get_submodule(name)
-        except AttributeError:
-            continue
-        if isinstance(module, LEAF_TYPES):
-            out[name] = module
-    return out
-
-
 def plan_transform(
     denoiser: nn.Module,
     layers: str | Sequence[str],
@@ -636,7 +619,7 @@ def plan_transform(
         The TransformRecord (parameters in the model's dtype, on its device).
     """
     names = (layers,) if isinstance(layers, str) else tuple(layers)
-    modules = _leaf_modules(denoiser, names)
+    modules = leaf_layers(denoiser, names)
     missing = [n for n in names if n not in modules]
     if missing or not names:
         raise UserError(f"no leaf Linear/Conv layer named {missing or names}")
@@ -644,7 +627,7 @@ def plan_transform(
     site = sites.get(names[0]) if fold else None
     if site is not None and (len(names) == 1 or set(names) == set(site.layers)):
         names, kind, reason = site.layers, site.kind, site.reason
-        modules = _leaf_modules(denoiser, names)
+        modules = leaf_layers(denoiser, names)
     else:
         kind = "explicit"
         reason = (

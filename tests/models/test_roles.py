@@ -147,6 +147,15 @@ def test_leaf_layers_include_subclasses_in_module_order():
     assert list(leaf_layers(_KeywordCaller())) == ["conv", "linear"]
 
 
+def test_leaf_layers_by_name_equal_the_walk():
+    denoiser = load_model("tiny-unet3d").denoiser
+    every = leaf_layers(denoiser)
+    names = [*list(every)[::7], "down_blocks.0", "no.such.layer"]  # a non-leaf, a missing one
+    picked = leaf_layers(denoiser, names)
+    assert list(picked) == [n for n in names if n in every]
+    assert all(picked[n] is every[n] for n in picked)
+
+
 def test_input_capture_sees_keyword_inputs():
     module = _KeywordCaller()
     x = torch.randn(2, 4, 3)
