@@ -131,7 +131,10 @@ def _merge_worker(rank: int, world: int, port: int, queue) -> None:
     x = torch.arange(60, dtype=torch.float32).reshape(20, 3) % 7
     local = {"fvd/real": FeatureStats.of(x[rank::world])}
     merged = merge_across_processes(local)
-    queue.put((rank, {k: v.clone() for k, v in merged["fvd/real"].state_dict().items()}))
+    # Numpy arrays pickle by value; a tensor would travel as a shared-memory file
+    # descriptor that the parent can no longer fetch once this process has exited.
+    state = {k: v.numpy().copy() for k, v in merged["fvd/real"].state_dict().items()}
+    queue.put((rank, state))
     dist.destroy_process_group()
 
 
@@ -154,7 +157,7 @@ def test_merge_across_processes_gloo():
     whole = FeatureStats.of(torch.arange(60, dtype=torch.float32).reshape(20, 3) % 7)
     for state in results.values():
         for name, value in whole.state_dict().items():
-            assert torch.equal(state[name], value), name
+            assert torch.equal(torch.from_numpy(state[name]), value), name
 
 
 def paired_features(prompts: int = 40, per_prompt: int = 2, d: int = 5):
