@@ -169,6 +169,30 @@ def test_mse_range_equals_brute_force_and_beats_minmax(bits):
     assert err(lo, hi) < err(torch.tensor(mn).double(), torch.tensor(mx).double())
 
 
+@pytest.mark.parametrize(
+    "case",
+    ["heavy tails", "ties on a lattice", "near ties", "float32 overflow", "float32 underflow"],
+)
+def test_shrink_search_screening_equals_exhaustive_float64(case):
+    # Large enough to be screened in float32 first; the answer must be the float64 one.
+    x = _heavy_tailed(7, (4, 2048)).double()
+    p, bits, grid = 2.4, 4, 100
+    if case == "near ties":  # errors closer than float32 resolves: it must not decide
+        x, grid = _heavy_tailed(8, (16, 8192)).double(), [0.05, 0.05 + 1e-9, 0.05 + 2e-9]
+    elif case == "ties on a lattice":  # many factors give exactly equal errors
+        x = torch.arange(4 * 2048, dtype=torch.float64).reshape(4, 2048) % 16 - 8
+    elif case == "float32 overflow":  # |x − x̂|^p overflows float32 for some factors
+        x, p = x * 1e3, 16.0
+    elif case == "float32 underflow":  # |x − x̂|^p underflows float32
+        x = x * 1e-20
+    assert O.SCREEN_ELEMENTS < x.numel() * len(O.shrink_factors(grid))
+    lo, hi = x.amin(1), x.amax(1)
+    alpha = O.shrink_search(x, lo, hi, bits, p, grid)
+    for r in range(x.shape[0]):
+        expected = _brute_force_alpha(x[r], float(lo[r]), float(hi[r]), bits, p, grid)
+        assert float(alpha[r]) == expected, r
+
+
 def test_mse_range_grid_and_checks():
     rows = _heavy_tailed(0, (128, 8))
     grid = [1.0, 0.5, 0.25]
