@@ -120,44 +120,32 @@ def test_sample_size_warning():
         frechet_distance_of_features(torch.randn(16, 8), torch.randn(16, 8))
 
 
-def _merge_worker(rank: int, world: int, port: int, queue) -> None:
+def _merge_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     from qvd_bench.collect.distributed import merge_across_processes
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    x = torch.arange(60, dtype=torch.float32).reshape(20, 3) % 7
-    local = {"fvd/real": FeatureStats.of(x[rank::world])}
-    merged = merge_across_processes(local)
-    # Numpy arrays pickle by value; a tensor would travel as a shared-memory file
-    # descriptor that the parent can no longer fetch once this process has exited.
-    state = {k: v.numpy().copy() for k, v in merged["fvd/real"].state_dict().items()}
-    queue.put((rank, state))
-    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x = torch.arange(60, dtype=torch.float32).reshape(20, 3) % 7
+        local = {"fvd/real": FeatureStats.of(x[rank::world])}
+        merged = merge_across_processes(local)
+        torch.save(merged["fvd/real"].state_dict(), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
 
 
-def test_merge_across_processes_gloo():
-    import socket
-
+def test_merge_across_processes_gloo(tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_merge_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    # A file rendezvous (no port to race for) and results through files, as in
+    # tests/collect/test_distributed.py.
+    mp.spawn(_merge_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     whole = FeatureStats.of(torch.arange(60, dtype=torch.float32).reshape(20, 3) % 7)
-    for state in results.values():
+    for rank in range(2):
+        state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, value in whole.state_dict().items():
-            assert torch.equal(torch.from_numpy(state[name]), value), name
+            assert torch.equal(state[name], value), name
 
 
 def paired_features(prompts: int = 40, per_prompt: int = 2, d: int = 5):
