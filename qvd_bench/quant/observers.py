@@ -35,7 +35,13 @@ from torch import Tensor
 
 from qvd_bench.analysis.distribution import grouped_quantiles
 from qvd_bench.errors import UserError
-from qvd_bench.quant.primitives import affine_qparams, check_bits, fake_quant, quant_range
+from qvd_bench.quant.primitives import (
+    affine_qparams,
+    check_bits,
+    fake_quant,
+    lp_error,
+    quant_range,
+)
 from qvd_bench.store import StatsRun
 
 F64 = torch.float64
@@ -298,7 +304,7 @@ def shrink_search(
         scale, zero_point = qparams(factors[g], r)  # (P,)
         xr = xc[r]
         xq = fake_quant(xr, scale[:, None], zero_point[:, None], q_min, q_max)
-        errors[g, r] = (xq.to(F64) - xr.to(F64)).abs_().pow_(p).mean(-1)
+        errors[g, r] = lp_error(xr, xq, p, dim=-1)
     return factors[errors.argmin(0)]
 
 

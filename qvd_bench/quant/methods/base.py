@@ -604,7 +604,7 @@ def lp_clip_search(
 
     def search() -> tuple[Tensor, Tensor]:
         from qvd_bench.quant.observers import shrink_factors
-        from qvd_bench.quant.primitives import affine_qparams, fake_quant, quant_range
+        from qvd_bench.quant.primitives import affine_qparams, fake_quant, lp_error, quant_range
 
         q_min, q_max = quant_range(bits)
         lo, hi = channel_lo.min().to(torch.float64), channel_hi.max().to(torch.float64)
@@ -620,8 +620,7 @@ def lp_clip_search(
 
         def error(x: Tensor) -> Tensor:  # (G,) mean |x − x̂|^p of the flattened x per candidate
             x = x.reshape(1, -1).to(torch.float32)
-            diff = (fake_quant(x, scale, zero_point, q_min, q_max) - x).to(torch.float64).abs_()
-            return diff.pow_(p).mean(1)
+            return lp_error(x, fake_quant(x, scale, zero_point, q_min, q_max), p, dim=1)
 
         err_extreme = error(torch.stack([channel_lo, channel_hi]))
         err_sample = error(rows) if rows.numel() else err_extreme
