@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -661,22 +662,24 @@ def _edge_table(edges: Any, device: torch.device, dtype: torch.dtype = F64) -> T
 
 
 def _exact_bins(x: Tensor, guess: Tensor, table: Tensor) -> Tensor:
-    """Fixes an analytic bin guess that rounding may have put one bin off.
+    """Fixes an analytic bin guess that is the bin or the one below it.
 
     Bins are half-open [table[i], table[i+1]), as ``np.searchsorted(table, x, "right") - 1``.
+    Callers take their guesses half a bin low, so rounding leaves them at most one bin
+    low (never high), and one comparison with the guessed bin's upper boundary settles each.
 
     Args:
         x: (N,) values, same dtype as ``table``.
-        guess: (N,) int32 guesses, off by at most one bin.
+        guess: (N,) int32 guesses: the bin or the one below it.
         table: (num_bins + 1,) boundaries.
 
     Returns:
         (N,) int32 bin indices.
     """
     guess = guess.clamp_(0, table.numel() - 2)
-    guess -= (x < table.index_select(0, guess)).to(I32)
-    guess += (x >= table[1:].index_select(0, guess)).to(I32)
-    return guess
+    # Compared straight into int32: a comparison into bool is 2-3x slower on CPU.
+    step = torch.ge(x, table[1:].index_select(0, guess), out=torch.empty_like(guess))
+    return guess.add_(step)
 
 
 @dataclass(frozen=True)
@@ -714,12 +717,19 @@ class LinearEdges:
 
     def _bins(self, x: Tensor) -> Tensor:
         """(N,) finite values -> (N,) int32 bins."""
-        # Float32 inputs are binned in float32 when its rounding stays far below a bin.
+        # Float32 inputs are binned in float32 when its rounding (of x − lo, and of the
+        # position, up to bins + 1) stays far below half a bin.
         f32_error = 2.0**-23 * max(abs(self.lo), abs(self.hi)) * self.bins / (self.hi - self.lo)
+        f32_error += 2.0**-22 * self.bins
         work = F64 if x.dtype == F64 or f32_error > 0.25 else torch.float32
         x = x.to(work)
         scale = int(self.bins) / (self.hi - self.lo)
-        pos = (x - self.lo).mul_(scale).clamp_(-1.0, self.bins).floor_().add_(1.0)
+        # The bin of x is floor(p) + 1 for p = (x − lo)·scale clamped to [−1, bins]. The
+        # guess floor(p + 1/2) is that bin or the one below while rounding errs by less
+        # than half a bin. Clamping p + 1/2 to [0, bins + 1] keeps that, takes +inf to the
+        # last bin (which _exact_bins moves past the +inf edge, as searchsorted does),
+        # and makes the truncation to int the floor.
+        pos = (x - self.lo).mul_(scale).add_(0.5).clamp_(0.0, self.bins + 1.0)
         return _exact_bins(x, pos.to(I32), _edge_table(self, x.device, work))
 
     def to_dict(self) -> dict[str, Any]:
@@ -792,17 +802,22 @@ class SignedLogEdges:
         m = k_hi - k_lo
         zero_bin = m + 1
         log_gamma = math.log(self.gamma)
-        # Float32 inputs are binned in float32 when its rounding of log|x| stays far
-        # below a bin.
+        # Float32 inputs are binned in float32 when its rounding (of log|x|, and of the
+        # level, up to num_bins) stays far below half a bin.
         f32_error = 2.0**-22 * max(abs(math.log(self.min_abs)), abs(math.log(self.max_abs)))
-        work = F64 if x.dtype == F64 or f32_error / log_gamma > 0.25 else torch.float32
+        f32_error = f32_error / log_gamma + 2.0**-22 * self.num_bins
+        work = F64 if x.dtype == F64 or f32_error > 0.25 else torch.float32
         x = x.to(work)
-        # level = 1 + floor(log_γ|x| − k_lo), clamped to [0, m + 1] (0: the zero bin).
-        # x > 0 in [γ^k, γ^(k+1)) has bin zero_bin + 1 + (k − k_lo); x < 0 with
-        # γ^k < |x| ≤ γ^(k+1) has bin zero_bin − 1 − (k − k_lo) (off by one only at
-        # |x| = γ^(k+1) exactly, which _exact_bins fixes).
-        level = x.abs().log_().mul_(1.0 / log_gamma).sub_(k_lo)
-        level = level.clamp_(-1.0, float(m)).floor_().add_(1.0)
+        # With l = log_γ|x| − k_lo clamped to [−1, m], the bin of x ≥ 0 is
+        # zero_bin + 1 + floor(l) and that of x < 0 is zero_bin − max(ceil(l), 0)
+        # (|x| = γ^k starts a positive bin and ends a negative one). The guess
+        # zero_bin + floor(sign(x)·(l + 1/2)) is that bin or the one below while rounding
+        # errs by less than half a bin. Clamping l + 1/2 to [−1/2, m + 1] keeps that,
+        # takes +inf to the last bin (which _exact_bins moves past the +inf edge, as
+        # searchsorted does), and leaves the guess at least 1/2, so the truncation to int
+        # is the floor.
+        level = x.abs().log_().mul_(1.0 / log_gamma).sub_(k_lo - 0.5)
+        level = level.clamp_(-0.5, m + 1.0)
         guess = level.mul_(x.sign()).add_(zero_bin).to(I32)
         return _exact_bins(x, guess, _edge_table(self, x.device, work))
 
@@ -1047,18 +1062,56 @@ _GOLDEN = _signed(0x9E3779B97F4A7C15)
 _MIX1 = _signed(0xBF58476D1CE4E5B9)
 _MIX2 = _signed(0x94D049BB133111EB)
 _MASK63 = (1 << 63) - 1
+_MASK64 = (1 << 64) - 1
 
 
 def _shr(z: Tensor, s: int) -> Tensor:
-    """Logical right shift of int64 (``>>`` is arithmetic)."""
-    return (z >> s) & ((1 << (64 - s)) - 1)
+    """Logical right shift of int64 (``>>`` is arithmetic), as a new tensor."""
+    return (z >> s).bitwise_and_((1 << (64 - s)) - 1)
 
 
-def _mix64(z: Tensor) -> Tensor:
-    """splitmix64's finaliser, a bijection on 64 bits (int64 arithmetic wraps mod 2^64)."""
-    z = (z ^ _shr(z, 30)) * _MIX1
-    z = (z ^ _shr(z, 27)) * _MIX2
-    return z ^ _shr(z, 31)
+def _mix64_(z: Tensor) -> Tensor:
+    """splitmix64's finaliser, a bijection on 64 bits (int64 arithmetic wraps mod 2^64).
+
+    Works in place on ``z`` (a temporary of the caller's), and returns it.
+    """
+    z ^= _shr(z, 30)
+    z *= _MIX1
+    z ^= _shr(z, 27)
+    z *= _MIX2
+    z ^= _shr(z, 31)
+    return z
+
+
+def _fold_int(h: int, field: int) -> int:
+    """One step h = mix((h XOR f) + golden) of ``row_key`` in Python ints.
+
+    h is the unsigned value in [0, 2^64); ``field`` may be negative (its int64 bits).
+    Masking to 64 bits after each + and × gives int64's wrap-around, and ``>>`` of an
+    unsigned value is the logical shift.
+    """
+    z = ((h ^ field) + _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _timestep_bits(timestep: float) -> int:
+    """The bits of a float64 timestep as a signed int (−0.0 as 0.0)."""
+    return struct.unpack("=q", struct.pack("=d", float(timestep) + 0.0))[0]
+
+
+def _key_prefix(seed: int, sample_id: int, timestep: float, branch: int) -> int:
+    """h of ``row_key`` after every field but the row, as a signed (int64) value."""
+    h = seed & _MASK64
+    for field in (sample_id, _timestep_bits(timestep), branch):
+        h = _fold_int(h, field)
+    return _signed(h)
+
+
+def _finish_key(prefix: Tensor | int, row: Tensor) -> Tensor:
+    """The key from the prefix h and the row: mix((h XOR row) + golden), low 63 bits."""
+    return _mix64_((prefix ^ row).add_(_GOLDEN)).bitwise_and_(_MASK63)
 
 
 def row_key(
@@ -1074,25 +1127,31 @@ def row_key(
     h = mix((h XOR f) + 0x9E3779B97F4A7C15) with mix = splitmix64's finaliser, all mod
     2^64; the key is the low 63 bits of h (a non-negative int64).
 
+    When sample_id and branch are ints, the fields before the row are folded on the host
+    in exact integer arithmetic and only the last step runs on tensors.
+
     Args:
         seed: the collection seed.
         sample_id, branch, row: int64 tensors (broadcast together) or ints.
         timestep: the timestep value (−0.0 hashes as 0.0).
 
     Returns:
-        int64 tensor of the broadcast shape.
+        int64 tensor of the broadcast shape, on the device of ``sample_id`` (of ``row``
+        when ``sample_id`` and ``branch`` are ints).
     """
+    if isinstance(sample_id, int) and isinstance(branch, int):
+        prefix = _key_prefix(seed, sample_id, timestep, branch)
+        return _finish_key(prefix, torch.as_tensor(row, dtype=I64))
     sample_id = torch.as_tensor(sample_id, dtype=I64)
     device = sample_id.device
-    t_bits = torch.tensor([float(timestep) + 0.0], dtype=F64).view(I64)[0].item()
     h = torch.full((), seed, dtype=I64, device=device)
     for field in (
         sample_id,
-        t_bits,
+        _timestep_bits(timestep),
         torch.as_tensor(branch, device=device),
         torch.as_tensor(row, device=device),
     ):
-        h = _mix64((h ^ field) + _GOLDEN)
+        h = _mix64_((h ^ field) + _GOLDEN)
     return h & _MASK63
 
 
@@ -1193,12 +1252,15 @@ class Reservoir(Accumulator):
         if any(getattr(self, k).shape != (n,) for k in ROW_ID_FIELDS):
             raise ValueError("Reservoir state has inconsistent shapes")
 
-    def update(self, rows: Tensor, sample_ids: Tensor, timestep: float, branch: int) -> None:
+    def update(
+        self, rows: Tensor, sample_ids: Tensor | Sequence[int], timestep: float, branch: int
+    ) -> None:
         """Offers the rows of one call.
 
         Args:
             rows: (n, R, C): R rows (tokens, positions) of each of n samples.
-            sample_ids: (n,) int64 global sample ids.
+            sample_ids: (n,) global sample ids, ints or an int64 tensor. The keys are
+                hashed from them on the host, so a device tensor costs a host sync.
             timestep: the timestep value of the call.
             branch: the CFG branch index.
         """
@@ -1208,32 +1270,38 @@ class Reservoir(Accumulator):
             self.to(rows.device)
         n, r = rows.shape[:2]
         device = rows.device
-        sample_ids = torch.as_tensor(sample_ids, dtype=I64, device=device)
-        if sample_ids.shape != (n,):
-            raise ValueError(f"expected sample_ids ({n},), got {tuple(sample_ids.shape)}")
+        ids = torch.as_tensor(sample_ids, dtype=I64)
+        if ids.shape != (n,):
+            raise ValueError(f"expected sample_ids ({n},), got {tuple(ids.shape)}")
+        branch = int(branch)
+        # Only the row varies among a sample's rows: the other fields are folded once per
+        # sample on the host, and the keys take one vector mix.
+        prefixes = [_key_prefix(self.seed, s, timestep, branch) for s in ids.tolist()]
         row_index = torch.arange(r, dtype=I64, device=device)
-        keys = row_key(self.seed, sample_ids[:, None], timestep, branch, row_index[None, :])
-        keys = keys.reshape(-1)
+        prefix = torch.tensor(prefixes, dtype=I64, device=device)
+        keys = _finish_key(prefix[:, None], row_index[None, :]).reshape(-1)
         # Only keys at or below the current k-th key, and among the k smallest new keys,
-        # can be kept: the other rows are never copied.
-        threshold = self.keys.max() if len(self) == self.capacity else None
-        if keys.numel() > self.capacity:
-            kth = torch.kthvalue(keys, self.capacity).values
-            threshold = kth if threshold is None else torch.minimum(threshold, kth)
-        if threshold is None:
+        # can be kept: the other rows are never copied. Once the reservoir is full, few
+        # keys pass the first test, and the k-th new key is only sought among those.
+        picked = None  # every row
+        if len(self) == self.capacity:
+            picked = (keys <= self.keys.max()).nonzero().squeeze(1)
+        if (keys.numel() if picked is None else picked.numel()) > self.capacity:
+            candidates = keys if picked is None else keys[picked]
+            kth = torch.kthvalue(candidates, self.capacity).values
+            picked = (keys <= kth).nonzero().squeeze(1)
+        if picked is None:
             picked = torch.arange(keys.numel(), device=device)
-        else:
-            picked = (keys <= threshold).nonzero().squeeze(1)
-            if picked.numel() == 0:
-                return
+        elif picked.numel() == 0:
+            return
         m = picked.numel()
         self._insert(
             {
                 "rows": rows.detach().reshape(n * r, self.channels)[picked].to(torch.float32),
                 "keys": keys[picked],
-                "sample_ids": sample_ids[picked // r],
+                "sample_ids": ids.to(device)[picked // r],
                 "timesteps": torch.full((m,), float(timestep), dtype=F64, device=device),
-                "branches": torch.full((m,), int(branch), dtype=I64, device=device),
+                "branches": torch.full((m,), branch, dtype=I64, device=device),
                 "row_indices": picked % r,
             }
         )

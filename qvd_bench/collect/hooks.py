@@ -133,7 +133,6 @@ class StatsCollector:
         self.histograms: dict[StatsKey, Histogram] = {}
         self.reservoirs: dict[str, Reservoir] = {}
         self._handles: list = []
-        self._ids_cache: tuple | None = None
         # (tensor, version, channel_dim, branches, per-branch batch moments) of the last
         # observed tensor: consecutive layers often read the same one (the q/k/v
         # projections), and its moments are then computed once. Holding the tensor keeps
@@ -231,8 +230,8 @@ class StatsCollector:
                         device=chunk.device,
                     )
                 rows = channel_last_rows(chunk, len(call.sample_ids), channel_dim)
-                ids = self._sample_ids(call, chunk.device)
-                reservoir.update(rows, ids, call.timestep, BRANCHES.index(branch))
+                # The ids as host ints: the row keys are hashed from them on the host.
+                reservoir.update(rows, call.sample_ids, call.timestep, BRANCHES.index(branch))
 
     def _batch_moments(
         self, x: torch.Tensor, chunks: Sequence[torch.Tensor], channel_dim: int
@@ -259,16 +258,6 @@ class StatsCollector:
         batches = [batch_moments(chunk, channel_dim) for chunk in chunks]
         self._last_moments = (x, x._version, channel_dim, len(chunks), batches)
         return batches
-
-    def _sample_ids(self, call, device: torch.device) -> torch.Tensor:
-        """The call's sample ids as a tensor, built once per denoiser call (not per layer)."""
-        cached = self._ids_cache
-        if cached is None or cached[0] is not call or cached[1].device != device:
-            cached = self._ids_cache = (
-                call,
-                torch.tensor(call.sample_ids, dtype=torch.int64, device=device),
-            )
-        return cached[1]
 
 
 @torch.no_grad()

@@ -687,6 +687,22 @@ def test_row_key_matches_unsigned_reference_and_is_deterministic():
     assert len(set(row_key(3, torch.arange(1000), 1.0, 0, 0).tolist())) == 1000
 
 
+def test_row_key_of_int_fields_matches_tensor_fields():
+    # Int sample ids and branches are folded on the host; tensors take the general path.
+    rows = torch.tensor([0, 1, 2047, -1, 2**62])
+    for seed, sample, t, branch in (
+        (0, 0, 901.0, 0),
+        (-5, -3, -0.0, 1),
+        (2**63 - 1, -(2**63), 1e300, 2**40),
+        (12345, 2**63 - 1, 0.1, -1),
+    ):
+        keys = row_key(seed, sample, t, branch, rows)
+        assert torch.equal(keys, row_key(seed, torch.tensor(sample), t, torch.tensor(branch), rows))
+        assert keys.tolist() == [
+            row_key_reference(seed, sample, t, branch, r) for r in rows.tolist()
+        ]
+
+
 RES_C, RES_CAP = 3, 20
 
 
@@ -738,6 +754,17 @@ def test_reservoir_sharded_updates_equal_single_pass():
     shards = [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
     parts = [fill(Reservoir(RES_CAP, RES_C, seed=5), s, batch=1) for s in shards]
     assert_reservoirs_identical(parts[2].merge(parts[0]).merge(parts[1]), single)
+
+
+def test_reservoir_takes_sample_ids_as_ints_or_tensor():
+    rows = torch.stack([sample_rows(s, 7.0, 1, rows=40) for s in (3, 8)])
+    a, b = Reservoir(25, RES_C, seed=2), Reservoir(25, RES_C, seed=2)
+    for t in (999.0, 7.0, 3.0):
+        a.update(rows, torch.tensor([3, 8]), t, 1)
+        b.update(rows, (3, 8), t, 1)
+    assert_reservoirs_identical(a, b)
+    with pytest.raises(ValueError):
+        b.update(rows, (3,), 1.0, 0)
 
 
 def test_reservoir_below_capacity_and_idempotent_merge():
