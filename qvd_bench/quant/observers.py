@@ -45,10 +45,12 @@ from qvd_bench.quant.primitives import (
 from qvd_bench.store import StatsRun
 
 F64 = torch.float64
-# Largest candidates × elements block of the clipping search: bounds its work memory.
-SEARCH_ELEMENTS = 1 << 22
-# Smallest candidates × elements search that is screened in float32 first (``_screen``).
-SCREEN_ELEMENTS = 1 << 16
+# Largest candidates × elements block of the clipping search: bounds its work memory, and
+# keeps a block's float64 work tensors (1 MiB each) in a core's L2 cache: larger blocks
+# make the search memory-bound.
+SEARCH_ELEMENTS = 1 << 17
+# Smallest candidates × elements search that is screened in float32 first (``screened_errors``).
+SCREEN_ELEMENTS = 1 << 13
 DEFAULT_GRID = 100
 
 
@@ -269,8 +271,9 @@ def shrink_search(
     Each of the R rows of ``x`` is searched on its own (R = 1 for a per-tensor search, R =
     output channels for weights). Candidates are evaluated in blocks of at most
     ``SEARCH_ELEMENTS`` elements: memory stays bounded for large tensors. Larger searches
-    are screened in float32 first (``_screen``), and only the candidates that can still win
-    are evaluated in float64: the result is the exhaustive float64 search's.
+    are screened in float32 first (``screened_errors``, ``could_be_least``), and only the
+    candidates that can still win are evaluated in float64 (none in a row where one alone
+    can): the result is the exhaustive float64 search's.
 
     Args:
         x: (R, L) values (finite).
@@ -295,9 +298,12 @@ def shrink_search(
 
     keep = torch.ones(factors.numel(), rows, dtype=torch.bool, device=x.device)
     if keep.numel() * length > SCREEN_ELEMENTS:
-        keep = _screen(xc, factors, qparams, q_min, q_max, p)
-    candidate, row = keep.nonzero(as_tuple=True)  # (P,) pairs, in grid order per row
-    errors = torch.full(keep.shape, math.inf, dtype=F64, device=x.device)
+        keep = could_be_least(screened_errors(xc, factors, qparams, q_min, q_max, p), p)
+    # A row's only candidate left is its best: 0 stands for its error. Rows with more
+    # are decided on float64 errors, which overwrite those zeros.
+    errors = torch.zeros(keep.shape, dtype=F64, device=x.device).masked_fill_(~keep, math.inf)
+    contested = keep & (keep.sum(0) > 1)
+    candidate, row = contested.nonzero(as_tuple=True)  # (P,) pairs, in grid order per row
     block = max(1, SEARCH_ELEMENTS // max(1, length))
     for start in range(0, candidate.numel(), block):
         g, r = candidate[start : start + block], row[start : start + block]
@@ -308,28 +314,57 @@ def shrink_search(
     return factors[errors.argmin(0)]
 
 
-def _screen(xc: Tensor, factors: Tensor, qparams, q_min: int, q_max: int, p: float) -> Tensor:
-    """(G, R) the candidates that can be a row's best: all others lose in float64 too.
+def screened_errors(
+    xc: Tensor, factors: Tensor, qparams, q_min: int, q_max: int, p: float
+) -> Tensor:
+    """(G, R) float64 estimates of every candidate's mean |x − x̂|^p, for ``could_be_least``.
 
-    Every candidate's error is taken with |x − x̂|^p and its mean in float32, about 4x
-    faster than in float64. Relative errors: the rounded difference and a 1-ulp power,
-    (p + 2)·2^-24 per element; torch's cascaded float32 sum of positive terms, ~1e-7
-    (measured up to 3e7 terms). Absolute: float32 underflow, 2·tiny^min(p, 1). Candidates
-    within tolerances well above those of a row's best screened error are kept, and so is
-    one whose float32 error overflowed.
+    Taken with |x − x̂| rounded to float32, its p-th power as exp(p·log|x − x̂|) (several
+    times faster than torch's float32 pow, itself 2x faster than float64's) and the mean
+    in float32. Relative errors per element: the rounded difference, p·2^-24; the power,
+    at most |y|·2^-22 + 2^-23 for y = p·log|x − x̂| (1-ulp log and exp, the rounding of p
+    to float32 and of the product), with |y| ≤ 89 for any power in float32's normal range:
+    ~2.2e-5 (measured ≤ 1.1e-5); torch's cascaded float32 sum of positive terms, ~1e-7
+    (measured up to 3e7 terms). Absolute: float32 underflow, 2·tiny^min(p, 1).
+
+    Args:
+        xc: (R, L) values, float32 or float64 (x̂ is computed in that dtype).
+        factors: (G,) the shrink factors.
+        qparams: factors (G, 1) -> (scale, zero_point), each (G, R).
+        q_min, q_max: the integer codes.
+        p: the Lp exponent.
+    """
+    rows, length = xc.shape
+    screen = torch.empty(factors.numel(), rows, dtype=torch.float32, device=xc.device)
+    scale, zero_point = qparams(factors[:, None])
+    scale, zero_point = scale[..., None], zero_point[..., None]  # (G, R, 1)
+    block = max(1, SEARCH_ELEMENTS // max(1, rows * length))
+    for start in range(0, factors.numel(), block):
+        part = slice(start, start + block)
+        xq = fake_quant(xc[None], scale[part], zero_point[part], q_min, q_max)
+        diff = xq.sub_(xc).to(torch.float32).abs_()  # xq is fake_quant's own tensor
+        screen[start : start + block] = diff.log_().mul_(p).exp_().mean(-1)
+    return screen.to(F64)
+
+
+def could_be_least(estimates: Tensor, p: float) -> Tensor:
+    """(G, R) the candidates whose exact error can be a row's least: all others lose in
+    float64 too.
+
+    Args:
+        estimates: (G, R) ``screened_errors``, or a positive combination of them with
+            exact errors (as ``lp_clip_search``'s): within its relative and absolute errors.
+        p: the Lp exponent.
+
+    Returns:
+        True for the candidates within tolerances of their row's least estimate: a relative
+        1e-4·max(1, p/16), above twice the estimates' relative error (the least estimate
+        may be low by as much), and the underflow bound; and for any that overflowed.
     """
     rtol = 1e-4 * max(1.0, p / 16)
     atol = 2 * torch.finfo(torch.float32).tiny ** min(p, 1.0)
-    rows, length = xc.shape
-    screen = torch.empty(factors.numel(), rows, dtype=torch.float32, device=xc.device)
-    block = max(1, SEARCH_ELEMENTS // max(1, rows * length))
-    for start in range(0, factors.numel(), block):
-        scale, zero_point = qparams(factors[start : start + block, None])  # (g, R)
-        xq = fake_quant(xc[None], scale[..., None], zero_point[..., None], q_min, q_max)
-        diff = (xq - xc[None]).to(torch.float32).abs_()
-        screen[start : start + block] = diff.pow_(p).mean(-1)
-    screen = screen.to(F64)
-    return (screen <= screen.amin(0) * (1 + rtol) + atol) | ~torch.isfinite(screen)
+    least = estimates.amin(0)
+    return (estimates <= least * (1 + rtol) + atol) | ~torch.isfinite(estimates)
 
 
 def token_clip_ratio(
@@ -386,9 +421,29 @@ def mse_range(
     x = x[torch.isfinite(x)]
     if x.numel() == 0:
         raise UserError("no finite calibration rows for the MSE range search")
-    lo, hi = x.min().to(F64).reshape(1), x.max().to(F64).reshape(1)
-    alpha = shrink_search(x.reshape(1, -1), lo, hi, bits, p, grid)
-    return (alpha * lo)[0], (alpha * hi)[0]
+    lo, hi = mse_ranges(x.reshape(1, -1), bits, p, grid)
+    return lo[0], hi[0]
+
+
+def mse_ranges(
+    x: Tensor,
+    bits: int,
+    p: float = 2.4,
+    grid: int | Sequence[float] = DEFAULT_GRID,
+) -> tuple[Tensor, Tensor]:
+    """``mse_range`` of several tensors at once (one search: far cheaper for small ones).
+
+    Args:
+        x: (K, L) finite values, one flattened tensor per row.
+        bits, p, grid: as ``mse_range``.
+
+    Returns:
+        (lo (K,), hi (K,)) float64: α·min and α·max of each row for its best α.
+    """
+    bits = check_bits(bits)
+    lo, hi = x.amin(1).to(F64), x.amax(1).to(F64)
+    alpha = shrink_search(x, lo, hi, bits, p, grid)
+    return alpha * lo, alpha * hi
 
 
 def weight_qparams(

@@ -193,6 +193,82 @@ def test_shrink_search_screening_equals_exhaustive_float64(case):
         assert float(alpha[r]) == expected, r
 
 
+@pytest.mark.parametrize("p", [0.5, 1.0, 2.0, 3.7])
+def test_shrink_search_screening_equals_exhaustive_float64_for_any_p(p):
+    x = _heavy_tailed(9, (4, 512)).double()
+    assert x.numel() * 100 > O.SCREEN_ELEMENTS
+    lo, hi = x.amin(1), x.amax(1)
+    alpha = O.shrink_search(x, lo, hi, 4, p)
+    for r in range(x.shape[0]):
+        expected = _brute_force_alpha(x[r], float(lo[r]), float(hi[r]), 4, p, 100)
+        assert float(alpha[r]) == expected, r
+
+
+def _exhaustive_lp_clip(rows, channel_lo, channel_hi, tokens, bits, p, grid=100):
+    """lp_clip_search's choice with every candidate's float64 error (no screen)."""
+    lo, hi = channel_lo.min().double(), channel_hi.max().double()
+    share = min(1.0, 2.0 / tokens)
+
+    def err(x, scale, zp):
+        x = x.reshape(-1).float()
+        return float(P.lp_error(x, P.fake_quant_affine(x, scale, zp, bits), p))
+
+    best, best_err = None, None
+    for alpha in O.shrink_factors(grid).tolist():
+        scale, zp = P.affine_qparams(alpha * lo, alpha * hi, bits)
+        extreme = err(torch.stack([channel_lo, channel_hi]), scale, zp)
+        e = (1.0 - share) * err(rows, scale, zp) + share * extreme
+        if best_err is None or e < best_err:
+            best, best_err = alpha, e
+    return best * lo, best * hi
+
+
+@pytest.mark.parametrize(("bits", "p", "tokens"), [(4, 2.4, 10**5), (8, 2.4, 70), (3, 7.0, 500)])
+def test_lp_clip_search_screening_equals_exhaustive_float64(bits, p, tokens):
+    from qvd_bench.quant.methods.base import lp_clip_search
+
+    rows = _heavy_tailed(bits, (64, 32)).double()
+    channel_lo, channel_hi = rows.amin(0) * 1.5, rows.amax(0) * 1.5  # beyond the sample
+    assert rows.numel() * 100 > O.SCREEN_ELEMENTS
+    lo, hi = lp_clip_search(rows, channel_lo, channel_hi, tokens, bits, p)
+    expected = _exhaustive_lp_clip(rows, channel_lo, channel_hi, tokens, bits, p)
+    assert (float(lo), float(hi)) == (float(expected[0]), float(expected[1]))
+
+
+def test_batched_searches_equal_separate_ones():
+    x = _heavy_tailed(4, (3, 2048)).double()
+    lo, hi = O.mse_ranges(x, 4)
+    for r in range(3):
+        assert (lo[r], hi[r]) == O.mse_range(x[r], 4)
+    weights = [_heavy_tailed(5 + i, (8, 3, 3, 3)) for i in range(3)]
+    scale, _ = O.weight_qparams(torch.cat(weights), 4, "mse")
+    assert torch.equal(scale, torch.cat([O.weight_qparams(w, 4, "mse")[0] for w in weights]))
+
+
+def test_memoised_batch_computes_only_missing_values_in_batches():
+    from qvd_bench.quant.methods import base
+
+    calls = []
+
+    def compute(indices):
+        calls.append(list(indices))
+        return [f"value {i}" for i in indices]
+
+    keys = [("test-batch", i) for i in range(5)]
+    for key in keys:
+        base._SEARCHES.pop(key, None)
+    assert base.memoised(keys[1], lambda: "cached") == "cached"
+    assert base.memoised_batch(keys, compute, batch=2) == [
+        "value 0",
+        "cached",
+        "value 2",
+        "value 3",
+        "value 4",
+    ]
+    assert calls == [[0, 2], [3, 4]]
+    assert base.memoised_batch(keys, compute, batch=2)[4] == "value 4" and len(calls) == 2
+
+
 def test_mse_range_grid_and_checks():
     rows = _heavy_tailed(0, (128, 8))
     grid = [1.0, 0.5, 0.25]

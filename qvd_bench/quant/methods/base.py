@@ -34,7 +34,8 @@ when present).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -308,10 +309,41 @@ def memoised(key: tuple, compute: Callable[[], Any]) -> Any:
     value = _SEARCHES.get(key)
     if value is None:
         value = compute()
-        if len(_SEARCHES) >= _SEARCH_CACHE_SIZE:
-            _SEARCHES.pop(next(iter(_SEARCHES)))
-        _SEARCHES[key] = value
+        _remember(key, value)
     return value
+
+
+def memoised_batch(
+    keys: Sequence[tuple], compute: Callable[[list[int]], Sequence[Any]], batch: int
+) -> list[Any]:
+    """``memoised`` for several keys: the values not seen before are computed together.
+
+    Args:
+        keys: one key per value.
+        compute: the indices (into ``keys``) of at most ``batch`` missing values -> those
+            values, in that order (one call per batch: a search of several inputs at once
+            costs far less than one search each when they are small).
+        batch: the most values one ``compute`` call gets (bounds its memory).
+
+    Returns:
+        The values, in the order of ``keys``.
+    """
+    values = {i: _SEARCHES[key] for i, key in enumerate(keys) if key in _SEARCHES}
+    missing = [i for i in range(len(keys)) if i not in values]
+    batch = max(1, batch)
+    for start in range(0, len(missing), batch):
+        indices = missing[start : start + batch]
+        for i, value in zip(indices, compute(indices), strict=True):
+            values[i] = value
+            _remember(keys[i], value)
+    return [values[i] for i in range(len(keys))]
+
+
+def _remember(key: tuple, value: Any) -> None:
+    """Stores a search's value, dropping the oldest one when the cache is full."""
+    if len(_SEARCHES) >= _SEARCH_CACHE_SIZE:
+        _SEARCHES.pop(next(iter(_SEARCHES)))
+    _SEARCHES[key] = value
 
 
 def cached_weight_scale(weight: Tensor, bits: int, clipping: str, p: float) -> Tensor:
@@ -603,7 +635,12 @@ def lp_clip_search(
     )
 
     def search() -> tuple[Tensor, Tensor]:
-        from qvd_bench.quant.observers import shrink_factors
+        from qvd_bench.quant.observers import (
+            SCREEN_ELEMENTS,
+            could_be_least,
+            screened_errors,
+            shrink_factors,
+        )
         from qvd_bench.quant.primitives import affine_qparams, fake_quant, lp_error, quant_range
 
         q_min, q_max = quant_range(bits)
@@ -615,17 +652,32 @@ def lp_clip_search(
             # α = 1 always qualifies (lo ≤ 0 ≤ hi once the quantizer includes zero).
             fits = (alpha * lo.clamp(max=0) <= low) & (alpha * hi.clamp(min=0) >= high)
             alpha = alpha[fits | (alpha == 1.0)]
-        scale, zero_point = affine_qparams(alpha * lo, alpha * hi, bits)  # (G,)
-        scale, zero_point = scale[:, None], zero_point[:, None]
 
-        def error(x: Tensor) -> Tensor:  # (G,) mean |x − x̂|^p of the flattened x per candidate
-            x = x.reshape(1, -1).to(torch.float32)
-            return lp_error(x, fake_quant(x, scale, zero_point, q_min, q_max), p, dim=1)
+        def qparams(factors: Tensor) -> tuple[Tensor, Tensor]:  # (g, 1) each
+            return affine_qparams(factors * lo, factors * hi, bits)
 
-        err_extreme = error(torch.stack([channel_lo, channel_hi]))
-        err_sample = error(rows) if rows.numel() else err_extreme
+        scale, zero_point = qparams(alpha[:, None])
+
+        def error(x: Tensor, keep: Tensor) -> Tensor:  # (K,) mean |x − x̂|^p per kept candidate
+            return lp_error(x, fake_quant(x, scale[keep], zero_point[keep], q_min, q_max), p, dim=1)
+
+        def flat(x: Tensor) -> Tensor:  # (1, L) float32
+            return x.reshape(1, -1).to(torch.float32)
+
+        keep = torch.ones_like(alpha, dtype=torch.bool)
+        err_extreme = error(flat(torch.stack([channel_lo, channel_hi])), keep)
         share = min(1.0, 2.0 / tokens)
-        best = int(((1.0 - share) * err_sample + share * err_extreme).argmin())
+        sample = flat(rows) if rows.numel() else None
+        if sample is not None and sample.numel() * alpha.numel() > SCREEN_ELEMENTS and share < 1:
+            # The sample's float64 errors only for the candidates its float32 screen keeps:
+            # the weighted sum of its estimates has at most their relative error.
+            estimate = screened_errors(sample, alpha, qparams, q_min, q_max, p)[:, 0]
+            combined = (1.0 - share) * estimate + share * err_extreme
+            keep = could_be_least(combined[:, None], p)[:, 0]
+        err_sample = error(sample, keep) if sample is not None else err_extreme[keep]
+        total = torch.full_like(err_extreme, math.inf)
+        total[keep] = (1.0 - share) * err_sample + share * err_extreme[keep]
+        best = int(total.argmin())
         return alpha[best] * lo, alpha[best] * hi
 
     lo, hi = memoised(key, search)

@@ -36,6 +36,7 @@ once per layer and each candidate in one matrix product (``TemporalPairs``), whi
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,8 @@ from qvd_bench.quant.methods.base import (
     LayerRecord,
     Method,
     QuantContext,
+    content_key,
+    memoised,
     register_method,
     weight_record,
 )
@@ -231,12 +234,16 @@ def htdq_record(ctx: QuantContext, name: str) -> LayerRecord:
     """One temporal-feature layer with the HTDQ level set; weights as ``config``."""
     _, vectors = ctx.run.temporal_matrix(name)
     features = torch.from_numpy(np.asarray(vectors, dtype=np.float64))
-    bits = ctx.a_bits(name)
-    choice = htdq_search(features, ctx.weight(name), bits, ctx.config.htdq_tolerance, ctx.config.p)
+    bits, weight = ctx.a_bits(name), ctx.weight(name)
+    tolerance, p = float(ctx.config.htdq_tolerance), float(ctx.config.p)
+    # Methods and bit-widths with the same activation bits (qvd and qvd-htdq, W8A8 and
+    # W4A8) make the same search.
+    key = ("htdq", content_key(features), content_key(weight), bits, tolerance, p)
+    choice = memoised(key, lambda: htdq_search(features, weight, bits, tolerance, p))
     record = weight_record(ctx, name)
     record.act, record.a_bits = "levels", bits
     record.tensors["levels"] = choice.candidate.levels.clone()
-    record.info["htdq"] = choice.info()
+    record.info["htdq"] = copy.deepcopy(choice.info())  # not the memoised dicts
     return record
 
 

@@ -29,8 +29,7 @@ def _os_choice(ctx: QuantContext, data: GroupData) -> tuple[Tensor, Tensor, dict
     candidates = threshold_candidates(data, OS_QUANTILES)
     if not candidates:
         return None
-    rows = data.rows
-    scored = [evaluate(ctx, data, z, s, t, fit_rows=rows, eval_rows=rows) for t, z, s in candidates]
+    scored = evaluate(ctx, data, candidates, fit_rows=data.rows, eval_rows=data.rows)
     best = min(scored, key=lambda c: sum(c.output_mse.values()))
     return best.shift, best.scale, {"t": best.t, "output_mse": best.output_mse}
 

@@ -25,6 +25,7 @@ fold of the method (two sites may fold into one modulation table).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from qvd_bench.quant.methods.base import (
     content_key,
     fp_record,
     memoised,
+    memoised_batch,
     register_method,
     set_uniform_act,
     temporal_rows,
@@ -46,11 +48,19 @@ from qvd_bench.quant.methods.base import (
     weight_record,
 )
 from qvd_bench.quant.modules import CONV_TYPES
-from qvd_bench.quant.observers import minmax_channel_range, mse_range, weight_qparams
+from qvd_bench.quant.observers import (
+    SEARCH_ELEMENTS,
+    minmax_channel_range,
+    mse_range,
+    mse_ranges,
+    weight_qparams,
+)
 from qvd_bench.quant.primitives import (
     affine_qparams,
+    fake_quant,
     fake_quant_affine,
     quant_levels,
+    quant_range,
     sqnr_db,
 )
 from qvd_bench.quant.transforms import (
@@ -175,30 +185,75 @@ def _tap_matrix(weight: Tensor, module: nn.Module) -> Tensor:
     return dense.reshape(-1, per_group * groups)
 
 
-def _act_qparams(rows: Tensor, bits: int, p: float, grid: int = 100) -> tuple[float, float]:
-    def search() -> tuple[float, float]:
-        lo, hi = mse_range(rows, bits, p, grid)
-        return float(lo), float(hi)
+def _act_ranges(
+    fit: Tensor, candidates: Sequence[tuple], bits: int, p: float, grid: int
+) -> list[tuple[float, float]]:
+    """``mse_range`` (lo, hi) of the rows (fit − z)/s of each candidate (t, z, s), memoised;
+    those not searched before are searched together (``mse_ranges``)."""
+    fit_key = content_key(fit)
+    keys = [
+        ("act", fit_key, content_key(shift), content_key(scale), bits, float(p), grid)
+        for _, shift, scale in candidates
+    ]
 
-    return memoised(("act", content_key(rows), bits, float(p), grid), search)
+    def search(indices: list[int]) -> list[tuple[float, float]]:
+        chosen = [candidates[i] for i in indices]
+        x = torch.stack([((fit - shift) / scale).reshape(-1) for _, shift, scale in chosen])
+        if not bool(torch.isfinite(x).all()):  # mse_range leaves non-finite values out
+            return [tuple(float(v) for v in mse_range(row, bits, p, grid)) for row in x]
+        lo, hi = mse_ranges(x, bits, p, grid)
+        return list(zip(lo.tolist(), hi.tolist(), strict=True))
+
+    return memoised_batch(keys, search, SEARCH_ELEMENTS // max(1, fit.numel()))
 
 
-def _weight_scale(weight: Tensor, bits: int, clipping: str, p: float, grid: int) -> Tensor:
-    """``weight_qparams`` scales (O,) of a candidate's transformed weight, memoised."""
-    key = ("weight", content_key(weight), bits, clipping, float(p), grid)
-    scale = memoised(key, lambda: weight_qparams(weight, bits, clipping, p=p, grid=grid)[0])
-    return scale.clone()
+def _transformed_weight(weight: Tensor, module: nn.Module, scale: Tensor) -> Tensor:
+    """W̃ = W·diag(s): (O, I, ...) with each input channel scaled by s (C,)."""
+    # Per conv group the input channels repeat; the scale follows the input axis.
+    groups = module.groups if isinstance(module, CONV_TYPES) else 1
+    s_in = scale.reshape(groups, -1).repeat_interleave(weight.shape[0] // groups, 0)
+    return weight * s_in.reshape(weight.shape[0], -1, *([1] * (weight.ndim - 2)))
+
+
+def _weight_scales(
+    weight: Tensor,
+    module: nn.Module,
+    scales: Sequence[Tensor],
+    bits: int,
+    clipping: str,
+    p: float,
+    grid: int,
+) -> list[Tensor]:
+    """``weight_qparams`` scales (O,) of W·diag(s) for each s, memoised; the weights not
+    searched before are searched together (one ``weight_qparams`` on their rows)."""
+    weight_key = content_key(weight)
+    groups = module.groups if isinstance(module, CONV_TYPES) else 1
+    keys = [
+        ("weight", weight_key, groups, content_key(s), bits, clipping, float(p), grid)
+        for s in scales
+    ]
+
+    def search(indices: list[int]) -> list[Tensor]:
+        stacked = torch.cat([_transformed_weight(weight, module, scales[i]) for i in indices])
+        scale, _ = weight_qparams(stacked, bits, clipping, p=p, grid=grid)
+        return list(scale.split(weight.shape[0]))
+
+    found = memoised_batch(keys, search, SEARCH_ELEMENTS // max(1, weight.numel()))
+    return [scale.clone() for scale in found]
 
 
 def _fake_quant_rows(x: Tensor, lo: float, hi: float, bits: int) -> Tensor:
+    # float32 bounds: the qparams are computed in float32.
     scale, zero_point = affine_qparams(torch.tensor(lo), torch.tensor(hi), bits)
-    return fake_quant_affine(x, scale.reshape(()), zero_point.reshape(()), bits)
+    # Python numbers take fake_quant's per-tensor path: the same numbers, fewer ops.
+    return fake_quant(x, float(scale), int(zero_point), *quant_range(bits))
 
 
 def mean_coverage(lo_c: Tensor, hi_c: Tensor, lo: float, hi: float, bits: int) -> float:
     """Mean over channels of the level coverage (DESIGN.md section 4) under [lo, hi]."""
-    level_min = quant_levels(torch.clamp(lo_c, min=lo), lo, hi, bits)
-    level_max = quant_levels(torch.clamp(hi_c, max=hi), lo, hi, bits)
+    # One quant_levels call for both ends of every channel: half the small ops.
+    ends = torch.cat([torch.clamp(lo_c, min=lo), torch.clamp(hi_c, max=hi)])
+    level_min, level_max = quant_levels(ends, lo, hi, bits).split(lo_c.numel())
     overlap = (hi_c >= lo) & (lo_c <= hi)
     share = torch.where(overlap, (level_max - level_min + 1).to(F64) / 2.0**bits, 0.0)
     return float(share.mean())
@@ -219,22 +274,26 @@ class Candidate:
 def evaluate(
     ctx: QuantContext,
     data: GroupData,
-    shift: Tensor,
-    scale: Tensor,
-    t: float | None = None,
+    candidates: Sequence[tuple[float | None, Tensor, Tensor]],
     *,
     fit_rows: Tensor | None = None,
     eval_rows: Tensor | None = None,
-) -> Candidate:
-    """Coverage and layer-output SQNR / MSE of quantizing a group under (z, s).
+) -> list[Candidate]:
+    """Coverage and layer-output SQNR / MSE of quantizing a group under each (z, s).
+
+    The clipping searches of all candidates run together (``_act_ranges``,
+    ``_weight_scales``): one search of several small tensors costs far less than one each.
 
     Args:
         ctx: the context (bits, clipping, p).
         data: the group.
-        shift, scale: (C,) z and s (zeros and ones: the plain ``mse`` baseline).
-        t: the threshold that gave them (recorded).
+        candidates: (t, z (C,), s (C,)) each: the threshold that gave them (recorded; None
+            for zeros and ones, the plain ``mse`` baseline), the shift and the scale.
         fit_rows: rows the activation range is calibrated on (``data.calibration``).
         eval_rows: rows the output error is measured on (``data.held_out``).
+
+    Returns:
+        One Candidate per (t, z, s), in order.
     """
     config = ctx.config
     fit = data.calibration if fit_rows is None else fit_rows
@@ -242,31 +301,29 @@ def evaluate(
     # Layers sharing one input transform may have their own bits (mixed precision): the
     # shared (z, s) is judged at the fewest of them, the most demanding.
     a_bits = min(ctx.a_bits(name) for name in data.layers)
-    lo, hi = _act_qparams((fit - shift) / scale, a_bits, config.p, SEARCH_GRID)
-    xq = _fake_quant_rows((rows - shift) / scale, lo, hi, a_bits)
-    coverage = mean_coverage((data.lo - shift) / scale, (data.hi - shift) / scale, lo, hi,
-                             a_bits)  # fmt: skip
-    sqnr, mse = {}, {}
+    scored, inputs = [], []
+    for (t, shift, scale), (lo, hi) in zip(
+        candidates, _act_ranges(fit, candidates, a_bits, config.p, SEARCH_GRID), strict=True
+    ):
+        inputs.append(_fake_quant_rows((rows - shift) / scale, lo, hi, a_bits))
+        coverage = mean_coverage((data.lo - shift) / scale, (data.hi - shift) / scale, lo, hi,
+                                 a_bits)  # fmt: skip
+        scored.append(Candidate(t, shift, scale, coverage, {}, {}))
+    clipping = config.weight_clipping or "mse"
     for name in data.layers:
-        module = ctx.layers[name]
-        weight = data.weights[name]
-        view = [1] * weight.ndim
-        view[1] = -1
-        # Per conv group the input channels repeat; the scale follows the input axis.
-        groups = module.groups if isinstance(module, CONV_TYPES) else 1
-        s_in = scale.reshape(groups, -1).repeat_interleave(weight.shape[0] // groups, 0)
-        w_t = weight * s_in.reshape(weight.shape[0], -1, *([1] * (weight.ndim - 2)))
-        w_bits = ctx.w_bits(name)
-        w_scale = _weight_scale(w_t, w_bits, config.weight_clipping or "mse", config.p,
-                                SEARCH_GRID)  # fmt: skip
-        zero = torch.zeros_like(w_scale, dtype=torch.int32)
-        w_q = fake_quant_affine(w_t, w_scale, zero, w_bits, 0, symmetric=True)
-        taps, taps_q = _tap_matrix(weight, module), _tap_matrix(w_q.to(F64), module)
+        module, weight, w_bits = ctx.layers[name], data.weights[name], ctx.w_bits(name)
+        w_scales = _weight_scales(weight, module, [c.scale for c in scored], w_bits, clipping,
+                                  config.p, SEARCH_GRID)  # fmt: skip
+        taps = _tap_matrix(weight, module)
         reference = rows @ taps.T
-        test = xq @ taps_q.T + (taps @ shift)
-        sqnr[name] = float(sqnr_db(reference, test))
-        mse[name] = float((reference - test).pow(2).mean())
-    return Candidate(t, shift, scale, coverage, sqnr, mse)
+        for cand, xq, w_scale in zip(scored, inputs, w_scales, strict=True):
+            w_t = _transformed_weight(weight, module, cand.scale)
+            zero = torch.zeros_like(w_scale, dtype=torch.int32)
+            w_q = fake_quant_affine(w_t, w_scale, zero, w_bits, 0, symmetric=True)
+            test = xq @ _tap_matrix(w_q.to(F64), module).T + (taps @ cand.shift)
+            cand.sqnr_db[name] = float(sqnr_db(reference, test))
+            cand.output_mse[name] = float((reference - test).pow(2).mean())
+    return scored
 
 
 def threshold_candidates(data: GroupData, quantiles: Sequence[float] = T_QUANTILES) -> list:
@@ -287,12 +344,10 @@ def choose_scri(ctx: QuantContext, data: GroupData) -> tuple[Candidate, Candidat
     The chosen candidate is the baseline itself when none meets the SQNR bound.
     """
     channels = data.lo.numel()
-    baseline = evaluate(
-        ctx, data, torch.zeros(channels, dtype=F64), torch.ones(channels, dtype=F64)
-    )
+    plain = (None, torch.zeros(channels, dtype=F64), torch.ones(channels, dtype=F64))
+    baseline, *scored = evaluate(ctx, data, [plain, *threshold_candidates(data)])
     best, passing = baseline, 0
-    for t, z, s in threshold_candidates(data):
-        cand = evaluate(ctx, data, z, s, t)
+    for cand in scored:
         if any(cand.sqnr_db[n] < baseline.sqnr_db[n] for n in data.layers):
             continue
         passing += 1
@@ -423,11 +478,31 @@ def _transformed_record(
     return set_uniform_act(ctx, record, "mse", transform=(placed.shift, placed.scale))
 
 
+def _choice_key(ctx: QuantContext, data: GroupData) -> tuple:
+    """A memo key of everything ``choose_scri`` reads: the group's statistics and weights,
+    its layers' module kinds and bits, and the search settings."""
+    layers = tuple(
+        (
+            name,
+            type(ctx.layers[name]),
+            getattr(ctx.layers[name], "groups", 1),
+            ctx.a_bits(name),
+            ctx.w_bits(name),
+            content_key(data.weights[name]),
+        )
+        for name in data.layers
+    )
+    tensors = (data.lo, data.hi, data.calibration, data.held_out)
+    config = ctx.config
+    return ("scri", layers, *map(content_key, tensors), float(config.p), config.weight_clipping)
+
+
 def _scri_choice(ctx: QuantContext, data: GroupData) -> tuple[Tensor, Tensor, dict] | None:
-    best, baseline, passing = choose_scri(ctx, data)
+    # qvd and qvd-scri transform the same groups: they make the same choice.
+    best, baseline, passing = memoised(_choice_key(ctx, data), lambda: choose_scri(ctx, data))
     if best is baseline:
         return None
-    return (
+    decision = (
         best.shift,
         best.scale,
         {
@@ -440,6 +515,7 @@ def _scri_choice(ctx: QuantContext, data: GroupData) -> tuple[Tensor, Tensor, di
             "held_out_rows": int(data.held_out.shape[0]),
         },
     )
+    return copy.deepcopy(decision)  # the records' own, not the memoised values
 
 
 def scri_records(ctx: QuantContext, layers: Sequence[str]) -> dict[str, LayerRecord]:
