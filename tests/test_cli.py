@@ -405,4 +405,5 @@ def test_tuned_allocator_reuses_memory_across_forwards():
         assert applied == str(setting == "tuned")
         counts[setting] = float(faults)
     assert counts["default"] > 1000
-    assert counts["tuned"] < counts["default"] / 20
+    # Far fewer: about 20 against 13,000 alone, a few hundred under a loaded test run.
+    assert counts["tuned"] < counts["default"] / 5
