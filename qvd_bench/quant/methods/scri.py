@@ -219,13 +219,23 @@ def _weight_scales(
     weight: Tensor,
     module: nn.Module,
     scales: Sequence[Tensor],
+    transformed: Sequence[Tensor],
     bits: int,
     clipping: str,
     p: float,
     grid: int,
 ) -> list[Tensor]:
-    """``weight_qparams`` scales (O,) of W·diag(s) for each s, memoised; the weights not
-    searched before are searched together (one ``weight_qparams`` on their rows)."""
+    """``weight_qparams`` scales (O,) of each W·diag(s), memoised; those not searched
+    before are searched together (one ``weight_qparams`` on their rows).
+
+    Args:
+        weight: W, the layer's weight (keys the memo with each s: hashing W once is
+            cheaper than hashing every W·diag(s)).
+        module: its layer (conv groups).
+        scales: the candidates' s (C,).
+        transformed: W·diag(s) for each s (``_transformed_weight``).
+        bits, clipping, p, grid: as ``weight_qparams``.
+    """
     weight_key = content_key(weight)
     groups = module.groups if isinstance(module, CONV_TYPES) else 1
     keys = [
@@ -234,7 +244,7 @@ def _weight_scales(
     ]
 
     def search(indices: list[int]) -> list[Tensor]:
-        stacked = torch.cat([_transformed_weight(weight, module, scales[i]) for i in indices])
+        stacked = torch.cat([transformed[i] for i in indices])
         scale, _ = weight_qparams(stacked, bits, clipping, p=p, grid=grid)
         return list(scale.split(weight.shape[0]))
 
@@ -312,12 +322,13 @@ def evaluate(
     clipping = config.weight_clipping or "mse"
     for name in data.layers:
         module, weight, w_bits = ctx.layers[name], data.weights[name], ctx.w_bits(name)
-        w_scales = _weight_scales(weight, module, [c.scale for c in scored], w_bits, clipping,
+        scales = [c.scale for c in scored]
+        transformed = [_transformed_weight(weight, module, s) for s in scales]
+        w_scales = _weight_scales(weight, module, scales, transformed, w_bits, clipping,
                                   config.p, SEARCH_GRID)  # fmt: skip
         taps = _tap_matrix(weight, module)
         reference = rows @ taps.T
-        for cand, xq, w_scale in zip(scored, inputs, w_scales, strict=True):
-            w_t = _transformed_weight(weight, module, cand.scale)
+        for cand, xq, w_t, w_scale in zip(scored, inputs, transformed, w_scales, strict=True):
             zero = torch.zeros_like(w_scale, dtype=torch.int32)
             w_q = fake_quant_affine(w_t, w_scale, zero, w_bits, 0, symmetric=True)
             test = xq @ _tap_matrix(w_q.to(F64), module).T + (taps @ cand.shift)
