@@ -42,6 +42,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from qvd_bench.collect import fused
+
 F64 = torch.float64
 I64 = torch.int64
 I32 = torch.int32
@@ -201,11 +203,13 @@ def batch_moments(x: Tensor, channel_dim: int) -> dict[str, Tensor]:
     M_4 = S_4 − 4δS_3 + 6δ²S_2 − 3nδ⁴ with S_p = Σ(x − c)^p, which removes the error of c
     for data far from zero.
 
-    float32, float16 and bfloat16 inputs take the low-precision path
+    float32 CPU inputs take the fused path when numba is installed
+    (``fused.channel_moments``: two passes over the data, everything else in registers).
+    Other float32, float16 and bfloat16 inputs take the low-precision path
     (``_low_precision_moments``): pieces of ``PIECE_ELEMENTS`` converted to float64 in a
     cache-sized buffer, one centre for all pieces, one host sync per tensor. It hands
     over to the general path when the input holds NaN or ±Inf or when its centre is far
-    from the mean. The general path (float64 and other inputs) upcasts pieces of at most
+    from the mean, as the fused path does for NaN and ±Inf. The general path (float64 and other inputs) upcasts pieces of at most
     ``CHUNK_ELEMENTS``, takes each piece's own mean as centre and merges the pieces with
     ``combine_moments``; NaN and ±Inf are counted per channel and left out, and a
     finiteness check on the channel sums picks its fast path for all-finite input (one
@@ -227,7 +231,11 @@ def batch_moments(x: Tensor, channel_dim: int) -> dict[str, Tensor]:
     x3 = x.reshape(outer, channels, inner)
     if x3.numel() == 0:
         return empty_moments((channels,), device=x.device)
-    if x3.dtype in LOW_PRECISION:
+    if fused.covers(x3):
+        stats = fused.channel_moments(x3, CENTER_SPREAD)
+        if stats is not None:
+            return stats
+    elif x3.dtype in LOW_PRECISION:
         stats = _low_precision_moments(x3)
         if stats is not None:
             return stats
@@ -298,7 +306,6 @@ def _low_precision_moments(x3: Tensor) -> dict[str, Tensor] | None:
     """
     outer, channels, inner = x3.shape
     count = outer * inner
-    n = float(count)
     groups = _low_precision_pieces(x3, PIECE_ELEMENTS)
     largest = max(p.numel() for pieces in groups for p in pieces)
     buffer = torch.empty(2 * largest, dtype=F64, device=x3.device)
@@ -340,6 +347,27 @@ def _low_precision_moments(x3: Tensor) -> dict[str, Tensor] | None:
         s1, s2, s3, s4 = torch.cat(sums, dim=1)
         lo, hi = torch.cat(lows).to(F64), torch.cat(highs).to(F64)
         center = torch.cat(centers)
+    return _moments_from_sums(center, (s1, s2, s3, s4), lo, hi, count)
+
+
+def _moments_from_sums(
+    center: Tensor, sums: tuple[Tensor, ...], lo: Tensor, hi: Tensor, count: int
+) -> dict[str, Tensor] | None:
+    """``MOMENT_KEYS`` from power sums about a centre, or None where they cannot be used.
+
+    Args:
+        center: (C,) float64 centre c.
+        sums: S_1..S_4, each (C,) float64, S_p = Σ(x − c)^p over ``count`` values.
+        lo, hi: (C,) float64 minimum and maximum.
+        count: values per channel.
+
+    Returns:
+        The statistics, corrected by the residual mean δ = S_1/n (``batch_moments``); None
+        when S_4 is not finite (the input held NaN or ±Inf) or some channel's centre lies
+        farther than ``CENTER_SPREAD`` standard deviations from its mean.
+    """
+    s1, s2, s3, s4 = sums
+    channels, n = center.shape[0], float(count)
     delta = s1 / n
     dd = delta * delta
     # M_2 = S_2 − nδ², M_3 = S_3 − δ(3S_2 − 2nδ²), M_4 = S_4 − δ(4S_3 − δ(6S_2 − 3nδ²)).
@@ -359,7 +387,7 @@ def _low_precision_moments(x3: Tensor) -> dict[str, Tensor] | None:
         # Constant channels: exact zeros (c = Σx/n need not equal x in floating point).
         mean = torch.where(constant, lo, mean)
         m2, m3, m4 = (torch.where(constant, 0.0, m) for m in (m2, m3, m4))
-    full = torch.full((channels,), count, dtype=I64, device=x3.device)
+    full = torch.full((channels,), count, dtype=I64, device=center.device)
     return {
         "count": full,
         "nan_count": torch.zeros_like(full),

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from qvd_bench.errors import UserError
+from qvd_bench.models import kernels
 from qvd_bench.models.families import FAMILIES, family_by_name
 from qvd_bench.models.family import Family, LoadedModel
 from qvd_bench.models.roles import leaf_layers
@@ -175,6 +176,8 @@ def load_model(
         knobs = _knobs(disparity, asymmetry, DEFAULT_DISPARITY, DEFAULT_ASYMMETRY)
         inject_outliers(denoiser, family, seed=weight_seed, **knobs)
         _move(denoiser, device, dtype)
+        if kernels.fast_kernels_enabled():
+            kernels.use_fast_kernels(denoiser)
         return LoadedModel(
             name=spec.name,
             family=family,
@@ -190,6 +193,8 @@ def load_model(
     if loaded.pipeline is not None:
         loaded.pipeline.to(device=device, dtype=dtype)
     _move(loaded.denoiser, device, dtype)
+    if kernels.fast_kernels_enabled():
+        kernels.use_fast_kernels(loaded.denoiser)
     return loaded
 
 

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qvd_bench.errors import UserError
+from qvd_bench.models.kernels import FrameConv3d, frame_conv3d
 from qvd_bench.quant.observers import weight_qparams
 from qvd_bench.quant.primitives import (
     TimestepLookup,
@@ -431,6 +432,8 @@ class QuantWrapper(nn.Module):
         m = self.module
         if not padded:
             return m._conv_forward(x, weight, bias)
+        if isinstance(m, FrameConv3d) and x.device.type == "cpu":
+            return frame_conv3d(x, weight, bias, m.stride[0], 0, m.dilation[0], m.groups)
         conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.ndim - 2]
         return conv(x, weight, bias, m.stride, 0, m.dilation, m.groups)
 
@@ -502,8 +505,18 @@ def _pad_with(x: Tensor, pads: Sequence[int], value: Tensor) -> Tensor:
         left, right = pads[2 * j], pads[2 * j + 1]
         shape[dim] += left + right
         index[dim] = slice(left, left + x.shape[dim])
-    out = value.to(x.dtype).expand(shape).clone()
+    out = x.new_empty(shape)
     out[tuple(index)] = x
+    # Only the border slabs take the fill (they overlap at the corners, with equal values).
+    fill = value.to(x.dtype)
+    for dim, inside in enumerate(index):
+        if inside.start is None:
+            continue
+        for border in (slice(0, inside.start), slice(inside.stop, shape[dim])):
+            if border.stop > border.start:
+                slab = [slice(None)] * x.ndim
+                slab[dim] = border
+                out[tuple(slab)] = fill
     return out
 
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from qvd_bench.collect import accumulators
+from qvd_bench.collect import accumulators, fused
 from qvd_bench.collect.accumulators import (
     MOMENT_KEYS,
     ChannelMoments,
@@ -105,6 +105,14 @@ def activations(shape, channel_dim, seed=0, offset=0.0, dtype=torch.float32):
 
 
 LINEAR_SHAPE, CONV_SHAPE = (3, 17, 6), (2, 5, 3, 4, 7)
+
+needs_numba = pytest.mark.skipif(not fused.available(), reason="numba is not installed")
+
+
+@pytest.fixture
+def no_fused(monkeypatch):
+    """float32 inputs take the low-precision path, as they do without numba."""
+    monkeypatch.setattr(fused, "covers", lambda x3: False)
 
 
 # --------------------------------------------------------------------------- ChannelMoments
@@ -214,7 +222,7 @@ def _as_acl(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
 @pytest.mark.parametrize(("shape", "channel_dim"), [(LINEAR_SHAPE, -1), (CONV_SHAPE, 1)])
 @pytest.mark.parametrize("piece", [1, 7, 40, 200, 10_000])
 @pytest.mark.parametrize("offset", [0.0, 1e5])
-def test_low_precision_pieces_match_scipy(shape, channel_dim, piece, offset, monkeypatch):
+def test_low_precision_pieces_match_scipy(shape, channel_dim, piece, offset, monkeypatch, no_fused):
     """float32 inputs: one centre for all pieces, any piece size, rtol 1e-8 vs scipy."""
     monkeypatch.setattr(accumulators, "PIECE_ELEMENTS", piece)
     x = activations(shape, channel_dim, seed=9, offset=offset)
@@ -226,7 +234,7 @@ def test_low_precision_pieces_match_scipy(shape, channel_dim, piece, offset, mon
 
 @pytest.mark.parametrize(("shape", "channel_dim"), [((64, 4, 40), -1), ((2, 24, 8, 4), 1)])
 @pytest.mark.parametrize("margin", [-1, 0, 1])
-def test_low_precision_piece_boundaries(shape, channel_dim, margin, monkeypatch):
+def test_low_precision_piece_boundaries(shape, channel_dim, margin, monkeypatch, no_fused):
     """Inputs just below, at and just above the piece size, and a row split in two."""
     x = activations(shape, channel_dim, seed=10, offset=3.0)
     x3 = _as_acl(x, channel_dim)
@@ -247,7 +255,7 @@ def test_half_precision_inputs_match_scipy_on_their_values(dtype, shape, channel
 
 
 @pytest.mark.parametrize(("shape", "channel_dim"), [((96, 4, 320), -1), ((2, 64, 4, 8, 8), 1)])
-def test_low_precision_path_agrees_with_float64_path(shape, channel_dim, monkeypatch):
+def test_low_precision_path_agrees_with_float64_path(shape, channel_dim, monkeypatch, no_fused):
     """Same data as float32 and as float64: the two paths agree far below rtol 1e-8."""
     monkeypatch.setattr(accumulators, "PIECE_ELEMENTS", 4096)
     x = activations(shape, channel_dim, seed=12, offset=1e3)
@@ -263,7 +271,7 @@ def test_low_precision_path_agrees_with_float64_path(shape, channel_dim, monkeyp
         assert float(err.max()) < 1e-12, k
 
 
-def test_low_precision_path_hands_over_far_centres_and_nonfinite_input(monkeypatch):
+def test_low_precision_path_hands_over_far_centres_and_nonfinite_input(monkeypatch, no_fused):
     """The centre (the first piece's mean) far from the mean, or NaN/Inf: general path."""
     monkeypatch.setattr(accumulators, "PIECE_ELEMENTS", 64)
     x = torch.randn(4096, 3, generator=torch.Generator().manual_seed(13)) + 50.0
@@ -285,7 +293,7 @@ def test_low_precision_path_hands_over_far_centres_and_nonfinite_input(monkeypat
     assert accumulators._low_precision_moments(_as_acl(y, -1)) is None
 
 
-def test_low_precision_constant_channels_are_exact(monkeypatch):
+def test_low_precision_constant_channels_are_exact(monkeypatch, no_fused):
     monkeypatch.setattr(accumulators, "PIECE_ELEMENTS", 10)
     x = torch.randn(40, 4)
     x[:, 1] = 0.1
@@ -295,6 +303,104 @@ def test_low_precision_constant_channels_are_exact(monkeypatch):
         v = float(torch.tensor(value, dtype=torch.float32))
         assert float(got["mean"][c]) == v and float(got["min"][c]) == v
         assert all(float(got[k][c]) == 0.0 for k in ("m2", "m3", "m4"))
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    ("shape", "channel_dim"), [(LINEAR_SHAPE, -1), (CONV_SHAPE, 1), ((96, 4, 320), -1)]
+)
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+def test_fused_power_sums_match_numpy(shape, channel_dim, offset):
+    """Centre = the mean; S_p about it, min and max against numpy in long double."""
+    x = activations(shape, channel_dim, seed=14, offset=offset)
+    x3 = _as_acl(x, channel_dim)
+    assert fused.covers(x3)
+    center, s1, s2, s3, s4 = fused.power_sums(x3)
+    columns = channel_columns(x, channel_dim).astype(np.longdouble)
+    np.testing.assert_allclose(center, columns.mean(0), rtol=1e-15)
+    deviations = columns - center
+    sigma = columns.std(0)
+    n = columns.shape[0]
+    for p, got in ((1, s1), (2, s2), (3, s3), (4, s4)):
+        want = (deviations**p).sum(0)
+        # relative to n·σ^p, the natural size of S_p (S_1 and S_3 can be near zero)
+        err = np.abs(got - want) / (n * sigma**p)
+        assert float(err.max()) < 1e-13, p
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    ("shape", "channel_dim"), [(LINEAR_SHAPE, -1), (CONV_SHAPE, 1), ((2, 64, 4, 8, 8), 1)]
+)
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+def test_fused_path_matches_scipy_and_the_float64_path(shape, channel_dim, offset):
+    x = activations(shape, channel_dim, seed=15, offset=offset)
+    x3 = _as_acl(x, channel_dim)
+    assert fused.channel_moments(x3, accumulators.CENTER_SPREAD) is not None
+    acc = ChannelMoments(x.shape[channel_dim])
+    acc.update(x, channel_dim)
+    assert_channels_match(acc, channel_columns(x, channel_dim))
+    fast, exact = batch_moments(x, channel_dim), batch_moments(x.double(), channel_dim)
+    for k in ("count", "nan_count", "inf_count", "min", "max"):
+        assert torch.equal(fast[k], exact[k]), k
+    scale = exact["m2"] / exact["count"]
+    torch.testing.assert_close(fast["mean"], exact["mean"], rtol=1e-13, atol=0)
+    for p, k in ((2, "m2"), (3, "m3"), (4, "m4")):
+        err = (fast[k] - exact[k]).abs() / (exact["count"] * scale ** (p / 2))
+        assert float(err.max()) < 1e-12, k
+
+
+@needs_numba
+@pytest.mark.parametrize(("shape", "channel_dim"), [(LINEAR_SHAPE, -1), (CONV_SHAPE, 1)])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_fused_path_hands_nonfinite_input_to_the_general_path(shape, channel_dim, bad):
+    x = activations(shape, channel_dim, seed=16)
+    x.view(-1)[5] = bad
+    x3 = _as_acl(x, channel_dim)
+    sums = fused.power_sums(x3)
+    assert not np.isfinite(sums[4]).all()
+    assert fused.channel_moments(x3, accumulators.CENTER_SPREAD) is None
+    acc = ChannelMoments(x.shape[channel_dim])
+    acc.update(x, channel_dim)
+    assert_channels_match(acc, channel_columns(x, channel_dim))
+
+
+@needs_numba
+@pytest.mark.parametrize(("shape", "channel_dim"), [(LINEAR_SHAPE, -1), (CONV_SHAPE, 1)])
+def test_fused_path_takes_strided_inputs(shape, channel_dim):
+    """A transposed view (channels not in their contiguous place) gives the same result."""
+    x = activations(shape, channel_dim, seed=17, offset=10.0)
+    x3 = _as_acl(x, channel_dim)
+    strided = x3.transpose(0, 1).contiguous().transpose(0, 1)  # (A, C, L), C outermost
+    assert not strided.is_contiguous() and torch.equal(strided, x3)
+    got = fused.channel_moments(strided, accumulators.CENTER_SPREAD)
+    want = fused.channel_moments(x3.contiguous(), accumulators.CENTER_SPREAD)
+    for k in MOMENT_KEYS:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-13, atol=0)
+    acc = ChannelMoments(x.shape[channel_dim])
+    acc.fold(batch_moments(strided, 1))
+    assert_channels_match(acc, channel_columns(x, channel_dim))
+
+
+@needs_numba
+def test_fused_path_constant_channels_are_exact():
+    x = torch.randn(40, 4)
+    x[:, 1] = 0.1
+    x[:, 3] = -3.7e5
+    got = batch_moments(x, -1)
+    for c, value in ((1, 0.1), (3, -3.7e5)):
+        v = float(torch.tensor(value, dtype=torch.float32))
+        assert float(got["mean"][c]) == v and float(got["min"][c]) == v
+        assert all(float(got[k][c]) == 0.0 for k in ("m2", "m3", "m4"))
+
+
+def test_fused_path_takes_float32_cpu_tensors_only():
+    x = torch.randn(3, 4, 5)
+    assert fused.covers(x) == fused.available()
+    assert fused.covers(x.transpose(0, 2)) == fused.available()
+    assert not fused.covers(x.double())
+    assert not fused.covers(x.half())
+    assert not fused.covers(x[:0])
 
 
 def test_update_rejects_wrong_channel_count():
