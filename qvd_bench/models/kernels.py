@@ -119,10 +119,13 @@ def short_attention(
     keys, value_channels = key.shape[-2], value.shape[-1]
     scale = channels**-0.5 if scale is None else scale
     # (L, E, N) with the N = prod(lead) problems innermost: every op below is one
-    # vectorised pass over all problems at once.
-    q = (query.reshape(-1, length, channels) * scale).permute(1, 2, 0).contiguous()
-    k = key.reshape(-1, keys, channels).permute(1, 2, 0).contiguous()
-    v = value.reshape(-1, keys, value_channels).permute(1, 2, 0).contiguous()
+    # vectorised pass over all problems at once. One copy per operand, straight from
+    # whatever strides it has (diffusers hands over transposed views).
+    q, k, v = (
+        t.movedim((-2, -1), (0, 1)).contiguous().view(t.shape[-2], t.shape[-1], -1)
+        for t in (query, key, value)
+    )
+    q.mul_(scale)
     scores = torch.mul(q[:, None, 0], k[None, :, 0])  # (L, S, N)
     for e in range(1, channels):
         scores.addcmul_(q[:, None, e], k[None, :, e])
