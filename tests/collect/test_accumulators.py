@@ -104,6 +104,20 @@ def activations(shape, channel_dim, seed=0, offset=0.0, dtype=torch.float32):
     return (x + offset).movedim(-1, channel_dim).contiguous().to(dtype)
 
 
+def assert_matches_float64_path(x: torch.Tensor, channel_dim: int) -> None:
+    """A float32 tensor's moments agree with those of its float64 copy far below 1e-8."""
+    fast = batch_moments(x, channel_dim)
+    exact = batch_moments(x.double(), channel_dim)
+    for k in ("count", "nan_count", "inf_count", "min", "max"):
+        assert torch.equal(fast[k], exact[k]), k
+    scale = exact["m2"] / exact["count"]
+    torch.testing.assert_close(fast["mean"], exact["mean"], rtol=1e-13, atol=0)
+    for p, k in ((2, "m2"), (3, "m3"), (4, "m4")):
+        # relative to n·σ^p, the natural size of M_p
+        err = (fast[k] - exact[k]).abs() / (exact["count"] * scale ** (p / 2))
+        assert float(err.max()) < 1e-12, k
+
+
 LINEAR_SHAPE, CONV_SHAPE = (3, 17, 6), (2, 5, 3, 4, 7)
 
 needs_numba = pytest.mark.skipif(not fused.available(), reason="numba is not installed")
@@ -259,16 +273,7 @@ def test_low_precision_path_agrees_with_float64_path(shape, channel_dim, monkeyp
     """Same data as float32 and as float64: the two paths agree far below rtol 1e-8."""
     monkeypatch.setattr(accumulators, "PIECE_ELEMENTS", 4096)
     x = activations(shape, channel_dim, seed=12, offset=1e3)
-    fast = batch_moments(x, channel_dim)
-    exact = batch_moments(x.double(), channel_dim)
-    for k in ("count", "nan_count", "inf_count", "min", "max"):
-        assert torch.equal(fast[k], exact[k]), k
-    scale = exact["m2"] / exact["count"]
-    torch.testing.assert_close(fast["mean"], exact["mean"], rtol=1e-13, atol=0)
-    for p, k in ((2, "m2"), (3, "m3"), (4, "m4")):
-        # relative to n·σ^p, the natural size of M_p
-        err = (fast[k] - exact[k]).abs() / (exact["count"] * scale ** (p / 2))
-        assert float(err.max()) < 1e-12, k
+    assert_matches_float64_path(x, channel_dim)
 
 
 def test_low_precision_path_hands_over_far_centres_and_nonfinite_input(monkeypatch, no_fused):
@@ -293,8 +298,11 @@ def test_low_precision_path_hands_over_far_centres_and_nonfinite_input(monkeypat
     assert accumulators._low_precision_moments(_as_acl(y, -1)) is None
 
 
-def test_low_precision_constant_channels_are_exact(monkeypatch, no_fused):
-    monkeypatch.setattr(accumulators, "PIECE_ELEMENTS", 10)
+@pytest.mark.parametrize("path", ["low_precision", pytest.param("fused", marks=needs_numba)])
+def test_float32_constant_channels_are_exact(path, monkeypatch):
+    if path == "low_precision":
+        monkeypatch.setattr(fused, "covers", lambda x3: False)
+        monkeypatch.setattr(accumulators, "PIECE_ELEMENTS", 10)
     x = torch.randn(40, 4)
     x[:, 1] = 0.1
     x[:, 3] = -3.7e5
@@ -340,14 +348,7 @@ def test_fused_path_matches_scipy_and_the_float64_path(shape, channel_dim, offse
     acc = ChannelMoments(x.shape[channel_dim])
     acc.update(x, channel_dim)
     assert_channels_match(acc, channel_columns(x, channel_dim))
-    fast, exact = batch_moments(x, channel_dim), batch_moments(x.double(), channel_dim)
-    for k in ("count", "nan_count", "inf_count", "min", "max"):
-        assert torch.equal(fast[k], exact[k]), k
-    scale = exact["m2"] / exact["count"]
-    torch.testing.assert_close(fast["mean"], exact["mean"], rtol=1e-13, atol=0)
-    for p, k in ((2, "m2"), (3, "m3"), (4, "m4")):
-        err = (fast[k] - exact[k]).abs() / (exact["count"] * scale ** (p / 2))
-        assert float(err.max()) < 1e-12, k
+    assert_matches_float64_path(x, channel_dim)
 
 
 @needs_numba
@@ -380,18 +381,6 @@ def test_fused_path_takes_strided_inputs(shape, channel_dim):
     acc = ChannelMoments(x.shape[channel_dim])
     acc.fold(batch_moments(strided, 1))
     assert_channels_match(acc, channel_columns(x, channel_dim))
-
-
-@needs_numba
-def test_fused_path_constant_channels_are_exact():
-    x = torch.randn(40, 4)
-    x[:, 1] = 0.1
-    x[:, 3] = -3.7e5
-    got = batch_moments(x, -1)
-    for c, value in ((1, 0.1), (3, -3.7e5)):
-        v = float(torch.tensor(value, dtype=torch.float32))
-        assert float(got["mean"][c]) == v and float(got["min"][c]) == v
-        assert all(float(got[k][c]) == 0.0 for k in ("m2", "m3", "m4"))
 
 
 def test_fused_path_takes_float32_cpu_tensors_only():
