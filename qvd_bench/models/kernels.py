@@ -211,18 +211,23 @@ def frame_conv3d(
 class FrameConv3d(nn.Conv3d):
     """A Conv3d with a k×1×1 kernel whose forward runs ``frame_conv3d`` (module doc)."""
 
-    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def frame_conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, padding: int):
+        """This layer's convolution with another frame padding (CPU: ``frame_conv3d``).
+
+        Args:
+            input: (B, C, F, H, W) or (C, F, H, W).
+            weight, bias: as the layer's (possibly quantized or transformed).
+            padding: zero padding along the frame axis.
+        """
         if input.device.type != "cpu":
-            return super()._conv_forward(input, weight, bias)
+            pads = (padding, 0, 0)
+            return F.conv3d(input, weight, bias, self.stride, pads, self.dilation, self.groups)
         return frame_conv3d(
-            input,
-            weight,
-            bias,
-            self.stride[0],
-            self.padding[0],
-            self.dilation[0],
-            self.groups,
+            input, weight, bias, self.stride[0], padding, self.dilation[0], self.groups
         )
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self.frame_conv(input, weight, bias, self.padding[0])
 
 
 # --------------------------------------------------------------------------- installing

@@ -176,8 +176,6 @@ def load_model(
         knobs = _knobs(disparity, asymmetry, DEFAULT_DISPARITY, DEFAULT_ASYMMETRY)
         inject_outliers(denoiser, family, seed=weight_seed, **knobs)
         _move(denoiser, device, dtype)
-        if kernels.fast_kernels_enabled():
-            kernels.use_fast_kernels(denoiser)
         return LoadedModel(
             name=spec.name,
             family=family,
@@ -193,8 +191,6 @@ def load_model(
     if loaded.pipeline is not None:
         loaded.pipeline.to(device=device, dtype=dtype)
     _move(loaded.denoiser, device, dtype)
-    if kernels.fast_kernels_enabled():
-        kernels.use_fast_kernels(loaded.denoiser)
     return loaded
 
 
@@ -221,11 +217,14 @@ def load_run_model(
 
 
 def _move(denoiser: nn.Module, device: str | torch.device, dtype: torch.dtype) -> None:
-    """Moves to device and dtype (casting only when needed: diffusers warns on every cast)."""
+    """Moves to device and dtype (casting only when needed: diffusers warns on every cast),
+    in eval mode, with the fast CPU kernels unless ``QVD_BENCH_KERNELS=torch``."""
     denoiser.to(device=device)
     if next(denoiser.parameters()).dtype != dtype:
         denoiser.to(dtype=dtype)
     denoiser.eval()
+    if kernels.fast_kernels_enabled():
+        kernels.use_fast_kernels(denoiser)
 
 
 def _knobs(

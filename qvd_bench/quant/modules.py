@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qvd_bench.errors import UserError
-from qvd_bench.models.kernels import FrameConv3d, frame_conv3d
+from qvd_bench.models.kernels import FrameConv3d
 from qvd_bench.quant.observers import weight_qparams
 from qvd_bench.quant.primitives import (
     TimestepLookup,
@@ -432,8 +432,8 @@ class QuantWrapper(nn.Module):
         m = self.module
         if not padded:
             return m._conv_forward(x, weight, bias)
-        if isinstance(m, FrameConv3d) and x.device.type == "cpu":
-            return frame_conv3d(x, weight, bias, m.stride[0], 0, m.dilation[0], m.groups)
+        if isinstance(m, FrameConv3d):
+            return m.frame_conv(x, weight, bias, padding=0)
         conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.ndim - 2]
         return conv(x, weight, bias, m.stride, 0, m.dilation, m.groups)
 
