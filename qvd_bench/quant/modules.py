@@ -35,7 +35,9 @@ The forward stays cheap: static qparams are cached as Python numbers (no per-cal
 recomputation or host sync), per-tensor fake quantization takes four elementwise passes
 (``primitives.fake_quant_constants``; on CPU several times faster than
 ``torch.fake_quantize_per_tensor_affine``, with identical results), and the quantized
-weight is precomputed.
+weight is precomputed. On contiguous float32 CPU inputs, the per-tensor quantizers and
+the input transform (with its padding) run as one compiled pass instead
+(``quant.fused``), with the same numbers bit for bit.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from torch import Tensor, nn
 
 from qvd_bench.errors import UserError
 from qvd_bench.models.kernels import FrameConv3d
+from qvd_bench.quant import fused
 from qvd_bench.quant.observers import weight_qparams
 from qvd_bench.quant.primitives import (
     TimestepLookup,
@@ -70,6 +73,8 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def _per_tensor(x: Tensor, constants: dict[torch.dtype, tuple]) -> Tensor:
     """Per-tensor fake quant from precomputed constants (float32 and float64 entries)."""
+    if fused.covers(x):
+        return fused.fake_quant(x, constants[torch.float32])
     if x.dtype in constants:
         return fake_quant_constants(x, constants[x.dtype])
     # Half precision: computed in float32, as the primitives do.
@@ -90,6 +95,12 @@ class ActQuantizer(nn.Module):
 
     def forward(self, x: Tensor, channel_dim: int = -1) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def current_constants(self) -> tuple | None:
+        """The float32 ``per_tensor_constants`` this call quantizes with, when the
+        quantizer is per tensor (the fused input transform then applies them); else None.
+        """
+        return None
 
 
 class StaticActQuant(ActQuantizer):
@@ -122,6 +133,12 @@ class StaticActQuant(ActQuantizer):
 
     def forward(self, x: Tensor, channel_dim: int = -1) -> Tensor:
         return _per_tensor(x, self._constants)
+
+    def current_constants(self) -> tuple | None:
+        # A subclass with its own forward quantizes otherwise: no constants stand for it.
+        if type(self).forward is not StaticActQuant.forward:
+            return None
+        return self._constants[torch.float32]
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, scale={self._scale:.4g}, zero_point={self._zero_point}"
@@ -189,6 +206,11 @@ class GroupActQuant(ActQuantizer):
 
     def forward(self, x: Tensor, channel_dim: int = -1) -> Tensor:
         return _per_tensor(x, self._table[self.group()])
+
+    def current_constants(self) -> tuple | None:
+        if type(self).forward is not GroupActQuant.forward:
+            return None
+        return self._table[self.group()][torch.float32]
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, groups={len(self.groups)}"
@@ -407,22 +429,29 @@ class QuantWrapper(nn.Module):
     def _transformed(self, x: Tensor, act: ActQuantizer | None) -> tuple[Tensor, Tensor]:
         """(X̃ quantized by ``act``, padded "pad, then shift" for a zero-padded conv; bias)."""
         row = self._shift_row()
+        bias = self.transform_bias[row].to(x.dtype)
         shape = [1] * x.ndim
         shape[self.channel_dim] = -1
         z = self.input_shift[row].to(x.dtype).reshape(shape)
         s = self.input_scale.to(x.dtype).reshape(shape)
-        x = (x - z) / s
-        if act is not None:
-            x = act(x, self.channel_dim)
         pads = self._zero_pads()
+        value = None
         if pads is not None:
-            # Zero padding of X is −z/s in the shifted domain; it is quantized like X̃ was
+            # Zero padding of X is −z/s in the shifted domain; it is quantized like X̃ is
             # (elementwise quantizers give exactly what quantizing the padded tensor would).
             value = -z / s
             if act is not None:
                 value = act(value, self.channel_dim)
+        constants = None if act is None else act.current_constants()
+        if fused.covers(x) and (act is None or constants is not None):
+            x = fused.transform(x, self.channel_dim, z, s, constants, pads, value)
+            return x, bias
+        x = (x - z) / s
+        if act is not None:
+            x = act(x, self.channel_dim)
+        if pads is not None:
             x = _pad_with(x, pads, value)
-        return x, self.transform_bias[row].to(x.dtype)
+        return x, bias
 
     def _zero_pads(self) -> list[int] | None:
         """F.pad widths of a zero-padded conv (None when it needs no explicit padding)."""
