@@ -385,6 +385,31 @@ def require_temporal(run: StatsRun) -> list[str]:
     return sorted(temporal["layer"].astype(str).unique().tolist())
 
 
+def stored_layer_summary(run: StatsRun, bits: Sequence[int] = (8, 4)) -> pd.DataFrame:
+    """``layer_summary(run, bits)``, read from the run's ``analysis.parquet`` when it holds it.
+
+    ``analyze`` stores the table beside the statistics, and a stored run never changes
+    under it (writes replace a whole run), so the table is read back when it lists the
+    run's layers with coverage at exactly ``bits``; otherwise (no file, an unreadable one,
+    other bit-widths) it is computed.
+
+    Args:
+        run: a stored statistics run.
+        bits: activation bit-widths of the coverage columns.
+    """
+    path = Path(run.path) / ANALYSIS_FILE
+    try:
+        table = pd.read_parquet(path) if path.is_file() else None
+    except (OSError, ValueError):
+        table = None
+    if table is not None and "layer" in table.columns:
+        stored = {c for c in table.columns if c.startswith("coverage_mean_a")}
+        wanted = {f"coverage_mean_a{check_bits(b)}" for b in bits}
+        if stored == wanted and list(table["layer"]) == list(run.layers["name"]):
+            return table
+    return layer_summary(run, bits)
+
+
 def analyze(
     run_dir: str | Path,
     *,

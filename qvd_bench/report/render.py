@@ -19,8 +19,9 @@ Inputs and what happens with bad ones:
 - a run without temporal features still renders: the temporal-feature figures are
   replaced by a notice saying how to collect them, and the skewness figure has no
   temporal group;
-- measurements are recomputed from the statistics with ``analysis.summary.layer_summary``
-  (coverage at 8 and 4 bits), the functions ``qvd-bench analyze`` uses;
+- measurements are ``analysis.summary.layer_summary``'s (coverage at 8 and 4 bits), the
+  table ``qvd-bench analyze`` stores as ``analysis.parquet``: read from there when it
+  holds them, else recomputed from the statistics;
 - the plan is ``plan.json`` beside the statistics when ``qvd-bench analyze`` wrote one;
   otherwise it is decided for the report in memory with the default thresholds at W8A8,
   and the report says which. Nothing is written into the statistics run.
@@ -44,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from qvd_bench.analysis.plan import QuantPlan, make_plan
-from qvd_bench.analysis.summary import PLAN_FILE, layer_summary, role_summary
+from qvd_bench.analysis.summary import PLAN_FILE, role_summary, stored_layer_summary
 from qvd_bench.errors import UserError
 from qvd_bench.report import figures as F
 from qvd_bench.store import StatsRun, replace_directory
@@ -161,7 +162,7 @@ def _labels(runs: Sequence[StatsRun]) -> list[str]:
 
 
 def _prepare(run: StatsRun, label: str) -> RunData:
-    table = layer_summary(run, COVERAGE_BITS)
+    table = stored_layer_summary(run, COVERAGE_BITS)
     plan, source = _load_plan(run, table)
     return RunData(run, label, table, plan, source)
 

@@ -139,3 +139,34 @@ def test_bad_bit_width(analysed, kwargs):
 def test_missing_run(tmp_path):
     with pytest.raises(UserError, match="no statistics run"):
         analyze(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_stored_layer_summary_reads_what_analyze_wrote(analysed, model, monkeypatch):
+    run, table, _ = analysed[model]
+    from qvd_bench.analysis import summary
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(summary, "layer_summary", no_recompute)
+        pd.testing.assert_frame_equal(summary.stored_layer_summary(run, (8, 4)), table)
+    # Other bit-widths than the stored ones: computed, equal to a fresh computation.
+    other = summary.stored_layer_summary(run, (8,))
+    pd.testing.assert_frame_equal(other, layer_summary(run, (8,)))
+    assert "coverage_mean_a4" not in other.columns
+
+
+def test_stored_layer_summary_recomputes_without_a_readable_file(analysed, tmp_path):
+    import shutil
+
+    from qvd_bench.analysis.summary import stored_layer_summary
+
+    run, table, _ = analysed["tiny-unet3d"]
+    copy = tmp_path / "run"
+    shutil.copytree(run.path, copy)
+    (copy / ANALYSIS_FILE).write_bytes(b"not parquet")
+    pd.testing.assert_frame_equal(stored_layer_summary(StatsRun(copy)), table)
+    (copy / ANALYSIS_FILE).unlink()
+    pd.testing.assert_frame_equal(stored_layer_summary(StatsRun(copy)), table)
