@@ -9,6 +9,8 @@ from torch import nn
 
 from qvd_bench.models import kernels
 from qvd_bench.models.kernels import (
+    KEY_BLOCK,
+    PADDED_KEYS_MAX,
     SHORT_HEAD_CHANNELS,
     SHORT_KEYS,
     TORCH_SDPA,
@@ -230,3 +232,35 @@ def test_unet3d_temporal_convs_become_frame_convs():
         n for n, m in denoiser.named_modules() if isinstance(m, nn.Conv3d) and "temp_convs" in n
     ]
     assert frame_convs and frame_convs == temporal
+
+
+@pytest.mark.parametrize(("keys", "channels"), [(77, 4), (9, 8), (50, 1), (PADDED_KEYS_MAX - 1, 4)])
+def test_padded_keys_match_torch(keys, channels, monkeypatch):
+    """Narrow heads over a key count off the KEY_BLOCK grid: PyTorch's kernel on keys padded
+    with masked zeros, the same attention to float32 rounding."""
+    g = torch.Generator().manual_seed(keys)
+    q = heads_layout(2, 3, 40, channels, g, torch.float32)
+    k = heads_layout(2, 3, keys, channels, g, torch.float32) * 3
+    v = heads_layout(2, 3, keys, channels, g, torch.float32)
+    calls = _spy(monkeypatch)
+    got = short_attention(q, k, v)
+    assert len(calls) == 1
+    assert calls[0]["attn_mask"].shape == (1, keys - keys % -KEY_BLOCK)
+    assert int(calls[0]["attn_mask"].sum()) == keys
+    want = TORCH_SDPA(q.double(), k.double(), v.double()).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["block", "wide", "double", "mask", "many", "short"])
+def test_keys_are_padded_only_where_it_pays(case, monkeypatch):
+    keys = {"block": 2 * KEY_BLOCK, "many": PADDED_KEYS_MAX + 1, "short": SHORT_KEYS}.get(case, 77)
+    channels = SHORT_HEAD_CHANNELS + 1 if case == "wide" else 4
+    dtype = torch.float64 if case == "double" else torch.float32
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, 16, channels, generator=g, dtype=dtype)
+    k = torch.randn(2, 2, keys, channels, generator=g, dtype=dtype)
+    v = torch.randn(2, 2, keys, channels, generator=g, dtype=dtype)
+    kwargs = {"attn_mask": torch.ones(16, keys, dtype=torch.bool)} if case == "mask" else {}
+    calls = _spy(monkeypatch)
+    torch.testing.assert_close(short_attention(q, k, v, **kwargs), TORCH_SDPA(q, k, v, **kwargs))
+    assert all(c.get("attn_mask") is None or c["attn_mask"].shape[-1] == keys for c in calls)
