@@ -390,24 +390,34 @@ def stored_layer_summary(run: StatsRun, bits: Sequence[int] = (8, 4)) -> pd.Data
 
     ``analyze`` stores the table beside the statistics, and a stored run never changes
     under it (writes replace a whole run), so the table is read back when it lists the
-    run's layers with coverage at exactly ``bits``; otherwise (no file, an unreadable one,
-    other bit-widths) it is computed.
+    run's layers with coverage at every one of ``bits`` (the columns of other bit-widths
+    are dropped: each bit-width's coverage is computed on its own); otherwise (no file, an
+    unreadable one, other bit-widths) it is computed.
 
     Args:
         run: a stored statistics run.
         bits: activation bit-widths of the coverage columns.
     """
+    wanted = [check_bits(b) for b in bits]
     path = Path(run.path) / ANALYSIS_FILE
     try:
         table = pd.read_parquet(path) if path.is_file() else None
     except (OSError, ValueError):
         table = None
     if table is not None and "layer" in table.columns:
-        stored = {c for c in table.columns if c.startswith("coverage_mean_a")}
-        wanted = {f"coverage_mean_a{check_bits(b)}" for b in bits}
-        if stored == wanted and list(table["layer"]) == list(run.layers["name"]):
-            return table
-    return layer_summary(run, bits)
+        stored = [
+            int(c.rsplit("_a", 1)[1]) for c in table.columns if c.startswith("coverage_mean_a")
+        ]
+        if [b for b in stored if b in wanted] == wanted and list(table["layer"]) == list(
+            run.layers["name"]
+        ):
+            other = [
+                c
+                for c in table.columns
+                if c.startswith("coverage_") and int(c.rsplit("_a", 1)[1]) not in wanted
+            ]
+            return table.drop(columns=other)
+    return layer_summary(run, wanted)
 
 
 def analyze(

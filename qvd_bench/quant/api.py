@@ -618,9 +618,9 @@ def _resolve(config: QuantConfig, method: Any) -> QuantConfig:
 def make_plan_for(run: StatsRun, config: QuantConfig):
     """The plan ``analyze`` would decide at the config's bits (nothing written)."""
     from qvd_bench.analysis.plan import make_plan
-    from qvd_bench.analysis.summary import layer_summary
+    from qvd_bench.analysis.summary import stored_layer_summary
 
-    table = layer_summary(run, (config.a_bits,))
+    table = stored_layer_summary(run, (config.a_bits,))
     return make_plan(run, table, w_bits=config.w_bits, a_bits=config.a_bits)
 
 

@@ -152,10 +152,20 @@ def test_stored_layer_summary_reads_what_analyze_wrote(analysed, model, monkeypa
     with monkeypatch.context() as patch:
         patch.setattr(summary, "layer_summary", no_recompute)
         pd.testing.assert_frame_equal(summary.stored_layer_summary(run, (8, 4)), table)
-    # Other bit-widths than the stored ones: computed, equal to a fresh computation.
-    other = summary.stored_layer_summary(run, (8,))
-    pd.testing.assert_frame_equal(other, layer_summary(run, (8,)))
-    assert "coverage_mean_a4" not in other.columns
+        # A subset of the stored bit-widths: the stored table without the other columns.
+        for bits in ((8,), (4,)):
+            pd.testing.assert_frame_equal(
+                summary.stored_layer_summary(run, bits), layer_summary(run, bits)
+            )
+    # Bit-widths that are not stored, or in another order: computed.
+    for bits in ((6,), (4, 8), (8, 4, 2)):
+        calls = []
+        with monkeypatch.context() as patch:
+            patch.setattr(
+                summary, "layer_summary", lambda *a, seen=calls: seen.append(a) or "computed"
+            )
+            assert summary.stored_layer_summary(run, bits) == "computed"
+        assert calls == [(run, list(bits))]
 
 
 def test_stored_layer_summary_recomputes_without_a_readable_file(analysed, tmp_path):
