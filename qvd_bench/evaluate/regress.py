@@ -32,15 +32,22 @@ from qvd_bench.errors import UserError
 
 BASELINE_FORMAT = "qvd-bench-baseline"
 # (absolute, relative) tolerance per figure kind. Generation is deterministic on one CPU
-# with the same seeds; the slack covers other CPUs and BLAS builds, where a rounding
-# decision of the quantizer near a level boundary can flip.
+# with the same seeds, but the fidelity of a quantized model is not stable under float
+# rounding: a last-bit difference in an FP kernel moves activations across quantization
+# level boundaries, and the flips compound through the layers and the sampling steps. On
+# the committed baseline's reduced configuration, computations that differ only in
+# rounding (PyTorch's attention and conv kernels against qvd-bench's, padded against
+# unpadded attention keys) moved SQNR and PSNR by up to 0.92 dB and the cosine by up to
+# 0.018; the tolerances are about 1.6x those, so other CPUs, BLAS builds and kernels
+# pass, and a regression of a couple of dB (a broken quantizer, a lost transform) fails.
+# Finer comparisons need more prompts, steps and weight seeds than a CI check affords.
 TOLERANCES: dict[str, tuple[float, float]] = {
     "skew": (0.05, 0.05),
     "coverage": (0.02, 0.0),
-    "sqnr_tf": (0.25, 0.02),
-    "cosine_tf": (0.005, 0.0),
-    "sqnr_final": (0.25, 0.02),
-    "psnr_final": (0.25, 0.02),
+    "sqnr_tf": (1.5, 0.02),
+    "cosine_tf": (0.03, 0.0),
+    "sqnr_final": (1.5, 0.02),
+    "psnr_final": (1.5, 0.02),
     "frechet": (0.0, 0.05),
 }
 # The reduced configuration of the committed baseline (stats/baselines/tiny-unet3d.json):
