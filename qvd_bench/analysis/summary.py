@@ -405,18 +405,14 @@ def stored_layer_summary(run: StatsRun, bits: Sequence[int] = (8, 4)) -> pd.Data
     except (OSError, ValueError):
         table = None
     if table is not None and "layer" in table.columns:
-        stored = [
-            int(c.rsplit("_a", 1)[1]) for c in table.columns if c.startswith("coverage_mean_a")
-        ]
-        if [b for b in stored if b in wanted] == wanted and list(table["layer"]) == list(
-            run.layers["name"]
-        ):
-            other = [
-                c
-                for c in table.columns
-                if c.startswith("coverage_") and int(c.rsplit("_a", 1)[1]) not in wanted
-            ]
-            return table.drop(columns=other)
+        # Coverage columns are named coverage_<figure>_a<bits>.
+        coverage = {
+            c: int(c.rsplit("_a", 1)[1]) for c in table.columns if c.startswith("coverage_")
+        }
+        stored = [b for c, b in coverage.items() if c.startswith("coverage_mean_a")]
+        same_layers = list(table["layer"]) == list(run.layers["name"])
+        if same_layers and [b for b in stored if b in wanted] == wanted:
+            return table.drop(columns=[c for c, b in coverage.items() if b not in wanted])
     return layer_summary(run, wanted)
 
 

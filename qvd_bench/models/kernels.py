@@ -69,9 +69,10 @@ def fast_kernels_enabled() -> bool:
 # --------------------------------------------------------------------------- attention
 
 
-def _is_short(query: Tensor, key: Tensor, value: Tensor) -> bool:
-    """Whether ``short_attention``'s own kernel covers these operands."""
-    if query.device.type != "cpu" or query.dtype not in (torch.float32, torch.float64):
+def _narrow_heads(query: Tensor, key: Tensor, value: Tensor, dtypes: tuple) -> bool:
+    """CPU inference operands of one of ``dtypes``, the same leading (batch, head) dims on
+    query, key and value, and heads of at most ``SHORT_HEAD_CHANNELS`` channels."""
+    if query.device.type != "cpu" or query.dtype not in dtypes:
         return False
     if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
         return False
@@ -82,31 +83,25 @@ def _is_short(query: Tensor, key: Tensor, value: Tensor) -> bool:
         return False
     if key.shape[-1] != query.shape[-1]:
         return False
-    if key.shape[-2] > SHORT_KEYS or max(query.shape[-1], value.shape[-1]) > SHORT_HEAD_CHANNELS:
+    if max(query.shape[-1], value.shape[-1]) > SHORT_HEAD_CHANNELS:
         return False
-    return _inference(query, key, value)
-
-
-def _inference(query: Tensor, key: Tensor, value: Tensor) -> bool:
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     return not grad and query.numel() > 0 and key.shape[-2] > 0
 
 
+def _is_short(query: Tensor, key: Tensor, value: Tensor) -> bool:
+    """Whether ``short_attention``'s own kernel covers these operands."""
+    dtypes = (torch.float32, torch.float64)
+    return _narrow_heads(query, key, value, dtypes) and key.shape[-2] <= SHORT_KEYS
+
+
 def _needs_key_padding(query: Tensor, key: Tensor, value: Tensor) -> bool:
-    """Narrow float32 CPU heads over SHORT_KEYS < S <= PADDED_KEYS_MAX keys, S not a
-    multiple of KEY_BLOCK, with the same leading dims on query, key and value."""
-    if query.device.type != "cpu" or not query.dtype == key.dtype == value.dtype == torch.float32:
-        return False
-    if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
+    """Narrow float32 heads over SHORT_KEYS < S <= PADDED_KEYS_MAX keys, S not a multiple
+    of KEY_BLOCK."""
+    if not _narrow_heads(query, key, value, (torch.float32,)):
         return False
     keys = key.shape[-2]
-    if not SHORT_KEYS < keys <= PADDED_KEYS_MAX or keys % KEY_BLOCK == 0:
-        return False
-    if key.shape[:-2] != query.shape[:-2] or value.shape[:-1] != key.shape[:-1]:
-        return False
-    if max(query.shape[-1], value.shape[-1]) > SHORT_HEAD_CHANNELS:
-        return False
-    return _inference(query, key, value)
+    return SHORT_KEYS < keys <= PADDED_KEYS_MAX and keys % KEY_BLOCK != 0
 
 
 def _padded_keys_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | None):
