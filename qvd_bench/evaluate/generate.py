@@ -14,7 +14,9 @@ them to x0-space with ``fidelity.to_x0`` when they are compared, so ε-, v- and
 flow-prediction models compare alike.
 
 The two CFG branches run as one batched forward per step when ``cfg_batch_safe`` says the
-model's quantizers allow it (every sample computed on its own), else as two.
+model's quantizers allow it (every sample computed on its own), else as two; there too,
+``generate_free_and_forced`` runs a quantized model's free-running and teacher-forced
+videos of a prompt side by side, one forward of 4 samples per step.
 
 Cache: one safetensors file per (model, weight seed, method, bits, prompt index, seed,
 mode) under ``<results>/generations/``; the file name ends with a digest of everything
@@ -266,12 +268,6 @@ def generate(
             first_step=first_step,
         )
 
-    def stack(name: str) -> Tensor | None:
-        values = [getattr(step, name) for step in steps]
-        if not values:
-            return None
-        return None if values[0] is None else torch.stack([v.detach().cpu() for v in values])
-
     def with_start(name: str, ran: Tensor | None) -> Tensor | None:
         """The reused first step of ``start`` followed by the steps run here."""
         if not reuse:
@@ -282,21 +278,103 @@ def generate(
         return first[:1].clone() if ran is None else torch.cat([first[:1], ran])
 
     if teacher is not None:
-        timesteps = [step.timestep.detach().cpu() for step in steps]
+        forced = _forced_generation(steps, slice(None))
         return Generation(
-            timesteps=with_start("timesteps", torch.stack(timesteps) if timesteps else None),
-            prediction=with_start("prediction", stack("prediction")),
-            cond=with_start("cond", stack("cond")),
-            uncond=with_start("uncond", stack("uncond")),
+            **{name: with_start(name, getattr(forced, name)) for name in _FORCED_FIELDS}
         )
+    return _free_generation(steps, slice(None), latents)
+
+
+# Names how ``generate_free_and_forced`` batches (cache contexts record it).
+FREE_AND_FORCED_SCHEME = "free and teacher-forced side by side, one batch per step"
+
+
+def generate_free_and_forced(
+    loaded: LoadedModel,
+    prompt: str,
+    sample_id: int,
+    settings: GenerationSettings,
+    *,
+    teacher: Generation,
+    tracker: CallTracker | None = None,
+) -> tuple[Generation, Generation]:
+    """A video free-running and teacher-forced on ``teacher``, in shared forwards.
+
+    Where the model computes every sample on its own (``cfg_batch_safe``), the two
+    trajectories run side by side in one batch per step (``sample_denoiser``'s
+    ``forced_inputs``): one forward of 4 samples per step costs less than two of 2, and
+    the first step, on the same noise in both, runs once. Otherwise they run one after
+    the other, the second reusing the first's first step (``generate``'s ``start``).
+
+    The values are those of separate runs up to float rounding (a batch of another size
+    can round differently); a pair is always computed the same way, so reruns reproduce it.
+
+    Args:
+        loaded, prompt, sample_id, settings, tracker: as ``generate``.
+        teacher: the FP model's free-running video of the same prompt and seed.
+
+    Returns:
+        (free-running, teacher-forced) Generations, as ``generate`` returns them.
+    """
+    if not cfg_batch_safe(loaded.denoiser) or teacher.inputs is None:
+        free = generate(loaded, prompt, sample_id, settings, tracker=tracker)
+        forced = generate(
+            loaded, prompt, sample_id, settings, tracker=tracker, teacher=teacher, start=free
+        )
+        return free, forced
+    cond_states, uncond_states = sampling.text_states_for_prompts(loaded, [prompt])
+    steps: list[StepOutput] = []
+    latents = sampling.sample_denoiser(
+        loaded,
+        cond_states,
+        uncond_states,
+        steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        seed=settings.seed,
+        sample_ids=[sample_id],
+        frames=settings.frames,
+        height=settings.height,
+        width=settings.width,
+        tracker=tracker,
+        scheduler=settings.scheduler,
+        observe=steps.append,
+        batch_cfg=True,
+        forced_inputs=list(teacher.inputs),
+    )
+    return _free_generation(steps, slice(0, 1), latents), _forced_generation(steps, slice(1, 2))
+
+
+# What a teacher-forced Generation keeps (its inputs are the teacher's).
+_FORCED_FIELDS = ("timesteps", "prediction", "cond", "uncond")
+
+
+def _stack_steps(steps: list[StepOutput], name: str, part: slice) -> Tensor | None:
+    """(S, b, ...) one field of the steps, samples ``part`` of each step's batch."""
+    values = [getattr(step, name) for step in steps]
+    if not values or values[0] is None:
+        return None
+    return torch.stack([v[part].detach().cpu() for v in values])
+
+
+def _forced_generation(steps: list[StepOutput], part: slice) -> Generation:
+    timesteps = [step.timestep.detach().cpu() for step in steps]
+    return Generation(
+        timesteps=torch.stack(timesteps) if timesteps else None,
+        prediction=_stack_steps(steps, "prediction", part),
+        cond=_stack_steps(steps, "cond", part),
+        uncond=_stack_steps(steps, "uncond", part),
+    )
+
+
+def _free_generation(steps: list[StepOutput], part: slice, latents: Tensor) -> Generation:
     return Generation(
         timesteps=torch.stack([step.timestep.detach().cpu() for step in steps]),
-        prediction=stack("prediction"),
-        cond=stack("cond"),
-        uncond=stack("uncond"),
+        prediction=_stack_steps(steps, "prediction", part),
+        cond=_stack_steps(steps, "cond", part),
+        uncond=_stack_steps(steps, "uncond", part),
         latents=latents.detach().cpu(),
-        inputs=stack("latents"),
-        model_inputs=stack("model_input"),
+        inputs=_stack_steps(steps, "latents", part),
+        model_inputs=_stack_steps(steps, "model_input", part),
     )
 
 

@@ -9,13 +9,16 @@ For every weight seed the harness
 3. for every (bits, method): loads a fresh model (quantization swaps modules in place),
    quantizes it with ``quant.api.quantize_`` (one plan per bit-width, shared by the
    methods) and generates each prompt twice: free-running, and teacher-forced on the FP
-   trajectory's inputs (its first step, on the same noise, is the free-running one's and
-   is not computed again). A configuration that quantizes no layer (``fp``) is the
+   trajectory's inputs, side by side in one batch per step
+   (``generate.generate_free_and_forced``; the first step, on the same noise in both,
+   runs once). A configuration that quantizes no layer (``fp``) is the
    reference model, so its videos are the reference's and nothing is generated;
 4. measures fidelity (always) and, where their weights are given, FVD / FID / CLIPSIM.
 
 Every video is cached (``generate.GenerationCache``): an interrupted evaluation resumes
-without regenerating finished videos, and a rerun regenerates nothing.
+without regenerating finished videos (a prompt's two quantized videos are made together:
+one left unfinished makes its twin again, the same bit for bit), and a rerun regenerates
+nothing.
 
 Under ``torchrun --nproc_per_node=N`` (torch.distributed, gloo on CPU) the prompts are
 sharded across the processes as ``collect`` shards them (prompt i on rank i mod N): the
@@ -802,6 +805,9 @@ def quantized_videos(
     """
     config, settings = videos.config, videos.config.settings
     quant = quantized.quant
+    # The scheme is part of what decides the videos (batch composition sets the rounding):
+    # videos cached under another scheme are never mixed with these.
+    context = {**context, "scheme": gen.FREE_AND_FORCED_SCHEME}
     keys = {
         (i, mode): videos.key(fp_model, quant.method, quant.bits, i, mode, context)
         for i in reference
@@ -813,22 +819,30 @@ def quantized_videos(
             videos.bar.update(len(keys))
             return reference, reference
 
-    def make(
-        i: int, teacher: Generation | None = None, start: Generation | None = None
-    ) -> Generation:
-        loaded = quantized.model()
-        prompt, tracker = config.prompts[i], quantized.tracker
-        return gen.generate(
-            loaded, prompt, i, settings, tracker=tracker, teacher=teacher, start=start
-        )
-
     forced, free = {}, {}
     for i in reference:
-        # Free-running first: its first step is the teacher-forced one's (same noise).
-        free[i] = videos.get(keys[(i, "free")], lambda i=i: make(i))
-        forced[i] = videos.get(
-            keys[(i, "teacher")], lambda i=i: make(i, teacher=reference[i], start=free[i])
-        )
+        pair: list[Generation] = []
+
+        def make(mode: str, i: int = i, pair: list[Generation] = pair) -> Generation:
+            # The two videos share their forwards, so both are made at once; after an
+            # interruption between their saves, the missing one is made the same way
+            # (and the other again, the same).
+            if not pair:
+                loaded = quantized.model()
+                pair.extend(
+                    gen.generate_free_and_forced(
+                        loaded,
+                        config.prompts[i],
+                        i,
+                        settings,
+                        teacher=reference[i],
+                        tracker=quantized.tracker,
+                    )
+                )
+            return pair[0] if mode == "free" else pair[1]
+
+        free[i] = videos.get(keys[(i, "free")], lambda make=make: make("free"))
+        forced[i] = videos.get(keys[(i, "teacher")], lambda make=make: make("teacher"))
     return forced, free
 
 

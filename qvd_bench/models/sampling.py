@@ -196,6 +196,7 @@ def sample_denoiser(
     teacher_inputs: Sequence[torch.Tensor] | None = None,
     batch_cfg: bool = False,
     first_step: int = 0,
+    forced_inputs: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Samples latents with a scheduler loop and classifier-free guidance.
 
@@ -230,6 +231,14 @@ def sample_denoiser(
             the tracker marks the call as CFG-batched and statistics hooks split it.
         first_step: with ``teacher_inputs``, start at this step (0-based): the earlier
             steps are known from elsewhere. ``observe`` sees only the steps run.
+        forced_inputs: a teacher-forced trajectory run alongside this sampler's own, in
+            the same forwards: at step i the batch is [own latents, ``forced_inputs[i]``]
+            (2B samples; with ``batch_cfg``, [uncond own, uncond forced, cond own, cond
+            forced]), so each forward costs less per sample than two batches of B. A step
+            whose two inputs are equal (the first, from the same noise) runs once on B
+            samples, its outputs repeated. ``observe`` sees 2B samples [own, forced] at
+            every step. Only for models that compute every sample on its own (as for
+            ``batch_cfg``); not with ``teacher_inputs``.
 
     Returns:
         Final latents (B, C, F, H, W) or (B, F, C, H, W), per the family's layout.
@@ -268,51 +277,70 @@ def sample_denoiser(
     if first_step and (teacher_inputs is None or not 0 <= first_step <= total):
         # Without teacher inputs the latents of a later step are unknown.
         raise ValueError(f"first_step {first_step} needs teacher inputs and 0 <= it <= {total}")
+    if forced_inputs is not None:
+        if teacher_inputs is not None:
+            raise ValueError(
+                "forced_inputs runs alongside a free trajectory, not a teacher-forced one"
+            )
+        if len(forced_inputs) != total:
+            raise ValueError(f"{len(forced_inputs)} forced inputs for {total} steps")
+
+    def denoise(model_input: torch.Tensor, t: torch.Tensor, copies: int):
+        """(uncond or None, cond) of ``model_input``: ``copies`` trajectories of the batch."""
+
+        def stacked(x: torch.Tensor) -> torch.Tensor:
+            return x if copies == 1 else torch.cat([x] * copies)
+
+        n = copies * batch
+        text, empty = stacked(text_states), stacked(uncond_states)
+        extra = {key: stacked(value) for key, value in conditioning.items()}
+        if use_cfg and batch_cfg:
+            both = family.forward(
+                denoiser,
+                torch.cat([model_input, model_input]),
+                t.expand(2 * n),
+                torch.cat([empty, text]),
+                {key: torch.cat([value, value]) for key, value in extra.items()},
+            )
+            return both.chunk(2)
+        uncond = None
+        if use_cfg:
+            with branch("uncond"):
+                uncond = family.forward(denoiser, model_input, t.expand(n), empty, extra)
+        with branch("cond"):
+            return uncond, family.forward(denoiser, model_input, t.expand(n), text, extra)
+
+    def scaled(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if hasattr(noise_scheduler, "scale_model_input"):
+            return noise_scheduler.scale_model_input(latents, t)
+        return latents
+
     with batch_context, torch.no_grad():
         for index, t in enumerate(noise_scheduler.timesteps):
             if index < first_step:
                 continue
             if teacher_inputs is not None:
                 latents = teacher_inputs[index].to(device=device, dtype=dtype)
-            model_input = latents
-            if hasattr(noise_scheduler, "scale_model_input"):
-                model_input = noise_scheduler.scale_model_input(latents, t)
-            timestep = t.expand(batch)
-            if use_cfg and batch_cfg:
-                both = family.forward(
-                    denoiser,
-                    torch.cat([model_input, model_input]),
-                    t.expand(2 * batch),
-                    torch.cat([uncond_states, text_states]),
-                    {key: torch.cat([value, value]) for key, value in conditioning.items()},
-                )
-                uncond, prediction = both.chunk(2)
-            else:
-                if use_cfg:
-                    with branch("uncond"):
-                        uncond = family.forward(
-                            denoiser, model_input, timestep, uncond_states, conditioning
-                        )
-                with branch("cond"):
-                    prediction = family.forward(
-                        denoiser, model_input, timestep, text_states, conditioning
-                    )
-            cond = prediction
+            step_latents, copies = latents, 1
+            if forced_inputs is not None:
+                forced = forced_inputs[index].to(device=device, dtype=dtype)
+                if not torch.equal(forced, latents):
+                    step_latents, copies = torch.cat([latents, forced]), 2
+            model_input = scaled(step_latents, t)
+            ids = sample_ids * copies
+            with tracker.batch(ids) if tracker is not None else contextlib.nullcontext():
+                uncond, cond = denoise(model_input, t, copies)
+            prediction = cond
             if use_cfg:
-                prediction = uncond + guidance_scale * (prediction - uncond)
-            if observe is not None:
-                observe(
-                    StepOutput(
-                        index,
-                        t,
-                        latents,
-                        model_input,
-                        uncond if use_cfg else None,
-                        cond,
-                        prediction,
-                    )
+                prediction = uncond + guidance_scale * (cond - uncond)
+            if forced_inputs is not None and copies == 1:  # the step ran once for both
+                step_latents, model_input, prediction, cond = (
+                    torch.cat([x, x]) for x in (step_latents, model_input, prediction, cond)
                 )
-            latents = noise_scheduler.step(prediction, t, latents, return_dict=False)[0]
+                uncond = None if uncond is None else torch.cat([uncond, uncond])
+            if observe is not None:
+                observe(StepOutput(index, t, step_latents, model_input, uncond, cond, prediction))
+            latents = noise_scheduler.step(prediction[:batch], t, latents, return_dict=False)[0]
             if progress is not None:
                 progress()
     return latents

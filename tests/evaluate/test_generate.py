@@ -108,6 +108,104 @@ def test_teacher_forcing_takes_the_first_step_of_the_free_running_video(loaded, 
         )  # fmt: skip
 
 
+def _relative_difference(a, b):
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def test_free_and_forced_side_by_side_equal_separate_runs(loaded):
+    settings = GenerationSettings(steps=3, frames=2, height=16, width=16)
+    teacher = gen.generate(loaded, "a cat", 0, settings)
+    other = zoo.load_model("tiny-unet3d", weight_seed=1)  # the model under test
+    tracker = sampling.CallTracker(other.denoiser).attach()
+    calls = []
+    handle = other.denoiser.register_forward_pre_hook(
+        lambda module, args: calls.append((args[0].clone(), tracker.current))
+    )  # registered after the tracker's hook: sees the call it published
+    try:
+        free, forced = gen.generate_free_and_forced(
+            other, "a cat", 0, settings, teacher=teacher, tracker=tracker
+        )
+    finally:
+        handle.remove()
+        tracker.detach()
+    calls_made = list(calls)
+    again = gen.generate_free_and_forced(other, "a cat", 0, settings, teacher=teacher)
+    separate_free = gen.generate(other, "a cat", 0, settings)
+    separate_forced = gen.generate(other, "a cat", 0, settings, teacher=teacher)
+    # Step 0 (the same noise in both) runs once on [uncond, cond]; later steps on
+    # [uncond free, uncond forced, cond free, cond forced], announced as two samples of
+    # the same id in each CFG half.
+    assert [len(x) for x, _ in calls_made] == [2, 4, 4]
+    assert [c.sample_ids for _, c in calls_made] == [(0,), (0, 0), (0, 0)]
+    assert all(c.branches == ("uncond", "cond") for _, c in calls_made)
+    for i in (1, 2):
+        fed = calls_made[i][0]
+        own, teacher_input = free.model_inputs[i][0], teacher.model_inputs[i][0]
+        for j, expected in enumerate((own, teacher_input, own, teacher_input)):
+            assert torch.equal(fed[j], expected)
+    # Reruns give the same bits.
+    for made, remade in zip((free, forced), again):
+        for name, tensor in made.tensors().items():
+            assert torch.equal(tensor, remade.tensors()[name]), name
+    # Against separate runs: the same inputs and outputs up to float32 rounding (the
+    # batch size can change the order of sums), and the same shapes and fields.
+    assert forced.latents is None and forced.inputs is None
+    assert torch.equal(forced.timesteps, separate_forced.timesteps)
+    assert torch.equal(free.inputs[0], separate_free.inputs[0])
+    for made, separate in ((free, separate_free), (forced, separate_forced)):
+        assert made.tensors().keys() == separate.tensors().keys()
+        for name in ("prediction", "cond", "uncond"):
+            assert _relative_difference(getattr(separate, name), getattr(made, name)) < 1e-4
+    assert _relative_difference(separate_free.latents, free.latents) < 1e-4
+    # The teacher-forced video is not the free-running one after the first step.
+    assert torch.equal(free.prediction[0], forced.prediction[0])
+    assert _relative_difference(free.prediction[1], forced.prediction[1]) > 1e-3
+
+
+def test_free_and_forced_run_one_after_the_other_where_batching_is_unsafe(loaded):
+    from qvd_bench.quant.modules import QuantWrapper, StaticActQuant, swap_module
+
+    class LooksAcrossSamples(StaticActQuant):
+        """A quantizer ``cfg_batch_safe`` does not know."""
+
+    settings = GenerationSettings(steps=2, frames=2, height=16, width=16)
+    teacher = gen.generate(loaded, "a cat", 0, settings)
+    other = zoo.load_model("tiny-unet3d", weight_seed=1)
+    name, layer = next(
+        (n, m) for n, m in other.denoiser.named_modules() if isinstance(m, nn.Linear)
+    )
+    swap_module(other.denoiser, name, QuantWrapper(layer, 8, LooksAcrossSamples(0.1, 128, 8)))
+    batches = []
+    handle = other.denoiser.register_forward_pre_hook(
+        lambda module, args: batches.append(len(args[0]))
+    )
+    try:
+        free, forced = gen.generate_free_and_forced(other, "a cat", 0, settings, teacher=teacher)
+    finally:
+        handle.remove()
+    # Separate branches, one sample each: 2 steps free, then 1 teacher-forced step.
+    assert batches == [1] * 6
+    separate_free = gen.generate(other, "a cat", 0, settings)
+    separate_forced = gen.generate(
+        other, "a cat", 0, settings, teacher=teacher, start=separate_free
+    )
+    for made, separate in ((free, separate_free), (forced, separate_forced)):
+        for name, tensor in separate.tensors().items():
+            assert torch.equal(made.tensors()[name], tensor), name
+
+
+def test_forced_inputs_are_checked(loaded):
+    cond, uncond = sampling.text_states_for_prompts(loaded, ["a cat"])
+    common = dict(steps=2, sample_ids=[0], frames=2, height=16, width=16)
+    inputs = [torch.zeros(1, 4, 2, 16, 16)] * 2
+    with pytest.raises(ValueError, match="3 forced inputs for 2 steps"):
+        sampling.sample_denoiser(loaded, cond, uncond, forced_inputs=(inputs * 2)[:3], **common)
+    with pytest.raises(ValueError, match="not a teacher-forced one"):
+        sampling.sample_denoiser(
+            loaded, cond, uncond, forced_inputs=inputs, teacher_inputs=inputs, **common
+        )
+
+
 def test_batched_cfg_equals_separate_branches_and_is_announced_as_batched(loaded):
     cond, uncond = sampling.text_states_for_prompts(loaded, ["a cat", "a dog"])
     tracker = sampling.CallTracker(loaded.denoiser).attach()

@@ -126,28 +126,48 @@ def test_interrupted_evaluation_resumes_without_regenerating(tmp_path, monkeypat
     def save_then_interrupt(self, key, generation):
         save(self, key, generation)
         saved.append(key)
-        raise KeyboardInterrupt
+        if len(saved) == 3:  # the two reference videos, then prompt 0's free-running one
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(GenerationCache, "save", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         harness.evaluate(config, tmp_path, progress=False, write_report=False)
-    assert len(saved) == 1
+    assert [(k.method, k.prompt_index, k.mode) for k in saved] == [
+        ("reference", 0, "free"),
+        ("reference", 1, "free"),
+        ("minmax", 0, "free"),
+    ]
+    first_free = load_file(
+        str(GenerationCache(tmp_path / "results" / "tiny-unet3d").path(saved[2]))
+    )
     monkeypatch.setattr(GenerationCache, "save", save)
 
-    calls = []
-    generate = gen.generate
+    singles, pairs = [], []
+    generate, generate_pair = gen.generate, gen.generate_free_and_forced
 
     def counting(*args, **kwargs):
-        calls.append(args[1:3])
+        singles.append(args[1:3])
         return generate(*args, **kwargs)
 
+    def counting_pairs(*args, **kwargs):
+        made = generate_pair(*args, **kwargs)
+        pairs.append((args[1:3], made))
+        return made
+
     monkeypatch.setattr(gen, "generate", counting)
+    monkeypatch.setattr(gen, "generate_free_and_forced", counting_pairs)
     result = harness.evaluate(config, tmp_path, progress=False, write_report=False)
-    # 2 reference videos + 2 prompts x (teacher, free) = 6, one of them finished before.
-    assert len(calls) == 5 and result.generated == 5 and result.cached == 1
-    calls.clear()
+    # 2 reference videos + 2 prompts x (teacher, free) = 6, three finished before. A
+    # prompt's two videos are made together: prompt 0's free-running video is made again
+    # for its teacher-forced one, the same bit for bit, and the cached file is kept.
+    assert singles == [] and [p[0] for p in pairs] == [("a cat", 0), ("a dog", 1)]
+    assert result.generated == 3 and result.cached == 3
+    remade = pairs[0][1][0].tensors()
+    assert remade.keys() == first_free.keys()
+    assert all(torch.equal(remade[name], first_free[name]) for name in remade)
+    pairs.clear()
     again = harness.evaluate(config, tmp_path, progress=False, write_report=False)
-    assert calls == [] and again.generated == 0 and again.cached == 6
+    assert singles == [] and pairs == [] and again.generated == 0 and again.cached == 6
     pd.testing.assert_frame_equal(again.results, result.results)
 
 
