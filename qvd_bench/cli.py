@@ -384,16 +384,25 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("run", help="the run directory (stats/NAME)")
 
     perf = commands.add_parser("perf", help="performance benchmarks (ratios measured in one run)")
-    perf.add_argument("benchmark", choices=("collect", "frechet", "quant"), help="which benchmark")
+    perf.add_argument(
+        "benchmark",
+        choices=("collect", "frechet", "quant", "run"),
+        help="which benchmark (run: the main job's phases in units of the FP forward)",
+    )
     perf.add_argument(
         "--models",
         type=_csv,
         default=None,
         help="what to measure: models for collect and quant (default: tiny-unet3d,modelscope-t2v-arch), "
-        "feature dimensions for frechet (default: 400,1024,2048)",
+        "feature dimensions for frechet (default: 400,1024,2048), the model of the main job "
+        "for run (default: tiny-unet3d)",
     )
     perf.add_argument(
-        "--repeats", type=int, default=7, help="interleaved repeats; medians are reported"
+        "--repeats",
+        type=int,
+        default=7,
+        help="interleaved repeats; medians are reported (run: FP forwards timed before the "
+        "job and again after it)",
     )
     perf.add_argument("--out", default=None, help="also write the results as JSON here")
     return parser

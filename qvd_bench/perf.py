@@ -2,7 +2,9 @@
 
 Every figure is a ratio measured side by side in one run: the variants are interleaved
 (each repeat runs every variant once, in turn) and medians are reported, so drift of the
-machine affects all of them alike. Benchmarks run on one thread.
+machine affects all of them alike. ``run`` times the main job once instead, in units of
+the FP forward timed just before and just after it in the same process (``bench_run``).
+Benchmarks run on one thread.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,11 +61,17 @@ class Table:
     rows: list[Row] = field(default_factory=list)
 
     def render(self) -> str:
-        lines = [self.title, f"  {'variant':<34} {'median':>10} {'ratio':>8} {'memory':>12}  note"]
+        # Wider than 34 characters only when a variant's name is (perf run's phases).
+        width = max([34, *(len(r.variant) for r in self.rows)])
+        lines = [
+            self.title,
+            f"  {'variant':<{width}} {'median':>10} {'ratio':>8} {'memory':>12}  note",
+        ]
         for r in self.rows:
             memory = f"{r.bytes / 2**20:,.2f} MiB" if r.bytes is not None else ""
             lines.append(
-                f"  {r.variant:<34} {r.median_s * 1e3:>8.1f}ms {r.ratio:>7.2f}x {memory:>12}  {r.note}"
+                f"  {r.variant:<{width}} {r.median_s * 1e3:>8.1f}ms {r.ratio:>7.2f}x "
+                f"{memory:>12}  {r.note}".rstrip()
             )
         return "\n".join(lines)
 
@@ -448,13 +457,197 @@ def bench_quant(model_name: str, repeats: int) -> Table:
     return table
 
 
-BENCHMARKS = {"collect": bench_collect, "frechet": bench_frechet, "quant": bench_quant}
+# Where the 5-minute target of ``qvd-bench run`` (DESIGN section 7) is checked.
+RUN_TARGET_S = 300.0
+
+
+def _unit_forward(
+    model_name: str, weight_seed: int, frames: int, height: int, width: int
+) -> Callable[[], None]:
+    """The FP forward the main job runs most, ready to call (it holds the model).
+
+    One batched-CFG denoiser call (batch 2: the unconditional and the conditional copy
+    of one sample, as ``sample_denoiser`` stacks them) at t=500 under ``torch.no_grad``.
+    Random text states stand in for the text encoder's: only their shape matters here.
+    """
+    from qvd_bench.models import zoo
+
+    loaded = zoo.load_model(model_name, weight_seed=weight_seed)
+    denoiser, family = loaded.denoiser.eval(), loaded.family
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(
+        family.latent_shape(denoiser, 2, frames, height, width), generator=generator
+    )
+    length, dim = family.text_embedding_shape(denoiser)
+    text = torch.randn(2, length, dim, generator=generator)
+    conditioning = family.conditioning(denoiser, 2, frames, height, width, generator)
+    timestep = torch.tensor([500.0, 500.0])
+
+    def forward() -> None:
+        with torch.no_grad():
+            family.forward(denoiser, latents, timestep, text, conditioning)
+
+    return forward
+
+
+def _time_unit_forward(
+    model_name: str, repeats: int, weight_seed: int, frames: int, height: int, width: int
+) -> list[float]:
+    """Loads the model, times ``repeats`` unit forwards (after one warm-up), frees it."""
+    import gc
+
+    forward = _unit_forward(model_name, weight_seed, frames, height, width)
+    times = interleaved({"fp": forward}, repeats)["fp"]
+    del forward  # the closure holds the only reference to the model
+    gc.collect()
+    return times
+
+
+def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
+    """The main job (``qvd-bench run``) end to end, its phases in units of the FP forward.
+
+    Unlike the other benchmarks this one cannot interleave its variants: the job runs
+    once, and its phases are what it recorded itself (``timings.parquet``: statistics
+    collection + analysis, the FP reference videos, each configuration's quantization
+    and generation). What makes its figures ratios measured side by side is the unit:
+    the FP forward the job runs most (one batched-CFG call, batch 2, at the job's latent
+    size, t=500), timed ``repeats`` times just before and ``repeats`` times just after
+    the job in the same process; the unit is the median of all of them, and the two
+    medians are reported apart so that drift of the machine during the job shows. A
+    phase's ratio reads "this phase costs as much as R FP forwards".
+
+    The model for the unit forward is loaded before the job and deleted before it
+    starts, then loaded again after it, so that it and the job's own model copy are
+    never in memory together. The job writes into a temporary directory that is
+    removed afterwards; its printing is suppressed.
+
+    Args:
+        model_name: the model of the job (``--model`` of ``qvd-bench run``).
+        repeats: unit forwards timed before the job, and again after it.
+        **overrides: settings of ``qvd-bench run`` other than the model (``num_prompts``,
+            ``frames``, ``height``, ``width``, ``steps``, ``guidance_scale``,
+            ``scheduler``, ``methods``, ``bits``, ``weight_seed``, ``seed``, ``seeds``);
+            None or absent keeps the default.
+
+    Returns:
+        The table: the unit forward, statistics, quantize, FP reference generation,
+        quantized generation, the rest of the wall time, and the total.
+
+    Raises:
+        UserError: ``repeats`` below 1 or an unknown setting.
+    """
+    import contextlib
+    import gc
+    import io
+    import tempfile
+
+    import pandas as pd
+
+    from qvd_bench import run as run_module
+    from qvd_bench.evaluate import harness
+
+    if repeats < 1:
+        raise UserError(f"perf run needs at least 1 repeat, got {repeats}")
+    if "model" in overrides:
+        raise UserError("perf run takes the model as its first argument (--models), not a setting")
+    settings = run_module.run_settings(**overrides)  # raises UserError on unknown settings
+    frames, height, width = settings["frames"], settings["height"], settings["width"]
+    unit_args = {
+        "model_name": model_name,
+        "repeats": repeats,
+        "weight_seed": settings["weight_seed"],
+        "frames": frames,
+        "height": height,
+        "width": width,
+    }
+
+    before = _time_unit_forward(**unit_args)  # frees its model before the job starts
+    with tempfile.TemporaryDirectory(prefix="qvd-perf-run-") as tmp:
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            run_module.run_command(out=tmp, model=model_name, progress=False, **overrides)
+        wall = time.perf_counter() - started
+        results_dir = Path(tmp) / "results" / (Path(model_name).name or "model")
+        timings = pd.read_parquet(results_dir / harness.TIMINGS_FILE)
+        record = json.loads((results_dir / run_module.RUN_RECORD).read_text())
+    gc.collect()  # the job's model copies are gone before ours is loaded again
+    after = _time_unit_forward(**unit_args)
+
+    unit = statistics.median(before + after)
+    method = timings["method"]
+    is_config = ~method.isin(["statistics", harness.REFERENCE_METHOD])
+    configs = timings[is_config]
+    n_configs = len(configs[["method", "bits"]].drop_duplicates())
+    seeds = timings["weight_seed"].nunique()
+    count = f"{n_configs} configurations" + (f" x {seeds} weight seeds" if seeds > 1 else "")
+    phases = {
+        "statistics": float(timings.loc[method == "statistics", "quantize_s"].sum()),
+        f"quantize ({count})": float(configs["quantize_s"].sum()),
+        "generate: FP reference": float(
+            timings.loc[method == harness.REFERENCE_METHOD, "generate_s"].sum()
+        ),
+        f"generate: quantized ({count})": float(configs["generate_s"].sum()),
+    }
+    other = wall - sum(phases.values())
+
+    changed = [
+        f"{key}={','.join(value) if isinstance(value, tuple) else value}"
+        for key, value in settings.items()
+        if key != "model" and value != run_module.RUN_DEFAULTS[key]
+    ]
+    table = Table(
+        f"perf run: qvd-bench run on {model_name}, "
+        + (f"settings changed: {' '.join(changed)}" if changed else "default settings")
+        + f", {torch.get_num_threads()} thread(s); FP forward timed {repeats} times before "
+        f"and {repeats} after the job, unit = median of all {2 * repeats}; "
+        "ratio = seconds / FP forward measured in the same process"
+    )
+    table.rows.append(
+        Row(
+            f"FP forward (batch 2, {frames}x{height}x{width})",
+            unit,
+            1.0,
+            note=f"median before the job {statistics.median(before) * 1e3:.1f} ms, "
+            f"after {statistics.median(after) * 1e3:.1f} ms",
+        )
+    )
+    for name, seconds in phases.items():
+        table.rows.append(Row(name, seconds, seconds / unit))
+    table.rows.append(
+        Row(
+            "other (start-up, report, I/O)",
+            other,
+            other / unit,
+            note=f"wall - the phases above; the job's own wall_seconds (run.json) "
+            f"{record['wall_seconds']:.1f} s",
+        )
+    )
+    met = "met" if wall < RUN_TARGET_S else "not met"
+    table.rows.append(
+        Row(
+            "total (wall)",
+            wall,
+            wall / unit,
+            note=f"target < {RUN_TARGET_S:.0f} s on one CPU core (DESIGN section 7); {met}; "
+            f"{record['videos_generated']} videos generated",
+        )
+    )
+    return table
+
+
+BENCHMARKS = {
+    "collect": bench_collect,
+    "frechet": bench_frechet,
+    "quant": bench_quant,
+    "run": bench_run,
+}
 
 # What ``--models`` means per benchmark when the user gives none.
 BENCHMARK_DEFAULT_MODELS = {
     "collect": ("tiny-unet3d", "modelscope-t2v-arch"),
     "frechet": ("400", "1024", "2048"),
     "quant": ("tiny-unet3d", "modelscope-t2v-arch"),
+    "run": ("tiny-unet3d",),
 }
 
 

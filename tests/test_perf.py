@@ -1,0 +1,111 @@
+"""``qvd-bench perf run``: the main job's phases in units of the FP forward."""
+
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from qvd_bench import cli, perf, run
+from qvd_bench.errors import UserError
+
+SMALL_JOB = {
+    "num_prompts": 1,
+    "frames": 2,
+    "height": 8,
+    "width": 8,
+    "steps": 2,
+    "methods": ("fp", "minmax"),
+    "bits": ("W8A8",),
+}
+PHASES = [
+    "statistics",
+    "quantize (2 configurations)",
+    "generate: FP reference",
+    "generate: quantized (2 configurations)",
+    "other (start-up, report, I/O)",
+]
+
+
+def test_bench_run_accounts_for_the_whole_wall_time(tmp_path, monkeypatch, capsys):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    # Every TemporaryDirectory of the job and of the benchmark goes here, to check cleanup.
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    outs = []
+    original = run.run_command
+
+    def recording(**kwargs):
+        outs.append(Path(kwargs["out"]))
+        return original(**kwargs)
+
+    monkeypatch.setattr(run, "run_command", recording)
+
+    table = perf.bench_run("tiny-unet3d", 2, **SMALL_JOB)
+
+    assert capsys.readouterr().out == ""  # the job's own printing is suppressed
+    assert len(outs) == 1 and outs[0].parent == scratch and not outs[0].exists()
+    # torch keeps its own compile cache in the temporary directory (torchinductor_USER);
+    # nothing else may be left.
+    left = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]
+    assert left == []
+    rows = {row.variant: row for row in table.rows}
+    assert list(rows) == ["FP forward (batch 2, 2x8x8)", *PHASES, "total (wall)"]
+    unit = table.rows[0]
+    assert unit.median_s > 0 and unit.ratio == 1.0
+    assert "median before the job" in unit.note and "after" in unit.note
+    phase_seconds = [rows[name].median_s for name in PHASES]
+    assert all(seconds > 0 for seconds in phase_seconds), phase_seconds
+    total = rows["total (wall)"]
+    assert math.isclose(sum(phase_seconds), total.median_s, rel_tol=0, abs_tol=1e-6)
+    for row in table.rows:
+        assert math.isclose(row.ratio, row.median_s / unit.median_s, rel_tol=1e-12), row
+    met = "met" if total.median_s < perf.RUN_TARGET_S else "not met"
+    assert total.note.startswith(f"target < 300 s on one CPU core (DESIGN section 7); {met}; ")
+    # 1 reference video + minmax's teacher-forced and free-running ones (fp reuses the
+    # reference's).
+    assert total.note.endswith("; 3 videos generated")
+    assert "tiny-unet3d" in table.title and "frames=2" in table.title
+    assert "methods=fp,minmax" in table.title and "steps=2" in table.title
+    assert "timed 2 times before and 2 after" in table.title
+    assert "measured in the same process" in table.title
+    assert "total (wall)" in table.render()
+
+
+@pytest.mark.parametrize(
+    "repeats, overrides, message",
+    [
+        (0, {}, "at least 1 repeat"),
+        (1, {"frobs": 2}, "unknown run settings: frobs"),
+        (1, {"model": "tiny-wan"}, "first argument"),
+    ],
+)
+def test_bench_run_rejects_bad_input(repeats, overrides, message):
+    with pytest.raises(UserError, match=message) as error:
+        perf.bench_run("tiny-unet3d", repeats, **overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_cli_perf_run(monkeypatch, tmp_path, capsys):
+    args = cli.build_parser().parse_args(
+        ["perf", "run", "--models", "tiny-unet3d", "--repeats", "3"]
+    )
+    assert (args.benchmark, args.models, args.repeats) == ("run", ("tiny-unet3d",), 3)
+    assert perf.BENCHMARK_DEFAULT_MODELS["run"] == ("tiny-unet3d",)
+
+    # ``main`` calls each benchmark as (model, repeats); the real job takes minutes, so a
+    # stand-in records the call.
+    calls = []
+
+    def fake(model, repeats):
+        calls.append((model, repeats))
+        return perf.Table("perf run: fake", [perf.Row("total (wall)", 1.0, 1.0)])
+
+    monkeypatch.setitem(perf.BENCHMARKS, "run", fake)
+    out = tmp_path / "perf.json"
+    assert cli.main(["perf", "run", "--repeats", "3", "--out", str(out)]) == 0
+    assert calls == [("tiny-unet3d", 3)]
+    assert "perf run: fake" in capsys.readouterr().out and out.exists()
+    assert cli.main(["perf", "run", "--repeats", "0"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
+    assert calls == [("tiny-unet3d", 3)]
