@@ -76,6 +76,35 @@ class Table:
         return "\n".join(lines)
 
 
+def denoiser_call(
+    loaded, batch: int, frames: int, height: int, width: int
+) -> Callable[[], torch.Tensor]:
+    """One denoiser call on fixed random inputs at t=500, ready to time (it holds the model).
+
+    Random text states stand in for the text encoder's: only their shape matters here.
+
+    Args:
+        loaded: the LoadedModel.
+        batch: the batch size.
+        frames, height, width: the latent size.
+    """
+    denoiser, family = loaded.denoiser.eval(), loaded.family
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(
+        family.latent_shape(denoiser, batch, frames, height, width), generator=generator
+    )
+    length, dim = family.text_embedding_shape(denoiser)
+    text = torch.randn(batch, length, dim, generator=generator)
+    conditioning = family.conditioning(denoiser, batch, frames, height, width, generator)
+    timestep = torch.full((batch,), 500.0)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return family.forward(denoiser, latents, timestep, text, conditioning)
+
+    return forward
+
+
 def _state_bytes(accumulators) -> int:
     return sum(
         t.numel() * t.element_size() for acc in accumulators for t in acc.state_dict().values()
@@ -155,16 +184,9 @@ def bench_collect(model_name: str, repeats: int) -> Table:
     from qvd_bench.models.sampling import CallTracker, DenoiserCall
 
     loaded = zoo.load_model(model_name)
-    denoiser, family = loaded.denoiser.eval(), loaded.family
+    denoiser = loaded.denoiser.eval()
     frames, height, width = PERF_LATENTS.get(model_name, DEFAULT_LATENT)
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(
-        family.latent_shape(denoiser, 1, frames, height, width), generator=generator
-    )
-    length, dim = family.text_embedding_shape(denoiser)
-    text = torch.randn(1, length, dim, generator=generator)
-    conditioning = family.conditioning(denoiser, 1, frames, height, width, generator)
-    timestep = torch.tensor([500.0])
+    forward = denoiser_call(loaded, 1, frames, height, width)
     decisions = roles.classify(loaded)
     layers = roles.leaf_layers(denoiser)
     infos = {
@@ -173,10 +195,6 @@ def bench_collect(model_name: str, repeats: int) -> Table:
     }
     tracker = CallTracker(denoiser)
     tracker.current = DenoiserCall(500.0, ("cond",), (0,))  # one conditional call, no sampler
-
-    def forward():
-        with torch.no_grad():
-            family.forward(denoiser, latents, timestep, text, conditioning)
 
     def with_hooks(make):
         def run():
@@ -390,7 +408,7 @@ def bench_quant(model_name: str, repeats: int) -> Table:
         gc.collect()  # the collection's model copy is gone before ours is loaded
         loaded = zoo.load_model(model_name)
         record = quantize_(loaded, config, stats=StatsRun(stats_dir))
-    denoiser, family = loaded.denoiser.eval(), loaded.family
+    denoiser = loaded.denoiser.eval()
     wrappers = dict(quant_wrappers(denoiser))
     static_acts = {name: w.act for name, w in wrappers.items()}
     token_acts = {name: DynamicTokenActQuant(config.a_bits) for name in wrappers}
@@ -399,18 +417,7 @@ def bench_quant(model_name: str, repeats: int) -> Table:
         for name, w in wrappers.items()
     }
 
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(
-        family.latent_shape(denoiser, 1, frames, height, width), generator=generator
-    )
-    length, dim = family.text_embedding_shape(denoiser)
-    text = torch.randn(1, length, dim, generator=generator)
-    conditioning = family.conditioning(denoiser, 1, frames, height, width, generator)
-    timestep = torch.tensor([500.0])
-
-    def forward():
-        with torch.no_grad():
-            return family.forward(denoiser, latents, timestep, text, conditioning)
+    forward = denoiser_call(loaded, 1, frames, height, width)
 
     def use(modules: dict[str, nn.Module], acts: dict | None = None):
         def run():
@@ -461,42 +468,18 @@ def bench_quant(model_name: str, repeats: int) -> Table:
 RUN_TARGET_S = 300.0
 
 
-def _unit_forward(
-    model_name: str, weight_seed: int, frames: int, height: int, width: int
-) -> Callable[[], None]:
-    """The FP forward the main job runs most, ready to call (it holds the model).
-
-    One batched-CFG denoiser call (batch 2: the unconditional and the conditional copy
-    of one sample, as ``sample_denoiser`` stacks them) at t=500 under ``torch.no_grad``.
-    Random text states stand in for the text encoder's: only their shape matters here.
-    """
-    from qvd_bench.models import zoo
-
-    loaded = zoo.load_model(model_name, weight_seed=weight_seed)
-    denoiser, family = loaded.denoiser.eval(), loaded.family
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(
-        family.latent_shape(denoiser, 2, frames, height, width), generator=generator
-    )
-    length, dim = family.text_embedding_shape(denoiser)
-    text = torch.randn(2, length, dim, generator=generator)
-    conditioning = family.conditioning(denoiser, 2, frames, height, width, generator)
-    timestep = torch.tensor([500.0, 500.0])
-
-    def forward() -> None:
-        with torch.no_grad():
-            family.forward(denoiser, latents, timestep, text, conditioning)
-
-    return forward
-
-
 def _time_unit_forward(
     model_name: str, repeats: int, weight_seed: int, frames: int, height: int, width: int
 ) -> list[float]:
     """Loads the model, times ``repeats`` unit forwards (after one warm-up), frees it."""
     import gc
 
-    forward = _unit_forward(model_name, weight_seed, frames, height, width)
+    from qvd_bench.models import zoo
+
+    # One batched-CFG call (batch 2: the uncond and cond copies of one sample).
+    forward = denoiser_call(
+        zoo.load_model(model_name, weight_seed=weight_seed), 2, frames, height, width
+    )
     times = interleaved({"fp": forward}, repeats)["fp"]
     del forward  # the closure holds the only reference to the model
     gc.collect()

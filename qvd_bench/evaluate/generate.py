@@ -244,28 +244,19 @@ def generate(
         and torch.equal(start.timesteps, teacher.timesteps)
         and torch.equal(start.inputs[0], teacher.inputs[0])
     )
-    first_step = 1 if reuse else 0
-    cond_states, uncond_states = sampling.text_states_for_prompts(loaded, [prompt])
     steps: list[StepOutput] = []
     latents = None
     if not reuse or len(teacher.inputs) > 1:  # a one-step teacher-forced video is all reused
-        latents = sampling.sample_denoiser(
+        latents = _sample(
             loaded,
-            cond_states,
-            uncond_states,
-            steps=settings.steps,
-            guidance_scale=settings.guidance_scale,
-            seed=settings.seed,
-            sample_ids=[sample_id],
-            frames=settings.frames,
-            height=settings.height,
-            width=settings.width,
-            tracker=tracker,
-            scheduler=settings.scheduler,
-            observe=steps.append,
+            prompt,
+            sample_id,
+            settings,
+            tracker,
+            steps,
             teacher_inputs=None if teacher is None else list(teacher.inputs),
             batch_cfg=cfg_batch_safe(loaded.denoiser),
-            first_step=first_step,
+            first_step=1 if reuse else 0,
         )
 
     def with_start(name: str, ran: Tensor | None) -> Tensor | None:
@@ -322,9 +313,35 @@ def generate_free_and_forced(
             loaded, prompt, sample_id, settings, tracker=tracker, teacher=teacher, start=free
         )
         return free, forced
-    cond_states, uncond_states = sampling.text_states_for_prompts(loaded, [prompt])
     steps: list[StepOutput] = []
-    latents = sampling.sample_denoiser(
+    latents = _sample(
+        loaded,
+        prompt,
+        sample_id,
+        settings,
+        tracker,
+        steps,
+        batch_cfg=True,
+        forced_inputs=list(teacher.inputs),
+    )
+    return _free_generation(steps, slice(0, 1), latents), _forced_generation(steps, slice(1, 2))
+
+
+def _sample(
+    loaded: LoadedModel,
+    prompt: str,
+    sample_id: int,
+    settings: GenerationSettings,
+    tracker: CallTracker | None,
+    steps: list[StepOutput],
+    **options: Any,
+) -> Tensor:
+    """``sample_denoiser`` on one prompt with ``settings``; appends each step to ``steps``.
+
+    ``options``: the sampler's teacher forcing and batching arguments.
+    """
+    cond_states, uncond_states = sampling.text_states_for_prompts(loaded, [prompt])
+    return sampling.sample_denoiser(
         loaded,
         cond_states,
         uncond_states,
@@ -338,10 +355,8 @@ def generate_free_and_forced(
         tracker=tracker,
         scheduler=settings.scheduler,
         observe=steps.append,
-        batch_cfg=True,
-        forced_inputs=list(teacher.inputs),
+        **options,
     )
-    return _free_generation(steps, slice(0, 1), latents), _forced_generation(steps, slice(1, 2))
 
 
 # What a teacher-forced Generation keeps (its inputs are the teacher's).
