@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -382,11 +382,8 @@ def _forced_generation(steps: list[StepOutput], part: slice) -> Generation:
 
 
 def _free_generation(steps: list[StepOutput], part: slice, latents: Tensor) -> Generation:
-    return Generation(
-        timesteps=torch.stack([step.timestep.detach().cpu() for step in steps]),
-        prediction=_stack_steps(steps, "prediction", part),
-        cond=_stack_steps(steps, "cond", part),
-        uncond=_stack_steps(steps, "uncond", part),
+    return replace(
+        _forced_generation(steps, part),
         latents=latents.detach().cpu(),
         inputs=_stack_steps(steps, "latents", part),
         model_inputs=_stack_steps(steps, "model_input", part),

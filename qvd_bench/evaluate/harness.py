@@ -819,30 +819,27 @@ def quantized_videos(
             videos.bar.update(len(keys))
             return reference, reference
 
+    pairs: dict[int, tuple[Generation, Generation]] = {}
+
+    def made(i: int, mode: str) -> Generation:
+        # A prompt's two videos share their forwards, so both are made at once; after an
+        # interruption between their saves, the missing one is made the same way (and
+        # the other again, the same).
+        if i not in pairs:
+            pairs[i] = gen.generate_free_and_forced(
+                quantized.model(),
+                config.prompts[i],
+                i,
+                settings,
+                teacher=reference[i],
+                tracker=quantized.tracker,
+            )
+        return pairs[i][0 if mode == "free" else 1]
+
     forced, free = {}, {}
     for i in reference:
-        pair: list[Generation] = []
-
-        def make(mode: str, i: int = i, pair: list[Generation] = pair) -> Generation:
-            # The two videos share their forwards, so both are made at once; after an
-            # interruption between their saves, the missing one is made the same way
-            # (and the other again, the same).
-            if not pair:
-                loaded = quantized.model()
-                pair.extend(
-                    gen.generate_free_and_forced(
-                        loaded,
-                        config.prompts[i],
-                        i,
-                        settings,
-                        teacher=reference[i],
-                        tracker=quantized.tracker,
-                    )
-                )
-            return pair[0] if mode == "free" else pair[1]
-
-        free[i] = videos.get(keys[(i, "free")], lambda make=make: make("free"))
-        forced[i] = videos.get(keys[(i, "teacher")], lambda make=make: make("teacher"))
+        free[i] = videos.get(keys[(i, "free")], lambda i=i: made(i, "free"))
+        forced[i] = videos.get(keys[(i, "teacher")], lambda i=i: made(i, "teacher"))
     return forced, free
 
 

@@ -268,7 +268,6 @@ def sample_denoiser(
     def branch(name: str):
         return tracker.branch(name) if tracker is not None else contextlib.nullcontext()
 
-    batch_context = tracker.batch(sample_ids) if tracker is not None else contextlib.nullcontext()
     if teacher_inputs is not None and len(teacher_inputs) != len(noise_scheduler.timesteps):
         raise ValueError(
             f"{len(teacher_inputs)} teacher inputs for {len(noise_scheduler.timesteps)} steps"
@@ -315,7 +314,7 @@ def sample_denoiser(
             return noise_scheduler.scale_model_input(latents, t)
         return latents
 
-    with batch_context, torch.no_grad():
+    with torch.no_grad():
         for index, t in enumerate(noise_scheduler.timesteps):
             if index < first_step:
                 continue
@@ -327,6 +326,7 @@ def sample_denoiser(
                 if not torch.equal(forced, latents):
                     step_latents, copies = torch.cat([latents, forced]), 2
             model_input = scaled(step_latents, t)
+            # Announced per step: a step runs one or two copies of the batch.
             ids = sample_ids * copies
             with tracker.batch(ids) if tracker is not None else contextlib.nullcontext():
                 uncond, cond = denoise(model_input, t, copies)
