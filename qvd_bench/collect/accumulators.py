@@ -923,6 +923,9 @@ class Histogram(Accumulator):
     def update(self, x: Tensor, stride: int = 1) -> None:
         """Counts the finite values of ``x``; NaN and ±Inf are counted apart.
 
+        Contiguous float32 CPU tensors on a ``SignedLogEdges`` grid are counted in one
+        pass by ``fused.signed_log_counts`` (the same counts); everything else by PyTorch.
+
         Args:
             x: any shape, any float dtype.
             stride: token subsample: ``x`` is viewed as rows of its last axis,
@@ -937,6 +940,17 @@ class Histogram(Accumulator):
         if x.numel() == 0:
             return
         x = x.detach()
+        if (
+            isinstance(self.edges, SignedLogEdges)
+            and fused.covers_histogram(x)
+            and fused.bit_tables(self.edges) is not None
+        ):
+            counts = self.counts.clone()  # the state is replaced, never written in place
+            nan, inf = fused.signed_log_counts(x, self.edges, stride, counts)
+            self.counts = counts
+            self.nan_count = self.nan_count + nan
+            self.inf_count = self.inf_count + inf
+            return
         rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
         values = (rows[::stride] if stride > 1 else rows).reshape(-1)
         # NaN and ±Inf propagate into the sum (an overflowing sum only takes the slow path).

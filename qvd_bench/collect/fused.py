@@ -1,6 +1,7 @@
-"""Per-channel power sums of a float32 CPU tensor in two fused passes (numba).
+"""Fused CPU kernels (numba) for the accumulators: per-channel power sums, and histogram
+counts on the signed log grid.
 
-``batch_moments`` needs, per channel, the minimum, the maximum and the sums
+**Power sums.** ``batch_moments`` needs, per channel, the minimum, the maximum and the sums
 S_p = Σ(x − c)^p for p = 1..4 about a centre c, in float64. Composed of PyTorch
 operations that takes about ten passes over a float64 copy of the data; on a full-size
 video UNet's layer inputs (millions of elements per call) those passes, not the number of
@@ -19,19 +20,49 @@ bit. A NaN or ±Inf anywhere makes a channel's sums non-finite (powers of float3
 cannot overflow float64), and the caller then takes the general path that counts and
 excludes them.
 
-numba is imported lazily; ``available()`` is False when it is not installed, and
-``power_sums`` is then never called. Kernels compile on first use (a few seconds, cached
-on disk by numba afterwards).
+**Histogram counts.** ``Histogram.update`` on ``SignedLogEdges`` takes about ten PyTorch
+passes per tensor: abs, log, scale, clamp, sign, the bin guess, the boundary lookup and
+comparison, bincount, and the finiteness check. With histograms on every layer those
+passes cost a collection more than the forward itself. ``signed_log_counts`` does it in
+one pass over float32 values, without a logarithm:
+
+- the bit patterns of non-negative float32 values sort as the values do, so comparing
+  |x| with a boundary is an integer comparison with the bits of the boundary rounded up
+  to float32 (for a float32 a, γ^k ≤ a exactly when round_up(γ^k) ≤ a);
+- the top bits of |x| (exponent and a few mantissa bits) index a table of the number of
+  boundaries at or below the start of that bit range; the ranges are narrow enough that
+  each holds at most one boundary (checked when the table is built), so one integer
+  comparison finishes the count;
+- the count gives the bin on either side of zero (a negative value exactly at −γ^k opens
+  its bin, where a positive one at γ^k starts the next), and the value is counted at
+  once, NaN and ±Inf apart.
+
+The counts equal ``np.searchsorted(edges, x, "right") − 1`` over the finite values, as
+the PyTorch path's do (tests check both). Inputs it does not take (``covers_histogram``:
+not float32, not contiguous, not on the CPU, or ``QVD_BENCH_KERNELS=torch``) take the
+PyTorch path.
+
+numba is imported lazily; ``available()`` is False when it is not installed, and the
+kernels are then never called. They compile on first use (a few seconds, cached on disk
+by numba afterwards).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from qvd_bench.models.kernels import fast_kernels_enabled
+
+# Above this many entries a bit-range table is not worth building (a grid finer than
+# about 0.0005 % relative error); such grids take the PyTorch path.
+MAX_TABLE_ENTRIES = 1 << 22
 
 
 @functools.cache
@@ -196,3 +227,153 @@ def channel_moments(x3: Tensor, center_spread: float) -> dict[str, Tensor] | Non
         "m3": m3,
         "m4": m4,
     }
+
+
+# --------------------------------------------------------------------------- histograms
+
+
+@functools.cache
+def _histogram_kernel() -> Any:
+    """The compiled histogram counting kernel, or None without numba."""
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    # No fastmath: nothing here is floating-point arithmetic.
+    @numba.njit(cache=True, nogil=True)
+    def count(
+        x, row_length, stride, shift, base, ranges, zero_bin, counts
+    ):  # pragma: no cover - compiled
+        # x: flat float32, rows of row_length, every stride-th row counted. ranges: flat
+        # (ranges, 4): for bit range base + k, (boundaries below it, the bits at which the
+        # next one is passed) for positive values, then the same for negative ones.
+        # Returns (NaN count, ±Inf count).
+        bits = x.view(np.uint32)
+        last = ranges.size // 4 - 1
+        nan = 0
+        inf = 0
+        for row in range(0, x.size // row_length, stride):
+            start = row * row_length
+            for i in range(start, start + row_length):
+                b = bits[i]
+                a = np.int64(b & np.uint32(0x7FFFFFFF))
+                if a >= 0x7F800000:
+                    if a == 0x7F800000:
+                        inf += 1
+                    else:
+                        nan += 1
+                    continue
+                k = (a >> shift) - base
+                k = 0 if k < 0 else (last if k > last else k)
+                side = np.int64(b >> np.uint32(31)) * 2
+                j = 4 * k + side
+                c = np.int64(ranges[j]) + np.int64(a >= ranges[j + 1])
+                counts[zero_bin + c - side * c] += 1
+        return nan, inf
+
+    return count
+
+
+def covers_histogram(x: Tensor) -> bool:
+    """Whether ``signed_log_counts`` takes ``x``: float32, contiguous, CPU, fast kernels
+    on, numba present."""
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.is_contiguous()
+        and fast_kernels_enabled()
+        and available()
+    )
+
+
+@dataclass(frozen=True)
+class BitTables:
+    """The lookup table of one signed log grid (see the module doc, histogram counts).
+
+    A positive float32 a passes boundary γ^k (counts it) when a ≥ γ^k, a negative one −a
+    when a > γ^k: in bits, a ≥ the threshold ``positive[k]`` or ``negative[k]``.
+
+    Attributes:
+        shift: bits dropped from |x|'s pattern to get its bit range.
+        base: the first bit range in ``ranges``.
+        ranges: (ranges, 4) int32, per bit range: the thresholds of positive values below
+            its start, the threshold inside it (or one no float reaches), then the same
+            for negative values.
+        zero_bin: index of the bin around zero.
+    """
+
+    shift: int
+    base: int
+    ranges: np.ndarray
+    zero_bin: int
+
+
+@functools.lru_cache(maxsize=16)
+def bit_tables(edges: Any) -> BitTables | None:
+    """The table of ``edges`` (``SignedLogEdges``), or None when it would be too large."""
+    table = edges.edges().numpy()
+    positive = table[table > 0][:-1]  # γ^k_lo .. γ^k_hi, without +inf
+    rounded = positive.astype(np.float32)
+    exact = rounded.astype(np.float64) == positive
+    # For float32 a: γ^k ≤ a exactly when the float32 at or above γ^k is ≤ a, and γ^k < a
+    # when the float32 above γ^k is ≤ a (for an inexact γ^k, the same float).
+    up = np.where(exact | (rounded.astype(np.float64) > positive), rounded,
+                  np.nextafter(rounded, np.float32(np.inf)))  # fmt: skip
+    passed_positive = up.view(np.uint32).astype(np.int64)
+    passed_negative = passed_positive + exact
+    # Narrow the bit ranges until none holds two thresholds of a side: about
+    # 2^-mantissa_bits of relative width against the grid's γ − 1.
+    mantissa_bits = max(0, math.ceil(-math.log2(edges.gamma - 1.0)))
+    while mantissa_bits <= 23:
+        shift = 23 - mantissa_bits
+        base = int(passed_positive[0] >> shift)
+        end = int(passed_negative[-1] >> shift) + 1  # starts above every threshold
+        if end - base + 1 > MAX_TABLE_ENTRIES:
+            return None
+        starts = np.arange(base, end + 1, dtype=np.int64) << shift
+        columns, ok = [], True
+        for thresholds in (passed_positive, passed_negative):
+            below = np.searchsorted(thresholds, starts, side="right")
+            inside = np.searchsorted(thresholds, starts + (1 << shift) - 1, side="right")
+            ok = ok and int((inside - below).max()) <= 1
+            unreachable = np.int64(0x7F800000)  # no finite float32 has these bits
+            padded = np.append(thresholds, unreachable)
+            columns += [below, padded[below]]
+        if ok:
+            return BitTables(
+                shift=shift,
+                base=base,
+                ranges=np.stack(columns, axis=1).astype(np.int32),
+                zero_bin=positive.size,
+            )
+        mantissa_bits += 1
+    return None
+
+
+def signed_log_counts(x: Tensor, edges: Any, stride: int, counts: Tensor) -> tuple[int, int]:
+    """Adds the bins of ``x``'s finite values to ``counts``; ``covers_histogram(x)`` must
+    hold and ``bit_tables(edges)`` must not be None.
+
+    Args:
+        x: float32, contiguous, CPU; viewed as rows of its last axis.
+        edges: the ``SignedLogEdges``.
+        stride: count every ``stride``-th row (``Histogram.update``'s token subsample).
+        counts: (num_bins,) int64 CPU, contiguous: added to in place.
+
+    Returns:
+        (NaN count, ±Inf count) of the counted rows.
+    """
+    tables = bit_tables(edges)
+    row_length = x.shape[-1] if x.ndim and x.shape[-1] else 1
+    nan, inf = _histogram_kernel()(
+        x.detach().reshape(-1).numpy(),
+        row_length,
+        stride,
+        tables.shift,
+        tables.base,
+        tables.ranges.reshape(-1),
+        tables.zero_bin,
+        counts.numpy(),
+    )
+    return int(nan), int(inf)

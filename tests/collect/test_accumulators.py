@@ -35,6 +35,7 @@ from qvd_bench.collect.accumulators import (
     row_key,
     weight_channel_stats,
 )
+from qvd_bench.models import kernels
 
 RTOL = 1e-8
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -611,6 +612,82 @@ def test_low_precision_inputs_are_binned_exactly(edges, dtype):
     h = Histogram(edges)
     h.update(x)
     assert h.counts.tolist() == np.bincount(ref, minlength=edges.num_bins).tolist()
+
+
+def _float32_grid_values(edges: SignedLogEdges, seed: int = 0) -> torch.Tensor:
+    """float32 values at, just above and just below every boundary of both signs, spread
+    over and beyond the grid, ±0, subnormals, the extremes, NaN and ±Inf."""
+    table = edges.edges()[1:-1].to(torch.float32)
+    up = table.nextafter(torch.full_like(table, math.inf))
+    down = table.nextafter(torch.full_like(table, -math.inf))
+    generator = torch.Generator().manual_seed(seed)
+    spread = torch.randn(20000, generator=generator) * torch.exp(
+        torch.randn(20000, generator=generator) * 8
+    )
+    tiny = torch.finfo(torch.float32).tiny
+    special = torch.tensor(
+        [0.0, -0.0, tiny / 8, -tiny / 8, tiny, 3.4e38, -3.4e38, 1.0, -1.0,
+         math.nan, math.inf, -math.inf, math.nan]
+    )  # fmt: skip
+    return torch.cat([table, up, down, spread, special])
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "edges",
+    [SignedLogEdges(), SignedLogEdges(0.05, 1e-3, 1e3), SignedLogEdges(0.001), SignedLogEdges(0.3)],
+    ids=lambda e: f"{e.relative_error}-{e.min_abs}-{e.max_abs}",
+)
+def test_fused_signed_log_counts_equal_searchsorted_and_the_torch_path(edges, monkeypatch):
+    x = _float32_grid_values(edges)
+    assert fused.covers_histogram(x) and fused.bit_tables(edges) is not None
+    h = Histogram(edges)
+    h.update(x)
+    finite = x[torch.isfinite(x)].double().numpy()
+    ref = np.searchsorted(edges.edges().numpy(), finite, "right") - 1
+    assert h.counts.tolist() == np.bincount(ref, minlength=edges.num_bins).tolist()
+    assert (int(h.nan_count), int(h.inf_count)) == (2, 2)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
+    assert not fused.covers_histogram(x)
+    slow = Histogram(edges)
+    slow.update(x)
+    for key in ("counts", "nan_count", "inf_count"):
+        assert torch.equal(h.state_dict()[key], slow.state_dict()[key])
+
+
+@needs_numba
+@pytest.mark.parametrize("stride", [1, 3])
+def test_fused_histogram_counts_strided_rows_and_accumulates(stride, monkeypatch):
+    edges = SignedLogEdges()
+    x = _float32_grid_values(edges, seed=1)[: 41 * 137].reshape(41, 137)
+    h = Histogram(edges)
+    h.update(x[:20], stride=stride)
+    h.update(x[20:], stride=stride)
+    monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
+    slow = Histogram(edges)
+    slow.update(x[:20], stride=stride)
+    slow.update(x[20:], stride=stride)
+    assert torch.equal(h.counts, slow.counts) and h.total == slow.total
+    assert int(h.nan_count) == int(slow.nan_count) and int(h.inf_count) == int(slow.inf_count)
+
+
+@needs_numba
+def test_fused_histogram_leaves_other_inputs_to_the_torch_path():
+    edges = SignedLogEdges()
+    x = torch.randn(6, 5)
+    assert not fused.covers_histogram(x.t())  # not contiguous
+    assert not fused.covers_histogram(x.double())
+    for other in (x.t(), x.double(), x.bfloat16()):
+        h = Histogram(edges)
+        h.update(other)
+        ref = np.searchsorted(edges.edges().numpy(), other.double().numpy().ravel(), "right") - 1
+        assert h.counts.tolist() == np.bincount(ref, minlength=edges.num_bins).tolist()
+    # A grid too fine for a table of bit ranges is counted by the torch path.
+    fine = SignedLogEdges(1e-6)
+    assert fused.bit_tables(fine) is None
+    h = Histogram(fine)
+    h.update(x)
+    assert h.total == 30
 
 
 def test_linear_histogram_matches_numpy_histogram():
