@@ -1156,6 +1156,22 @@ def _finish_key(prefix: Tensor | int, row: Tensor) -> Tensor:
     return _mix64_((prefix ^ row).add_(_GOLDEN)).bitwise_and_(_MASK63)
 
 
+@functools.lru_cache(maxsize=4)
+def _call_keys(
+    seed: int, sample_ids: tuple[int, ...], timestep: float, branch: int, rows: int, device
+) -> Tensor:
+    """(n·R,) the keys of every row of one denoiser call's samples, sample-major.
+
+    Only the row varies among a sample's rows: the other fields are folded once per sample
+    on the host, and the keys take one vector mix. Every layer of a call with as many rows
+    gets the same keys, so they are kept for the next layers (callers never modify them).
+    """
+    prefixes = [_key_prefix(seed, s, timestep, branch) for s in sample_ids]
+    row_index = torch.arange(rows, dtype=I64, device=device)
+    prefix = torch.tensor(prefixes, dtype=I64, device=device)
+    return _finish_key(prefix[:, None], row_index[None, :]).reshape(-1)
+
+
 def row_key(
     seed: int,
     sample_id: Tensor | int,
@@ -1315,13 +1331,7 @@ class Reservoir(Accumulator):
         ids = torch.as_tensor(sample_ids, dtype=I64)
         if ids.shape != (n,):
             raise ValueError(f"expected sample_ids ({n},), got {tuple(ids.shape)}")
-        branch = int(branch)
-        # Only the row varies among a sample's rows: the other fields are folded once per
-        # sample on the host, and the keys take one vector mix.
-        prefixes = [_key_prefix(self.seed, s, timestep, branch) for s in ids.tolist()]
-        row_index = torch.arange(r, dtype=I64, device=device)
-        prefix = torch.tensor(prefixes, dtype=I64, device=device)
-        keys = _finish_key(prefix[:, None], row_index[None, :]).reshape(-1)
+        keys = _call_keys(self.seed, tuple(ids.tolist()), float(timestep), int(branch), r, device)
         # Only keys at or below the current k-th key, and among the k smallest new keys,
         # can be kept: the other rows are never copied. Once the reservoir is full, few
         # keys pass the first test, and the k-th new key is only sought among those.
@@ -1343,7 +1353,7 @@ class Reservoir(Accumulator):
                 "keys": keys[picked],
                 "sample_ids": ids.to(device)[picked // r],
                 "timesteps": torch.full((m,), float(timestep), dtype=F64, device=device),
-                "branches": torch.full((m,), branch, dtype=I64, device=device),
+                "branches": torch.full((m,), int(branch), dtype=I64, device=device),
                 "row_indices": picked % r,
             }
         )

@@ -921,6 +921,19 @@ def test_reservoir_is_bottom_k_of_all_keys():
         assert torch.equal(row, sample_rows(s, t, b)[r])
 
 
+def test_reservoirs_of_one_call_share_keys_only_where_they_agree():
+    # Layers of one denoiser call reuse the call's keys; another seed, row count, sample,
+    # timestep or branch gets its own (each reservoir is its own bottom-k of row_key).
+    calls = [(11, [0, 1], 500.0, 0, 9), (11, [0, 1], 500.0, 0, 9), (12, [0, 1], 500.0, 0, 9),
+             (11, [0, 1], 500.0, 0, 5), (11, [1, 2], 500.0, 0, 9), (11, [0, 1], 250.0, 0, 9),
+             (11, [0, 1], 500.0, 1, 9)]  # fmt: skip
+    for seed, ids, t, b, rows in calls:
+        res = Reservoir(4, RES_C, seed=seed)
+        res.update(torch.stack([sample_rows(s, t, b)[:rows] for s in ids]), ids, t, b)
+        everything = sorted(row_key_reference(seed, s, t, b, r) for s in ids for r in range(rows))
+        assert res.state_dict()["keys"].tolist() == everything[:4]
+
+
 def test_reservoir_sharded_updates_equal_single_pass():
     single = fill(Reservoir(RES_CAP, RES_C, seed=5), list(range(10)), batch=3)
     shards = [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
