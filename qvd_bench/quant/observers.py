@@ -338,10 +338,13 @@ def screened_errors(
     screen = torch.empty(factors.numel(), rows, dtype=torch.float32, device=xc.device)
     scale, zero_point = qparams(factors[:, None])
     scale, zero_point = scale[..., None], zero_point[..., None]  # (G, R, 1)
+    # Symmetric qparams (weights) have no zero point: one clamp with scalar bounds.
+    symmetric = not bool(zero_point.any())
     block = max(1, SEARCH_ELEMENTS // max(1, rows * length))
     for start in range(0, factors.numel(), block):
         part = slice(start, start + block)
-        xq = fake_quant(xc[None], scale[part], zero_point[part], q_min, q_max)
+        zero = 0 if symmetric else zero_point[part]
+        xq = fake_quant(xc[None], scale[part], zero, q_min, q_max)
         diff = xq.sub_(xc).to(torch.float32).abs_()  # xq is fake_quant's own tensor
         screen[start : start + block] = diff.log_().mul_(p).exp_().mean(-1)
     return screen.to(F64)

@@ -211,7 +211,8 @@ def fake_quant(
     Args:
         x: any shape.
         scale, zero_point: broadcastable with ``x``; a Python float and int take a path
-            that creates no tensors for them.
+            that creates no tensors for them, and a Python int zero point with a tensor
+            scale clamps in one pass (the same numbers).
         q_min, q_max: the integer codes.
 
     Returns:
@@ -223,11 +224,15 @@ def fake_quant(
         constants = per_tensor_constants(scale, zero_point, q_min, q_max, dtype)
         return fake_quant_constants(xc, constants).to(x.dtype)
     scale = torch.as_tensor(scale, device=x.device).to(dtype)
-    zero_point = torch.as_tensor(zero_point, device=x.device).to(dtype)
     # Multiply by the reciprocal (not divide) as torch's kernels do: identical rounding.
     q = torch.mul(xc, torch.reciprocal(scale)).round_()
-    # clamp_min_/clamp_max_: several times faster on CPU than clamp with two tensor bounds.
-    q.clamp_min_(q_min - zero_point).clamp_max_(q_max - zero_point)
+    if isinstance(zero_point, int):
+        q.clamp_(q_min - zero_point, q_max - zero_point)
+    else:
+        zero_point = torch.as_tensor(zero_point, device=x.device).to(dtype)
+        # clamp_min_/clamp_max_: several times faster on CPU than clamp with two tensor
+        # bounds.
+        q.clamp_min_(q_min - zero_point).clamp_max_(q_max - zero_point)
     return q.mul_(scale).to(x.dtype)
 
 

@@ -91,6 +91,11 @@ def test_per_channel_equals_torch(bits, axis):
         assert torch.equal(ours, ref)
         for c in range(x.shape[axis]):
             assert ours.select(axis, c).unique().numel() <= 2**bits
+        if symmetric:  # a Python int zero point (one scalar clamp): the same numbers
+            shape = [1, 1, 1]
+            shape[axis % 3] = -1
+            one_clamp = P.fake_quant(x, scale.reshape(shape), 0, q_min, q_max)
+            assert torch.equal(one_clamp, ref)
 
 
 @pytest.mark.parametrize("bits", BITS)
