@@ -940,13 +940,14 @@ class Histogram(Accumulator):
         if x.numel() == 0:
             return
         x = x.detach()
-        if (
-            isinstance(self.edges, SignedLogEdges)
-            and fused.covers_histogram(x)
-            and fused.bit_tables(self.edges) is not None
-        ):
+        tables = (
+            fused.bit_tables(self.edges)
+            if isinstance(self.edges, SignedLogEdges) and fused.covers_histogram(x)
+            else None
+        )
+        if tables is not None:
             counts = self.counts.clone()  # the state is replaced, never written in place
-            nan, inf = fused.signed_log_counts(x, self.edges, stride, counts)
+            nan, inf = fused.signed_log_counts(x, tables, stride, counts)
             self.counts = counts
             self.nan_count = self.nan_count + nan
             self.inf_count = self.inf_count + inf

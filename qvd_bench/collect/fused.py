@@ -312,14 +312,16 @@ class BitTables:
 @functools.lru_cache(maxsize=16)
 def bit_tables(edges: Any) -> BitTables | None:
     """The table of ``edges`` (``SignedLogEdges``), or None when it would be too large."""
+    # Imported here: accumulators imports this module.
+    from qvd_bench.collect.accumulators import _edge_table
+
     table = edges.edges().numpy()
-    positive = table[table > 0][:-1]  # γ^k_lo .. γ^k_hi, without +inf
-    rounded = positive.astype(np.float32)
-    exact = rounded.astype(np.float64) == positive
-    # For float32 a: γ^k ≤ a exactly when the float32 at or above γ^k is ≤ a, and γ^k < a
-    # when the float32 above γ^k is ≤ a (for an inexact γ^k, the same float).
-    up = np.where(exact | (rounded.astype(np.float64) > positive), rounded,
-                  np.nextafter(rounded, np.float32(np.inf)))  # fmt: skip
+    positive = (table > 0) & np.isfinite(table)  # γ^k_lo .. γ^k_hi
+    # For float32 a: γ^k ≤ a exactly when the float32 at or above γ^k (the table's
+    # float32 form) is ≤ a, and γ^k < a when the float32 above γ^k is ≤ a (for an
+    # inexact γ^k, the same float).
+    up = _edge_table(edges, torch.device("cpu"), torch.float32).numpy()[positive]
+    exact = up.astype(np.float64) == table[positive]
     passed_positive = up.view(np.uint32).astype(np.int64)
     passed_negative = passed_positive + exact
     # Narrow the bit ranges until none holds two thresholds of a side: about
@@ -345,27 +347,26 @@ def bit_tables(edges: Any) -> BitTables | None:
                 shift=shift,
                 base=base,
                 ranges=np.stack(columns, axis=1).astype(np.int32),
-                zero_bin=positive.size,
+                zero_bin=up.size,
             )
         mantissa_bits += 1
     return None
 
 
-def signed_log_counts(x: Tensor, edges: Any, stride: int, counts: Tensor) -> tuple[int, int]:
+def signed_log_counts(x: Tensor, tables: BitTables, stride: int, counts: Tensor) -> tuple[int, int]:
     """Adds the bins of ``x``'s finite values to ``counts``; ``covers_histogram(x)`` must
-    hold and ``bit_tables(edges)`` must not be None.
+    hold.
 
     Args:
-        x: float32, contiguous, CPU; viewed as rows of its last axis.
-        edges: the ``SignedLogEdges``.
+        x: float32, contiguous, CPU, not empty; viewed as rows of its last axis.
+        tables: ``bit_tables`` of the grid.
         stride: count every ``stride``-th row (``Histogram.update``'s token subsample).
         counts: (num_bins,) int64 CPU, contiguous: added to in place.
 
     Returns:
         (NaN count, ±Inf count) of the counted rows.
     """
-    tables = bit_tables(edges)
-    row_length = x.shape[-1] if x.ndim and x.shape[-1] else 1
+    row_length = x.shape[-1] if x.ndim else 1
     nan, inf = _histogram_kernel()(
         x.detach().reshape(-1).numpy(),
         row_length,
