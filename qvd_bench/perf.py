@@ -467,21 +467,62 @@ def bench_quant(model_name: str, repeats: int) -> Table:
 # Where the 5-minute target of ``qvd-bench run`` (DESIGN section 7) is checked.
 RUN_TARGET_S = 300.0
 
+# The machine probe: a forward whose time on the 2-core machine the target names was
+# recorded when the target was set (113 ms): diffusers' UNet3DConditionModel at the
+# tiny-unet3d config with PyTorch's own kernels, batch 1, 8 frames of 16×16 latents, one
+# thread. The same machine has since measured it up to twice as slow from one day to the
+# next, so the job's time is also given at the recorded speed (wall × recorded / probe).
+PROBE_RECORDED_S = 0.113
+PROBE_LATENT = (8, 16, 16)
+
+
+def _probe_forward() -> Callable[[], torch.Tensor]:
+    """The machine probe's forward on fixed random weights and inputs, ready to time."""
+    from qvd_bench.models import zoo
+
+    family = zoo.family_by_name("unet3d")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        # family.build, not load_model: the probe runs diffusers' model as it is built.
+        denoiser = family.build(family.tiny_config()).eval()
+    frames, height, width = PROBE_LATENT
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(family.latent_shape(denoiser, 1, frames, height, width),
+                          generator=generator)  # fmt: skip
+    length, dim = family.text_embedding_shape(denoiser)
+    text = torch.randn(1, length, dim, generator=generator)
+    conditioning = family.conditioning(denoiser, 1, frames, height, width, generator)
+    timestep = torch.full((1,), 500.0)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return family.forward(denoiser, latents, timestep, text, conditioning)
+
+    return forward
+
 
 def _time_unit_forward(
     model_name: str, repeats: int, weight_seed: int, frames: int, height: int, width: int
-) -> list[float]:
-    """Loads the model, times ``repeats`` unit forwards (after one warm-up), frees it."""
+) -> dict[str, list[float]]:
+    """Loads the model, times ``repeats`` unit forwards and probe forwards, interleaved
+    (after one warm-up each), and frees both models.
+
+    Returns:
+        {"unit": seconds per run, "probe": seconds per run}.
+    """
     import gc
 
     from qvd_bench.models import zoo
 
     # One batched-CFG call (batch 2: the uncond and cond copies of one sample).
-    forward = denoiser_call(
-        zoo.load_model(model_name, weight_seed=weight_seed), 2, frames, height, width
-    )
-    times = interleaved({"fp": forward}, repeats)["fp"]
-    del forward  # the closure holds the only reference to the model
+    forwards = {
+        "unit": denoiser_call(
+            zoo.load_model(model_name, weight_seed=weight_seed), 2, frames, height, width
+        ),
+        "probe": _probe_forward(),
+    }
+    times = interleaved(forwards, repeats)
+    del forwards  # the closures hold the only references to the models
     gc.collect()
     return times
 
@@ -499,6 +540,12 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
     medians are reported apart so that drift of the machine during the job shows. A
     phase's ratio reads "this phase costs as much as R FP forwards".
 
+    The machine probe (``PROBE_RECORDED_S``) is timed interleaved with the unit. Its
+    recorded time over its time now says how fast the machine runs against the day the
+    5-minute target was set, and the total's note gives the job's wall time at that
+    speed: an estimate (phases bound by memory and by arithmetic need not slow down
+    alike), printed beside the measured time, which alone says whether the target is met.
+
     The model for the unit forward is loaded before the job and deleted before it
     starts, then loaded again after it, so that it and the job's own model copy are
     never in memory together. The job writes into a temporary directory that is
@@ -513,8 +560,9 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
             None or absent keeps the default.
 
     Returns:
-        The table: the unit forward, statistics, quantize, FP reference generation,
-        quantized generation, the rest of the wall time, and the total.
+        The table: the unit forward, the machine probe, statistics, quantize, FP
+        reference generation, quantized generation, the rest of the wall time, and the
+        total.
 
     Raises:
         UserError: ``repeats`` below 1 or an unknown setting.
@@ -556,7 +604,8 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
     gc.collect()  # the job's model copies are gone before ours is loaded again
     after = _time_unit_forward(**unit_args)
 
-    unit = statistics.median(before + after)
+    unit = statistics.median(before["unit"] + after["unit"])
+    probe = statistics.median(before["probe"] + after["probe"])
     method = timings["method"]
     is_config = ~method.isin(["statistics", harness.REFERENCE_METHOD])
     configs = timings[is_config]
@@ -590,8 +639,18 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
             f"FP forward (batch 2, {frames}x{height}x{width})",
             unit,
             1.0,
-            note=f"median before the job {statistics.median(before) * 1e3:.1f} ms, "
-            f"after {statistics.median(after) * 1e3:.1f} ms",
+            note=f"median before the job {statistics.median(before['unit']) * 1e3:.1f} ms, "
+            f"after {statistics.median(after['unit']) * 1e3:.1f} ms",
+        )
+    )
+    frames_p, height_p, width_p = PROBE_LATENT
+    table.rows.append(
+        Row(
+            f"machine probe (diffusers UNet3D, batch 1, {frames_p}x{height_p}x{width_p})",
+            probe,
+            probe / unit,
+            note=f"recorded {PROBE_RECORDED_S * 1e3:.0f} ms where the target was set: "
+            f"this machine runs at {PROBE_RECORDED_S / probe:.2f}x that speed now",
         )
     )
     for name, seconds in phases.items():
@@ -612,6 +671,7 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
             wall,
             wall / unit,
             note=f"target < {RUN_TARGET_S:.0f} s on one CPU core (DESIGN section 7); {met}; "
+            f"about {wall * PROBE_RECORDED_S / probe:.0f} s at the probe's recorded speed; "
             f"{record['videos_generated']} videos generated",
         )
     )
