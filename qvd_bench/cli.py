@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -737,13 +739,24 @@ COMMANDS = {
 }
 
 
-def _quiet_libraries() -> None:
-    """Keeps diffusers' and transformers' advice-level warnings out of our output."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+# The libraries whose advice-level warnings are kept out of our output, and the environment
+# variable each reads its verbosity from when it is imported.
+QUIET_LIBRARIES = {"diffusers": "DIFFUSERS_VERBOSITY", "transformers": "TRANSFORMERS_VERBOSITY"}
 
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
+
+def _quiet_libraries() -> None:
+    """Keeps diffusers' and transformers' advice-level warnings out of our output.
+
+    Through their verbosity variables (unless the user set them), so that neither is
+    imported before a command needs it: importing them takes seconds, which ``--help``
+    and a one-line error on bad input need not wait for, and the main job never needs
+    transformers. A library already imported is set directly.
+    """
+    for library, variable in QUIET_LIBRARIES.items():
+        level = os.environ.setdefault(variable, "error")
+        if library in sys.modules:
+            logging_module = importlib.import_module(f"{library}.utils.logging")
+            logging_module.set_verbosity(logging_module.log_levels.get(level, logging.ERROR))
 
 
 # glibc's mallopt parameters (malloc.h) and the values ``tune_allocator`` sets: blocks up

@@ -416,3 +416,48 @@ def test_tuned_allocator_reuses_memory_across_forwards():
     assert counts["default"] > 1000
     # Far fewer: about 20 against 13,000 alone, a few hundred under a loaded test run.
     assert counts["tuned"] < counts["default"] / 5
+
+
+HELP_IMPORTS_SCRIPT = """
+import contextlib, io, sys
+from qvd_bench import cli
+with contextlib.redirect_stdout(io.StringIO()):
+    try:
+        cli.main(["--help"])
+    except SystemExit:
+        pass
+import os
+print(sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules))
+print(os.environ.get("DIFFUSERS_VERBOSITY"), os.environ.get("TRANSFORMERS_VERBOSITY"))
+"""
+
+
+@pytest.mark.parametrize("preset", [None, "info"])
+def test_help_imports_no_model_library_and_quiets_them_by_environment(preset):
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_VERBOSITY")}
+    if preset:
+        env["DIFFUSERS_VERBOSITY"] = preset  # the user's own setting is kept
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_IMPORTS_SCRIPT], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    imported, verbosity = result.stdout.splitlines()
+    assert imported == "[]"
+    assert verbosity == f"{preset or 'error'} error"
+
+
+def test_libraries_imported_already_are_quieted_directly(monkeypatch):
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for variable in cli.QUIET_LIBRARIES.values():
+        monkeypatch.delenv(variable, raising=False)
+    diffusers_logging.set_verbosity_warning()
+    transformers_logging.set_verbosity_warning()
+    try:
+        cli._quiet_libraries()
+        assert diffusers_logging.get_verbosity() == diffusers_logging.ERROR
+        assert transformers_logging.get_verbosity() == transformers_logging.ERROR
+    finally:
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
