@@ -1,12 +1,14 @@
 """``qvd-bench perf run``: the main job's phases in units of the FP forward."""
 
 import math
+import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
-from qvd_bench import cli, perf, run
+from qvd_bench import cli, perf
 from qvd_bench.errors import UserError
 
 SMALL_JOB = {
@@ -32,19 +34,36 @@ def test_bench_run_accounts_for_the_whole_wall_time(tmp_path, monkeypatch, capsy
     scratch.mkdir()
     # Every TemporaryDirectory of the job and of the benchmark goes here, to check cleanup.
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    outs = []
-    original = run.run_command
+    commands = []
+    original = subprocess.run
 
-    def recording(**kwargs):
-        outs.append(Path(kwargs["out"]))
-        return original(**kwargs)
+    def recording(command, **kwargs):
+        commands.append((command, kwargs["env"]["OMP_NUM_THREADS"]))
+        return original(command, **kwargs)
 
-    monkeypatch.setattr(run, "run_command", recording)
+    monkeypatch.setattr(subprocess, "run", recording)
 
     table = perf.bench_run("tiny-unet3d", 2, **SMALL_JOB)
 
-    assert capsys.readouterr().out == ""  # the job's own printing is suppressed
-    assert len(outs) == 1 and outs[0].parent == scratch and not outs[0].exists()
+    assert capsys.readouterr().out == ""  # the job's own printing is discarded
+    # The job ran once, as the command a user types, in a fresh process.
+    assert len(commands) == 1
+    command, threads = commands[0]
+    assert command[1:5] == ["-m", "qvd_bench", "run", "--model"]
+    out = Path(command[command.index("--out") + 1])
+    assert out.parent == scratch and not out.exists()
+    assert threads == str(torch.get_num_threads())
+    first = command.index("--no-progress") + 1
+    flags = dict(zip(command[first::2], command[first + 1 :: 2], strict=True))
+    assert flags == {
+        "--num-prompts": "1",
+        "--frames": "2",
+        "--height": "8",
+        "--width": "8",
+        "--steps": "2",
+        "--methods": "fp,minmax",
+        "--bits": "W8A8",
+    }
     # torch keeps its own compile cache in the temporary directory (torchinductor_USER);
     # nothing else may be left.
     left = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]
@@ -81,6 +100,9 @@ def test_bench_run_accounts_for_the_whole_wall_time(tmp_path, monkeypatch, capsy
     assert "timed 2 times before and 2 after" in table.title
     assert "measured in the same process" in table.title
     assert "total (wall)" in table.render()
+    # The fresh process's start-up (interpreter and imports) is counted in "other".
+    startup = float(rows[PHASES[-1]].note.split(": ")[-1].removesuffix(" s"))
+    assert 0 < startup < rows[PHASES[-1]].median_s
 
 
 @pytest.mark.parametrize(
@@ -89,11 +111,19 @@ def test_bench_run_accounts_for_the_whole_wall_time(tmp_path, monkeypatch, capsy
         (0, {}, "at least 1 repeat"),
         (1, {"frobs": 2}, "unknown run settings: frobs"),
         (1, {"model": "tiny-wan"}, "first argument"),
+        (1, {"scheduler": "euler"}, "has no flag for: scheduler"),
     ],
 )
 def test_bench_run_rejects_bad_input(repeats, overrides, message):
     with pytest.raises(UserError, match=message) as error:
         perf.bench_run("tiny-unet3d", repeats, **overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_bench_run_passes_on_the_jobs_own_bad_input_error():
+    small = {**SMALL_JOB, "methods": ("fp", "minmix")}
+    with pytest.raises(UserError, match=r"^perf run: .*minmix.*minmax") as error:
+        perf.bench_run("tiny-unet3d", 1, **small)
     assert "\n" not in str(error.value)
 
 
