@@ -2,8 +2,9 @@
 
 Every figure is a ratio measured side by side in one run: the variants are interleaved
 (each repeat runs every variant once, in turn) and medians are reported, so drift of the
-machine affects all of them alike. ``run`` times the main job once instead, in units of
-the FP forward timed just before and just after it in the same process (``bench_run``).
+machine affects all of them alike. ``run`` times the main job once instead, as a user
+runs it (a fresh process), in units of the FP forward timed just before and just after
+it by the benchmark's process (``bench_run``).
 Benchmarks run on one thread.
 """
 
@@ -578,12 +579,13 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
     once, as a user runs it (``python -m qvd_bench run`` in a fresh process, so that its
     wall time includes the start-up imports), and its phases are what it recorded itself
     (``timings.parquet``: statistics collection + analysis, the FP reference videos, each
-    configuration's quantization and generation). What makes its figures ratios measured side by side is the unit:
-    the FP forward the job runs most (one batched-CFG call, batch 2, at the job's latent
-    size, t=500), timed ``repeats`` times just before and ``repeats`` times just after
-    the job in the same process; the unit is the median of all of them, and the two
-    medians are reported apart so that drift of the machine during the job shows. A
-    phase's ratio reads "this phase costs as much as R FP forwards".
+    configuration's quantization and generation). What makes its figures ratios
+    measured side by side is the unit: the FP forward the job runs most (one
+    batched-CFG call, batch 2, at the job's latent size, t=500), timed ``repeats`` times
+    just before and ``repeats`` times just after the job by this process; the unit is
+    the median of all of them, and the two medians are reported apart so that drift of
+    the machine during the job shows. A phase's ratio reads "this phase costs as much
+    as R FP forwards".
 
     The machine probe (``PROBE_RECORDED_S``) is timed interleaved with the unit. Its
     recorded time over its time now says how fast the machine runs against the day the
@@ -594,7 +596,7 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
     The model for the unit forward is loaded before the job and deleted before it
     starts, then loaded again after it, so that it and the job's own model copy are
     never in memory together. The job writes into a temporary directory that is
-    removed afterwards; its printing is suppressed.
+    removed afterwards; its printing is discarded.
 
     Args:
         model_name: the model of the job (``--model`` of ``qvd-bench run``).
@@ -679,7 +681,7 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
         + (f"settings changed: {' '.join(changed)}" if changed else "default settings")
         + f", {torch.get_num_threads()} thread(s); FP forward timed {repeats} times before "
         f"and {repeats} after the job, unit = median of all {2 * repeats}; "
-        "ratio = seconds / FP forward measured in the same process"
+        "ratio = seconds / FP forward measured in the same run"
     )
     table.rows.append(
         Row(

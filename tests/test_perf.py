@@ -98,7 +98,7 @@ def test_bench_run_accounts_for_the_whole_wall_time(tmp_path, monkeypatch, capsy
     assert "tiny-unet3d" in table.title and "frames=2" in table.title
     assert "methods=fp,minmax" in table.title and "steps=2" in table.title
     assert "timed 2 times before and 2 after" in table.title
-    assert "measured in the same process" in table.title
+    assert "measured in the same run" in table.title
     assert "total (wall)" in table.render()
     # The fresh process's start-up (interpreter and imports) is counted in "other".
     startup = float(rows[PHASES[-1]].note.split(": ")[-1].removesuffix(" s"))
