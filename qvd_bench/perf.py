@@ -480,26 +480,15 @@ PROBE_LATENT = (8, 16, 16)
 def _probe_forward() -> Callable[[], torch.Tensor]:
     """The machine probe's forward on fixed random weights and inputs, ready to time."""
     from qvd_bench.models import zoo
+    from qvd_bench.models.family import LoadedModel
 
     family = zoo.family_by_name("unet3d")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         # family.build, not load_model: the probe runs diffusers' model as it is built.
-        denoiser = family.build(family.tiny_config()).eval()
-    frames, height, width = PROBE_LATENT
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(family.latent_shape(denoiser, 1, frames, height, width),
-                          generator=generator)  # fmt: skip
-    length, dim = family.text_embedding_shape(denoiser)
-    text = torch.randn(1, length, dim, generator=generator)
-    conditioning = family.conditioning(denoiser, 1, frames, height, width, generator)
-    timestep = torch.full((1,), 500.0)
-
-    def forward() -> torch.Tensor:
-        with torch.no_grad():
-            return family.forward(denoiser, latents, timestep, text, conditioning)
-
-    return forward
+        denoiser = family.build(family.tiny_config())
+    probe = LoadedModel(name="machine probe", family=family, denoiser=denoiser, weight_seed=0)
+    return denoiser_call(probe, 1, *PROBE_LATENT)
 
 
 def _time_unit_forward(
