@@ -739,6 +739,17 @@ COMMANDS = {
 }
 
 
+def command_flags(command: str) -> dict[str, str]:
+    """The options of one subcommand, as argument name -> flag (``num_prompts`` ->
+    ``--num-prompts``), read from ``build_parser`` (the one place they are declared)."""
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {
+        action.dest: action.option_strings[0]
+        for action in commands.choices[command]._actions
+        if action.option_strings and action.dest != "help"
+    }
+
+
 # The libraries whose advice-level warnings are kept out of our output, and the environment
 # variable each reads its verbosity from when it is imported.
 QUIET_LIBRARIES = {"diffusers": "DIFFUSERS_VERBOSITY", "transformers": "TRANSFORMERS_VERBOSITY"}

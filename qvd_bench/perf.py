@@ -491,7 +491,7 @@ def _probe_forward() -> Callable[[], torch.Tensor]:
     return denoiser_call(probe, 1, *PROBE_LATENT)
 
 
-def _time_unit_forward(
+def _time_unit_and_probe(
     model_name: str, repeats: int, weight_seed: int, frames: int, height: int, width: int
 ) -> dict[str, list[float]]:
     """Loads the model, times ``repeats`` unit forwards and probe forwards, interleaved
@@ -517,23 +517,10 @@ def _time_unit_forward(
     return times
 
 
-# The settings of ``qvd-bench run`` that it takes as flags, and the flags.
-RUN_FLAGS = {
-    "num_prompts": "--num-prompts",
-    "steps": "--steps",
-    "frames": "--frames",
-    "height": "--height",
-    "width": "--width",
-    "methods": "--methods",
-    "bits": "--bits",
-    "seeds": "--seeds",
-}
-
-
-def _run_job_process(model_name: str, out: Path, overrides: dict[str, Any]) -> float:
-    """Runs ``python -m qvd_bench run`` into ``out`` in a fresh process, as a user runs it
-    (its output discarded), on as many threads as this process uses; returns its wall
-    time in seconds.
+def _run_job_process(model_name: str, out: Path, arguments: list[str]) -> float:
+    """Runs ``python -m qvd_bench run`` with ``arguments`` (flags and values) into ``out``
+    in a fresh process, as a user runs it (its output discarded), on as many threads as
+    this process uses; returns its wall time in seconds.
 
     Raises:
         UserError: the job rejected its input (exit code 2), with its message.
@@ -544,11 +531,7 @@ def _run_job_process(model_name: str, out: Path, overrides: dict[str, Any]) -> f
     import sys
 
     command = [sys.executable, "-m", "qvd_bench", "run", "--model", model_name]
-    command += ["--out", str(out), "--no-progress"]
-    for key, value in overrides.items():
-        if value is not None:
-            shown = ",".join(value) if isinstance(value, (list, tuple)) else str(value)
-            command += [RUN_FLAGS[key], shown]
+    command += ["--out", str(out), "--no-progress", *arguments]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     started = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -590,9 +573,10 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
     Args:
         model_name: the model of the job (``--model`` of ``qvd-bench run``).
         repeats: unit forwards timed before the job, and again after it.
-        **overrides: settings that ``qvd-bench run`` takes as flags (``RUN_FLAGS``:
-            ``num_prompts``, ``frames``, ``height``, ``width``, ``steps``, ``methods``,
-            ``bits``, ``seeds``); None or absent keeps the default.
+        **overrides: settings that ``qvd-bench run`` takes as flags
+            (``cli.command_flags("run")``: ``num_prompts``, ``frames``, ``height``,
+            ``width``, ``steps``, ``methods``, ``bits``, ``seeds``); None or absent keeps
+            the default.
 
     Returns:
         The table: the unit forward, the machine probe, statistics, quantize, FP
@@ -609,6 +593,7 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
 
     import pandas as pd
 
+    from qvd_bench import cli
     from qvd_bench import run as run_module
     from qvd_bench.evaluate import harness
 
@@ -617,12 +602,18 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
     if "model" in overrides:
         raise UserError("perf run takes the model as its first argument (--models), not a setting")
     settings = run_module.run_settings(**overrides)  # raises UserError on unknown settings
-    unflagged = sorted(k for k, v in overrides.items() if v is not None and k not in RUN_FLAGS)
+    flags = cli.command_flags("run")
+    unflagged = sorted(k for k, v in overrides.items() if v is not None and k not in flags)
     if unflagged:
         raise UserError(
             f"perf run times the qvd-bench run command, which has no flag for: "
             f"{', '.join(unflagged)}"
         )
+    arguments = []
+    for key, value in overrides.items():
+        if value is not None:
+            shown = ",".join(value) if isinstance(value, (list, tuple)) else str(value)
+            arguments += [flags[key], shown]
     frames, height, width = settings["frames"], settings["height"], settings["width"]
     unit_args = {
         "model_name": model_name,
@@ -633,14 +624,14 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
         "width": width,
     }
 
-    before = _time_unit_forward(**unit_args)  # frees its model before the job starts
+    before = _time_unit_and_probe(**unit_args)  # frees its model before the job starts
     with tempfile.TemporaryDirectory(prefix="qvd-perf-run-") as tmp:
-        wall = _run_job_process(model_name, Path(tmp), overrides)
+        wall = _run_job_process(model_name, Path(tmp), arguments)
         results_dir = Path(tmp) / "results" / (Path(model_name).name or "model")
         timings = pd.read_parquet(results_dir / harness.TIMINGS_FILE)
         record = json.loads((results_dir / run_module.RUN_RECORD).read_text())
     gc.collect()  # the job's model copies are gone before ours is loaded again
-    after = _time_unit_forward(**unit_args)
+    after = _time_unit_and_probe(**unit_args)
 
     unit = statistics.median(before["unit"] + after["unit"])
     probe = statistics.median(before["probe"] + after["probe"])
@@ -681,10 +672,9 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
             f"after {statistics.median(after['unit']) * 1e3:.1f} ms",
         )
     )
-    frames_p, height_p, width_p = PROBE_LATENT
     table.rows.append(
         Row(
-            f"machine probe (diffusers UNet3D, batch 1, {frames_p}x{height_p}x{width_p})",
+            f"machine probe (diffusers UNet3D, batch 1, {'x'.join(map(str, PROBE_LATENT))})",
             probe,
             probe / unit,
             note=f"recorded {PROBE_RECORDED_S * 1e3:.0f} ms where the target was set: "
