@@ -141,7 +141,7 @@ from qvd_bench.analysis.distribution import (
     skew_by_role,
     tensor_skew,
 )
-from qvd_bench.collect.accumulators import edges_from_dict
+from qvd_bench.numerics.edges import edges_from_dict
 """
     ),
     md(

@@ -179,10 +179,10 @@ class _TorchAoObservers:
 
 def bench_collect(model_name: str, repeats: int) -> Table:
     """Collection overhead on one model: each accumulator alone, all of them, and peers."""
-    from qvd_bench.collect.accumulators import SignedLogEdges
     from qvd_bench.collect.hooks import StatsCollector, describe_layer
     from qvd_bench.models import roles, zoo
     from qvd_bench.models.sampling import CallTracker, DenoiserCall
+    from qvd_bench.numerics.edges import SignedLogEdges
 
     loaded = zoo.load_model(model_name)
     denoiser = loaded.denoiser.eval()

@@ -483,7 +483,7 @@ class StatsRun:
     @cached_property
     def histogram_edges(self):
         """The edges object of the histograms' grid (``edges()`` gives the boundaries)."""
-        from qvd_bench.collect.accumulators import edges_from_dict
+        from qvd_bench.numerics.edges import edges_from_dict
 
         spec = self.manifest["histogram"]["edges"]
         if spec is None:

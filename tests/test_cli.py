@@ -11,7 +11,6 @@ import torch
 
 from qvd_bench import cli, store
 from qvd_bench.collect import collector
-from qvd_bench.models import kernels
 
 SMALL = [
     "--steps",
@@ -397,15 +396,7 @@ def test_tuned_allocator_reuses_memory_across_forwards():
     faults); after ``tune_allocator`` the freed heap is reused."""
     counts = {}
     for setting in ("default", "tuned"):
-        # PyTorch's own kernels: their work buffers make the page faults of glibc's
-        # defaults large and steady (the faster kernels allocate less, and glibc's
-        # adaptive thresholds then make the default count vary with the run).
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            cli.MALLOC_ENV: setting,
-            kernels.KERNELS_ENV: "torch",
-        }
+        env = {**os.environ, "OMP_NUM_THREADS": "1", cli.MALLOC_ENV: setting}
         result = subprocess.run(
             [sys.executable, "-c", FAULTS_SCRIPT], env=env, capture_output=True, text=True
         )

@@ -7,15 +7,13 @@ import pytest
 import torch
 
 from qvd_bench import store
-from qvd_bench.collect.accumulators import (
-    ChannelMoments,
-    Histogram,
-    Reservoir,
-    SignedLogEdges,
-    TemporalFeatures,
-    weight_channel_stats,
-)
+from qvd_bench.collect.histogram import Histogram
+from qvd_bench.collect.moments import ChannelMoments
+from qvd_bench.collect.reservoir import Reservoir
+from qvd_bench.collect.temporal import TemporalFeatures
 from qvd_bench.errors import UserError
+from qvd_bench.numerics.edges import SignedLogEdges
+from qvd_bench.numerics.moments import weight_channel_stats
 
 LAYERS = [
     {

@@ -28,11 +28,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from qvd_bench.collect.accumulators import (
+from qvd_bench.numerics.edges import Edges, edges_from_dict
+from qvd_bench.numerics.moments import (
     MOMENT_KEYS,
-    Edges,
     batch_moments,
-    edges_from_dict,
     moments_summary,
     reduce_moments,
 )

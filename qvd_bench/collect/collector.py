@@ -26,26 +26,25 @@ from tqdm.auto import tqdm
 
 from qvd_bench import store
 from qvd_bench.collect import distributed
-from qvd_bench.collect.accumulators import (
-    ChannelMoments,
-    Histogram,
-    Reservoir,
-    SignedLogEdges,
-    TemporalFeatures,
-    weight_channel_stats,
-)
+from qvd_bench.collect.attention import ATTENTION_TENSORS, AttentionStats
+from qvd_bench.collect.histogram import Histogram
 from qvd_bench.collect.hooks import (
     LayerInfo,
     StatsCollector,
     capture_temporal_features,
     describe_layer,
 )
+from qvd_bench.collect.moments import ChannelMoments
+from qvd_bench.collect.reservoir import Reservoir
+from qvd_bench.collect.temporal import TemporalFeatures
 from qvd_bench.config import CollectConfig
 from qvd_bench.errors import UserError
 from qvd_bench.models import roles as roles_module
 from qvd_bench.models import sampling, zoo
 from qvd_bench.models.family import ROLES, LoadedModel
 from qvd_bench.models.sampling import BRANCHES, CallTracker
+from qvd_bench.numerics.edges import SignedLogEdges
+from qvd_bench.numerics.moments import weight_channel_stats
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NUM_TRAIN_TIMESTEPS = 1000
@@ -181,8 +180,6 @@ def collect(
     )
     attention = None
     if config.attention:
-        from qvd_bench.quant.attention import ATTENTION_TENSORS, AttentionStats
-
         attention = AttentionStats(
             loaded.denoiser,
             tracker,

@@ -14,7 +14,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from qvd_bench.collect.accumulators import ACCUMULATORS, Accumulator
+from qvd_bench.collect.accumulator import ACCUMULATORS, Accumulator
 
 K = TypeVar("K", bound=Hashable)
 

@@ -19,17 +19,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qvd_bench.collect.accumulators import (
-    ChannelMoments,
-    Histogram,
-    Reservoir,
-    SignedLogEdges,
-    TemporalFeatures,
-    batch_moments,
-    fold_many,
-)
+from qvd_bench.collect.histogram import Histogram
+from qvd_bench.collect.moments import ChannelMoments, fold_many
+from qvd_bench.collect.reservoir import Reservoir
+from qvd_bench.collect.temporal import TemporalFeatures
 from qvd_bench.models.family import LoadedModel
 from qvd_bench.models.sampling import BRANCHES, CallTracker
+from qvd_bench.numerics.edges import SignedLogEdges
+from qvd_bench.numerics.moments import batch_moments
 
 # Statistics keys: (tensor, layer, timestep value, branch), tensor in {"input", "output"}.
 StatsKey = tuple[str, str, float, str]

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qvd_bench.collect.accumulators import ACCUMULATORS, Accumulator
+from qvd_bench.collect.accumulator import ACCUMULATORS, Accumulator
 
 F64 = torch.float64
 

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from qvd_bench.errors import UserError
-from qvd_bench.models import kernels
 from qvd_bench.models.families import FAMILIES, family_by_name
 from qvd_bench.models.family import Family, LoadedModel
 from qvd_bench.models.roles import leaf_layers
@@ -218,13 +217,11 @@ def load_run_model(
 
 def _move(denoiser: nn.Module, device: str | torch.device, dtype: torch.dtype) -> None:
     """Moves to device and dtype (casting only when needed: diffusers warns on every cast),
-    in eval mode, with the fast CPU kernels unless ``QVD_BENCH_KERNELS=torch``."""
+    in eval mode."""
     denoiser.to(device=device)
     if next(denoiser.parameters()).dtype != dtype:
         denoiser.to(dtype=dtype)
     denoiser.eval()
-    if kernels.fast_kernels_enabled():
-        kernels.use_fast_kernels(denoiser)
 
 
 def _knobs(

@@ -8,8 +8,7 @@
 - ``modules``: ``QuantWrapper`` around Linear/Conv layers with static, per-timestep-group,
   dynamic per-token or level-set input quantizers; ``swap_module`` / ``unwrap``.
 - ``attention``: ``QuantAttnProcessor``, the attention processor that quantizes q, k, v and
-  the softmax output (and collects their statistics); ``attention_records`` /
-  ``install_attention``.
+  the softmax output; ``attention_records`` / ``install_attention``.
 """
 
 from qvd_bench.quant.modules import (

@@ -43,14 +43,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from qvd_bench.collect.attention import attention_modules, attention_processors
 from qvd_bench.config import SCHEMA_VERSION
 from qvd_bench.errors import UserError
 from qvd_bench.models.family import LoadedModel
 from qvd_bench.models.roles import leaf_layers
 from qvd_bench.quant.attention import (
     AttentionRecord,
-    attention_modules,
-    attention_processors,
     attention_records,
     attention_summary,
     install_attention,

@@ -19,7 +19,7 @@ floating-point semantics, with NumPy's error model so that divisions vectorise),
 results are the PyTorch path's bit for bit, NaN and ±Inf included (tests check it).
 
 ``covers`` says which inputs they take: float32, contiguous, on the CPU, no autograd, and
-fast kernels not turned off (``QVD_BENCH_KERNELS=torch``, ``models.kernels``). Everything
+fast kernels not turned off (``QVD_BENCH_KERNELS=torch``, ``numerics.kernels``). Everything
 else takes the PyTorch path. numba is imported lazily and the kernels compile on first use
 (about a second; numba caches them on disk afterwards).
 """
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qvd_bench.models.kernels import fast_kernels_enabled
+from qvd_bench.numerics.kernels import fast_kernels_enabled
 
 # (step Δ, 1/Δ, q_min − z, q_max − z) as ``primitives.per_tensor_constants`` makes them.
 Constants = tuple[float, float, int, int]

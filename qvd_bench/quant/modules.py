@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qvd_bench.collect.attention import restore_processors, set_attention_enabled
 from qvd_bench.errors import UserError
-from qvd_bench.models.kernels import FrameConv3d
 from qvd_bench.quant import fused
 from qvd_bench.quant.observers import weight_qparams
 from qvd_bench.quant.primitives import (
@@ -461,8 +461,6 @@ class QuantWrapper(nn.Module):
         m = self.module
         if not padded:
             return m._conv_forward(x, weight, bias)
-        if isinstance(m, FrameConv3d):
-            return m.frame_conv(x, weight, bias, padding=0)
         conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.ndim - 2]
         return conv(x, weight, bias, m.stride, 0, m.dilation, m.groups)
 
@@ -588,9 +586,6 @@ def quant_wrappers(model: nn.Module) -> Iterator[tuple[str, QuantWrapper]]:
 def set_enabled(model: nn.Module, enabled: bool) -> None:
     """Turns quantization of every wrapper and quantized attention processor in ``model`` on
     or off (off: exact passthrough)."""
-    # Imported here: quant/attention.py builds on this module's quantizers.
-    from qvd_bench.quant.attention import set_attention_enabled
-
     for _, wrapper in quant_wrappers(model):
         wrapper.enabled = bool(enabled)
     set_attention_enabled(model, enabled)
@@ -606,8 +601,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     Returns:
         ``model``, or its original module when ``model`` itself is a wrapper.
     """
-    from qvd_bench.quant.attention import restore_processors
-
     if isinstance(model, QuantWrapper):
         return unwrap(model.module)
     restore_processors(model)

@@ -8,8 +8,9 @@ import torch
 
 from qvd_bench import store
 from qvd_bench.analysis import channels as ch
-from qvd_bench.collect.accumulators import ChannelMoments, weight_channel_stats
+from qvd_bench.collect.moments import ChannelMoments
 from qvd_bench.errors import UserError
+from qvd_bench.numerics.moments import weight_channel_stats
 
 ROLES = {"blk.ffn": "ffn", "blk.conv": "spatial_conv"}
 

@@ -9,12 +9,10 @@ from scipy import stats
 
 from qvd_bench import store
 from qvd_bench.analysis import distribution as dist
-from qvd_bench.collect.accumulators import (
-    ChannelMoments,
-    Histogram,
-    SignedLogEdges,
-    TemporalFeatures,
-)
+from qvd_bench.collect.histogram import Histogram
+from qvd_bench.collect.moments import ChannelMoments
+from qvd_bench.collect.temporal import TemporalFeatures
+from qvd_bench.numerics.edges import SignedLogEdges
 
 ROLES = {"blk.ffn": "ffn", "blk.conv": "spatial_conv", "time.linear_1": "time_emb"}
 TIMESTEPS = (999.0, 500.0)

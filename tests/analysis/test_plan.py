@@ -15,14 +15,12 @@ from qvd_bench.analysis import (
     make_plan,
     require_temporal,
 )
-from qvd_bench.collect.accumulators import (
-    ChannelMoments,
-    Histogram,
-    SignedLogEdges,
-    TemporalFeatures,
-    weight_channel_stats,
-)
+from qvd_bench.collect.histogram import Histogram
+from qvd_bench.collect.moments import ChannelMoments
+from qvd_bench.collect.temporal import TemporalFeatures
 from qvd_bench.errors import UserError
+from qvd_bench.numerics.edges import SignedLogEdges
+from qvd_bench.numerics.moments import weight_channel_stats
 from qvd_bench.store import StatsRun
 
 TEMB, FFN, CONST = "time_embedding.linear_2", "blk.ffn", "blk.const"

@@ -6,14 +6,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from qvd_bench.collect.accumulators import (
-    ChannelMoments,
-    Histogram,
-    Reservoir,
-    SignedLogEdges,
-    TemporalFeatures,
-)
 from qvd_bench.collect.distributed import merge_across_processes
+from qvd_bench.collect.histogram import Histogram
+from qvd_bench.collect.moments import ChannelMoments
+from qvd_bench.collect.reservoir import Reservoir
+from qvd_bench.collect.temporal import TemporalFeatures
+from qvd_bench.numerics.edges import SignedLogEdges
 
 WORLD = 2
 CALLS = [(999.0, "uncond"), (999.0, "cond"), (500.0, "cond")]

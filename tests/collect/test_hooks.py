@@ -4,13 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from qvd_bench.collect.accumulators import ChannelMoments
 from qvd_bench.collect.hooks import (
     StatsCollector,
     capture_temporal_features,
     channel_last_rows,
     describe_layer,
 )
+from qvd_bench.collect.moments import ChannelMoments
 from qvd_bench.models import roles, zoo
 from qvd_bench.models.sampling import CallTracker, DenoiserCall
 

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qvd_bench.collect.accumulators import ACCUMULATORS
+from qvd_bench.collect.accumulator import ACCUMULATORS
 from qvd_bench.evaluate.frechet import (
     FeatureStats,
     SampleSizeWarning,

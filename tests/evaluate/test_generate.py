@@ -248,7 +248,8 @@ def test_batched_cfg_equals_separate_branches_and_is_announced_as_batched(loaded
 
 
 def test_cfg_batching_only_with_quantizers_known_to_work_per_sample():
-    from qvd_bench.quant.attention import QuantAttnProcessor, attention_modules, install_processors
+    from qvd_bench.collect.attention import attention_modules, install_processors
+    from qvd_bench.quant.attention import QuantAttnProcessor
     from qvd_bench.quant.modules import QuantWrapper, StaticActQuant, swap_module
 
     class LooksAcrossSamples(StaticActQuant):

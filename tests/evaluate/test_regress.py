@@ -9,7 +9,7 @@ import pytest
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate import regress
 from qvd_bench.evaluate.harness import RESULTS_FILE
-from qvd_bench.models import kernels
+from qvd_bench.numerics.kernels import KERNELS_ENV
 from qvd_bench.run import run_command
 
 COMMITTED = Path(__file__).resolve().parents[2] / "stats" / "baselines" / "tiny-unet3d.json"
@@ -33,9 +33,10 @@ def test_the_baseline_run_matches_the_committed_baseline(out, capsys):
 
 
 def test_the_baseline_holds_under_other_float_rounding(tmp_path, capsys, monkeypatch):
-    """PyTorch's own kernels instead of qvd-bench's: the same computation rounded
-    differently, which moves the quantized figures (TOLERANCES comment) within tolerance."""
-    monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
+    """PyTorch's operations instead of qvd-bench's compiled kernels: the same computation
+    rounded differently, which moves the quantized figures (TOLERANCES comment) within
+    tolerance."""
+    monkeypatch.setenv(KERNELS_ENV, "torch")
     run_command(tmp_path, progress=False, **regress.BASELINE_RUN)
     capsys.readouterr()
     assert regress.regress_command(tmp_path, COMMITTED) == 0

@@ -23,6 +23,14 @@ import torch.nn.functional as F
 
 from qvd_bench import cli
 from qvd_bench.collect import collector as collector_module
+from qvd_bench.collect.attention import (
+    ATTENTION_TENSORS,
+    AttentionStats,
+    attention_modules,
+    attention_processors,
+    explicit_attention,
+    restore_processors,
+)
 from qvd_bench.collect.collector import collect
 from qvd_bench.config import CollectConfig
 from qvd_bench.errors import UserError
@@ -30,16 +38,10 @@ from qvd_bench.models.sampling import CallTracker, sample_denoiser, text_states_
 from qvd_bench.models.zoo import load_model, load_run_model
 from qvd_bench.quant.api import QuantConfig, apply_record, load_record, quantize_
 from qvd_bench.quant.attention import (
-    ATTENTION_TENSORS,
     AttentionRecord,
-    AttentionStats,
     QuantAttnProcessor,
-    attention_modules,
-    attention_processors,
     attention_records,
-    explicit_attention,
     install_attention,
-    restore_processors,
 )
 from qvd_bench.quant.modules import quant_wrappers, set_enabled, unwrap
 from qvd_bench.quant.primitives import sqnr_db

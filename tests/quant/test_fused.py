@@ -7,21 +7,18 @@ import pytest
 import torch
 from torch import nn
 
-from qvd_bench.models import kernels
-from qvd_bench.models.kernels import FrameConv3d
+from qvd_bench.numerics.kernels import KERNELS_ENV
 from qvd_bench.quant import fused
 from qvd_bench.quant import primitives as P
 from qvd_bench.quant.modules import GroupActQuant, QuantWrapper, StaticActQuant, _pad_with
-
-pytestmark = pytest.mark.skipif(not fused.available(), reason="needs numba")
 
 # 8-bit codes 0..255 around zero point 128, and a 4-bit grid: (scale, zero point, bits).
 QPARAMS = [(0.037, 128, 8), (0.31, 3, 4)]
 
 
 def torch_path(monkeypatch):
-    """Runs what follows on PyTorch's kernels only (as without numba)."""
-    monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
+    """Runs what follows on PyTorch's operations only."""
+    monkeypatch.setenv(KERNELS_ENV, "torch")
 
 
 def awkward(shape, seed=0, scale=3.0):
@@ -181,11 +178,10 @@ def test_non_contiguous_input_takes_the_torch_path():
     assert same(got, expected)
 
 
-def test_frame_conv_padding_fused(monkeypatch):
-    """FrameConv3d with a transform: the fused padded input gives the same output."""
+def test_temporal_conv_padding_fused(monkeypatch):
+    """A k×1×1 Conv3d with a transform: the fused padded input gives the same output."""
     torch.manual_seed(2)
     conv = nn.Conv3d(4, 6, (3, 1, 1), padding=(1, 0, 0))
-    conv.__class__ = FrameConv3d
     x, shift, scale = _transform_case((2, 4, 5, 3, 3), 1, seed=6)
     x = torch.nan_to_num(x)
     weight = conv.weight.detach() * scale.float().view(1, -1, 1, 1, 1)

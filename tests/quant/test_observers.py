@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from qvd_bench.collect.accumulators import Histogram, SignedLogEdges, edges_from_dict
 from qvd_bench.collect.collector import collect
+from qvd_bench.collect.histogram import Histogram
 from qvd_bench.config import CollectConfig
 from qvd_bench.errors import UserError
+from qvd_bench.numerics.edges import SignedLogEdges, edges_from_dict
 from qvd_bench.quant import observers as O
 from qvd_bench.quant import primitives as P
 from qvd_bench.store import StatsRun, histograms_frame

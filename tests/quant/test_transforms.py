@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
-from qvd_bench.models.kernels import FrameConv3d
 from qvd_bench.models.roles import leaf_layers
 from qvd_bench.models.zoo import load_model
 from qvd_bench.quant.modules import CONV_TYPES, QuantWrapper, StaticActQuant
@@ -210,24 +207,6 @@ def test_padded_conv_pad_then_shift(groups):
     # Off: the float layer with the transform, still the original function.
     wrapper.enabled = False
     torch.testing.assert_close(wrapper(x), conv(x), rtol=0, atol=1e-12)
-
-
-def test_padded_frame_conv_matches_conv3d_under_a_transform():
-    """A k×1×1 Conv3d computed as a 2-D conv gives what Conv3d gives, padded and quantized."""
-    torch.manual_seed(1)
-    conv = nn.Conv3d(4, 6, (3, 1, 1), padding=(1, 0, 0)).double()
-    frame = copy.deepcopy(conv)
-    frame.__class__ = FrameConv3d
-    x = torch.randn(2, 4, 5, 3, 3, dtype=torch.float64) + 1.0
-    shift = torch.tensor([1.0, -1.0, 0.5, 2.0], dtype=torch.float64)
-    scale = torch.tensor([2.0, 1.0, 4.0, 0.5], dtype=torch.float64)
-    outputs = []
-    for module in (conv, frame):
-        record = plan_transform(nn.Sequential(module), "0", shift, scale)
-        wrapper = QuantWrapper(module, 8, StaticActQuant(0.02, 100, 8), weight=record.weights["0"])
-        wrapper.set_input_transform(shift, scale)
-        outputs.append(wrapper(x))
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-12, atol=1e-12)
 
 
 def test_shift_table_per_timestep_group():
