@@ -248,7 +248,7 @@ def install_processors(
 
     Raises:
         UserError: a name that is not an attention module of the denoiser, or a module
-            that already has a ``ExplicitAttnProcessor``.
+            that already has an ``ExplicitAttnProcessor``.
     """
     modules = attention_modules(denoiser)
     missing = [name for name in names if name not in modules]
