@@ -5,7 +5,9 @@ The diffusers attention processors of every supported denoiser (``AttnProcessor2
 compute the attention itself with ``torch.nn.functional.scaled_dot_product_attention``,
 looked up on the module at call time (directly, or through diffusers' native attention
 backend). ``ExplicitAttnProcessor`` wraps the original processor and, only while that
-processor runs, routes this function to ``explicit_attention``:
+processor runs, intercepts this function's calls (a ``torch.overrides.TorchFunctionMode``,
+PyTorch's own interception API: nothing is reassigned, and the mode is active on the
+calling thread alone) and computes ``explicit_attention`` instead:
 
     q̂, k̂, v̂ = Q_q(q), Q_k(k), Q_v(v)
     P = softmax(q̂·k̂ᵀ·scale + mask)        (B, H, L, S)
@@ -22,13 +24,10 @@ feeds q, k, v and the softmax output into accumulators keyed by (module, tensor,
 value, CFG branch), as the layer hooks key theirs (``CollectConfig.attention``; stored in
 ``attention.parquet``). ``restore_processors`` puts the original processors back.
 
-The reroute of ``scaled_dot_product_attention`` lasts one processor call and is undone
-after it: attention modules must not run concurrently in several threads.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from qvd_bench.collect.histogram import Histogram
 from qvd_bench.collect.moments import ChannelMoments
@@ -133,20 +133,19 @@ def explicit_attention(
     return torch.matmul(probabilities, v).to(query.dtype)
 
 
-@contextlib.contextmanager
-def routed_sdpa(replacement: Callable[..., Tensor]) -> Iterator[None]:
-    """Makes ``torch.nn.functional.scaled_dot_product_attention`` call ``replacement``.
+class _InterceptedSdpa(TorchFunctionMode):
+    """Hands every ``scaled_dot_product_attention`` call made under it to ``replacement``;
+    every other torch function runs as usual."""
 
-    diffusers' processors and its native attention backend look the function up on
-    ``torch.nn.functional`` at every call, so replacing the attribute for the duration of
-    one processor call reroutes exactly that call's attention.
-    """
-    saved = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = replacement
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = saved
+    def __init__(self, replacement: Callable[..., Tensor]):
+        super().__init__()
+        self.replacement = replacement
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return self.replacement(*args, **kwargs)
+        return func(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- the processor
@@ -199,7 +198,7 @@ class ExplicitAttnProcessor:
         if not self.enabled:
             return self.original(*args, **kwargs)
         before = self.intercepted
-        with routed_sdpa(self._attention):
+        with _InterceptedSdpa(self._attention):
             out = self.original(*args, **kwargs)
         if self.intercepted == before:
             raise RuntimeError(
