@@ -339,7 +339,7 @@ class _PeerFakeQuant(nn.Module):
     Q-Diffusion / PTQ4DiT-style ``QuantModule``s do), with the given qparams."""
 
     def __init__(self, module: nn.Module, act, weight_scale: torch.Tensor, w_bits: int):
-        from qvd_bench.quant.primitives import quant_range
+        from qvd_bench.numerics.grid import quant_range
 
         super().__init__()
         self.module = module

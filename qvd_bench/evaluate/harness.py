@@ -184,7 +184,7 @@ def split_bits_spec(spec: str) -> tuple[int, int, bool]:
     return w_bits, a_bits, mixed
 
 
-def check_bits(specs: Sequence[str]) -> tuple[str, ...]:
+def normalise_bits_specs(specs: Sequence[str]) -> tuple[str, ...]:
     """Normalises bit-width specs ("w4a8" -> "W4A8", "w8a6-MIXED" -> "W8A6-mixed")."""
     if not specs:
         raise UserError("no bit-width given (e.g. W8A8,W4A8)")
@@ -258,7 +258,7 @@ class EvalConfig:
             raise UserError("--stats describes one model; it cannot serve several weight seeds")
         object.__setattr__(self, "metrics", check_metrics(self.metrics))
         object.__setattr__(self, "methods", check_methods(self.methods))
-        object.__setattr__(self, "bits", check_bits(self.bits))
+        object.__setattr__(self, "bits", normalise_bits_specs(self.bits))
         for name in self.weights:
             METRICS.get(name)
         if self.reference != "fp":

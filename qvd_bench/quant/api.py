@@ -47,6 +47,7 @@ from qvd_bench.config import SCHEMA_VERSION
 from qvd_bench.errors import UserError
 from qvd_bench.models.family import LoadedModel
 from qvd_bench.models.roles import leaf_layers
+from qvd_bench.numerics.grid import check_bits, quant_range
 from qvd_bench.quant.attention import (
     AttentionRecord,
     attention_modules,
@@ -63,7 +64,6 @@ from qvd_bench.quant.methods.base import (
     get_method,
 )
 from qvd_bench.quant.modules import quant_wrappers, swap_module
-from qvd_bench.quant.primitives import check_bits, quant_range
 from qvd_bench.quant.split import split_summary
 from qvd_bench.store import StatsRun, atomic_write, read_json_document, write_json
 

@@ -48,8 +48,8 @@ from torch import Tensor, nn
 
 from qvd_bench.collect.accumulators import ChannelMoments, Histogram, SignedLogEdges
 from qvd_bench.errors import UserError
+from qvd_bench.numerics.grid import affine_qparams, check_bits
 from qvd_bench.quant.modules import ActQuantizer, StaticActQuant
-from qvd_bench.quant.primitives import affine_qparams, check_bits
 
 if TYPE_CHECKING:
     from qvd_bench.store import StatsRun

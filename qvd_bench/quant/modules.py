@@ -51,18 +51,15 @@ from torch import Tensor, nn
 
 from qvd_bench.errors import UserError
 from qvd_bench.models.kernels import FrameConv3d
+from qvd_bench.numerics.grid import check_bits, fake_quant_levels, level_midpoints, quant_range
 from qvd_bench.quant import fused
 from qvd_bench.quant.observers import weight_qparams
 from qvd_bench.quant.primitives import (
     TimestepLookup,
-    check_bits,
     fake_quant_affine,
     fake_quant_constants,
     fake_quant_dynamic_per_token,
-    fake_quant_levels,
-    level_midpoints,
     per_tensor_constants,
-    quant_range,
 )
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

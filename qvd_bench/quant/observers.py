@@ -35,13 +35,8 @@ from torch import Tensor
 
 from qvd_bench.analysis.distribution import grouped_quantiles
 from qvd_bench.errors import UserError
-from qvd_bench.quant.primitives import (
-    affine_qparams,
-    check_bits,
-    fake_quant,
-    lp_error,
-    quant_range,
-)
+from qvd_bench.numerics.grid import affine_qparams, check_bits, quant_range
+from qvd_bench.quant.primitives import fake_quant, lp_error
 from qvd_bench.store import StatsRun
 
 F64 = torch.float64

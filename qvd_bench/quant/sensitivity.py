@@ -48,9 +48,9 @@ from qvd_bench.errors import UserError
 from qvd_bench.evaluate import fidelity
 from qvd_bench.evaluate.generate import Generation, GenerationSettings, generate, scheduler_for
 from qvd_bench.models.family import LoadedModel
+from qvd_bench.numerics.grid import check_bits
 from qvd_bench.quant.api import QuantConfig, QuantRecord, quantize_
 from qvd_bench.quant.modules import quant_wrappers, set_enabled, unwrap
-from qvd_bench.quant.primitives import check_bits
 from qvd_bench.registry import did_you_mean
 from qvd_bench.store import StatsRun
 

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from qvd_bench.errors import UserError
+from qvd_bench.numerics.grid import affine_qparams, check_bits
 from qvd_bench.quant.methods.base import (
     LayerRecord,
     QuantContext,
@@ -53,12 +54,7 @@ from qvd_bench.quant.methods.base import (
 )
 from qvd_bench.quant.modules import CONV_TYPES, ActQuantizer, QuantWrapper
 from qvd_bench.quant.observers import weight_qparams
-from qvd_bench.quant.primitives import (
-    affine_qparams,
-    check_bits,
-    fake_quant_affine,
-    timestep_groups,
-)
+from qvd_bench.quant.primitives import fake_quant_affine, timestep_groups
 
 # Per denoiser class: the module path of the resnet (a diffusers ResnetBlock2D) that reads
 # the skip concatenation of resnet ``index`` of up block ``block``; None when the class

@@ -44,7 +44,7 @@ from qvd_bench.analysis.channels import (
 )
 from qvd_bench.analysis.distribution import temporal_layer_skew, tensor_skew
 from qvd_bench.analysis.temporal import tdscore
-from qvd_bench.quant.primitives import (
+from qvd_bench.numerics.grid import (
     fake_quant_levels,
     mixed_levels,
     signed_log_levels,

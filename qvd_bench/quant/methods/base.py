@@ -635,13 +635,14 @@ def lp_clip_search(
     )
 
     def search() -> tuple[Tensor, Tensor]:
+        from qvd_bench.numerics.grid import affine_qparams, quant_range
         from qvd_bench.quant.observers import (
             SCREEN_ELEMENTS,
             could_be_least,
             screened_errors,
             shrink_factors,
         )
-        from qvd_bench.quant.primitives import affine_qparams, fake_quant, lp_error, quant_range
+        from qvd_bench.quant.primitives import fake_quant, lp_error
 
         q_min, q_max = quant_range(bits)
         lo, hi = channel_lo.min().to(torch.float64), channel_hi.max().to(torch.float64)
@@ -761,7 +762,8 @@ def set_uniform_act(
     With ``config.split_skip``, a layer reading a skip-connection concatenation gets one
     quantizer per part instead (``quant.split.set_split_act``).
     """
-    from qvd_bench.quant.primitives import affine_qparams, timestep_groups
+    from qvd_bench.numerics.grid import affine_qparams
+    from qvd_bench.quant.primitives import timestep_groups
 
     granularity = granularity or ctx.config.granularity or "tensor"
     bits = ctx.a_bits(record.layer)

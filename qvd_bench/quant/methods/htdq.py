@@ -45,6 +45,14 @@ import torch
 from torch import Tensor
 
 from qvd_bench.analysis.temporal import TemporalPairs
+from qvd_bench.numerics.grid import (
+    LOG_BASES,
+    check_bits,
+    fake_quant_levels,
+    mixed_levels,
+    signed_log_levels,
+    uniform_levels,
+)
 from qvd_bench.quant.methods.base import (
     LayerRecord,
     Method,
@@ -56,14 +64,6 @@ from qvd_bench.quant.methods.base import (
 )
 from qvd_bench.quant.methods.mse import mse_except
 from qvd_bench.quant.observers import mse_range
-from qvd_bench.quant.primitives import (
-    LOG_BASES,
-    check_bits,
-    fake_quant_levels,
-    mixed_levels,
-    signed_log_levels,
-    uniform_levels,
-)
 
 F64 = torch.float64
 EDGE_FRACTIONS = (1 / 2, 1 / 4, 1 / 8, 1 / 16)

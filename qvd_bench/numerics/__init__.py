@@ -1,0 +1,1 @@
+"""Pure arithmetic shared across layers: moments, histogram edges, quantization grids."""
