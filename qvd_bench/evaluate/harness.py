@@ -7,7 +7,7 @@ For every weight seed the harness
    analyzes them (``analysis.parquet``, ``plan.json`` beside the statistics);
 2. generates the FP reference videos (free-running, every step recorded);
 3. for every (bits, method): loads a fresh model (quantization swaps modules in place),
-   quantizes it with ``quant.api.quantize_`` (one plan per bit-width, shared by the
+   quantizes it with ``quant.apply.quantize_`` (one plan per bit-width, shared by the
    methods) and generates each prompt twice: free-running, and teacher-forced on the FP
    trajectory's inputs, side by side in one batch per step
    (``generate.generate_free_and_forced``; the first step, on the same noise in both,
@@ -176,7 +176,7 @@ def split_bits_spec(spec: str) -> tuple[int, int, bool]:
     sensitivity with a mean of at most A (``quant.sensitivity.mixed_config``, candidates
     4, 6 and 8).
     """
-    from qvd_bench.quant.api import parse_bits
+    from qvd_bench.quant.config import parse_bits
 
     text = str(spec).strip()
     mixed = text.lower().endswith(MIXED_SUFFIX)
@@ -733,7 +733,7 @@ class _Quantized:
 
     def model(self) -> LoadedModel:
         from qvd_bench.models.sampling import CallTracker
-        from qvd_bench.quant.api import make_plan_for, quantize_
+        from qvd_bench.quant.apply import make_plan_for, quantize_
 
         if self.loaded is None:
             started = time.perf_counter()
@@ -877,7 +877,7 @@ def _evaluate(
     config: EvalConfig, out_dir: Path, shard: Shard, progress: bool, write_report: bool
 ) -> EvalResult | None:
     from qvd_bench.models import zoo
-    from qvd_bench.quant.api import QuantConfig
+    from qvd_bench.quant.config import QuantConfig
     from qvd_bench.store import StatsRun
 
     name = Path(config.model).name or "model"

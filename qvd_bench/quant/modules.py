@@ -598,7 +598,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     processor of every quantized attention module, in place.
 
     Parameters that folds rewrote (norm affines, modulation rows and tables, GEGLU
-    projections) stay as they are: ``quant.api.unquantize_`` restores those too.
+    projections) stay as they are: ``quant.apply.unquantize_`` restores those too.
 
     Returns:
         ``model``, or its original module when ``model`` itself is a wrapper.

@@ -49,8 +49,10 @@ from qvd_bench.evaluate import fidelity
 from qvd_bench.evaluate.generate import Generation, GenerationSettings, generate, scheduler_for
 from qvd_bench.models.family import LoadedModel
 from qvd_bench.numerics.grid import check_bits
-from qvd_bench.quant.api import QuantConfig, QuantRecord, quantize_
+from qvd_bench.quant.apply import quantize_
+from qvd_bench.quant.config import QuantConfig
 from qvd_bench.quant.modules import quant_wrappers, set_enabled, unwrap
+from qvd_bench.quant.record import QuantRecord
 from qvd_bench.registry import did_you_mean
 from qvd_bench.store import StatsRun
 
@@ -546,8 +548,8 @@ def sensitivity_command(
         (the table, the report's index.html).
     """
     from qvd_bench.models.zoo import load_model, load_run_model
-    from qvd_bench.quant.api import parse_bits
-    from qvd_bench.quant.methods.base import get_method
+    from qvd_bench.quant.config import parse_bits
+    from qvd_bench.quant.methods import get_method
 
     w_bits, a_bits = parse_bits(bits_spec)
     get_method(method)  # an unknown name fails before any loading

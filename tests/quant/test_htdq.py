@@ -13,7 +13,8 @@ from qvd_bench.config import CollectConfig
 from qvd_bench.models.roles import classify
 from qvd_bench.models.zoo import load_model, load_run_model
 from qvd_bench.numerics.grid import fake_quant_levels
-from qvd_bench.quant.api import QuantConfig, quantize_
+from qvd_bench.quant.apply import quantize_
+from qvd_bench.quant.config import QuantConfig
 from qvd_bench.quant.methods.htdq import (
     DEFAULT_TOLERANCE,
     htdq_candidates,

@@ -21,7 +21,9 @@ from qvd_bench.evaluate.generate import GenerationSettings, generate
 from qvd_bench.evaluate.harness import ALL_STEPS, teacher_forced_rows
 from qvd_bench.models.roles import leaf_layers
 from qvd_bench.models.zoo import load_model
-from qvd_bench.quant.api import QuantConfig, load_record, quantize_
+from qvd_bench.quant.apply import quantize_
+from qvd_bench.quant.config import QuantConfig
+from qvd_bench.quant.record import load_record
 from qvd_bench.quant.sensitivity import (
     Budget,
     FidelityProbe,

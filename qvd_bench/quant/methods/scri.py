@@ -35,7 +35,6 @@ from torch import Tensor, nn
 
 from qvd_bench.numerics.grid import affine_qparams, quant_levels, quant_range
 from qvd_bench.quant.methods.base import (
-    LayerRecord,
     Method,
     QuantContext,
     content_key,
@@ -57,6 +56,7 @@ from qvd_bench.quant.observers import (
     weight_qparams,
 )
 from qvd_bench.quant.primitives import fake_quant, fake_quant_affine, sqnr_db
+from qvd_bench.quant.record import LayerRecord
 from qvd_bench.quant.transforms import (
     FoldSite,
     TransformRecord,
