@@ -173,7 +173,7 @@ def split_bits_spec(spec: str) -> tuple[int, int, bool]:
     """``"W8A6"`` -> (8, 6, False); ``"W8A6-mixed"`` -> (8, 6, True).
 
     A mixed spec keeps weights at W bits and gives activations bits per layer from measured
-    sensitivity with a mean of at most A (``quant.sensitivity.mixed_config``, candidates
+    sensitivity with a mean of at most A (``evaluate.sensitivity.mixed_config``, candidates
     4, 6 and 8).
     """
     from qvd_bench.quant.config import parse_bits
@@ -743,7 +743,7 @@ class _Quantized:
             # Quantization swaps modules in place: every configuration gets a fresh model.
             loaded = fresh_model(self.run, self.template)
             if self.mixed:
-                from qvd_bench.quant.sensitivity import Budget, mixed_config, probe_for_run
+                from qvd_bench.evaluate.sensitivity import Budget, mixed_config, probe_for_run
 
                 budget = Budget("a", float(self.quant.a_bits))
                 probe = probe_for_run(loaded, self.run)

@@ -158,7 +158,7 @@ def quantize_command(
         granularity: activation granularity, "tensor", "timestep_group" or "token"; None
             takes the method's default.
         mixed: a mean bit budget ("A6", "W5"): bits per layer assigned from measured
-            sensitivity (``quant.sensitivity``); the decisions go to ``mixed.json`` and
+            sensitivity (``evaluate.sensitivity``); the decisions go to ``mixed.json`` and
             ``mixed.parquet`` beside the record.
         mixed_bits: the candidate bit-widths of a mixed assignment.
         probe_seed: sampling seed of the sensitivity probe (default: the statistics'
