@@ -33,7 +33,7 @@ restores every original.
 
 The forward stays cheap: static qparams are cached as Python numbers (no per-call
 recomputation or host sync), per-tensor fake quantization takes four elementwise passes
-(``primitives.fake_quant_constants``; on CPU several times faster than
+(``primitives.fake_quant_constants``; cheaper on CPU than
 ``torch.fake_quantize_per_tensor_affine``, with identical results), and the quantized
 weight is precomputed. On contiguous float32 CPU inputs, the per-tensor quantizers and
 the input transform (with its padding) run as one compiled pass instead
