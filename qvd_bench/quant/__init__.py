@@ -10,6 +10,10 @@
 - ``attention``: ``QuantAttnProcessor``, the attention processor that quantizes q, k, v and
   the softmax output (and collects their statistics); ``attention_records`` /
   ``install_attention``.
+- ``config``: ``QuantConfig`` and the options of single methods; ``record``: the
+  quantization record and its files; ``builders``: wrappers built from records;
+  ``apply``: ``quantize_``, ``apply_record``, ``unquantize_``; ``methods``: one handler per
+  method.
 """
 
 from qvd_bench.quant.modules import (
