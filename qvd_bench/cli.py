@@ -587,7 +587,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from qvd_bench.quant.sensitivity import sensitivity_command
+    from qvd_bench.evaluate.sensitivity import sensitivity_command
 
     table, index = sensitivity_command(
         args.stats,

@@ -339,7 +339,7 @@ class _PeerFakeQuant(nn.Module):
     Q-Diffusion / PTQ4DiT-style ``QuantModule``s do), with the given qparams."""
 
     def __init__(self, module: nn.Module, act, weight_scale: torch.Tensor, w_bits: int):
-        from qvd_bench.quant.primitives import quant_range
+        from qvd_bench.numerics.grid import quant_range
 
         super().__init__()
         self.module = module
@@ -382,7 +382,8 @@ def bench_quant(model_name: str, repeats: int) -> Table:
     from qvd_bench.collect.collector import collect
     from qvd_bench.config import CollectConfig
     from qvd_bench.models import zoo
-    from qvd_bench.quant.api import QuantConfig, quantize_
+    from qvd_bench.quant.apply import quantize_
+    from qvd_bench.quant.config import QuantConfig
     from qvd_bench.quant.modules import DynamicTokenActQuant, quant_wrappers, swap_module
     from qvd_bench.store import StatsRun
 

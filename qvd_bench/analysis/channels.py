@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from qvd_bench.errors import UserError
-from qvd_bench.quant.primitives import check_bits, quant_levels  # q(v) lives there
+from qvd_bench.numerics.grid import check_bits, quant_levels
 
 TENSOR_KEYS = ("tensor", "layer", "role", "timestep", "branch")
 

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from qvd_bench.analysis.channels import channel_ranges, check_bits
+from qvd_bench.analysis.channels import channel_ranges
 from qvd_bench.config import SCHEMA_VERSION
 from qvd_bench.errors import UserError
+from qvd_bench.numerics.grid import check_bits
 
 if TYPE_CHECKING:
     from qvd_bench.store import StatsRun

@@ -24,7 +24,6 @@ import pandas as pd
 from qvd_bench import store
 from qvd_bench.analysis.channels import (
     channel_ranges,
-    check_bits,
     coverage,
     coverage_summary,
     disparity,
@@ -39,6 +38,7 @@ from qvd_bench.analysis.distribution import (
 )
 from qvd_bench.analysis.plan import DEFAULT_THRESHOLDS, PlanThresholds, QuantPlan, make_plan
 from qvd_bench.errors import UserError
+from qvd_bench.numerics.grid import check_bits
 from qvd_bench.store import StatsRun
 
 ANALYSIS_FILE = "analysis.parquet"

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from qvd_bench.analysis.channels import check_bits, quant_levels
+from qvd_bench.numerics.grid import check_bits, quant_levels
 
 F64 = torch.float64
 

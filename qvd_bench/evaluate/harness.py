@@ -7,7 +7,7 @@ For every weight seed the harness
    analyzes them (``analysis.parquet``, ``plan.json`` beside the statistics);
 2. generates the FP reference videos (free-running, every step recorded);
 3. for every (bits, method): loads a fresh model (quantization swaps modules in place),
-   quantizes it with ``quant.api.quantize_`` (one plan per bit-width, shared by the
+   quantizes it with ``quant.apply.quantize_`` (one plan per bit-width, shared by the
    methods) and generates each prompt twice: free-running, and teacher-forced on the FP
    trajectory's inputs, side by side in one batch per step
    (``generate.generate_free_and_forced``; the first step, on the same noise in both,
@@ -173,10 +173,10 @@ def split_bits_spec(spec: str) -> tuple[int, int, bool]:
     """``"W8A6"`` -> (8, 6, False); ``"W8A6-mixed"`` -> (8, 6, True).
 
     A mixed spec keeps weights at W bits and gives activations bits per layer from measured
-    sensitivity with a mean of at most A (``quant.sensitivity.mixed_config``, candidates
+    sensitivity with a mean of at most A (``evaluate.sensitivity.mixed_config``, candidates
     4, 6 and 8).
     """
-    from qvd_bench.quant.api import parse_bits
+    from qvd_bench.quant.config import parse_bits
 
     text = str(spec).strip()
     mixed = text.lower().endswith(MIXED_SUFFIX)
@@ -184,7 +184,7 @@ def split_bits_spec(spec: str) -> tuple[int, int, bool]:
     return w_bits, a_bits, mixed
 
 
-def check_bits(specs: Sequence[str]) -> tuple[str, ...]:
+def normalise_bits_specs(specs: Sequence[str]) -> tuple[str, ...]:
     """Normalises bit-width specs ("w4a8" -> "W4A8", "w8a6-MIXED" -> "W8A6-mixed")."""
     if not specs:
         raise UserError("no bit-width given (e.g. W8A8,W4A8)")
@@ -258,7 +258,7 @@ class EvalConfig:
             raise UserError("--stats describes one model; it cannot serve several weight seeds")
         object.__setattr__(self, "metrics", check_metrics(self.metrics))
         object.__setattr__(self, "methods", check_methods(self.methods))
-        object.__setattr__(self, "bits", check_bits(self.bits))
+        object.__setattr__(self, "bits", normalise_bits_specs(self.bits))
         for name in self.weights:
             METRICS.get(name)
         if self.reference != "fp":
@@ -733,7 +733,7 @@ class _Quantized:
 
     def model(self) -> LoadedModel:
         from qvd_bench.models.sampling import CallTracker
-        from qvd_bench.quant.api import make_plan_for, quantize_
+        from qvd_bench.quant.apply import make_plan_for, quantize_
 
         if self.loaded is None:
             started = time.perf_counter()
@@ -743,7 +743,7 @@ class _Quantized:
             # Quantization swaps modules in place: every configuration gets a fresh model.
             loaded = fresh_model(self.run, self.template)
             if self.mixed:
-                from qvd_bench.quant.sensitivity import Budget, mixed_config, probe_for_run
+                from qvd_bench.evaluate.sensitivity import Budget, mixed_config, probe_for_run
 
                 budget = Budget("a", float(self.quant.a_bits))
                 probe = probe_for_run(loaded, self.run)
@@ -877,7 +877,7 @@ def _evaluate(
     config: EvalConfig, out_dir: Path, shard: Shard, progress: bool, write_report: bool
 ) -> EvalResult | None:
     from qvd_bench.models import zoo
-    from qvd_bench.quant.api import QuantConfig
+    from qvd_bench.quant.config import QuantConfig
     from qvd_bench.store import StatsRun
 
     name = Path(config.model).name or "model"

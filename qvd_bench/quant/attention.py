@@ -33,8 +33,8 @@ from qvd_bench.collect.attention import (
     install_processors,
 )
 from qvd_bench.errors import UserError
+from qvd_bench.numerics.grid import affine_qparams, check_bits
 from qvd_bench.quant.modules import ActQuantizer, StaticActQuant
-from qvd_bench.quant.primitives import affine_qparams, check_bits
 
 if TYPE_CHECKING:
     from qvd_bench.store import StatsRun

@@ -4,9 +4,8 @@ A fake-quantized layer's input goes through several elementwise PyTorch passes b
 the layer runs: per-tensor fake quantization takes four (``fake_quant_constants``: scale,
 round, clamp, rescale), and an explicit input transform (SmoothQuant, OS+, SCRI) adds a
 subtraction and a division per channel before them, and a padded copy for a zero-padded
-conv ("pad, then shift"). On the tiny presets those passes, each a fresh tensor, cost a
-quantized forward 15–40 % over the float one. The kernels here do all of it in one pass
-that reads the input once and writes the layer's input once:
+conv ("pad, then shift"), each pass a fresh tensor. The kernels here do all of it in one
+pass that reads the input once and writes the layer's input once:
 
 - ``fake_quant``: clamp(round(x · (1/Δ)), q_min − z, q_max − z) · Δ per element;
 - ``transform``: x̃ = (x − z_c) / s_c per input channel, then the same fake quantization
@@ -21,7 +20,7 @@ results are the PyTorch path's bit for bit, NaN and ±Inf included (tests check 
 ``covers`` says which inputs they take: float32, contiguous, on the CPU, no autograd, and
 fast kernels not turned off (``QVD_BENCH_KERNELS=torch``, ``numerics.kernels``). Everything
 else takes the PyTorch path. numba is imported lazily and the kernels compile on first use
-(about a second; numba caches them on disk afterwards).
+(numba caches them on disk afterwards).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ restores every original.
 
 The forward stays cheap: static qparams are cached as Python numbers (no per-call
 recomputation or host sync), per-tensor fake quantization takes four elementwise passes
-(``primitives.fake_quant_constants``; on CPU several times faster than
+(``primitives.fake_quant_constants``; cheaper on CPU than
 ``torch.fake_quantize_per_tensor_affine``, with identical results), and the quantized
 weight is precomputed. On contiguous float32 CPU inputs, the per-tensor quantizers and
 the input transform (with its padding) run as one compiled pass instead
@@ -51,18 +51,15 @@ from torch import Tensor, nn
 
 from qvd_bench.collect.attention import restore_processors, set_attention_enabled
 from qvd_bench.errors import UserError
+from qvd_bench.numerics.grid import check_bits, fake_quant_levels, level_midpoints, quant_range
 from qvd_bench.quant import fused
 from qvd_bench.quant.observers import weight_qparams
 from qvd_bench.quant.primitives import (
     TimestepLookup,
-    check_bits,
     fake_quant_affine,
     fake_quant_constants,
     fake_quant_dynamic_per_token,
-    fake_quant_levels,
-    level_midpoints,
     per_tensor_constants,
-    quant_range,
 )
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -596,7 +593,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     processor of every quantized attention module, in place.
 
     Parameters that folds rewrote (norm affines, modulation rows and tables, GEGLU
-    projections) stay as they are: ``quant.api.unquantize_`` restores those too.
+    projections) stay as they are: ``quant.apply.unquantize_`` restores those too.
 
     Returns:
         ``model``, or its original module when ``model`` itself is a wrapper.

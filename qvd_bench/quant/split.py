@@ -29,36 +29,24 @@ distinct values, so the whole input has up to 2^(b+1): one b-bit code per part.
 Records: ``builder = "split"``, ``info["split"] = C_h``, ``act_scale`` /
 ``act_zero_point`` of shape (2,) (static) or (2, G) (timestep groups), ``weight_scale``
 (2, O). They save and reload through the ordinary record machinery.
+
+This module knows where the splits are (``skip_splits``) and holds the split modules;
+calibration is ``methods.base.set_split_act``, and ``builders.split_builder`` builds the
+wrapper of a split record.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from qvd_bench.errors import UserError
-from qvd_bench.quant.methods.base import (
-    LayerRecord,
-    QuantContext,
-    act_quantizer,
-    activation_timesteps,
-    cached_weight_scale,
-    register_builder,
-    stack_scalars,
-    uniform_range,
-)
+from qvd_bench.numerics.grid import check_bits
 from qvd_bench.quant.modules import CONV_TYPES, ActQuantizer, QuantWrapper
 from qvd_bench.quant.observers import weight_qparams
-from qvd_bench.quant.primitives import (
-    affine_qparams,
-    check_bits,
-    fake_quant_affine,
-    timestep_groups,
-)
+from qvd_bench.quant.primitives import fake_quant_affine
 
 # Per denoiser class: the module path of the resnet (a diffusers ResnetBlock2D) that reads
 # the skip concatenation of resnet ``index`` of up block ``block``; None when the class
@@ -149,79 +137,9 @@ def _check_resnet(resnet: nn.Module, path: str, split: int) -> None:
         )
 
 
-def _parts(split: int) -> tuple[slice, slice]:
+def split_parts(split: int) -> tuple[slice, slice]:
+    """The input channels of h ([:C_h]) and of the skip ([C_h:])."""
     return slice(0, split), slice(split, None)
-
-
-# --------------------------------------------------------------------------- calibration
-
-
-def set_split_act(
-    ctx: QuantContext,
-    record: LayerRecord,
-    rule: str,
-    granularity: str,
-    transform: tuple[Tensor, Tensor] | None = None,
-) -> bool:
-    """Fills a record with one quantizer per part when its layer reads a skip concatenation.
-
-    Called by ``set_uniform_act`` when ``config.split_skip`` is set; ``record`` comes from
-    ``weight_record`` with ``a_bits`` and ``info["clipping"]`` set.
-
-    Args:
-        ctx: the context.
-        record: the layer's record (changed in place).
-        rule: "minmax" or "mse" (see ``uniform_range``); any rule for "token".
-        granularity: "tensor", "timestep_group" or "token".
-        transform: the explicit input transform, if any (such layers are not split).
-
-    Returns:
-        True when the record now holds split quantizers; False when the layer is not split
-        (not a concatenation reader, or ``info["split_skipped"]`` says why).
-    """
-    split = ctx.skip_splits.get(record.layer)
-    if split is None:
-        return False
-    if transform is not None or "weight" in record.tensors:
-        record.info["split_skipped"] = "explicit input transform (channel ranges integrated)"
-        return False
-    if rule not in SPLIT_RULES and granularity != "token":  # dynamic ranges need no rule
-        record.info["split_skipped"] = f"the {rule!r} rule has no per-channel ranges"
-        return False
-    name, bits, parts = record.layer, record.a_bits, _parts(split)
-    if granularity == "token":
-        record.act = "dynamic"
-    elif granularity == "tensor":
-        qparams = [affine_qparams(*uniform_range(ctx, name, rule, channels=p), bits) for p in parts]
-        record.tensors["act_scale"] = stack_scalars([s for s, _ in qparams], torch.float32)
-        record.tensors["act_zero_point"] = stack_scalars([z for _, z in qparams], torch.int32)
-        record.act = "static"
-    elif granularity == "timestep_group":
-        steps = activation_timesteps(ctx)
-        groups = timestep_groups(steps, min(ctx.config.timestep_groups, len(steps)))
-        table = [
-            [affine_qparams(*uniform_range(ctx, name, rule, g, channels=p), bits) for g in groups]
-            for p in parts
-        ]
-        record.tensors["act_scale"] = torch.stack(
-            [stack_scalars([s for s, _ in row], torch.float32) for row in table]
-        )
-        record.tensors["act_zero_point"] = torch.stack(
-            [stack_scalars([z for _, z in row], torch.int32) for row in table]
-        )
-        record.act = "group"
-        record.info["groups"] = groups
-    else:
-        raise UserError(f"unknown activation granularity {granularity!r}")
-    if record.w_bits is not None:
-        weight = ctx.weight(name)
-        clipping, p = record.weight_clipping, ctx.config.p
-        record.tensors["weight_scale"] = torch.stack(
-            [cached_weight_scale(weight[:, part], record.w_bits, clipping, p) for part in parts]
-        )
-    record.info["split"] = split
-    record.builder = "split"
-    return True
 
 
 # --------------------------------------------------------------------------- modules
@@ -294,7 +212,7 @@ class SplitQuantWrapper(QuantWrapper):
         if weight_bits is None:
             return
         self.weight_bits = check_bits(weight_bits)
-        parts = _parts(self.split)
+        parts = split_parts(self.split)
         if weight_scale is None:
             weight_scale = torch.stack(
                 [weight_qparams(weight[:, p], weight_bits)[0] for p in parts]
@@ -314,43 +232,3 @@ class SplitQuantWrapper(QuantWrapper):
 
     def extra_repr(self) -> str:
         return f"split={self.split}, {super().extra_repr()}"
-
-
-@register_builder("split")
-def split_builder(module: nn.Module, record: LayerRecord, tracker: Any) -> SplitQuantWrapper:
-    """The wrapper of a split record: part quantizers from rows 0 and 1 of its qparams."""
-    if "input_shift" in record.tensors or "input_scale" in record.tensors:
-        raise UserError(f"layer {record.layer!r}: a split input cannot have an input transform")
-    split = int(record.info["split"])
-    act = None
-    if record.act != "none":
-        keys = [k for k in ("act_scale", "act_zero_point") if k in record.tensors]
-        parts = [
-            act_quantizer(
-                dataclasses.replace(record, tensors={k: record.tensors[k][i] for k in keys}),
-                tracker,
-            )
-            for i in range(2)
-        ]
-        act = SplitActQuant(parts, split)
-    return SplitQuantWrapper(
-        module, split, record.w_bits, act, weight_scale=record.tensors.get("weight_scale")
-    )
-
-
-def split_summary(records: Sequence[LayerRecord]) -> dict[str, Any]:
-    """What ``split_skip`` did, for ``QuantRecord.summary``.
-
-    Returns:
-        layers (split layers), skipped (layer -> why a concatenation reader was not
-        split) and note (why nothing was split, when nothing was).
-    """
-    split = [r.layer for r in records if r.builder == "split"]
-    skipped = {r.layer: r.info["split_skipped"] for r in records if "split_skipped" in r.info}
-    out: dict[str, Any] = {"layers": len(split), "skipped": skipped}
-    if not split and not skipped:
-        out["note"] = (
-            "no quantized layer reads a skip-connection concatenation (no UNet up blocks): "
-            "quantized without splitting"
-        )
-    return out

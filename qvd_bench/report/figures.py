@@ -44,7 +44,7 @@ from qvd_bench.analysis.channels import (
 )
 from qvd_bench.analysis.distribution import temporal_layer_skew, tensor_skew
 from qvd_bench.analysis.temporal import tdscore
-from qvd_bench.quant.primitives import (
+from qvd_bench.numerics.grid import (
     fake_quant_levels,
     mixed_levels,
     signed_log_levels,
@@ -257,7 +257,7 @@ def reference_quantizers() -> dict[str, Callable[[torch.Tensor, int], torch.Tens
     - ``uniform``: the 2^b levels of the asymmetric affine quantizer of [min x, max x];
     - ``log2``: signed powers of two below max x (positive) and |min x| (negative);
     - ``mixed``: 2^(b−1) log2 levels up to the edge max|x|/8, the other codes uniform up
-      to max x (``quant.primitives.mixed_levels``).
+      to max x (``numerics.grid.mixed_levels``).
     """
     return {
         "uniform": lambda x, b: fake_quant_levels(

@@ -143,7 +143,7 @@ def test_bad_bit_width(bits):
 
 def test_bad_bit_width_message():
     with pytest.raises(UserError, match=r"^bit-width must be between 2 and 16, got 33$"):
-        ch.check_bits(33)
+        ch.empirical_coverage(np.zeros((2, 1)), 33, -1.0, 1.0)
 
 
 def test_empirical_coverage():

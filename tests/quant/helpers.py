@@ -14,7 +14,8 @@ import torch
 from qvd_bench.collect.collector import collect
 from qvd_bench.config import CollectConfig
 from qvd_bench.models.zoo import load_model
-from qvd_bench.quant.api import QuantConfig, quantize_
+from qvd_bench.quant.apply import quantize_
+from qvd_bench.quant.config import QuantConfig
 from qvd_bench.quant.primitives import sqnr_db
 from qvd_bench.store import StatsRun
 

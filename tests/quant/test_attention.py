@@ -36,15 +36,17 @@ from qvd_bench.config import CollectConfig
 from qvd_bench.errors import UserError
 from qvd_bench.models.sampling import CallTracker, sample_denoiser, text_states_for_prompts
 from qvd_bench.models.zoo import load_model, load_run_model
-from qvd_bench.quant.api import QuantConfig, apply_record, load_record, quantize_
+from qvd_bench.quant.apply import apply_record, quantize_
 from qvd_bench.quant.attention import (
     AttentionRecord,
     QuantAttnProcessor,
     attention_records,
     install_attention,
 )
+from qvd_bench.quant.config import QuantConfig
 from qvd_bench.quant.modules import quant_wrappers, set_enabled, unwrap
 from qvd_bench.quant.primitives import sqnr_db
+from qvd_bench.quant.record import load_record
 from qvd_bench.store import StatsRun
 
 PRESETS = (

@@ -8,7 +8,8 @@ import torch
 
 from qvd_bench.models.roles import leaf_layers
 from qvd_bench.models.zoo import load_model
-from qvd_bench.quant.api import QuantConfig, apply_record, quantize_, unquantize_
+from qvd_bench.quant.apply import apply_record, quantize_, unquantize_
+from qvd_bench.quant.config import QuantConfig
 from qvd_bench.quant.methods.base import QuantContext
 from qvd_bench.quant.methods.scri import scri_records
 from qvd_bench.quant.modules import QuantWrapper, quant_wrappers, set_enabled

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from qvd_bench.numerics import grid as G
 from qvd_bench.numerics.kernels import KERNELS_ENV
 from qvd_bench.quant import fused
 from qvd_bench.quant import primitives as P
@@ -41,7 +42,7 @@ def same(a, b):
 @pytest.mark.parametrize(("scale", "zero_point", "bits"), QPARAMS)
 def test_fake_quant_equals_torch_reference(scale, zero_point, bits):
     x = awkward((3, 5, 37))
-    q_min, q_max = P.quant_range(bits)
+    q_min, q_max = G.quant_range(bits)
     got = fused.fake_quant(x, P.per_tensor_constants(scale, zero_point, q_min, q_max))
     finite = torch.isfinite(x)
     ref = torch.fake_quantize_per_tensor_affine(x[finite], scale, zero_point, q_min, q_max)
@@ -202,7 +203,7 @@ def test_transform_rounds_each_operation_like_torch(bits, channel_dim):
     view = [1] * len(shape)
     view[channel_dim] = -1
     z, s = shift.float().reshape(view), scale.float().reshape(view)
-    q_min, q_max = P.quant_range(bits)
+    q_min, q_max = G.quant_range(bits)
     constants = P.per_tensor_constants(6.0 / (q_max - q_min), (q_max + 1) // 2, q_min, q_max)
     for quantized in (constants, None):
         got = fused.transform(x, channel_dim, z, s, quantized)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from qvd_bench.models.zoo import load_run_model
-from qvd_bench.quant.api import QuantConfig, quantize_
+from qvd_bench.quant.apply import quantize_
+from qvd_bench.quant.config import QuantConfig
 from qvd_bench.quant.methods import METHODS
 from qvd_bench.quant.modules import DynamicTokenActQuant, quant_wrappers
 from qvd_bench.quant.observers import token_clip_ratio

@@ -12,14 +12,16 @@ from qvd_bench.collect.hooks import capture_temporal_features
 from qvd_bench.config import CollectConfig
 from qvd_bench.models.roles import classify
 from qvd_bench.models.zoo import load_model, load_run_model
-from qvd_bench.quant.api import QuantConfig, quantize_
+from qvd_bench.numerics.grid import fake_quant_levels
+from qvd_bench.quant.apply import quantize_
+from qvd_bench.quant.config import QuantConfig
 from qvd_bench.quant.methods.htdq import (
     DEFAULT_TOLERANCE,
     htdq_candidates,
     htdq_search,
     score_candidate,
 )
-from qvd_bench.quant.primitives import fake_quant_levels, sqnr_db
+from qvd_bench.quant.primitives import sqnr_db
 from tests.quant.test_methods import reference, sample, tiny_stats
 
 F64 = torch.float64

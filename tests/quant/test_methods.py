@@ -22,7 +22,8 @@ from qvd_bench.collect.collector import collect
 from qvd_bench.config import CollectConfig
 from qvd_bench.models.sampling import sample_denoiser, text_states_for_prompts
 from qvd_bench.models.zoo import load_run_model
-from qvd_bench.quant.api import QuantConfig, quantize_
+from qvd_bench.quant.apply import quantize_
+from qvd_bench.quant.config import QuantConfig
 from qvd_bench.quant.methods import METHODS
 from qvd_bench.quant.modules import DynamicTokenActQuant, quant_wrappers
 from qvd_bench.quant.primitives import sqnr_db

@@ -7,6 +7,7 @@ from torch import nn
 
 from qvd_bench.errors import UserError
 from qvd_bench.models.sampling import CallTracker
+from qvd_bench.numerics import grid as G
 from qvd_bench.quant import modules as M
 from qvd_bench.quant import observers as O
 from qvd_bench.quant import primitives as P
@@ -32,7 +33,7 @@ def _layer(kind):
 
 
 def _static(x, bits):
-    scale, zero_point = P.affine_qparams(x.min(), x.max(), bits)
+    scale, zero_point = G.affine_qparams(x.min(), x.max(), bits)
     return M.StaticActQuant(scale, zero_point, bits)
 
 
@@ -124,7 +125,7 @@ def test_only_linear_and_conv():
 def test_quantized_inputs_have_at_most_2b_values(bits, kind):
     module, x = _layer(kind)
     channel_dim = -1 if kind == "linear" else 1
-    levels = P.signed_log_levels(float(x.abs().max()), bits, 2**0.5)
+    levels = G.signed_log_levels(float(x.abs().max()), bits, 2**0.5)
     for act in (_static(x, bits), M.DynamicTokenActQuant(bits), M.LevelActQuant(levels)):
         wrapper = M.QuantWrapper(module, bits, act)
         seen, handle = _capture(wrapper)
@@ -143,10 +144,10 @@ def test_quantized_inputs_have_at_most_2b_values(bits, kind):
 
 
 def test_level_quantizer_float64_input():
-    levels = P.mixed_levels(-0.278, 4.0, 3, 0.5, 4)
+    levels = G.mixed_levels(-0.278, 4.0, 3, 0.5, 4)
     act = M.LevelActQuant(levels)
     x = torch.linspace(-1, 5, 50, dtype=torch.float64)
-    assert torch.equal(act(x), P.fake_quant_levels(x, levels))
+    assert torch.equal(act(x), G.fake_quant_levels(x, levels))
     assert act.bits == 3
 
 
@@ -264,7 +265,7 @@ def test_swap_module_unknown_name():
 
 def test_static_quantizer_dtypes():
     x = torch.linspace(-3, 5, 101)
-    act = M.StaticActQuant(*P.affine_qparams(-3.0, 5.0, 4), 4)
+    act = M.StaticActQuant(*G.affine_qparams(-3.0, 5.0, 4), 4)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         out = act(x.to(dtype))
         ref = P.fake_quant_affine(x.to(dtype), act.scale, act.zero_point, 4)

@@ -9,6 +9,7 @@ from qvd_bench.collect.collector import collect
 from qvd_bench.collect.histogram import Histogram
 from qvd_bench.config import CollectConfig
 from qvd_bench.errors import UserError
+from qvd_bench.numerics import grid as G
 from qvd_bench.numerics.edges import SignedLogEdges, edges_from_dict
 from qvd_bench.quant import observers as O
 from qvd_bench.quant import primitives as P
@@ -142,7 +143,7 @@ def test_percentile_range_on_a_run(run):
 def _brute_force_alpha(x, lo, hi, bits, p, grid, symmetric=False):
     best, best_err = None, None
     for alpha in O.shrink_factors(grid).tolist():
-        scale, zp = P.affine_qparams(
+        scale, zp = G.affine_qparams(
             torch.tensor(alpha * lo, dtype=torch.float64),
             torch.tensor(alpha * hi, dtype=torch.float64),
             bits,
@@ -164,7 +165,7 @@ def test_mse_range_equals_brute_force_and_beats_minmax(bits):
     assert alpha < 1.0  # heavy tails: clipping pays off
 
     def err(lo, hi):
-        scale, zp = P.affine_qparams(lo, hi, bits)
+        scale, zp = G.affine_qparams(lo, hi, bits)
         return float(P.lp_error(rows, P.fake_quant_affine(rows, scale, zp, bits)))
 
     assert err(lo, hi) < err(torch.tensor(mn).double(), torch.tensor(mx).double())
@@ -216,7 +217,7 @@ def _exhaustive_lp_clip(rows, channel_lo, channel_hi, tokens, bits, p, grid=100)
 
     best, best_err = None, None
     for alpha in O.shrink_factors(grid).tolist():
-        scale, zp = P.affine_qparams(alpha * lo, alpha * hi, bits)
+        scale, zp = G.affine_qparams(alpha * lo, alpha * hi, bits)
         extreme = err(torch.stack([channel_lo, channel_hi]), scale, zp)
         e = (1.0 - share) * err(rows, scale, zp) + share * extreme
         if best_err is None or e < best_err:
@@ -323,7 +324,7 @@ def test_weight_qparams_mse_per_channel_brute_force(bits):
     for c in range(5):
         absmax = float(w[c].abs().max())
         alpha = _brute_force_alpha(w[c], -absmax, absmax, bits, 2.4, 100, symmetric=True)
-        expected, _ = P.affine_qparams(-alpha * absmax, alpha * absmax, bits, symmetric=True)
+        expected, _ = G.affine_qparams(-alpha * absmax, alpha * absmax, bits, symmetric=True)
         assert float(scale[c]) == float(expected)
         assert float(scale[c]) <= float(minmax_scale[c]) * (1 + 1e-6)
         assert float(scale[c]) == pytest.approx(alpha * absmax / q_max, rel=1e-6)

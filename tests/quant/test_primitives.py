@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from qvd_bench.errors import UserError
+from qvd_bench.numerics import grid as G
 from qvd_bench.quant import primitives as P
 
 BITS = range(2, 17)
@@ -40,22 +41,7 @@ def _np_qparams(lo, hi, bits):
 @pytest.mark.parametrize("bits", [1, 17, 0, 2.5, True, "8"])
 def test_bits_out_of_range(bits):
     with pytest.raises(UserError):
-        P.check_bits(bits)
-    with pytest.raises(UserError):
         P.fake_quant_dynamic_per_token(torch.zeros(2, 3), bits)
-
-
-def test_quant_range():
-    assert P.quant_range(8) == (0, 255)
-    assert P.quant_range(8, symmetric=True) == (-128, 127)
-    assert P.quant_range(2, symmetric=True) == (-2, 1)
-
-
-def test_channels_uses_the_shared_level_function():
-    from qvd_bench.analysis import channels
-
-    assert channels.quant_levels is P.quant_levels
-    assert channels.check_bits is P.check_bits
 
 
 # --------------------------------------------------------------------------- affine vs torch
@@ -66,8 +52,8 @@ def test_per_tensor_equals_torch(bits):
     x = _data(bits)
     for symmetric in (False, True):
         lo, hi = x.min() * 0.8, x.max() * 0.6  # clipped: the clamp is exercised
-        scale, zero_point = P.affine_qparams(lo, hi, bits, symmetric)
-        q_min, q_max = P.quant_range(bits, symmetric)
+        scale, zero_point = G.affine_qparams(lo, hi, bits, symmetric)
+        q_min, q_max = G.quant_range(bits, symmetric)
         ours = P.fake_quant_affine(x, scale, zero_point, bits, symmetric=symmetric)
         ref = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero_point), q_min, q_max)
         assert torch.equal(ours, ref)
@@ -84,8 +70,8 @@ def test_per_channel_equals_torch(bits, axis):
     dims = [d for d in range(3) if d != axis % 3]
     lo, hi = x.amin(dims) * 0.9, x.amax(dims) * 0.7
     for symmetric in (False, True):
-        scale, zero_point = P.affine_qparams(lo, hi, bits, symmetric)
-        q_min, q_max = P.quant_range(bits, symmetric)
+        scale, zero_point = G.affine_qparams(lo, hi, bits, symmetric)
+        q_min, q_max = G.quant_range(bits, symmetric)
         ours = P.fake_quant_affine(x, scale, zero_point, bits, axis=axis, symmetric=symmetric)
         ref = torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis % 3, q_min, q_max)
         assert torch.equal(ours, ref)
@@ -102,7 +88,7 @@ def test_per_channel_equals_torch(bits, axis):
 def test_affine_equals_numpy_reference(bits):
     x = _data(200 + bits)
     lo, hi = x.amin((0, 1)).double(), x.amax((0, 1)).double()  # ranges from statistics
-    scale, zero_point = P.affine_qparams(lo, hi, bits)
+    scale, zero_point = G.affine_qparams(lo, hi, bits)
     ref_scale, ref_zp = _np_qparams(lo.numpy(), hi.numpy(), bits)
     np.testing.assert_array_equal(scale.numpy(), ref_scale)
     np.testing.assert_array_equal(zero_point.numpy(), ref_zp)
@@ -113,7 +99,7 @@ def test_affine_equals_numpy_reference(bits):
 
 def test_float64_is_computed_in_float64():
     x = _data(3).double()
-    scale, zero_point = P.affine_qparams(x.min(), x.max(), 12)
+    scale, zero_point = G.affine_qparams(x.min(), x.max(), 12)
     out = P.fake_quant_affine(x, scale, zero_point, 12)
     s, z = float(scale), int(zero_point)
     ref = (torch.clamp(torch.round(x * (1.0 / s)) + z, 0, 4095) - z) * s
@@ -123,7 +109,7 @@ def test_float64_is_computed_in_float64():
 
 def test_half_precision_round_trips():
     x = _data(4).to(torch.bfloat16)
-    scale, zero_point = P.affine_qparams(x.min().float(), x.max().float(), 4)
+    scale, zero_point = G.affine_qparams(x.min().float(), x.max().float(), 4)
     out = P.fake_quant_affine(x, scale, zero_point, 4)
     assert out.dtype == torch.bfloat16
     assert out.unique().numel() <= 16
@@ -142,22 +128,22 @@ def test_per_channel_shape_checked():
 def test_qparams_constant_range():
     for value in (0.0, 2.5, -1.0):
         for symmetric in (False, True):
-            scale, zero_point = P.affine_qparams(value, value, 8, symmetric)
+            scale, zero_point = G.affine_qparams(value, value, 8, symmetric)
             assert float(scale) > 0
             x = torch.full((5,), value)
             out = P.fake_quant_affine(x, scale, zero_point, 8, symmetric=symmetric)
             assert torch.allclose(out, x, atol=float(scale) / 2 + 1e-12)
-    scale, zero_point = P.affine_qparams(0.0, 0.0, 8)
-    assert float(scale) == P.EPS and int(zero_point) == 0
+    scale, zero_point = G.affine_qparams(0.0, 0.0, 8)
+    assert float(scale) == G.EPS and int(zero_point) == 0
 
 
 def test_qparams_all_positive_keeps_zero_exact():
     x = torch.tensor([0.0, 1.0, 2.0, 3.7, 5.0])
-    scale, zero_point = P.affine_qparams(1.0, 5.0, 4)  # range widened to [0, 5]
+    scale, zero_point = G.affine_qparams(1.0, 5.0, 4)  # range widened to [0, 5]
     assert int(zero_point) == 0
     out = P.fake_quant_affine(x, scale, zero_point, 4)
     assert out[0] == 0.0 and out[-1] == pytest.approx(5.0)
-    scale, zero_point = P.affine_qparams(-5.0, -1.0, 4)  # widened to [-5, 0]
+    scale, zero_point = G.affine_qparams(-5.0, -1.0, 4)  # widened to [-5, 0]
     assert int(zero_point) == 15
     assert P.fake_quant_affine(torch.zeros(1), scale, zero_point, 4).item() == 0.0
 
@@ -167,13 +153,13 @@ def test_qparams_zero_is_always_a_level():
     lo = -torch.rand(50, generator=g) * 3
     hi = torch.rand(50, generator=g) * 7
     for bits in (2, 3, 8):
-        scale, zero_point = P.affine_qparams(lo, hi, bits)
+        scale, zero_point = G.affine_qparams(lo, hi, bits)
         out = P.fake_quant_affine(torch.zeros(3, 50), scale, zero_point, bits, axis=1)
         assert torch.equal(out, torch.zeros(3, 50))
 
 
 def test_symmetric_qparams_cover_absmax():
-    scale, zero_point = P.affine_qparams(-3.0, 2.0, 4, symmetric=True)
+    scale, zero_point = G.affine_qparams(-3.0, 2.0, 4, symmetric=True)
     assert int(zero_point) == 0
     assert float(scale) == pytest.approx(3.0 / 7)
     out = P.fake_quant_affine(torch.tensor([-3.0, 3.0]), scale, zero_point, 4, symmetric=True)
@@ -182,11 +168,11 @@ def test_symmetric_qparams_cover_absmax():
 
 def test_qparams_reject_bad_ranges():
     with pytest.raises(UserError):
-        P.affine_qparams(1.0, 0.0, 8)
+        G.affine_qparams(1.0, 0.0, 8)
     with pytest.raises(UserError):
-        P.affine_qparams(float("nan"), 1.0, 8)
+        G.affine_qparams(float("nan"), 1.0, 8)
     with pytest.raises(UserError):
-        P.affine_qparams(-1.0, 1.0, 20)
+        G.affine_qparams(-1.0, 1.0, 20)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -194,12 +180,12 @@ def test_error_falls_with_bits(symmetric):
     x = _data(7, shape=(4000,))
     errors = []
     for bits in BITS:
-        scale, zero_point = P.affine_qparams(x.min(), x.max(), bits, symmetric)
+        scale, zero_point = G.affine_qparams(x.min(), x.max(), bits, symmetric)
         xq = P.fake_quant_affine(x, scale, zero_point, bits, symmetric=symmetric)
         errors.append(float(P.lp_error(x, xq)))
     assert all(a > b for a, b in zip(errors, errors[1:]))
     sqnr = [
-        float(P.sqnr_db(x, P.fake_quant_affine(x, *P.affine_qparams(x.min(), x.max(), b), b)))
+        float(P.sqnr_db(x, P.fake_quant_affine(x, *G.affine_qparams(x.min(), x.max(), b), b)))
         for b in BITS
     ]
     assert all(a < b for a, b in zip(sqnr, sqnr[1:]))
@@ -214,7 +200,7 @@ def _np_per_token(x, bits, axis):
     q_max = 2**bits - 1
     lo = np.minimum(x.min(axis=axis, keepdims=True), np.float32(0))
     hi = np.maximum(x.max(axis=axis, keepdims=True), np.float32(0))
-    scale = np.maximum((hi - lo) / np.float32(q_max), np.float32(P.EPS))
+    scale = np.maximum((hi - lo) / np.float32(q_max), np.float32(G.EPS))
     zero_point = np.clip(np.float32(0) - np.round(lo / scale), 0, q_max)
     return _np_fake_quant(x, scale, zero_point, 0, q_max)
 
@@ -232,7 +218,7 @@ def test_dynamic_per_token_vs_numpy(bits, channel_dim):
 
 def test_dynamic_per_token_equals_per_channel_with_token_ranges():
     x = _data(11, shape=(37, 20))
-    scale, zero_point = P.affine_qparams(x.amin(1), x.amax(1), 6)
+    scale, zero_point = G.affine_qparams(x.amin(1), x.amax(1), 6)
     ref = P.fake_quant_affine(x, scale, zero_point, 6, axis=0)
     assert torch.equal(P.fake_quant_dynamic_per_token(x, 6), ref)
 
@@ -271,118 +257,6 @@ def test_timestep_lookup_nearest():
     assert P.group_of(250.0, groups) == 2
     with pytest.raises(UserError):
         P.TimestepLookup([[1.0], [1.0]])
-
-
-# --------------------------------------------------------------------------- level sets
-
-
-def _brute_force_nearest(x, levels):
-    index = (x.reshape(-1, 1) - levels.reshape(1, -1)).abs().argmin(1)
-    return levels[index].reshape(x.shape)
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
-@pytest.mark.parametrize("base", P.LOG_BASES)
-def test_signed_log_levels_layout(bits, base):
-    levels = P.signed_log_levels(1.5, bits, base)
-    half = 2 ** (bits - 1)
-    assert levels.numel() == 2**bits
-    assert torch.all(levels[1:] > levels[:-1])
-    assert (levels == 0).sum() == 1
-    assert (levels > 0).sum() == half and (levels < 0).sum() == half - 1
-    assert levels.max() == 1.5 and levels.min() == -1.5
-    positive = levels[levels > 0]
-    assert torch.allclose(positive[1:] / positive[:-1], torch.tensor(base, dtype=torch.float64))
-
-
-def test_signed_log_levels_negative_scale_and_degenerate():
-    levels = P.signed_log_levels(4.0, 3, 2.0, negative_scale=0.25)
-    assert levels.tolist() == [-0.25, -0.125, -0.0625, 0.0, 0.5, 1.0, 2.0, 4.0]
-    assert P.signed_log_levels(0.0, 4).tolist() == [0.0]
-    # Base 2 at 16 bits: 2^15 magnitudes underflow float64, fewer levels come back.
-    deep = P.signed_log_levels(1.0, 16, 2.0)
-    assert 1 < deep.numel() < 2**16
-    assert torch.all(deep[1:] > deep[:-1])
-    with pytest.raises(UserError):
-        P.signed_log_levels(1.0, 4, base=1.0)
-    with pytest.raises(UserError):
-        P.signed_log_levels(-1.0, 4)
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_uniform_levels_match_affine(bits):
-    levels = P.uniform_levels(-0.4, 3.0, bits)
-    assert levels.numel() == 2**bits and (levels == 0).sum() == 1
-    assert torch.all(levels[1:] > levels[:-1])
-    x = _data(bits, shape=(500,)).double()
-    scale, zero_point = P.affine_qparams(-0.4, 3.0, bits)
-    via_levels = P.fake_quant_levels(x, levels)
-    via_affine = P.fake_quant_affine(x, scale, zero_point, bits)
-    assert torch.allclose(via_levels, via_affine, atol=float(scale) * 1e-6)
-
-
-@pytest.mark.parametrize("bits,k", [(2, 1), (3, 4), (4, 9), (8, 100), (8, 255)])
-def test_mixed_levels_layout(bits, k):
-    lo, hi, edge = -0.278, 6.0, 0.75
-    levels = P.mixed_levels(lo, hi, bits, edge, k)
-    assert levels.numel() == 2**bits
-    assert torch.all(levels[1:] > levels[:-1])
-    assert (levels == 0).sum() == 1
-    assert (levels <= edge).sum() == k and (levels > edge).sum() == 2**bits - k
-    assert levels.max() == hi
-    negative = (k - 1) // 2
-    assert (levels < 0).sum() == negative
-    if negative:
-        assert levels.min() == pytest.approx(lo)
-    if k - 1 - negative:
-        assert edge in levels.tolist()
-    above = levels[levels > edge]
-    steps = torch.diff(torch.cat([torch.tensor([edge], dtype=torch.float64), above]))
-    assert torch.allclose(steps, steps[0].expand_as(steps))
-
-
-def test_mixed_levels_all_positive_and_bad_parameters():
-    levels = P.mixed_levels(0.5, 4.0, 3, 1.0, 4)  # lo > 0: no negative levels
-    assert levels.tolist() == [0.0, 0.25, 0.5, 1.0, 1.75, 2.5, 3.25, 4.0]
-    levels = P.mixed_levels(-1.0, 4.0, 3, 1.0, 4, negative=3)
-    assert levels.tolist() == [-1.0, -0.5, -0.25, 0.0, 1.75, 2.5, 3.25, 4.0]
-    for kwargs in (
-        {"edge": 5.0, "k": 2},
-        {"edge": 0.0, "k": 2},
-        {"edge": 1.0, "k": 0},
-        {"edge": 1.0, "k": 8},
-        {"edge": 1.0, "k": 3, "negative": 3},
-    ):
-        with pytest.raises(UserError):
-            P.mixed_levels(-1.0, 4.0, 3, **kwargs)
-
-
-@pytest.mark.parametrize(
-    "levels",
-    [
-        P.signed_log_levels(2.0, 4, 2**0.5),
-        P.mixed_levels(-0.278, 5.0, 5, 0.5, 12),
-        P.uniform_levels(-1.0, 2.0, 3),
-        torch.tensor([0.0]),
-    ],
-)
-def test_fake_quant_levels_is_nearest(levels):
-    x = _data(5, shape=(3000,)) * 2
-    out = P.fake_quant_levels(x, levels)
-    ref = _brute_force_nearest(x, levels.float())
-    assert torch.equal(out, ref)
-    assert out.unique().numel() <= levels.numel()
-    assert set(out.unique().tolist()) <= set(levels.float().tolist())
-    out64 = P.fake_quant_levels(x.double(), levels)
-    assert torch.equal(out64, _brute_force_nearest(x.double(), levels.double()))
-
-
-def test_fake_quant_levels_ties_go_up():
-    levels = torch.tensor([-1.0, 0.0, 1.0, 3.0])
-    x = torch.tensor([-0.5, 0.5, 2.0, -7.0, 9.0])
-    assert P.fake_quant_levels(x, levels).tolist() == [0.0, 1.0, 3.0, -1.0, 3.0]
-    with pytest.raises(ValueError):
-        P.fake_quant_levels(x, torch.tensor([1.0, 0.0]))
 
 
 # --------------------------------------------------------------------------- errors

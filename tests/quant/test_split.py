@@ -14,10 +14,13 @@ from qvd_bench.models.families import FAMILIES
 from qvd_bench.models.family import LoadedModel
 from qvd_bench.models.roles import leaf_layers
 from qvd_bench.models.zoo import load_model
-from qvd_bench.quant.api import QuantConfig, apply_record, load_record, quantize_
+from qvd_bench.numerics.grid import quant_range
+from qvd_bench.quant.apply import apply_record, quantize_
+from qvd_bench.quant.config import QuantConfig
 from qvd_bench.quant.methods.base import QuantContext, uniform_range
 from qvd_bench.quant.modules import QuantWrapper, quant_wrappers
-from qvd_bench.quant.primitives import quant_range, sqnr_db
+from qvd_bench.quant.primitives import sqnr_db
+from qvd_bench.quant.record import load_record
 from qvd_bench.quant.split import SplitActQuant, SplitQuantWrapper, skip_splits
 from tests.quant.helpers import tiny_run
 

@@ -17,18 +17,23 @@ and ``apply_record`` does exactly the same on a fresh model, so a record reloade
 disk reproduces the quantized model bit for bit. Anything a method changes lives in a
 record:
 
-- ``LayerRecord.tensors``: the layer's own tensors, under the keys of ``TENSOR_KEYS``;
+- ``LayerRecord.tensors``: the layer's own tensors, under the keys of
+  ``record.TENSOR_KEYS``;
 - ``LayerRecord.folded``: parameters of *other* modules rewritten by an exact fold
   (e.g. a preceding GroupNorm's ``weight``/``bias`` for SCRI), keyed by their qualified
   name in ``denoiser.state_dict()``; written into the model before the wrappers are built;
 - ``LayerRecord.info``: JSON-safe facts (timestep groups, the chosen level set, the
   figures behind a choice, how a transform was placed).
 
-A layer whose input needs a non-standard wrapper names a builder registered with
-``register_builder`` in ``LayerRecord.builder``; ``"standard"`` covers weights and the
-activation quantizers of ``quant/modules.py`` plus an explicit input transform (the
-``input_shift`` / ``input_scale`` tensors, handed to ``QuantWrapper.set_input_transform``
-when present).
+A layer whose input needs a non-standard wrapper names a builder of ``quant.builders``
+in ``LayerRecord.builder``; ``"standard"`` covers weights and the activation quantizers of
+``quant/modules.py`` plus an explicit input transform (the ``input_shift`` /
+``input_scale`` tensors, handed to ``QuantWrapper.set_input_transform`` when present).
+
+Method-specific options (``QuantConfig.options``, e.g. ``HtdqOptions``) are declared in
+``quant.config.METHOD_OPTIONS``; a method reads them as ``ctx.config.options``. Besides the
+interface this module holds what methods share: the memoised searches and the uniform
+calibration rules (``uniform_range``, ``set_uniform_act``, ``set_split_act``).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -45,96 +50,19 @@ import torch
 from torch import Tensor, nn
 
 from qvd_bench.errors import UserError
-from qvd_bench.quant.modules import (
-    ActQuantizer,
-    DynamicTokenActQuant,
-    GroupActQuant,
-    LevelActQuant,
-    QuantWrapper,
-    StaticActQuant,
-    zero_pads,
-)
+from qvd_bench.numerics.grid import affine_qparams
+from qvd_bench.quant.modules import zero_pads
 from qvd_bench.quant.observers import weight_qparams
+from qvd_bench.quant.primitives import timestep_groups
+from qvd_bench.quant.record import LayerRecord
+from qvd_bench.quant.split import SPLIT_RULES, skip_splits, split_parts
 from qvd_bench.registry import Registry
 
 if TYPE_CHECKING:
     from qvd_bench.analysis.plan import QuantPlan
     from qvd_bench.models.family import LoadedModel
-    from qvd_bench.quant.api import QuantConfig
+    from qvd_bench.quant.config import QuantConfig
     from qvd_bench.store import StatsRun
-
-# Activation quantizer kinds a record may name.
-ACT_KINDS = ("none", "static", "group", "dynamic", "levels")
-
-# Tensor keys of a LayerRecord (all optional; shapes for a layer with O outputs, C inputs):
-TENSOR_KEYS = {
-    "weight_scale": "(O,) float32 per-output-channel symmetric weight scales; (2, O) split",
-    "weight": "a replacement float weight, shaped like the layer's (transformed / folded)",
-    "bias": "(O,) a replacement bias",
-    "act_scale": "() static, or (G,) per timestep group, activation scale; split: (2,), (2, G)",
-    "act_zero_point": "like act_scale, int32 zero points",
-    "levels": "(L,) float64 level set of a 'levels' activation quantizer",
-    "input_shift": "(C,) or (G, C) per-input-channel shift z of X̃ = (X − z)/s",
-    "input_scale": "(C,) per-input-channel scale s of X̃ = (X − z)/s",
-}
-
-
-@dataclass
-class LayerRecord:
-    """Everything needed to rebuild one layer's quantizer, without statistics.
-
-    Attributes:
-        layer: qualified module name in the denoiser.
-        role: its role (for reading).
-        kind: "linear" or "conv".
-        w_bits: weight bits, None for a float weight.
-        weight_clipping: "minmax", "mse" or "none".
-        act: one of ``ACT_KINDS``.
-        a_bits: activation bits, None when ``act`` is "none".
-        tensors: see ``TENSOR_KEYS``.
-        folded: parameters of other modules rewritten by an exact fold, by state-dict name.
-        info: JSON-safe facts: "groups" (timestep groups of a "group" quantizer),
-            "family" (level-set description), figures, notes.
-        builder: the registered builder that makes the wrapper ("standard").
-    """
-
-    layer: str
-    role: str
-    kind: str
-    w_bits: int | None
-    weight_clipping: str
-    act: str
-    a_bits: int | None
-    tensors: dict[str, Tensor] = field(default_factory=dict)
-    folded: dict[str, Tensor] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-    builder: str = "standard"
-
-    @property
-    def is_fp(self) -> bool:
-        """True when neither weights nor inputs are quantized and nothing is replaced."""
-        return (
-            self.w_bits is None
-            and self.act == "none"
-            and not self.folded
-            and not set(self.tensors) & {"weight", "bias", "input_shift", "input_scale"}
-        )
-
-    def meta(self) -> dict[str, Any]:
-        """The JSON part (everything but tensors)."""
-        return {
-            "layer": self.layer,
-            "role": self.role,
-            "kind": self.kind,
-            "w_bits": self.w_bits,
-            "weight_clipping": self.weight_clipping,
-            "act": self.act,
-            "a_bits": self.a_bits,
-            "tensors": sorted(self.tensors),
-            "folded": sorted(self.folded),
-            "info": self.info,
-            "builder": self.builder,
-        }
 
 
 @dataclass
@@ -196,8 +124,6 @@ class QuantContext:
         (``quant.split.skip_splits``); empty unless ``config.split_skip``."""
         if not self.config.split_skip:
             return {}
-        from qvd_bench.quant.split import skip_splits
-
         return {name: c for name, c in skip_splits(self.denoiser).items() if name in self.layers}
 
     @cached_property
@@ -250,13 +176,6 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
         return cls
 
     return decorate
-
-
-def get_method(name: str) -> Method:
-    """An instance of the registered method ``name`` (UserError with suggestions if unknown)."""
-    from qvd_bench.quant import methods  # noqa: F401  (registers every method module)
-
-    return METHODS.get(name)()
 
 
 # --------------------------------------------------------------------------- records
@@ -398,79 +317,13 @@ def weight_record(
     )
 
 
-# --------------------------------------------------------------------------- building
-
-
-def act_quantizer(record: LayerRecord, tracker: Any) -> ActQuantizer | None:
-    """The activation quantizer a record describes (None for "none")."""
-    t = record.tensors
-    if record.act == "none":
-        return None
-    if record.act == "static":
-        return StaticActQuant(t["act_scale"], t["act_zero_point"], record.a_bits)
-    if record.act == "group":
-        groups = record.info["groups"]
-        return GroupActQuant(
-            t["act_scale"], t["act_zero_point"], record.a_bits, groups, tracker, record.layer
-        )
-    if record.act == "dynamic":
-        return DynamicTokenActQuant(record.a_bits, record.info.get("clip_ratio", 1.0))
-    if record.act == "levels":
-        return LevelActQuant(t["levels"])
-    raise UserError(f"layer {record.layer!r}: unknown activation quantizer {record.act!r}")
-
-
-def standard_builder(module: nn.Module, record: LayerRecord, tracker: Any) -> QuantWrapper:
-    """Weights, activations and an optional explicit input transform from a record."""
-    t = record.tensors
-    wrapper = QuantWrapper(
-        module,
-        record.w_bits,
-        act_quantizer(record, tracker),
-        weight_scale=t.get("weight_scale"),
-        weight=t.get("weight"),
-        bias=t.get("bias"),
-    )
-    if "input_shift" in t or "input_scale" in t:
-        setter = getattr(wrapper, "set_input_transform", None)
-        if setter is None:
-            raise UserError(
-                f"layer {record.layer!r} needs an explicit input transform, which this "
-                "version of QuantWrapper does not support"
-            )
-        setter(t.get("input_shift"), t.get("input_scale"))
-    return wrapper
-
-
-BUILDERS: Registry[Callable[[nn.Module, LayerRecord, Any], nn.Module]] = Registry("builder")
-BUILDERS.register("standard", standard_builder)
-
-
-def register_builder(name: str) -> Callable:
-    """Function decorator: registers ``builder(module, record, tracker) -> nn.Module``."""
-
-    def decorate(fn: Callable) -> Callable:
-        BUILDERS.register(name, fn)
-        return fn
-
-    return decorate
-
-
-def build_wrapper(module: nn.Module, record: LayerRecord, tracker: Any) -> nn.Module:
-    """The quantized replacement of ``module`` described by ``record``."""
-    return BUILDERS.get(record.builder)(module, record, tracker)
-
-
-def to_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+# --------------------------------------------------------------------------- calibration
 
 
 def stack_scalars(values: list[Tensor], dtype: torch.dtype) -> Tensor:
     """(G,) from G 0-d tensors."""
     return torch.stack([torch.as_tensor(v).reshape(()) for v in values]).to(dtype)
 
-
-# --------------------------------------------------------------------------- calibration
 
 UNIFORM_RULES = ("minmax", "percentile", "mse")
 
@@ -635,13 +488,14 @@ def lp_clip_search(
     )
 
     def search() -> tuple[Tensor, Tensor]:
+        from qvd_bench.numerics.grid import affine_qparams, quant_range
         from qvd_bench.quant.observers import (
             SCREEN_ELEMENTS,
             could_be_least,
             screened_errors,
             shrink_factors,
         )
-        from qvd_bench.quant.primitives import affine_qparams, fake_quant, lp_error, quant_range
+        from qvd_bench.quant.primitives import fake_quant, lp_error
 
         q_min, q_max = quant_range(bits)
         lo, hi = channel_lo.min().to(torch.float64), channel_hi.max().to(torch.float64)
@@ -697,7 +551,7 @@ def uniform_range(
     Args:
         ctx: the context.
         name: the layer.
-        rule: "minmax" (exact extrema), "percentile" (``config.percentile`` of the merged
+        rule: "minmax" (exact extrema), "percentile" (``PercentileOptions.percentile`` of the merged
             histograms) or "mse" (``lp_clip_search`` on the reservoir rows and the exact
             extrema of those timesteps).
         timesteps: the timestep values to calibrate on (all when None).
@@ -727,7 +581,7 @@ def uniform_range(
     if rule == "minmax":
         return minmax_range(ctx.run, name, timesteps)
     if rule == "percentile":
-        return percentile_range(ctx.run, name, ctx.config.percentile, timesteps)
+        return percentile_range(ctx.run, name, ctx.config.options.percentile, timesteps)
     if rule == "mse":
         rows = calibration_rows(ctx, name, timesteps, transform, channels)
         channel_lo, channel_hi, tokens = _extremes(ctx, name, timesteps, transform, channels)
@@ -759,19 +613,14 @@ def set_uniform_act(
         transform: see ``uniform_range``.
 
     With ``config.split_skip``, a layer reading a skip-connection concatenation gets one
-    quantizer per part instead (``quant.split.set_split_act``).
+    quantizer per part instead (``set_split_act``).
     """
-    from qvd_bench.quant.primitives import affine_qparams, timestep_groups
-
     granularity = granularity or ctx.config.granularity or "tensor"
     bits = ctx.a_bits(record.layer)
     record.a_bits = bits
     record.info["clipping"] = rule
-    if ctx.config.split_skip:
-        from qvd_bench.quant.split import set_split_act  # split.py imports this module
-
-        if set_split_act(ctx, record, rule, granularity, transform):
-            return record
+    if ctx.config.split_skip and set_split_act(ctx, record, rule, granularity, transform):
+        return record
     if granularity == "token":
         record.act = "dynamic"
         if rule == "mse":
@@ -800,6 +649,74 @@ def set_uniform_act(
     record.tensors["act_scale"] = scale.reshape(scale.shape).cpu()
     record.tensors["act_zero_point"] = zero_point.cpu()
     return record
+
+
+def set_split_act(
+    ctx: QuantContext,
+    record: LayerRecord,
+    rule: str,
+    granularity: str,
+    transform: tuple[Tensor, Tensor] | None = None,
+) -> bool:
+    """Fills a record with one quantizer per part when its layer reads a skip concatenation.
+
+    Called by ``set_uniform_act`` when ``config.split_skip`` is set; ``record`` comes from
+    ``weight_record`` with ``a_bits`` and ``info["clipping"]`` set.
+
+    Args:
+        ctx: the context.
+        record: the layer's record (changed in place).
+        rule: "minmax" or "mse" (see ``uniform_range``); any rule for "token".
+        granularity: "tensor", "timestep_group" or "token".
+        transform: the explicit input transform, if any (such layers are not split).
+
+    Returns:
+        True when the record now holds split quantizers; False when the layer is not split
+        (not a concatenation reader, or ``info["split_skipped"]`` says why).
+    """
+    split = ctx.skip_splits.get(record.layer)
+    if split is None:
+        return False
+    if transform is not None or "weight" in record.tensors:
+        record.info["split_skipped"] = "explicit input transform (channel ranges integrated)"
+        return False
+    if rule not in SPLIT_RULES and granularity != "token":  # dynamic ranges need no rule
+        record.info["split_skipped"] = f"the {rule!r} rule has no per-channel ranges"
+        return False
+    name, bits, parts = record.layer, record.a_bits, split_parts(split)
+    if granularity == "token":
+        record.act = "dynamic"
+    elif granularity == "tensor":
+        qparams = [affine_qparams(*uniform_range(ctx, name, rule, channels=p), bits) for p in parts]
+        record.tensors["act_scale"] = stack_scalars([s for s, _ in qparams], torch.float32)
+        record.tensors["act_zero_point"] = stack_scalars([z for _, z in qparams], torch.int32)
+        record.act = "static"
+    elif granularity == "timestep_group":
+        steps = activation_timesteps(ctx)
+        groups = timestep_groups(steps, min(ctx.config.timestep_groups, len(steps)))
+        table = [
+            [affine_qparams(*uniform_range(ctx, name, rule, g, channels=p), bits) for g in groups]
+            for p in parts
+        ]
+        record.tensors["act_scale"] = torch.stack(
+            [stack_scalars([s for s, _ in row], torch.float32) for row in table]
+        )
+        record.tensors["act_zero_point"] = torch.stack(
+            [stack_scalars([z for _, z in row], torch.int32) for row in table]
+        )
+        record.act = "group"
+        record.info["groups"] = groups
+    else:
+        raise UserError(f"unknown activation granularity {granularity!r}")
+    if record.w_bits is not None:
+        weight = ctx.weight(name)
+        clipping, p = record.weight_clipping, ctx.config.p
+        record.tensors["weight_scale"] = torch.stack(
+            [cached_weight_scale(weight[:, part], record.w_bits, clipping, p) for part in parts]
+        )
+    record.info["split"] = split
+    record.builder = "split"
+    return True
 
 
 def uniform_record(ctx: QuantContext, name: str, rule: str) -> LayerRecord:

@@ -1,12 +1,7 @@
 """``fp``: the full-precision reference; a record of FP layers, no wrapper anywhere."""
 
-from qvd_bench.quant.methods.base import (
-    LayerRecord,
-    Method,
-    QuantContext,
-    fp_record,
-    register_method,
-)
+from qvd_bench.quant.methods.base import Method, QuantContext, fp_record, register_method
+from qvd_bench.quant.record import LayerRecord
 
 
 @register_method("fp")

@@ -3,14 +3,9 @@
 The upper bound for HTDQ: what any quantizer of the temporal features can at best reach.
 """
 
-from qvd_bench.quant.methods.base import (
-    LayerRecord,
-    Method,
-    QuantContext,
-    fp_record,
-    register_method,
-)
+from qvd_bench.quant.methods.base import Method, QuantContext, fp_record, register_method
 from qvd_bench.quant.methods.mse import mse_record
+from qvd_bench.quant.record import LayerRecord
 
 
 @register_method("fp-temporal")

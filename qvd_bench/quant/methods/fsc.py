@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 
 from qvd_bench.quant.methods.base import (
-    LayerRecord,
     Method,
     QuantContext,
     activation_timesteps,
@@ -23,6 +22,7 @@ from qvd_bench.quant.methods.base import (
     weight_record,
 )
 from qvd_bench.quant.methods.mse import mse_except
+from qvd_bench.quant.record import LayerRecord
 
 
 def fsc_record(ctx: QuantContext, name: str) -> LayerRecord:

@@ -7,7 +7,7 @@ layer's float weight, y_i = W·e_i) subject to
 
     relative MSE ≤ relative MSE of the uniform MSE-clipped set × (1 + tolerance)
 
-(``QuantConfig.htdq_tolerance``, default 0.1), so that a set never buys discriminability
+(``HtdqOptions.tolerance``, default 0.1), so that a set never buys discriminability
 with values the consuming layer cannot use. The family (``htdq_candidates``), with
 lo = min e, hi = max e over the grid:
 
@@ -45,8 +45,16 @@ import torch
 from torch import Tensor
 
 from qvd_bench.analysis.temporal import TemporalPairs
+from qvd_bench.numerics.grid import (
+    LOG_BASES,
+    check_bits,
+    fake_quant_levels,
+    mixed_levels,
+    signed_log_levels,
+    uniform_levels,
+)
+from qvd_bench.quant.config import HtdqOptions
 from qvd_bench.quant.methods.base import (
-    LayerRecord,
     Method,
     QuantContext,
     content_key,
@@ -56,19 +64,12 @@ from qvd_bench.quant.methods.base import (
 )
 from qvd_bench.quant.methods.mse import mse_except
 from qvd_bench.quant.observers import mse_range
-from qvd_bench.quant.primitives import (
-    LOG_BASES,
-    check_bits,
-    fake_quant_levels,
-    mixed_levels,
-    signed_log_levels,
-    uniform_levels,
-)
+from qvd_bench.quant.record import LayerRecord
 
 F64 = torch.float64
 EDGE_FRACTIONS = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 LOG_SHARES = (1 / 4, 1 / 2, 3 / 4)
-DEFAULT_TOLERANCE = 0.1
+DEFAULT_TOLERANCE = HtdqOptions().tolerance
 BASE_NAMES = {2.0: "2", 2.0**0.5: "sqrt2", 2.0**0.25: "2^(1/4)"}
 
 
@@ -235,7 +236,7 @@ def htdq_record(ctx: QuantContext, name: str) -> LayerRecord:
     _, vectors = ctx.run.temporal_matrix(name)
     features = torch.from_numpy(np.asarray(vectors, dtype=np.float64))
     bits, weight = ctx.a_bits(name), ctx.weight(name)
-    tolerance, p = float(ctx.config.htdq_tolerance), float(ctx.config.p)
+    tolerance, p = float(ctx.config.options.tolerance), float(ctx.config.p)
     # Methods and bit-widths with the same activation bits (qvd and qvd-htdq, W8A8 and
     # W4A8) make the same search.
     key = ("htdq", content_key(features), content_key(weight), bits, tolerance, p)

@@ -1,12 +1,12 @@
 """``minmax``: activation ranges from the exact extrema, min-max weights."""
 
 from qvd_bench.quant.methods.base import (
-    LayerRecord,
     Method,
     QuantContext,
     register_method,
     uniform_method_records,
 )
+from qvd_bench.quant.record import LayerRecord
 
 
 @register_method("minmax")

@@ -6,7 +6,6 @@ Q-Diffusion / QDrop-style range setting without reconstruction.
 from collections.abc import Callable, Collection
 
 from qvd_bench.quant.methods.base import (
-    LayerRecord,
     Method,
     QuantContext,
     fp_record,
@@ -14,6 +13,7 @@ from qvd_bench.quant.methods.base import (
     uniform_method_records,
     uniform_record,
 )
+from qvd_bench.quant.record import LayerRecord
 
 
 def mse_record(ctx: QuantContext, name: str) -> LayerRecord:

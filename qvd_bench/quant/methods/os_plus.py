@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from qvd_bench.quant.methods.base import LayerRecord, Method, QuantContext, register_method
+from qvd_bench.quant.methods.base import Method, QuantContext, register_method
 from qvd_bench.quant.methods.scri import (
     GroupData,
     evaluate,
@@ -21,6 +21,7 @@ from qvd_bench.quant.methods.scri import (
     threshold_candidates,
     transform_records,
 )
+from qvd_bench.quant.record import LayerRecord
 
 OS_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0)
 

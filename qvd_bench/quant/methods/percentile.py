@@ -1,12 +1,12 @@
 """``percentile``: activation ranges at the (1 − q)- and q-quantiles of the histograms."""
 
 from qvd_bench.quant.methods.base import (
-    LayerRecord,
     Method,
     QuantContext,
     register_method,
     uniform_method_records,
 )
+from qvd_bench.quant.record import LayerRecord
 
 
 @register_method("percentile")

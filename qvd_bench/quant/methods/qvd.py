@@ -16,14 +16,9 @@ import dataclasses
 import importlib
 
 from qvd_bench.errors import UserError
-from qvd_bench.quant.methods.base import (
-    METHODS,
-    LayerRecord,
-    Method,
-    QuantContext,
-    register_method,
-)
+from qvd_bench.quant.methods.base import METHODS, Method, QuantContext, register_method
 from qvd_bench.quant.methods.htdq import htdq_layer_records
+from qvd_bench.quant.record import LayerRecord
 
 
 def _plan_layers(ctx: QuantContext, what: str) -> set[str]:

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qvd_bench.numerics.grid import affine_qparams, quant_levels, quant_range
 from qvd_bench.quant.methods.base import (
-    LayerRecord,
     Method,
     QuantContext,
     content_key,
@@ -55,14 +55,8 @@ from qvd_bench.quant.observers import (
     mse_ranges,
     weight_qparams,
 )
-from qvd_bench.quant.primitives import (
-    affine_qparams,
-    fake_quant,
-    fake_quant_affine,
-    quant_levels,
-    quant_range,
-    sqnr_db,
-)
+from qvd_bench.quant.primitives import fake_quant, fake_quant_affine, sqnr_db
+from qvd_bench.quant.record import LayerRecord
 from qvd_bench.quant.transforms import (
     FoldSite,
     TransformRecord,

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from qvd_bench.quant.methods.base import LayerRecord, Method, QuantContext, register_method
+from qvd_bench.quant.methods.base import Method, QuantContext, register_method
 from qvd_bench.quant.methods.scri import GroupData, method_records, transform_records
+from qvd_bench.quant.record import LayerRecord
 
 ALPHA = 0.5
 # Floor of both maxima: channels without signal get s = 1 rather than 0 or inf.

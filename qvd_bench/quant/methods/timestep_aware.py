@@ -6,12 +6,12 @@ group has no rows). At run time the quantizer reads the current timestep from th
 """
 
 from qvd_bench.quant.methods.base import (
-    LayerRecord,
     Method,
     QuantContext,
     register_method,
     uniform_method_records,
 )
+from qvd_bench.quant.record import LayerRecord
 
 
 @register_method("timestep_aware")

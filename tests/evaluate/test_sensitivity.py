@@ -19,10 +19,7 @@ from qvd_bench.config import CollectConfig
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate.generate import GenerationSettings, generate
 from qvd_bench.evaluate.harness import ALL_STEPS, teacher_forced_rows
-from qvd_bench.models.roles import leaf_layers
-from qvd_bench.models.zoo import load_model
-from qvd_bench.quant.api import QuantConfig, load_record, quantize_
-from qvd_bench.quant.sensitivity import (
+from qvd_bench.evaluate.sensitivity import (
     Budget,
     FidelityProbe,
     assign_bits,
@@ -32,6 +29,11 @@ from qvd_bench.quant.sensitivity import (
     quantized,
     sensitivity,
 )
+from qvd_bench.models.roles import leaf_layers
+from qvd_bench.models.zoo import load_model
+from qvd_bench.quant.apply import quantize_
+from qvd_bench.quant.config import QuantConfig
+from qvd_bench.quant.record import load_record
 from qvd_bench.store import StatsRun
 
 MODEL = "tiny-unet3d"

@@ -25,6 +25,9 @@ adds up: start every layer at the fewest candidate bits and repeatedly take the 
 with the largest noise reduction per added bit that keeps the mean within the budget;
 where the budget itself is a candidate, uniform bits are kept instead if they add less
 estimated noise.
+
+Sensitivity generates and scores quantized trajectories, so it is an evaluation; its
+report (ranked tables and a figure) is ``report.sensitivity``, fed the table.
 """
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ from qvd_bench.errors import UserError
 from qvd_bench.evaluate import fidelity
 from qvd_bench.evaluate.generate import Generation, GenerationSettings, generate, scheduler_for
 from qvd_bench.models.family import LoadedModel
-from qvd_bench.quant.api import QuantConfig, QuantRecord, quantize_
+from qvd_bench.numerics.grid import check_bits
+from qvd_bench.quant.apply import quantize_
+from qvd_bench.quant.config import QuantConfig
 from qvd_bench.quant.modules import quant_wrappers, set_enabled, unwrap
-from qvd_bench.quant.primitives import check_bits
+from qvd_bench.quant.record import QuantRecord
 from qvd_bench.registry import did_you_mean
 from qvd_bench.store import StatsRun
 
@@ -451,70 +456,6 @@ def _candidates(decisions: pd.DataFrame) -> set[int]:
     return {int(c.split("_")[-1]) for c in decisions.columns if c.startswith("noise_")}
 
 
-# --------------------------------------------------------------------------- reporting
-
-
-def sensitivity_figure(table: pd.DataFrame, top: int = 20):
-    """Horizontal bars of the ``top`` most sensitive layers and every role (sqnr_db)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = [k for k in ("layer", "role") if (table["kind"] == k).any()]
-    fig, axes = plt.subplots(
-        1, len(kinds), figsize=(6.5 * len(kinds), 0.32 * top + 1.5), squeeze=False
-    )
-    for ax, kind in zip(axes[0], kinds):
-        part = table[table["kind"] == kind].sort_values("rank").head(top)
-        labels = [_short(u) for u in part["unit"]]
-        ax.barh(labels[::-1], part["sqnr_db"].to_numpy()[::-1], color="#4c72b0")
-        ax.set_xlabel("end-to-end SQNR with only this unit quantized (dB, lower = more sensitive)")
-        ax.set_title(f"most sensitive {kind}s")
-        ax.tick_params(axis="y", labelsize=7)
-    model = table[table["kind"] == "model"]
-    if len(model):
-        title = f"{model['method'].iloc[0]} W{model['w_bits'].iloc[0]}A{model['a_bits'].iloc[0]}"
-        fig.suptitle(f"{title}: every layer quantized {model['sqnr_db'].iloc[0]:.1f} dB")
-    fig.tight_layout()
-    return fig
-
-
-def _short(name: str, keep: int = 44) -> str:
-    return name if len(name) <= keep else "…" + name[-(keep - 1) :]
-
-
-def write_sensitivity_report(
-    table: pd.DataFrame, out_dir: str | Path, title: str, top: int = 20
-) -> Path:
-    """``sensitivity.parquet`` and a report (ranked tables, figure) in ``out_dir``."""
-    from qvd_bench.report.render import FigureBlock, Heading, Paragraph, Table, write_report
-    from qvd_bench.report.results import figure_png
-    from qvd_bench.store import atomic_write
-
-    out_dir = Path(out_dir)
-    blocks: list = [
-        Heading(title, level=1),
-        Paragraph(
-            "Each unit is quantized alone, everything else in full precision; the figure is "
-            "the end-to-end SQNR (teacher-forced, CFG-combined, x0-space) the model falls "
-            "to. Lower means more sensitive; noise is 10^(−SQNR/10)."
-        ),
-        FigureBlock(
-            "sensitivity.png",
-            figure_png(sensitivity_figure(table, top)),
-            f"The {top} most sensitive layers and every role.",
-        ),
-    ]
-    for kind in ("model", "role", "layer"):
-        part = table[table["kind"] == kind]
-        if len(part):
-            blocks.append(Table(f"By {kind}", part, collapsed=kind == "layer"))
-    index = write_report(blocks, title, out_dir)
-    atomic_write(out_dir / "sensitivity.parquet", lambda p: table.to_parquet(p, index=False))
-    return index
-
-
 def sensitivity_command(
     stats: str | Path,
     *,
@@ -546,8 +487,9 @@ def sensitivity_command(
         (the table, the report's index.html).
     """
     from qvd_bench.models.zoo import load_model, load_run_model
-    from qvd_bench.quant.api import parse_bits
-    from qvd_bench.quant.methods.base import get_method
+    from qvd_bench.quant.config import parse_bits
+    from qvd_bench.quant.methods import get_method
+    from qvd_bench.report.sensitivity import write_sensitivity_report
 
     w_bits, a_bits = parse_bits(bits_spec)
     get_method(method)  # an unknown name fails before any loading

@@ -1,0 +1,74 @@
+"""The sensitivity report: a ranked table of units and a figure of the most sensitive.
+
+It reads the table ``evaluate.sensitivity.sensitivity`` returns (one row per unit:
+``unit``, ``kind`` ("model", "role" or "layer"), ``role``, ``layers``, ``method``,
+``w_bits``, ``a_bits``, ``sqnr_db``, ``noise``, ``rank``) — plain data, so reports need
+nothing from evaluation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from qvd_bench.report.render import FigureBlock, Heading, Paragraph, Table, write_report
+from qvd_bench.report.results import figure_png
+from qvd_bench.store import atomic_write
+
+
+def sensitivity_figure(table: pd.DataFrame, top: int = 20):
+    """Horizontal bars of the ``top`` most sensitive layers and every role (sqnr_db)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("layer", "role") if (table["kind"] == k).any()]
+    fig, axes = plt.subplots(
+        1, len(kinds), figsize=(6.5 * len(kinds), 0.32 * top + 1.5), squeeze=False
+    )
+    for ax, kind in zip(axes[0], kinds):
+        part = table[table["kind"] == kind].sort_values("rank").head(top)
+        labels = [_short(u) for u in part["unit"]]
+        ax.barh(labels[::-1], part["sqnr_db"].to_numpy()[::-1], color="#4c72b0")
+        ax.set_xlabel("end-to-end SQNR with only this unit quantized (dB, lower = more sensitive)")
+        ax.set_title(f"most sensitive {kind}s")
+        ax.tick_params(axis="y", labelsize=7)
+    model = table[table["kind"] == "model"]
+    if len(model):
+        title = f"{model['method'].iloc[0]} W{model['w_bits'].iloc[0]}A{model['a_bits'].iloc[0]}"
+        fig.suptitle(f"{title}: every layer quantized {model['sqnr_db'].iloc[0]:.1f} dB")
+    fig.tight_layout()
+    return fig
+
+
+def _short(name: str, keep: int = 44) -> str:
+    return name if len(name) <= keep else "…" + name[-(keep - 1) :]
+
+
+def write_sensitivity_report(
+    table: pd.DataFrame, out_dir: str | Path, title: str, top: int = 20
+) -> Path:
+    """``sensitivity.parquet`` and a report (ranked tables, figure) in ``out_dir``."""
+    out_dir = Path(out_dir)
+    blocks: list = [
+        Heading(title, level=1),
+        Paragraph(
+            "Each unit is quantized alone, everything else in full precision; the figure is "
+            "the end-to-end SQNR (teacher-forced, CFG-combined, x0-space) the model falls "
+            "to. Lower means more sensitive; noise is 10^(−SQNR/10)."
+        ),
+        FigureBlock(
+            "sensitivity.png",
+            figure_png(sensitivity_figure(table, top)),
+            f"The {top} most sensitive layers and every role.",
+        ),
+    ]
+    for kind in ("model", "role", "layer"):
+        part = table[table["kind"] == kind]
+        if len(part):
+            blocks.append(Table(f"By {kind}", part, collapsed=kind == "layer"))
+    index = write_report(blocks, title, out_dir)
+    atomic_write(out_dir / "sensitivity.parquet", lambda p: table.to_parquet(p, index=False))
+    return index
