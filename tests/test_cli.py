@@ -131,7 +131,7 @@ def test_info_and_models(tmp_path, capsys):
     "args, message",
     [
         (["collect", "--model", "tiny-unet"], "did you mean 'tiny-unet3d'"),
-        (["collect", "--steps", "0"], "--steps must be at least 1"),
+        (["collect", "--steps", "0"], "steps must be at least 1"),
         (["collect", "--roles", "ffm"], "unknown role 'ffm'"),
         (["collect", "--include", "no-such-layer"], "no layer matches"),
         (["collect", "--steps", "two"], "invalid int value"),

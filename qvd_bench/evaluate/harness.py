@@ -253,9 +253,9 @@ class EvalConfig:
         if not self.prompts:
             raise UserError("no prompts: give a prompt file with at least one prompt")
         if not self.weight_seeds:
-            raise UserError("no weight seed: --seeds must be at least 1")
+            raise UserError("no weight seed: weight_seeds is empty")
         if self.stats is not None and len(self.weight_seeds) > 1:
-            raise UserError("--stats describes one model; it cannot serve several weight seeds")
+            raise UserError("stats describes one model; it cannot serve several weight seeds")
         object.__setattr__(self, "metrics", check_metrics(self.metrics))
         object.__setattr__(self, "methods", check_methods(self.methods))
         object.__setattr__(self, "bits", check_bits(self.bits))
@@ -264,7 +264,7 @@ class EvalConfig:
         if self.reference != "fp":
             if not Path(self.reference).is_dir():
                 raise UserError(
-                    f"--reference must be 'fp' or a directory of real videos; "
+                    f"reference must be 'fp' or a directory of real videos; "
                     f"{self.reference} is neither"
                 )
             check_real_videos(self.reference)
@@ -353,7 +353,7 @@ def ensure_stats(
             if stored != expected:
                 raise UserError(
                     f"{run_dir} holds statistics collected with other settings; "
-                    "use another --out or remove it"
+                    "use another out_dir or remove it"
                 )
         else:
             collect(collect_config, run_dir, progress=progress)
@@ -494,7 +494,7 @@ def check_real_videos(directory: str | Path) -> tuple[int, ...]:
     path = Path(directory) / REAL_VIDEOS_FILE
     if not path.is_file():
         raise UserError(
-            f"--reference {directory} holds no {REAL_VIDEOS_FILE}: put the real videos there "
+            f"the reference directory {directory} holds no {REAL_VIDEOS_FILE}: put the real videos there "
             f"as one tensor '{REAL_VIDEOS_KEY}', uint8 (N, T, H, W, 3)"
         )
     try:

@@ -203,7 +203,7 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"no baseline at {path}; write one with --update") from None
+        raise UserError(f"no baseline at {path}; write one with write_baseline") from None
     except (OSError, ValueError) as error:
         raise UserError(f"{path} is unreadable: {' '.join(str(error).split())}") from None
     if not isinstance(data, dict) or data.get("format") != BASELINE_FORMAT:

@@ -178,8 +178,8 @@ def test_interrupted_evaluation_resumes_without_regenerating(tmp_path, monkeypat
         ({"metrics": ("fdv",)}, "unknown metric 'fdv'; did you mean 'fvd'"),
         ({"methods": ("minmx",)}, "did you mean 'minmax'"),
         ({"bits": ("W4",)}, "W4A8"),
-        ({"reference": "/no/such/dir"}, "--reference"),
-        ({"weight_seeds": (0, 1), "stats": "x"}, "--stats"),
+        ({"reference": "/no/such/dir"}, "reference must be"),
+        ({"weight_seeds": (0, 1), "stats": "x"}, "stats describes one model"),
     ],
 )
 def test_bad_input_is_a_one_line_user_error(overrides, message):

@@ -462,7 +462,7 @@ def test_missing_attention_statistics(tmp_path):
     old = _without_attention(unet3d_stats(), tmp_path / "old")
     assert old.attention.empty and old.attention_histograms.empty
     loaded = load_run_model(old)
-    with pytest.raises(UserError, match="--attention"):
+    with pytest.raises(UserError, match="attention=True"):
         quantize_(loaded, QuantConfig("minmax", attention_bits=(8,)), stats=old)
     # The model was left untouched, and the run still quantizes without attention.
     assert next(quant_wrappers(loaded.denoiser), None) is None
