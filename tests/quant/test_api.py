@@ -1,4 +1,4 @@
-"""quantize_ / records / quantize_command, and the errors bad input gets."""
+"""quantize_ / records, and the errors bad input gets."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from qvd_bench.quant.api import (
     make_plan_for,
     parse_bits,
     quantize_,
-    quantize_command,
 )
 from tests.quant.test_methods import out_of_scope, sample, tiny_stats
 
@@ -89,14 +88,3 @@ def test_load_record_errors(tmp_path):
     (tmp_path / "record.json").write_text("{}")
     with pytest.raises(UserError, match="not a qvd-bench quantization record"):
         load_record(tmp_path)
-
-
-def test_quantize_command(tmp_path):
-    run = tiny_stats()
-    summary = quantize_command(None, run.path, "qvd-htdq", "W8A8", tmp_path / "q")
-    assert (tmp_path / "q" / "record.safetensors").exists()
-    assert summary["quantized"] == summary["layers"] == len(run.roles)
-    assert 0 < summary["coverage"]["mean"] <= 1
-    temporal = {row["layer"]: row for row in summary["temporal"]}
-    assert set(temporal) == set(run.temporal["layer"].astype(str))
-    assert all(0 < row["tdscore"] <= 1 for row in temporal.values())

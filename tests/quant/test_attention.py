@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qvd_bench import cli
 from qvd_bench.collect import collector as collector_module
 from qvd_bench.collect.collector import collect
+from qvd_bench.commands.main import main
 from qvd_bench.config import CollectConfig
 from qvd_bench.errors import UserError
 from qvd_bench.models.sampling import CallTracker, sample_denoiser, text_states_for_prompts
@@ -498,7 +498,7 @@ def test_attention_quantized_twice():
 def test_cli_bad_attention_bits(value, message, tmp_path, capsys):
     run = preset_stats("tiny-latte")
     args = ["quantize", "--stats", run.path, "--out", tmp_path / "q", "--attention-bits", value]
-    assert cli.main([str(a) for a in args]) == 2
+    assert main([str(a) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err and message in err, err
     assert not (tmp_path / "q").exists()
@@ -509,9 +509,9 @@ def test_cli_collect_attention_then_quantize(tmp_path, capsys):
     small = ["--steps", "2", "--frames", "2", "--height", "8", "--width", "8"]
     common = ["--num-prompts", "1", "--reservoir", "0", "--temporal-stride", "0", "--no-progress"]
     args = ["collect", "--model", "tiny-latte", "--attention", "--out", stats, *small, *common]
-    assert cli.main([str(a) for a in args]) == 0
+    assert main([str(a) for a in args]) == 0
     args = ["quantize", "--stats", stats, "--method", "minmax", "--out", out]
-    assert cli.main([str(a) for a in [*args, "--attention-bits", "8,8,8,6"]]) == 0
+    assert main([str(a) for a in [*args, "--attention-bits", "8,8,8,6"]]) == 0
     printed = capsys.readouterr().out
     modules = attention_modules(load_model("tiny-latte").denoiser)
     assert f"attention: {len(modules)} modules quantized" in printed
