@@ -1,5 +1,5 @@
 import sys
 
-from qvd_bench.cli import main
+from qvd_bench.commands.main import main
 
 sys.exit(main())

@@ -75,20 +75,23 @@ class CollectConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise UserError(f"--steps must be at least 1, got {self.steps}")
+            raise UserError(f"steps must be at least 1, got {self.steps}")
         if not self.prompts:
             raise UserError("no prompts: give a prompt file with at least one prompt")
         for name in ("frames", "height", "width"):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.sampler not in ("auto", "pipeline", "denoiser"):
-            raise UserError(f"--sampler must be auto, pipeline or denoiser, got {self.sampler!r}")
+            raise UserError(f"sampler must be auto, pipeline or denoiser, got {self.sampler!r}")
         if self.dtype not in DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.histogram_stride < 1:
-            raise UserError("--histogram-stride must be at least 1")
+            raise UserError(f"histogram_stride must be at least 1, got {self.histogram_stride}")
         if self.reservoir_capacity < 0 or self.temporal_stride < 0:
-            raise UserError("--reservoir and --temporal-stride must not be negative")
+            raise UserError(
+                "reservoir_capacity and temporal_stride must not be negative, got "
+                f"{self.reservoir_capacity} and {self.temporal_stride}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}

@@ -323,7 +323,7 @@ def check_writable(run_dir: Path, *, overwrite: bool) -> None:
     """Fails early, before any work, if ``run_dir`` cannot be (re)written."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not overwrite:
-        raise UserError(f"{run_dir} already exists; pass --overwrite to replace it")
+        raise UserError(f"{run_dir} already exists; pass overwrite=True to replace it")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} exists and is not a directory")
     parent = run_dir.parent

@@ -14,11 +14,11 @@ def test_round_trip_through_dict():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"steps": 0}, "--steps must be at least 1"),
+        ({"steps": 0}, "steps must be at least 1"),
         ({"prompts": ()}, "no prompts"),
-        ({"frames": 0}, "--frames must be at least 1"),
-        ({"dtype": "int8"}, "--dtype must be one of"),
-        ({"sampler": "ddpm"}, "--sampler must be"),
+        ({"frames": 0}, "frames must be at least 1"),
+        ({"dtype": "int8"}, "dtype must be one of"),
+        ({"sampler": "ddpm"}, "sampler must be"),
     ],
 )
 def test_invalid_values_are_user_errors(kwargs, message):

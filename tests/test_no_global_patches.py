@@ -19,7 +19,8 @@ from qvd_bench.collect.collector import collect
 from qvd_bench.config import CollectConfig
 from qvd_bench.evaluate.fidelity import sqnr
 from qvd_bench.models.zoo import MODELS, load_model
-from qvd_bench.quant.api import QuantConfig, quantize_, unquantize_
+from qvd_bench.quant.apply import quantize_, unquantize_
+from qvd_bench.quant.config import QuantConfig
 from qvd_bench.quant.modules import QuantWrapper, quant_wrappers
 from qvd_bench.store import StatsRun
 

@@ -103,7 +103,7 @@ def test_round_trip(tmp_path):
 
 def test_existing_run_needs_overwrite(tmp_path):
     write(tmp_path)
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(UserError, match="overwrite=True"):
         write(tmp_path)
     write(tmp_path, overwrite=True)
     assert store.StatsRun(tmp_path / "run").channels.shape[0] == 12

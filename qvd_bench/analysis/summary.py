@@ -381,7 +381,7 @@ def require_temporal(run: StatsRun) -> list[str]:
     """
     temporal = run.temporal
     if temporal.empty:
-        raise UserError(f"{run.path} has no temporal features; recollect with --temporal-stride 1")
+        raise UserError(f"{run.path} has no temporal features; recollect with temporal_stride=1")
     return sorted(temporal["layer"].astype(str).unique().tolist())
 
 

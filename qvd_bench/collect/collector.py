@@ -106,7 +106,7 @@ def run_sample(
     """Samples one prompt through the pipeline or the minimal denoiser loop."""
     use_pipeline = loaded.pipeline is not None and config.sampler != "denoiser"
     if config.sampler == "pipeline" and loaded.pipeline is None:
-        raise UserError(f"{config.model} has no pipeline; use --sampler denoiser")
+        raise UserError(f"{config.model} has no pipeline; use sampler='denoiser'")
     common = dict(
         steps=config.steps,
         guidance_scale=config.guidance_scale,

@@ -176,7 +176,8 @@ def _inception_i3d() -> type[nn.Module]:
         from cdfvd.third_party.i3d.pytorch_i3d import InceptionI3d
     except ImportError:
         raise UserError(
-            "FVD protocol cd-fvd-i3d400 needs cd-fvd's InceptionI3d: pip install --no-deps cd-fvd"
+            "FVD protocol cd-fvd-i3d400 needs cd-fvd's InceptionI3d: install the cd-fvd "
+            "package (without its dependencies)"
         ) from None
     return InceptionI3d
 

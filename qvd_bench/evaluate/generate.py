@@ -83,7 +83,7 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         for name in ("steps", "frames", "height", "width"):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.scheduler not in sampling.SCHEDULERS:
             raise UserError(
                 f"unknown scheduler {self.scheduler!r} (known: {', '.join(sampling.SCHEDULERS)})"

@@ -253,9 +253,9 @@ class EvalConfig:
         if not self.prompts:
             raise UserError("no prompts: give a prompt file with at least one prompt")
         if not self.weight_seeds:
-            raise UserError("no weight seed: --seeds must be at least 1")
+            raise UserError("no weight seed: weight_seeds is empty")
         if self.stats is not None and len(self.weight_seeds) > 1:
-            raise UserError("--stats describes one model; it cannot serve several weight seeds")
+            raise UserError("stats describes one model; it cannot serve several weight seeds")
         object.__setattr__(self, "metrics", check_metrics(self.metrics))
         object.__setattr__(self, "methods", check_methods(self.methods))
         object.__setattr__(self, "bits", normalise_bits_specs(self.bits))
@@ -264,7 +264,7 @@ class EvalConfig:
         if self.reference != "fp":
             if not Path(self.reference).is_dir():
                 raise UserError(
-                    f"--reference must be 'fp' or a directory of real videos; "
+                    f"reference must be 'fp' or a directory of real videos; "
                     f"{self.reference} is neither"
                 )
             check_real_videos(self.reference)
@@ -353,7 +353,7 @@ def ensure_stats(
             if stored != expected:
                 raise UserError(
                     f"{run_dir} holds statistics collected with other settings; "
-                    "use another --out or remove it"
+                    "use another out_dir or remove it"
                 )
         else:
             collect(collect_config, run_dir, progress=progress)
@@ -494,7 +494,7 @@ def check_real_videos(directory: str | Path) -> tuple[int, ...]:
     path = Path(directory) / REAL_VIDEOS_FILE
     if not path.is_file():
         raise UserError(
-            f"--reference {directory} holds no {REAL_VIDEOS_FILE}: put the real videos there "
+            f"the reference directory {directory} holds no {REAL_VIDEOS_FILE}: put the real videos there "
             f"as one tensor '{REAL_VIDEOS_KEY}', uint8 (N, T, H, W, 3)"
         )
     try:
@@ -1106,116 +1106,3 @@ def _sd(values: pd.Series) -> float:
     if len(values) < 2 or not np.isfinite(values).all():
         return float("nan")
     return float(values.std(ddof=1))
-
-
-def format_table(frame: pd.DataFrame) -> str:
-    """A plain-text table (for the terminal)."""
-    if frame.empty:
-        return "(no results)"
-
-    def cell(value: Any) -> str:
-        if isinstance(value, (float, np.floating)):
-            if np.isnan(value):
-                return "–"
-            if np.isinf(value):
-                return "inf" if value > 0 else "-inf"
-            return f"{value:.4g}"
-        return str(value)
-
-    cells = [[cell(v) for v in row] for row in frame.itertuples(index=False)]
-    widths = [max(len(str(c)), *(len(r[i]) for r in cells)) for i, c in enumerate(frame.columns)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(frame.columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- command
-
-
-def evaluate_command(
-    model: str,
-    methods: Sequence[str],
-    bits: Sequence[str],
-    metrics: Sequence[str],
-    prompts_file: str | None,
-    reference: str,
-    out: str | Path,
-    seeds: int = 1,
-    *,
-    num_prompts: int | None = None,
-    weight_seed: int = 0,
-    stats: str | None = None,
-    steps: int = 10,
-    guidance_scale: float = 7.5,
-    seed: int = 0,
-    frames: int = 8,
-    height: int = 16,
-    width: int = 16,
-    scheduler: str = "ddim",
-    disparity: float | None = None,
-    asymmetry: float | None = None,
-    weights: dict[str, str] | None = None,
-    progress: bool = True,
-) -> int:
-    """``qvd-bench evaluate``: the matrix, ``results.parquet`` and the report; prints where.
-
-    Under ``torchrun --nproc_per_node=N`` the prompts are sharded across the processes
-    and rank 0 writes and prints (``evaluate``).
-
-    Args:
-        model: zoo name or path.
-        methods, bits, metrics: the matrix (fidelity metrics always run).
-        prompts_file: a prompt file, or None for the built-in prompts.
-        reference: "fp" or a directory of real videos (Frechet metrics).
-        out: the output root.
-        seeds: number of weight seeds (``weight_seed``, ``weight_seed`` + 1, ...).
-        num_prompts: use the first N prompts (default: all of the file, 2 built-in).
-        weights: metric name -> local weights path.
-        The rest: sampling settings and outlier knobs.
-
-    Returns:
-        0.
-    """
-    from qvd_bench.prompts import select_prompts
-
-    if seeds < 1:
-        raise UserError(f"--seeds must be at least 1, got {seeds}")
-    count = num_prompts if num_prompts is not None else (None if prompts_file else 2)
-    config = EvalConfig(
-        model=model,
-        weight_seeds=tuple(range(weight_seed, weight_seed + seeds)),
-        methods=tuple(methods),
-        bits=tuple(bits),
-        metrics=tuple(metrics),
-        prompts=tuple(select_prompts(prompts_file, count)),
-        settings=GenerationSettings(
-            steps=steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            frames=frames,
-            height=height,
-            width=width,
-            scheduler=scheduler,
-        ),
-        disparity=disparity,
-        asymmetry=asymmetry,
-        stats=stats,
-        reference=reference,
-        weights=dict(weights or {}),
-    )
-    result = evaluate(config, out, progress=progress)
-    if result is not None:  # rank 0 reports; the other processes of a torchrun stay quiet
-        print_summary(result, Path(out), Path(config.model).name or "model")
-    return 0
-
-
-def print_summary(result: EvalResult, out: Path, name: str) -> None:
-    for notice in result.notices:
-        print(f"note: {notice}")
-    print(format_table(headline_table(result.results)))
-    print(
-        f"videos: {result.generated} generated, {result.cached} from the cache "
-        f"({result.results_dir / gen.GENERATIONS_DIR})"
-    )
-    print(f"results written to {result.results_dir / RESULTS_FILE}")
-    print(f"report written to {out / 'reports' / name / 'index.html'}")

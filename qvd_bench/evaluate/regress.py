@@ -13,7 +13,7 @@ Headline figures (means over weight seeds):
 A figure passes when |current − baseline| <= abs + rel·|baseline| (the tolerances are
 stored per figure in the baseline, from ``TOLERANCES``); +inf matches only +inf. A
 figure of the baseline missing from the results fails; new figures are listed, not
-failed. ``update`` writes the current figures as the new baseline, with the
+failed. ``write_baseline`` writes the current figures as the new baseline, with the
 configuration they came from.
 """
 
@@ -203,7 +203,7 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"no baseline at {path}; write one with --update") from None
+        raise UserError(f"no baseline at {path}; write one with write_baseline") from None
     except (OSError, ValueError) as error:
         raise UserError(f"{path} is unreadable: {' '.join(str(error).split())}") from None
     if not isinstance(data, dict) or data.get("format") != BASELINE_FORMAT:
@@ -222,8 +222,8 @@ def write_baseline(path: str | Path, results_dir: str | Path) -> dict[str, Any]:
         "format": BASELINE_FORMAT,
         "configuration": {
             "description": (
-                "reduced qvd-bench run that CI can afford; regenerate with run_command(out, "
-                "**BASELINE_RUN) then regress_command(out, this file, update=True)"
+                "reduced qvd-bench run that CI can afford; regenerate with commands.run.run_job(out, "
+                "**BASELINE_RUN) then evaluate.regress.write_baseline(this file, out)"
             ),
             "run": json.loads(run_record.read_text())["settings"] if run_record.is_file() else None,
             "model": config["model"],
@@ -246,28 +246,21 @@ def write_baseline(path: str | Path, results_dir: str | Path) -> dict[str, Any]:
     return data
 
 
-def _format(table: pd.DataFrame) -> str:
-    from qvd_bench.evaluate.harness import format_table
+def compare_with_baseline(results: str | Path, baseline: str | Path) -> tuple[pd.DataFrame, bool]:
+    """Compares the headline figures of a results directory with a stored baseline.
 
-    return format_table(table)
-
-
-def regress_command(results: str | Path, baseline: str | Path, update: bool = False) -> int:
-    """``qvd-bench regress``: compare (or, with ``update``, rewrite) the baseline.
-
-    Prints the diff table.
+    Args:
+        results: a results directory, or an output root holding one (``find_results``).
+        baseline: the baseline JSON (``write_baseline``).
 
     Returns:
-        0 when every figure is within tolerance (or after an update), 1 on a regression.
+        (the diff table of ``compare``, whether every baseline figure is within its
+        tolerance).
 
     Raises:
         UserError: unreadable results or baseline, or Frechet metrics under different
             protocol ids in the two.
     """
-    if update:
-        data = write_baseline(baseline, results)
-        print(f"baseline written to {baseline} ({len(data['figures'])} figures)")
-        return 0
     reference = load_baseline(baseline)
     current, protocols = headline_figures(results)
     for metric, protocol in protocols.items():
@@ -277,13 +270,4 @@ def regress_command(results: str | Path, baseline: str | Path, update: bool = Fa
                 f"{metric}: the results use protocol {protocol}, the baseline {expected}; "
                 "numbers of different protocols are never compared"
             )
-    table, ok = compare(current, reference["figures"])
-    print(_format(table))
-    failed = table[table["status"].isin(["REGRESSION", "MISSING"])]
-    if ok:
-        print(
-            f"no regression: {len(table) - (table['status'] == 'new').sum()} figures within tolerance"
-        )
-        return 0
-    print(f"{len(failed)} figure(s) out of tolerance: {', '.join(failed['figure'])}")
-    return 1
+    return compare(current, reference["figures"])

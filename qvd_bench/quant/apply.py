@@ -244,7 +244,7 @@ def check_config_names(config: QuantConfig, roles: dict[str, str]) -> None:
         if layer not in roles:
             raise UserError(
                 f"the model has no layer {layer!r}{did_you_mean(layer, list(roles))} "
-                "(qvd-bench models --roles MODEL lists them)"
+                "(models.roles.classify lists them)"
             )
 
 

@@ -149,7 +149,7 @@ def attention_ranges(run: StatsRun) -> dict[tuple[str, str], tuple[float, float]
     if frame.empty:
         raise UserError(
             f"{run.path} has no attention statistics; collect them with "
-            "qvd-bench collect --attention to quantize attention (--attention-bits)"
+            "attention=True to quantize attention (attention_bits)"
         )
     frame = frame[frame["count"] > 0]
     grouped = frame.groupby(["module", "tensor"], observed=True)

@@ -198,7 +198,7 @@ def reservoir_rows(
     if layer not in reservoir:
         raise UserError(
             f"layer {layer!r} has no reservoir rows in {run.path}; collect with "
-            "--reservoir-capacity > 0 and the layer hooked"
+            "reservoir_capacity > 0 and the layer hooked"
         )
     data = reservoir[layer]
     keep = torch.ones(data["rows"].shape[0], dtype=torch.bool)

@@ -561,12 +561,10 @@ def _check_out_dir(out_dir: Path) -> None:
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise UserError(f"{out_dir} exists and is not a directory; choose another --out")
+        raise UserError(f"{out_dir} exists and is not a directory; choose another out_dir")
     entries = {p.name for p in out_dir.iterdir()}
     if entries and not entries & set(REPORT_FILES):
-        raise UserError(
-            f"{out_dir} exists and holds no report; choose an empty or new --out directory"
-        )
+        raise UserError(f"{out_dir} exists and holds no report; choose an empty or new out_dir")
 
 
 def _versions() -> str:

@@ -158,7 +158,7 @@ def test_without_temporal_features(tmp_path):
     assert "no temporal features in this run" in entry.htdq.reason
     assert "note: no temporal features" in headline(table, plan)
     with pytest.raises(
-        UserError, match=r"run has no temporal features; recollect with --temporal-stride 1$"
+        UserError, match=r"run has no temporal features; recollect with temporal_stride=1$"
     ):
         require_temporal(run)
     assert require_temporal(write_synthetic(tmp_path / "with")) == [TEMB]

@@ -307,7 +307,11 @@ def test_a_damaged_cache_file_is_regenerated_with_a_warning(tmp_path, reference)
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"steps": 0}, "--steps"), ({"frames": 0}, "--frames"), ({"scheduler": "dpm"}, "scheduler")],
+    [
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"frames": 0}, "frames must be at least 1"),
+        ({"scheduler": "dpm"}, "scheduler"),
+    ],
 )
 def test_bad_settings_are_one_line_user_errors(kwargs, message):
     with pytest.raises(UserError, match=message) as info:

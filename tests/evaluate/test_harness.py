@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qvd_bench import cli
+from qvd_bench.commands.main import main
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate import fidelity, harness
 from qvd_bench.evaluate import generate as gen
@@ -178,8 +178,8 @@ def test_interrupted_evaluation_resumes_without_regenerating(tmp_path, monkeypat
         ({"metrics": ("fdv",)}, "unknown metric 'fdv'; did you mean 'fvd'"),
         ({"methods": ("minmx",)}, "did you mean 'minmax'"),
         ({"bits": ("W4",)}, "W4A8"),
-        ({"reference": "/no/such/dir"}, "--reference"),
-        ({"weight_seeds": (0, 1), "stats": "x"}, "--stats"),
+        ({"reference": "/no/such/dir"}, "reference must be"),
+        ({"weight_seeds": (0, 1), "stats": "x"}, "stats describes one model"),
     ],
 )
 def test_bad_input_is_a_one_line_user_error(overrides, message):
@@ -306,7 +306,7 @@ def test_bad_reference_directory_exits_2_with_one_line(tmp_path, capsys, content
     elif content is not None:
         save_file(content, str(directory / "videos.safetensors"))
     out = tmp_path / "out"
-    code = cli.main(["evaluate", "--reference", str(directory), "--out", str(out), "--no-progress"])
+    code = main(["evaluate", "--reference", str(directory), "--out", str(out), "--no-progress"])
     assert code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and re.search(message, error), error
@@ -330,7 +330,7 @@ def test_two_gloo_processes_equal_one(tmp_path, capsys):
         "--height", "8", "--width", "8", "--steps", "2", "--methods", "fp,mse",
         "--bits", "W8A8", "--no-progress",
     ]  # fmt: skip
-    assert cli.main([*args, "--out", str(tmp_path / "single")]) == 0
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
     capsys.readouterr()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,11 +6,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from qvd_bench.commands.run import run_job
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate import regress
 from qvd_bench.evaluate.harness import RESULTS_FILE
 from qvd_bench.numerics.kernels import KERNELS_ENV
-from qvd_bench.run import run_command
 
 COMMITTED = Path(__file__).resolve().parents[2] / "stats" / "baselines" / "tiny-unet3d.json"
 
@@ -19,34 +19,35 @@ COMMITTED = Path(__file__).resolve().parents[2] / "stats" / "baselines" / "tiny-
 def out(tmp_path_factory):
     """The committed baseline's reduced run configuration, run once."""
     root = tmp_path_factory.mktemp("baseline-run")
-    run_command(root, progress=False, **regress.BASELINE_RUN)
+    run_job(root, progress=False, **regress.BASELINE_RUN)
     return root
 
 
-def test_the_baseline_run_matches_the_committed_baseline(out, capsys):
+def statuses(table: pd.DataFrame) -> dict[str, str]:
+    return dict(zip(table["figure"], table["status"]))
+
+
+def test_the_baseline_run_matches_the_committed_baseline(out):
     recorded = json.loads(COMMITTED.read_text())["configuration"]["run"]
     for key, value in regress.BASELINE_RUN.items():
         assert recorded[key] == (list(value) if isinstance(value, tuple) else value)
-    capsys.readouterr()
-    assert regress.regress_command(out, COMMITTED) == 0
-    assert "REGRESSION" not in capsys.readouterr().out
+    table, ok = regress.compare_with_baseline(out, COMMITTED)
+    assert ok and "REGRESSION" not in statuses(table).values()
 
 
-def test_the_baseline_holds_under_other_float_rounding(tmp_path, capsys, monkeypatch):
-    """PyTorch's operations instead of qvd-bench's compiled kernels: the same computation
-    rounded differently, which moves the quantized figures (TOLERANCES comment) within
-    tolerance."""
+def test_the_baseline_holds_under_other_float_rounding(tmp_path, monkeypatch):
+    """PyTorch's operations instead of qvd-bench's compiled statistics kernels: the same
+    computation rounded differently, which moves the quantized figures (TOLERANCES comment) within tolerance."""
     monkeypatch.setenv(KERNELS_ENV, "torch")
-    run_command(tmp_path, progress=False, **regress.BASELINE_RUN)
-    capsys.readouterr()
-    assert regress.regress_command(tmp_path, COMMITTED) == 0
-    assert "REGRESSION" not in capsys.readouterr().out
+    run_job(tmp_path, progress=False, **regress.BASELINE_RUN)
+    table, ok = regress.compare_with_baseline(tmp_path, COMMITTED)
+    assert ok and "REGRESSION" not in statuses(table).values()
 
 
-def test_identical_results_pass_and_perturbed_ones_fail(out, tmp_path, capsys):
+def test_identical_results_pass_and_perturbed_ones_fail(out, tmp_path):
     baseline = tmp_path / "baseline.json"
-    assert regress.regress_command(out, baseline, update=True) == 0
-    assert regress.regress_command(out, baseline) == 0
+    regress.write_baseline(baseline, out)
+    assert regress.compare_with_baseline(out, baseline)[1]
 
     results_dir = regress.find_results(out)
     frame = pd.read_parquet(results_dir / RESULTS_FILE)
@@ -63,13 +64,13 @@ def test_identical_results_pass_and_perturbed_ones_fail(out, tmp_path, capsys):
     try:
         frame.loc[hit, "value"] += 3.0  # beyond 1.5 dB + 2 %
         frame.to_parquet(results_dir / RESULTS_FILE)
-        capsys.readouterr()
-        assert regress.regress_command(out, baseline) == 1
-        printed = capsys.readouterr().out
-        assert "sqnr_tf/minmax/W8A8" in printed and "REGRESSION" in printed
+        table, ok = regress.compare_with_baseline(out, baseline)
+        assert not ok
+        assert [f for f, s in statuses(table).items() if s != "ok"] == ["sqnr_tf/minmax/W8A8"]
+        assert statuses(table)["sqnr_tf/minmax/W8A8"] == "REGRESSION"
         frame.loc[hit, "value"] -= 2.5  # 0.5 dB: within tolerance
         frame.to_parquet(results_dir / RESULTS_FILE)
-        assert regress.regress_command(out, baseline) == 0
+        assert regress.compare_with_baseline(out, baseline)[1]
     finally:
         pd.read_parquet(tmp_path / "saved.parquet").to_parquet(results_dir / RESULTS_FILE)
 
@@ -92,13 +93,13 @@ def test_compare_rules():
 
 def test_bad_input_is_a_one_line_user_error(out, tmp_path):
     with pytest.raises(UserError, match="no baseline"):
-        regress.regress_command(out, tmp_path / "none.json")
+        regress.compare_with_baseline(out, tmp_path / "none.json")
     foreign = tmp_path / "foreign.json"
     foreign.write_text("{}")
     with pytest.raises(UserError, match="not a qvd-bench baseline"):
-        regress.regress_command(out, foreign)
+        regress.compare_with_baseline(out, foreign)
     with pytest.raises(UserError, match="no results.parquet"):
-        regress.regress_command(tmp_path, COMMITTED)
+        regress.compare_with_baseline(tmp_path, COMMITTED)
     other = json.loads(COMMITTED.read_text())
     other["protocols"] = {"fvd": "fvd/stylegan-v/sha256:0"}
     mismatched = tmp_path / "mismatched.json"
@@ -111,7 +112,7 @@ def test_bad_input_is_a_one_line_user_error(out, tmp_path):
     try:
         pd.concat([frame, extra]).to_parquet(results_dir / RESULTS_FILE)
         with pytest.raises(UserError, match="different protocols") as info:
-            regress.regress_command(out, mismatched)
+            regress.compare_with_baseline(out, mismatched)
         assert "\n" not in str(info.value)
     finally:
         frame.to_parquet(results_dir / RESULTS_FILE)

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import spearmanr
 
-from qvd_bench.cli import main
 from qvd_bench.collect.collector import collect
+from qvd_bench.commands.main import main
 from qvd_bench.config import CollectConfig
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate.generate import GenerationSettings, generate

@@ -21,7 +21,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qvd_bench import cli
 from qvd_bench.collect import collector as collector_module
 from qvd_bench.collect.attention import (
     ATTENTION_TENSORS,
@@ -32,6 +31,7 @@ from qvd_bench.collect.attention import (
     restore_processors,
 )
 from qvd_bench.collect.collector import collect
+from qvd_bench.commands.main import main
 from qvd_bench.config import CollectConfig
 from qvd_bench.errors import UserError
 from qvd_bench.models.sampling import CallTracker, sample_denoiser, text_states_for_prompts
@@ -466,7 +466,7 @@ def test_missing_attention_statistics(tmp_path):
     old = _without_attention(unet3d_stats(), tmp_path / "old")
     assert old.attention.empty and old.attention_histograms.empty
     loaded = load_run_model(old)
-    with pytest.raises(UserError, match="--attention"):
+    with pytest.raises(UserError, match="attention=True"):
         quantize_(loaded, QuantConfig("minmax", attention_bits=(8,)), stats=old)
     # The model was left untouched, and the run still quantizes without attention.
     assert next(quant_wrappers(loaded.denoiser), None) is None
@@ -502,7 +502,7 @@ def test_attention_quantized_twice():
 def test_cli_bad_attention_bits(value, message, tmp_path, capsys):
     run = preset_stats("tiny-latte")
     args = ["quantize", "--stats", run.path, "--out", tmp_path / "q", "--attention-bits", value]
-    assert cli.main([str(a) for a in args]) == 2
+    assert main([str(a) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err and message in err, err
     assert not (tmp_path / "q").exists()
@@ -513,9 +513,9 @@ def test_cli_collect_attention_then_quantize(tmp_path, capsys):
     small = ["--steps", "2", "--frames", "2", "--height", "8", "--width", "8"]
     common = ["--num-prompts", "1", "--reservoir", "0", "--temporal-stride", "0", "--no-progress"]
     args = ["collect", "--model", "tiny-latte", "--attention", "--out", stats, *small, *common]
-    assert cli.main([str(a) for a in args]) == 0
+    assert main([str(a) for a in args]) == 0
     args = ["quantize", "--stats", stats, "--method", "minmax", "--out", out]
-    assert cli.main([str(a) for a in [*args, "--attention-bits", "8,8,8,6"]]) == 0
+    assert main([str(a) for a in [*args, "--attention-bits", "8,8,8,6"]]) == 0
     printed = capsys.readouterr().out
     modules = attention_modules(load_model("tiny-latte").denoiser)
     assert f"attention: {len(modules)} modules quantized" in printed

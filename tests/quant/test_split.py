@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from qvd_bench import cli
+from qvd_bench.commands.main import main
 from qvd_bench.errors import UserError
 from qvd_bench.models.families import FAMILIES
 from qvd_bench.models.family import LoadedModel
@@ -309,7 +309,7 @@ def test_split_skip_on_a_dit_quantizes_normally():
 
 def test_cli_split_skip_and_granularity(unet_run, tmp_path, capsys):
     args = ["quantize", "--stats", unet_run.path, "--method", "mse", "--bits", "W8A4"]
-    code = cli.main(
+    code = main(
         [*map(str, args), "--split-skip", "--granularity", "token", "--out", str(tmp_path / "r")]
     )
     assert code == 0
@@ -318,7 +318,7 @@ def test_cli_split_skip_and_granularity(unet_run, tmp_path, capsys):
     assert f"split skip concatenations: {splits} layers split" in printed
     config = json.loads((tmp_path / "r" / "record.json").read_text())["config"]
     assert config["split_skip"] is True and config["granularity"] == "token"
-    code = cli.main([*map(str, args), "--granularity", "tokens", "--out", str(tmp_path / "x")])
+    code = main([*map(str, args), "--granularity", "tokens", "--out", str(tmp_path / "x")])
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "granularity must be one of" in err

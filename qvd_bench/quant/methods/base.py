@@ -340,7 +340,7 @@ def _rows_at(ctx: QuantContext, name: str, timesteps: list[float] | None) -> Ten
     if data is None:
         raise UserError(
             f"layer {name!r} has no reservoir rows in {ctx.run.path}; collect with "
-            "--reservoir-capacity > 0"
+            "reservoir_capacity > 0"
         )
     rows = data["rows"]
     if timesteps is not None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qvd_bench import cli, perf
+from qvd_bench.commands import main as cli
+from qvd_bench.commands.perf import benchmarks
 from qvd_bench.errors import UserError
 
 SMALL_JOB = {
@@ -43,7 +44,7 @@ def test_bench_run_accounts_for_the_whole_wall_time(tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(subprocess, "run", recording)
 
-    table = perf.bench_run("tiny-unet3d", 2, **SMALL_JOB)
+    table = benchmarks.bench_run("tiny-unet3d", 2, **SMALL_JOB)
 
     assert capsys.readouterr().out == ""  # the job's own printing is discarded
     # The job ran once, as the command a user types, in a fresh process.
@@ -75,7 +76,7 @@ def test_bench_run_accounts_for_the_whole_wall_time(tmp_path, monkeypatch, capsy
     assert unit.median_s > 0 and unit.ratio == 1.0
     assert "median before the job" in unit.note and "after" in unit.note
     probe = rows[probe_name]
-    speed = perf.PROBE_RECORDED_S / probe.median_s
+    speed = benchmarks.PROBE_RECORDED_S / probe.median_s
     assert probe.note == (
         f"recorded 113 ms where the target was set: this machine runs at {speed:.2f}x "
         "that speed now"
@@ -86,7 +87,7 @@ def test_bench_run_accounts_for_the_whole_wall_time(tmp_path, monkeypatch, capsy
     assert math.isclose(sum(phase_seconds), total.median_s, rel_tol=0, abs_tol=1e-6)
     for row in table.rows:
         assert math.isclose(row.ratio, row.median_s / unit.median_s, rel_tol=1e-12), row
-    met = "met" if total.median_s < perf.RUN_TARGET_S else "not met"
+    met = "met" if total.median_s < benchmarks.RUN_TARGET_S else "not met"
     at_recorded = total.median_s * speed
     assert total.note.startswith(
         f"target < 300 s on one CPU core (DESIGN section 7); {met}; "
@@ -116,14 +117,14 @@ def test_bench_run_accounts_for_the_whole_wall_time(tmp_path, monkeypatch, capsy
 )
 def test_bench_run_rejects_bad_input(repeats, overrides, message):
     with pytest.raises(UserError, match=message) as error:
-        perf.bench_run("tiny-unet3d", repeats, **overrides)
+        benchmarks.bench_run("tiny-unet3d", repeats, **overrides)
     assert "\n" not in str(error.value)
 
 
 def test_bench_run_passes_on_the_jobs_own_bad_input_error():
     small = {**SMALL_JOB, "methods": ("fp", "minmix")}
     with pytest.raises(UserError, match=r"^perf run: .*minmix.*minmax") as error:
-        perf.bench_run("tiny-unet3d", 1, **small)
+        benchmarks.bench_run("tiny-unet3d", 1, **small)
     assert "\n" not in str(error.value)
 
 
@@ -132,7 +133,7 @@ def test_cli_perf_run(monkeypatch, tmp_path, capsys):
         ["perf", "run", "--models", "tiny-unet3d", "--repeats", "3"]
     )
     assert (args.benchmark, args.models, args.repeats) == ("run", ("tiny-unet3d",), 3)
-    assert perf.BENCHMARK_DEFAULT_MODELS["run"] == ("tiny-unet3d",)
+    assert benchmarks.BENCHMARK_DEFAULT_MODELS["run"] == ("tiny-unet3d",)
 
     # ``main`` calls each benchmark as (model, repeats); the real job takes minutes, so a
     # stand-in records the call.
@@ -140,9 +141,9 @@ def test_cli_perf_run(monkeypatch, tmp_path, capsys):
 
     def fake(model, repeats):
         calls.append((model, repeats))
-        return perf.Table("perf run: fake", [perf.Row("total (wall)", 1.0, 1.0)])
+        return benchmarks.Table("perf run: fake", [benchmarks.Row("total (wall)", 1.0, 1.0)])
 
-    monkeypatch.setitem(perf.BENCHMARKS, "run", fake)
+    monkeypatch.setitem(benchmarks.BENCHMARKS, "run", fake)
     out = tmp_path / "perf.json"
     assert cli.main(["perf", "run", "--repeats", "3", "--out", str(out)]) == 0
     assert calls == [("tiny-unet3d", 3)]
@@ -170,14 +171,14 @@ def test_machine_probe_is_the_recorded_diffusers_forward():
         norm_num_groups=8,
     ).eval()
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, *perf.PROBE_LATENT, generator=generator)
+    latents = torch.randn(1, 4, *benchmarks.PROBE_LATENT, generator=generator)
     text = torch.randn(1, 77, 32, generator=generator)
     with torch.no_grad():
         expected = expected_model(latents, torch.full((1,), 500.0), text, return_dict=False)[0]
 
-    probe = perf._probe_forward()
+    probe = benchmarks._probe_forward()
     out = probe()
-    assert out.shape == (1, 4, *perf.PROBE_LATENT)
+    assert out.shape == (1, 4, *benchmarks.PROBE_LATENT)
     # Same weights, same inputs, PyTorch's own kernels (no fast kernels installed): equal.
     assert torch.equal(out, expected)
     assert torch.equal(probe(), out)

@@ -1,14 +1,12 @@
-"""quantize_command (the library parts: test_config, test_record, test_apply)."""
+"""``qvd-bench quantize``: a record from statistics, and its summary."""
 
-from __future__ import annotations
-
-from qvd_bench.quant.api import quantize_command
+from qvd_bench.commands.quantize import quantize_from_stats
 from tests.quant.test_methods import tiny_stats
 
 
-def test_quantize_command(tmp_path):
+def test_quantize_from_stats(tmp_path):
     run = tiny_stats()
-    summary = quantize_command(None, run.path, "qvd-htdq", "W8A8", tmp_path / "q")
+    summary = quantize_from_stats(None, run.path, "qvd-htdq", "W8A8", tmp_path / "q")
     assert (tmp_path / "q" / "record.safetensors").exists()
     assert summary["quantized"] == summary["layers"] == len(run.roles)
     assert 0 < summary["coverage"]["mean"] <= 1

@@ -1,4 +1,4 @@
-"""Performance benchmarks behind ``qvd-bench perf``.
+"""The performance benchmarks behind ``qvd-bench perf``.
 
 Every figure is a ratio measured side by side in one run: the variants are interleaved
 (each repeat runs every variant once, in turn) and medians are reported, so drift of the
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -575,7 +575,7 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
         model_name: the model of the job (``--model`` of ``qvd-bench run``).
         repeats: unit forwards timed before the job, and again after it.
         **overrides: settings that ``qvd-bench run`` takes as flags
-            (``cli.command_flags("run")``: ``num_prompts``, ``frames``, ``height``,
+            (``command_flags(run_command.add_parser)``: ``num_prompts``, ``frames``, ``height``,
             ``width``, ``steps``, ``methods``, ``bits``, ``seeds``); None or absent keeps
             the default.
 
@@ -594,16 +594,16 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
 
     import pandas as pd
 
-    from qvd_bench import cli
-    from qvd_bench import run as run_module
+    from qvd_bench.commands import run as run_command
+    from qvd_bench.commands._args import command_flags
     from qvd_bench.evaluate import harness
 
     if repeats < 1:
         raise UserError(f"perf run needs at least 1 repeat, got {repeats}")
     if "model" in overrides:
         raise UserError("perf run takes the model as its first argument (--models), not a setting")
-    settings = run_module.run_settings(**overrides)  # raises UserError on unknown settings
-    flags = cli.command_flags("run")
+    settings = run_command.run_settings(**overrides)  # raises UserError on unknown settings
+    flags = command_flags(run_command.add_parser)
     unflagged = sorted(k for k, v in overrides.items() if v is not None and k not in flags)
     if unflagged:
         raise UserError(
@@ -630,7 +630,7 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
         wall = _run_job_process(model_name, Path(tmp), arguments)
         results_dir = Path(tmp) / "results" / (Path(model_name).name or "model")
         timings = pd.read_parquet(results_dir / harness.TIMINGS_FILE)
-        record = json.loads((results_dir / run_module.RUN_RECORD).read_text())
+        record = json.loads((results_dir / run_command.RUN_RECORD).read_text())
     gc.collect()  # the job's model copies are gone before ours is loaded again
     after = _time_unit_and_probe(**unit_args)
 
@@ -655,7 +655,7 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
     changed = [
         f"{key}={','.join(value) if isinstance(value, tuple) else value}"
         for key, value in settings.items()
-        if key != "model" and value != run_module.RUN_DEFAULTS[key]
+        if key != "model" and value != run_command.RUN_DEFAULTS[key]
     ]
     table = Table(
         f"perf run: qvd-bench run on {model_name}, "
@@ -722,20 +722,3 @@ BENCHMARK_DEFAULT_MODELS = {
     "quant": ("tiny-unet3d", "modelscope-t2v-arch"),
     "run": ("tiny-unet3d",),
 }
-
-
-def main(benchmark: str, *, models: Sequence[str], repeats: int, out: str | None = None) -> int:
-    """Runs one benchmark on each model and prints the tables; returns the exit code."""
-    if benchmark not in BENCHMARKS:
-        raise UserError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
-    torch.set_num_threads(1)
-    tables = []
-    for model in models:
-        table = BENCHMARKS[benchmark](model, repeats)
-        print(table.render(), flush=True)
-        print()
-        tables.append(table)
-    if out:
-        data = [{"title": t.title, "rows": [r.__dict__ for r in t.rows]} for t in tables]
-        Path(out).write_text(json.dumps(data, indent=2))
-    return 0

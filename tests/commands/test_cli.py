@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from qvd_bench import cli, store
+from qvd_bench import store
 from qvd_bench.collect import collector
+from qvd_bench.commands import main as cli
 
 SMALL = [
     "--steps",
@@ -130,7 +131,7 @@ def test_info_and_models(tmp_path, capsys):
     "args, message",
     [
         (["collect", "--model", "tiny-unet"], "did you mean 'tiny-unet3d'"),
-        (["collect", "--steps", "0"], "--steps must be at least 1"),
+        (["collect", "--steps", "0"], "steps must be at least 1"),
         (["collect", "--roles", "ffm"], "unknown role 'ffm'"),
         (["collect", "--include", "no-such-layer"], "no layer matches"),
         (["collect", "--steps", "two"], "invalid int value"),
@@ -373,7 +374,7 @@ def test_run_evaluate_and_regress_commands(tmp_path, capsys):
 # Counts the page faults of repeated tiny-unet3d forwards after the CLI's allocator set-up.
 FAULTS_SCRIPT = """
 import resource, torch
-from qvd_bench import cli
+from qvd_bench.commands import main as cli
 from qvd_bench.models import sampling, zoo
 applied = cli.tune_allocator()
 torch.set_num_threads(1)
@@ -411,7 +412,7 @@ def test_tuned_allocator_reuses_memory_across_forwards():
 
 HELP_IMPORTS_SCRIPT = """
 import contextlib, io, sys
-from qvd_bench import cli
+from qvd_bench.commands import main as cli
 with contextlib.redirect_stdout(io.StringIO()):
     try:
         cli.main(["--help"])

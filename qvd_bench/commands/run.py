@@ -9,13 +9,14 @@ time and the time each phase took.
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qvd_bench import store
+from qvd_bench.commands._args import csv
 from qvd_bench.errors import UserError
 
 RUN_DEFAULTS: dict[str, Any] = {
@@ -34,6 +35,48 @@ RUN_DEFAULTS: dict[str, Any] = {
     "seed": 0,
 }
 RUN_RECORD = "run.json"
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("run", help="the default end-to-end job on the tiny model")
+    parser.add_argument(
+        "--out", default=".", help="output root for stats/, results/, reports/ (default: .)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="weight seeds; 3 adds the spread (default: 1)"
+    )
+    parser.add_argument("--model", default=None, help="model (default: tiny-unet3d)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="prompts (default: 2)")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 10)")
+    parser.add_argument("--frames", type=int, default=None, help="latent frames (default: 8)")
+    parser.add_argument("--height", type=int, default=None, help="latent height (default: 16)")
+    parser.add_argument("--width", type=int, default=None, help="latent width (default: 16)")
+    parser.add_argument(
+        "--methods",
+        type=csv,
+        default=None,
+        help="methods (default: fp,minmax,mse,smoothquant,os+,qvd,qvd-htdq,qvd-scri)",
+    )
+    parser.add_argument(
+        "--bits", type=csv, default=None, help="bit-widths (default: W8A8,W4A8,W4A4)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_job(
+        args.out,
+        args.seeds,
+        model=args.model,
+        num_prompts=args.num_prompts,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        methods=args.methods,
+        bits=args.bits,
+        progress=not args.no_progress,
+    )
 
 
 def run_settings(seeds: int = 1, **overrides: Any) -> dict[str, Any]:
@@ -63,7 +106,7 @@ def format_settings(settings: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_command(
+def run_job(
     out: str | Path = ".",
     seeds: int = 1,
     *,
@@ -95,6 +138,8 @@ def run_command(
     Returns:
         0.
     """
+    from qvd_bench import store
+    from qvd_bench.commands.evaluate import print_summary
     from qvd_bench.evaluate import harness
     from qvd_bench.evaluate.generate import GenerationSettings
     from qvd_bench.prompts import select_prompts
@@ -160,7 +205,7 @@ def run_command(
     }
     store.write_json(result.results_dir / RUN_RECORD, record)
     name = Path(settings["model"]).name
-    harness.print_summary(result, out, name)
+    print_summary(result, out, name)
     print(f"statistics in {', '.join(str(p) for p in result.stats_dirs.values())}")
     print(f"wall time {wall:.1f} s; seconds per method (quantize, generate):")
     for method, row in per_method.iterrows():

@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
+from qvd_bench.commands.run import RUN_DEFAULTS, run_job, run_settings
 from qvd_bench.errors import UserError
-from qvd_bench.run import RUN_DEFAULTS, run_command, run_settings
 
 
 def test_defaults_are_design_section_7():
@@ -30,7 +30,7 @@ def test_defaults_are_design_section_7():
 
 
 def test_run_prints_defaults_first_records_them_and_says_where(tmp_path, capsys):
-    code = run_command(
+    code = run_job(
         tmp_path, progress=False, num_prompts=1, frames=2, steps=2, methods=["fp", "minmax"],
         bits=["W8A8"],
     )  # fmt: skip
@@ -56,6 +56,6 @@ def test_bad_settings_are_one_line_user_errors(tmp_path):
     with pytest.raises(UserError, match="unknown run settings: colour"):
         run_settings(colour="red")
     with pytest.raises(UserError, match="--seeds"):
-        run_command(tmp_path, seeds=0)
+        run_job(tmp_path, seeds=0)
     with pytest.raises(UserError, match="did you mean 'minmax'"):
-        run_command(tmp_path, methods=["minmx"], progress=False)
+        run_job(tmp_path, methods=["minmx"], progress=False)

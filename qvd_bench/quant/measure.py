@@ -1,14 +1,9 @@
-"""What ``qvd-bench quantize`` reports next to the record, and the command itself.
-
-The library parts are elsewhere: ``quant.config`` (``QuantConfig``, ``parse_bits``),
-``quant.record`` (``QuantRecord``, ``load_record``) and ``quant.apply`` (``quantize_``,
-``apply_record``, ``unquantize_``).
-"""
+"""What a quantization did, measured from its record: the level coverage of every
+quantized input and, for temporal features, TDScore of the quantizers against the float
+features (reported by ``qvd-bench quantize`` next to the record)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,12 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from qvd_bench.models.roles import leaf_layers
 from qvd_bench.numerics.grid import quant_range
-from qvd_bench.quant.apply import check_config_names, quantize_
 from qvd_bench.quant.builders import act_quantizer
-from qvd_bench.quant.config import QuantConfig, parse_bits
-from qvd_bench.quant.methods import get_method
 from qvd_bench.quant.record import LayerRecord, QuantRecord
 from qvd_bench.store import StatsRun
 
@@ -125,86 +116,3 @@ def coverage_report(run: StatsRun, record: QuantRecord) -> dict[str, Any]:
         "mean": float(table["mean_coverage"].mean()),
         "table": table,
     }
-
-
-def quantize_command(
-    model: str | None,
-    stats: str | Path,
-    method: str,
-    bits_spec: str,
-    out_dir: str | Path,
-    plan_path: str | Path | None = None,
-    attention_bits: Sequence[int] = (),
-    *,
-    split_skip: bool = False,
-    granularity: str | None = None,
-    mixed: str | None = None,
-    mixed_bits: Sequence[int] = (4, 6, 8),
-    probe_seed: int | None = None,
-) -> dict[str, Any]:
-    """``qvd-bench quantize``: quantize a model from its statistics and save the record.
-
-    Args:
-        model: a zoo name or path; None takes the model the statistics were collected on
-            (with the same weights and knobs).
-        stats: the statistics run directory.
-        method: a registered method name.
-        bits_spec: e.g. "W4A8".
-        out_dir: where ``record.safetensors`` and ``record.json`` go.
-        plan_path: a plan JSON (``qvd-bench analyze``); decided from the statistics if None.
-        attention_bits: bits of the attention matmul inputs (``QuantConfig.attention_bits``:
-            one value, or four for q, k, v and softmax); () keeps attention in float.
-        split_skip: split quantization of skip concatenations (``QuantConfig.split_skip``).
-        granularity: activation granularity, "tensor", "timestep_group" or "token"; None
-            takes the method's default.
-        mixed: a mean bit budget ("A6", "W5"): bits per layer assigned from measured
-            sensitivity (``evaluate.sensitivity``); the decisions go to ``mixed.json`` and
-            ``mixed.parquet`` beside the record.
-        mixed_bits: the candidate bit-widths of a mixed assignment.
-        probe_seed: sampling seed of the sensitivity probe (default: the statistics'
-            seed + 1, noise not seen in calibration).
-
-    Returns:
-        A summary: the record's counts, the output directory, level coverage of the
-        calibrated ranges, per temporal-feature layer the quantizer's TDScore, the
-        attention quantizers (``summary["attention"]``) and, with ``split_skip``, what
-        was split (``summary["split_skip"]``).
-    """
-    from qvd_bench.analysis.plan import QuantPlan
-    from qvd_bench.models.zoo import load_model, load_run_model
-
-    w_bits, a_bits = parse_bits(bits_spec)
-    get_method(method)  # an unknown name fails before any loading
-    config = QuantConfig(
-        method,
-        w_bits,
-        a_bits,
-        granularity=granularity,
-        attention_bits=tuple(attention_bits),
-        split_skip=split_skip,
-    )
-    run = StatsRun(stats)
-    plan = QuantPlan.load(plan_path) if plan_path is not None else None
-    loaded = load_run_model(run) if model is None else load_model(model)
-    layers = dict(leaf_layers(loaded.denoiser))
-    decisions = None
-    if mixed is not None:
-        from qvd_bench.evaluate.sensitivity import Budget, mixed_config, probe_for_run
-
-        budget = Budget.parse(mixed)
-        check_config_names(config, {n: run.roles.get(n, "") for n in layers})
-        probe = probe_for_run(loaded, run, seed=probe_seed)
-        config, decisions = mixed_config(
-            loaded, run, config, budget, probe, candidates=mixed_bits, plan=plan, progress=True
-        )
-    record = quantize_(loaded, config, stats=run, plan=plan)
-    record.save(out_dir)
-    summary = record.summary()
-    if decisions is not None:
-        from qvd_bench.evaluate.sensitivity import write_mixed
-
-        summary["mixed"] = write_mixed(out_dir, budget, config, decisions, probe)
-    summary["out_dir"] = str(out_dir)
-    summary["coverage"] = coverage_report(run, record)
-    summary["temporal"] = temporal_report(run, record, layers)
-    return summary

@@ -1,0 +1,99 @@
+"""Argument helpers shared by the subcommands: the parser class, model and sampling
+arguments, comma-separated lists."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from qvd_bench.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def csv(text: str) -> tuple[str, ...]:
+    """``"a, b,,c"`` -> ``("a", "b", "c")``."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def int_list(values: Sequence[str], flag: str) -> tuple[int, ...]:
+    """The integers of a comma-separated option, or a UserError naming ``flag``."""
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise UserError(
+            f"{flag} takes comma-separated integers, got {','.join(values)!r}"
+        ) from None
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="tiny-unet3d",
+        help="zoo name, local pipeline directory or hub id (default: tiny-unet3d)",
+    )
+    parser.add_argument(
+        "--weight-seed",
+        type=int,
+        default=0,
+        help="seed of the random weights of zoo presets (default: 0)",
+    )
+    parser.add_argument(
+        "--disparity",
+        type=float,
+        default=None,
+        help="log-normal sigma of injected per-channel gains (preset default)",
+    )
+    parser.add_argument(
+        "--asymmetry",
+        type=float,
+        default=None,
+        help="scale of injected per-channel offsets (preset default)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, *, steps: int) -> None:
+    """Prompts and sampling settings, shared by collect and evaluate."""
+    parser.add_argument(
+        "--prompts", metavar="FILE", help="prompt file, one per line (default: built-in prompts)"
+    )
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        default=None,
+        help="use the first N prompts (default: all of the file, 2 built-in)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=steps, help=f"sampling steps (default: {steps})"
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=7.5,
+        help="classifier-free guidance scale; <= 1 disables CFG (default: 7.5)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--frames", type=int, default=8, help="latent frames (default: 8)")
+    parser.add_argument("--height", type=int, default=16, help="latent height (default: 16)")
+    parser.add_argument("--width", type=int, default=16, help="latent width (default: 16)")
+
+
+def command_flags(add_parser: Callable[[Any], None]) -> dict[str, str]:
+    """The options a subcommand declares, as argument name -> flag (``num_prompts`` ->
+    ``--num-prompts``), read from its ``add_parser`` (the one place they are declared)."""
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    add_parser(subparsers)
+    (parser,) = subparsers.choices.values()
+    return {
+        action.dest: action.option_strings[0]
+        for action in parser._actions
+        if action.option_strings and action.dest != "help"
+    }

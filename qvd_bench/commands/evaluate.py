@@ -1,0 +1,152 @@
+"""``qvd-bench evaluate``: the methods x bit-widths x metrics matrix, its results table and
+report; the terminal summary of an evaluation (shared with ``qvd-bench run``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from qvd_bench.commands._args import add_model_args, add_sampling_args, csv
+from qvd_bench.errors import UserError
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="the methods x bit-widths x metrics matrix -> results.parquet + report"
+    )
+    add_model_args(parser)
+    parser.add_argument(
+        "--methods",
+        type=csv,
+        default=("fp", "minmax", "mse", "qvd"),
+        help="comma-separated methods (default: fp,minmax,mse,qvd)",
+    )
+    parser.add_argument(
+        "--bits",
+        type=csv,
+        default=("W8A8", "W6A6", "W4A8"),
+        help="comma-separated WxAy (default: W8A8,W6A6,W4A8)",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=csv,
+        default=("fidelity",),
+        help="fidelity (always), fvd, fvd-cd, fid, clipsim (default: fidelity)",
+    )
+    add_sampling_args(parser, steps=10)
+    parser.add_argument(
+        "--reference",
+        default="fp",
+        help="Frechet reference: fp (FP generations paired by seed) or a directory of real "
+        "videos (videos.safetensors: 'videos', uint8 N x T x H x W x 3)",
+    )
+    parser.add_argument(
+        "--stats", default=None, help="statistics run to calibrate from (default: collect one)"
+    )
+    parser.add_argument("--seeds", type=int, default=1, help="number of weight seeds (default: 1)")
+    parser.add_argument("--fvd-weights", help="i3d_torchscript.pt (StyleGAN-V FVD)")
+    parser.add_argument("--fvd-cd-weights", help="i3d_pretrained_400.pt (cd-fvd FVD)")
+    parser.add_argument("--fid-weights", help="weights-inception-2015-12-05-6726825d.pth (FID)")
+    parser.add_argument(
+        "--clip-model", help="local CLIP directory, e.g. clip-vit-base-patch32 (CLIPSIM)"
+    )
+    parser.add_argument("--out", default="results", help="output root (default: results)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the matrix and prints where its outputs went.
+
+    Under ``torchrun --nproc_per_node=N`` the prompts are sharded across the processes
+    and rank 0 writes and prints (``harness.evaluate``).
+    """
+    from qvd_bench.evaluate.generate import GenerationSettings
+    from qvd_bench.evaluate.harness import EvalConfig, evaluate
+    from qvd_bench.prompts import select_prompts
+
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {args.seeds}")
+    weights = {
+        name: path
+        for name, path in (
+            ("fvd", args.fvd_weights),
+            ("fvd-cd", args.fvd_cd_weights),
+            ("fid", args.fid_weights),
+            ("clipsim", args.clip_model),
+        )
+        if path
+    }
+    count = args.num_prompts if args.num_prompts is not None else (None if args.prompts else 2)
+    config = EvalConfig(
+        model=args.model,
+        weight_seeds=tuple(range(args.weight_seed, args.weight_seed + args.seeds)),
+        methods=tuple(args.methods),
+        bits=tuple(args.bits),
+        metrics=tuple(m for m in args.metrics if m != "fidelity"),
+        prompts=tuple(select_prompts(args.prompts, count)),
+        settings=GenerationSettings(
+            steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            seed=args.seed,
+            frames=args.frames,
+            height=args.height,
+            width=args.width,
+            scheduler="ddim",
+        ),
+        disparity=args.disparity,
+        asymmetry=args.asymmetry,
+        stats=args.stats,
+        reference=args.reference,
+        weights=weights,
+    )
+    out = Path(args.out)
+    result = evaluate(config, out, progress=not args.no_progress)
+    if result is not None:  # rank 0 reports; the other processes of a torchrun stay quiet
+        print_summary(result, out, Path(config.model).name or "model")
+    return 0
+
+
+def print_summary(result, out: Path, name: str) -> None:
+    """The notices, the headline table and where the outputs of an evaluation went.
+
+    Args:
+        result: the ``harness.EvalResult``.
+        out: the output root of the evaluation.
+        name: the model's directory name under ``reports/``.
+    """
+    from qvd_bench.evaluate import generate as gen
+    from qvd_bench.evaluate.harness import RESULTS_FILE, headline_table
+
+    for notice in result.notices:
+        print(f"note: {notice}")
+    print(format_table(headline_table(result.results)))
+    print(
+        f"videos: {result.generated} generated, {result.cached} from the cache "
+        f"({result.results_dir / gen.GENERATIONS_DIR})"
+    )
+    print(f"results written to {result.results_dir / RESULTS_FILE}")
+    print(f"report written to {out / 'reports' / name / 'index.html'}")
+
+
+def format_table(frame) -> str:
+    """A plain-text table of a DataFrame (for the terminal)."""
+    import numpy as np
+
+    if frame.empty:
+        return "(no results)"
+
+    def cell(value: Any) -> str:
+        if isinstance(value, (float, np.floating)):
+            if np.isnan(value):
+                return "–"
+            if np.isinf(value):
+                return "inf" if value > 0 else "-inf"
+            return f"{value:.4g}"
+        return str(value)
+
+    cells = [[cell(v) for v in row] for row in frame.itertuples(index=False)]
+    widths = [max(len(str(c)), *(len(r[i]) for r in cells)) for i, c in enumerate(frame.columns)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(frame.columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)

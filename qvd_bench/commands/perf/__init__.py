@@ -1,0 +1,68 @@
+"""``qvd-bench perf``: the performance benchmarks (``benchmarks``), one table per model.
+
+The benchmarks import torch and every layer of the library; they are imported when the
+command runs, so that ``--help`` and bad input answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from qvd_bench.commands._args import csv
+from qvd_bench.errors import UserError
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "perf", help="performance benchmarks (ratios measured in one run)"
+    )
+    parser.add_argument(
+        "benchmark",
+        choices=("collect", "frechet", "quant", "run"),
+        help="which benchmark (run: the main job's phases in units of the FP forward)",
+    )
+    parser.add_argument(
+        "--models",
+        type=csv,
+        default=None,
+        help="what to measure: models for collect and quant (default: tiny-unet3d,modelscope-t2v-arch), "
+        "feature dimensions for frechet (default: 400,1024,2048), the model of the main job "
+        "for run (default: tiny-unet3d)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=7,
+        help="interleaved repeats; medians are reported (run: FP forwards timed before the "
+        "job and again after it)",
+    )
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs one benchmark on each model on one thread, prints the tables and, with
+    ``--out``, writes them as JSON."""
+    if args.repeats < 1:
+        raise UserError("--repeats must be at least 1")
+    import torch
+
+    from qvd_bench.commands.perf import benchmarks
+
+    if args.benchmark not in benchmarks.BENCHMARKS:
+        raise UserError(
+            f"unknown benchmark {args.benchmark!r}; known: {', '.join(benchmarks.BENCHMARKS)}"
+        )
+    models = args.models or benchmarks.BENCHMARK_DEFAULT_MODELS[args.benchmark]
+    torch.set_num_threads(1)
+    tables = []
+    for model in models:
+        table = benchmarks.BENCHMARKS[args.benchmark](model, args.repeats)
+        print(table.render(), flush=True)
+        print()
+        tables.append(table)
+    if args.out:
+        data = [{"title": t.title, "rows": [r.__dict__ for r in t.rows]} for t in tables]
+        Path(args.out).write_text(json.dumps(data, indent=2))
+    return 0
