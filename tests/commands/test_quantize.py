@@ -1,7 +1,7 @@
 """``qvd-bench quantize``: a record from statistics, and its summary."""
 
 from qvd_bench.commands.quantize import quantize_from_stats
-from tests.quant.test_methods import tiny_stats
+from tests.quant.helpers import tiny_stats
 
 
 def test_quantize_from_stats(tmp_path):

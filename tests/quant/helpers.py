@@ -1,4 +1,5 @@
-"""Shared helpers of the quantization tests: tiny statistics and end-to-end SQNR."""
+"""Shared helpers of the quantization tests: tiny statistics, the short sampling run they
+were collected on, and end-to-end SQNR."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 
 from qvd_bench.collect.collector import collect
 from qvd_bench.config import CollectConfig
-from qvd_bench.models.zoo import load_model
+from qvd_bench.models.sampling import sample_denoiser, text_states_for_prompts
+from qvd_bench.models.zoo import load_model, load_run_model
 from qvd_bench.quant.apply import quantize_
 from qvd_bench.quant.config import QuantConfig
 from qvd_bench.quant.primitives import sqnr_db
@@ -89,3 +91,57 @@ def tiny_run(model: str, weight_seed: int = 0) -> StatsRun:
     root = tempfile.mkdtemp(prefix="qvd-quant-tiny-")
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     return collect_tiny(Path(root) / "run", model, weight_seed=weight_seed)
+
+
+# The tiny-unet3d run the method tests share: 2 prompts, 2 DDIM steps without CFG, 2
+# frames of 8×8 latents.
+PROMPTS = ("a cat", "a dog")
+SAMPLING = {"steps": 2, "guidance_scale": 1.0, "frames": 2, "height": 8, "width": 8}
+# Blocks quantized by the per-method tests (with every temporal-feature layer).
+SCOPE_PREFIXES = (
+    "conv_in",
+    "time_embedding.",
+    "down_blocks.0.resnets.0.",
+    "down_blocks.0.temp_convs.0.",
+    "down_blocks.0.attentions.0.transformer_blocks.0.",
+    "down_blocks.0.temp_attentions.0.transformer_blocks.0.",
+)
+
+
+@functools.cache
+def tiny_stats() -> StatsRun:
+    """One statistics run shared by the quantization test modules (made once per process)."""
+    root = tempfile.mkdtemp(prefix="qvd-quant-stats-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    directory = f"{root}/run"
+    config = CollectConfig(
+        model="tiny-unet3d",
+        prompts=PROMPTS,
+        steps=SAMPLING["steps"],
+        guidance_scale=SAMPLING["guidance_scale"],
+        frames=SAMPLING["frames"],
+        height=SAMPLING["height"],
+        width=SAMPLING["width"],
+        temporal_stride=20,
+        reservoir_capacity=64,
+    )
+    collect(config, directory, progress=False)
+    return StatsRun(directory)
+
+
+def sample(loaded, tracker=None) -> torch.Tensor:
+    """Final latents of the short sampling run the statistics were collected on."""
+    cond, uncond = text_states_for_prompts(loaded, PROMPTS)
+    return sample_denoiser(
+        loaded, cond, uncond, seed=0, sample_ids=[0, 1], tracker=tracker, **SAMPLING
+    )
+
+
+@functools.cache
+def reference() -> torch.Tensor:
+    return sample(load_run_model(tiny_stats()))
+
+
+def out_of_scope(run: StatsRun) -> tuple[str, ...]:
+    temporal = set(run.temporal["layer"].astype(str))
+    return tuple(n for n in run.roles if n not in temporal and not n.startswith(SCOPE_PREFIXES))

@@ -11,7 +11,7 @@ from qvd_bench.errors import UserError
 from qvd_bench.models.zoo import load_model, load_run_model
 from qvd_bench.quant.apply import make_plan_for, quantize_, unquantize_
 from qvd_bench.quant.config import PercentileOptions, QuantConfig
-from tests.quant.test_methods import tiny_stats
+from tests.quant.helpers import tiny_stats
 
 
 def test_unknown_method_suggests():

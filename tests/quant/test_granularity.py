@@ -11,8 +11,7 @@ from qvd_bench.quant.config import QuantConfig
 from qvd_bench.quant.methods import METHODS
 from qvd_bench.quant.modules import DynamicTokenActQuant, quant_wrappers
 from qvd_bench.quant.observers import token_clip_ratio
-from tests.quant.helpers import end_to_end_sqnr, tiny_run
-from tests.quant.test_methods import out_of_scope, tiny_stats
+from tests.quant.helpers import end_to_end_sqnr, out_of_scope, tiny_run, tiny_stats
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -22,7 +22,7 @@ from qvd_bench.quant.methods.htdq import (
     score_candidate,
 )
 from qvd_bench.quant.primitives import sqnr_db
-from tests.quant.test_methods import reference, sample, tiny_stats
+from tests.quant.helpers import reference, sample, tiny_stats
 
 F64 = torch.float64
 

@@ -9,37 +9,19 @@ keep the suite fast; the minmax / mse bit-width sweep runs on every layer.
 
 from __future__ import annotations
 
-import atexit
-import functools
 import math
-import shutil
-import tempfile
 
 import pytest
 import torch
 
-from qvd_bench.collect.collector import collect
-from qvd_bench.config import CollectConfig
-from qvd_bench.models.sampling import sample_denoiser, text_states_for_prompts
 from qvd_bench.models.zoo import load_run_model
 from qvd_bench.quant.apply import quantize_
 from qvd_bench.quant.config import QuantConfig
 from qvd_bench.quant.methods import METHODS
 from qvd_bench.quant.modules import DynamicTokenActQuant, quant_wrappers
 from qvd_bench.quant.primitives import sqnr_db
-from qvd_bench.store import StatsRun
+from tests.quant.helpers import out_of_scope, reference, sample, tiny_stats
 
-PROMPTS = ("a cat", "a dog")
-SAMPLING = {"steps": 2, "guidance_scale": 1.0, "frames": 2, "height": 8, "width": 8}
-# Blocks quantized by the per-method tests (with every temporal-feature layer).
-SCOPE_PREFIXES = (
-    "conv_in",
-    "time_embedding.",
-    "down_blocks.0.resnets.0.",
-    "down_blocks.0.temp_convs.0.",
-    "down_blocks.0.attentions.0.transformer_blocks.0.",
-    "down_blocks.0.temp_attentions.0.transformer_blocks.0.",
-)
 # Methods whose clipping does not depend on the bit-width: they clip at 16 bits too.
 CLIPPING_AT_ANY_BITS = {"percentile"}
 DESIGN_METHODS = (
@@ -58,45 +40,6 @@ DESIGN_METHODS = (
     "qvd-htdq",
     "qvd-scri",
 )
-
-
-@functools.cache
-def tiny_stats() -> StatsRun:
-    """One statistics run shared by the quantization test modules (made once per process)."""
-    root = tempfile.mkdtemp(prefix="qvd-quant-stats-")
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    directory = f"{root}/run"
-    config = CollectConfig(
-        model="tiny-unet3d",
-        prompts=PROMPTS,
-        steps=SAMPLING["steps"],
-        guidance_scale=SAMPLING["guidance_scale"],
-        frames=SAMPLING["frames"],
-        height=SAMPLING["height"],
-        width=SAMPLING["width"],
-        temporal_stride=20,
-        reservoir_capacity=64,
-    )
-    collect(config, directory, progress=False)
-    return StatsRun(directory)
-
-
-def sample(loaded, tracker=None) -> torch.Tensor:
-    """Final latents of the short sampling run the statistics were collected on."""
-    cond, uncond = text_states_for_prompts(loaded, PROMPTS)
-    return sample_denoiser(
-        loaded, cond, uncond, seed=0, sample_ids=[0, 1], tracker=tracker, **SAMPLING
-    )
-
-
-@functools.cache
-def reference() -> torch.Tensor:
-    return sample(load_run_model(tiny_stats()))
-
-
-def out_of_scope(run: StatsRun) -> tuple[str, ...]:
-    temporal = set(run.temporal["layer"].astype(str))
-    return tuple(n for n in run.roles if n not in temporal and not n.startswith(SCOPE_PREFIXES))
 
 
 _SQNR: dict[tuple, float] = {}

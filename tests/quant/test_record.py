@@ -12,7 +12,7 @@ from qvd_bench.models.zoo import load_run_model
 from qvd_bench.quant.apply import apply_record, quantize_
 from qvd_bench.quant.config import HtdqOptions, QuantConfig
 from qvd_bench.quant.record import RECORD_JSON, load_record
-from tests.quant.test_methods import out_of_scope, sample, tiny_stats
+from tests.quant.helpers import out_of_scope, sample, tiny_stats
 
 
 @pytest.mark.parametrize("method", ["qvd", "timestep_aware", "fsc"])
