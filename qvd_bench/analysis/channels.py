@@ -1,6 +1,6 @@
 """Per-channel ranges and what they mean for a per-tensor quantizer.
 
-For channel c of a layer input with range r_c = max_c − min_c (DESIGN section 4):
+For channel c of a layer input with range r_c = max_c − min_c:
 
 - asymmetry a_c = (max_c + min_c)/(max_c − min_c): in [−1, 1] when the channel's range contains 0,
   beyond ±1 for a one-sided channel (NaN for a constant channel);

@@ -90,10 +90,10 @@ def tune_allocator() -> bool:
 
     torch's CPU allocator takes every tensor from malloc and frees it when it dies. With
     glibc's defaults the memory of a forward's activations goes back to the system and
-    comes back as fresh pages on the next forward: about 13,000 page faults per
-    batch-2 forward of tiny-unet3d, some 10 % of its time spent in the kernel. Keeping
-    the freed heap removes them (about 20 faults per forward); the cost is that the
-    process keeps its peak memory until it exits, which suits a command-line run.
+    comes back as fresh pages on the next forward, each page a fault served by the
+    kernel. Keeping the freed heap removes those faults; the cost is that the process
+    keeps its peak memory until it exits, which suits a command-line run
+    (``qvd-bench perf`` measures the difference).
 
     Only glibc (Linux) is tuned; ``QVD_BENCH_MALLOC=default`` keeps its defaults.
 

@@ -1,6 +1,6 @@
 """``qvd-bench run``: collect → analyze → quantize → evaluate fidelity → one report.
 
-The defaults are DESIGN section 7's: tiny-unet3d, 2 prompts, 8 frames, 16×16 latents,
+The defaults (``RUN_DEFAULTS``): tiny-unet3d, 2 prompts, 8 frames, 16×16 latents,
 10 DDIM steps with CFG, methods fp, minmax, mse, smoothquant, os+, qvd, qvd-htdq,
 qvd-scri at W8A8, W4A8, W4A4, one weight seed (``--seeds 3`` adds the spread). They are
 printed before anything runs and recorded in ``results/<model>/run.json`` with the wall
@@ -98,7 +98,7 @@ def run_settings(seeds: int = 1, **overrides: Any) -> dict[str, Any]:
 
 def format_settings(settings: dict[str, Any]) -> str:
     """One line per setting, marking those changed from the defaults."""
-    lines = ["qvd-bench run settings (DESIGN section 7 defaults; * = changed by a flag):"]
+    lines = ["qvd-bench run settings (* = changed by a flag):"]
     for key, value in settings.items():
         shown = ",".join(value) if isinstance(value, tuple) else value
         mark = "*" if value != RUN_DEFAULTS[key] else " "

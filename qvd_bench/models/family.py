@@ -21,7 +21,7 @@ from torch import nn
 
 Layout = Literal["BCFHW", "BFCHW"]
 
-# The roles every leaf Linear/Conv gets exactly one of (DESIGN.md section 2).
+# The roles every leaf Linear/Conv gets exactly one of.
 ROLES: tuple[str, ...] = (
     "time_emb",
     "temporal",
@@ -46,7 +46,7 @@ class Family:
             the qualified module name; the first match wins.
         outlier_targets: (regex, kind) pairs naming where the ``disparity`` /
             ``asymmetry`` knobs act; kind is one of "norm", "time_mlp", "ffn_in",
-            "attn_out" (DESIGN.md section 2).
+            "attn_out".
     """
 
     name: ClassVar[str]

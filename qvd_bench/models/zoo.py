@@ -1,8 +1,7 @@
 """The model zoo: named presets with random weights, and loading diffusers pipelines.
 
 Presets are built from config dicts (nothing is downloaded) with weights drawn from a
-fixed seed. Random weights lack what makes trained models hard to quantize, so presets
-(DESIGN.md section 2):
+fixed seed. Random weights lack what makes trained models hard to quantize, so presets:
 
 - re-initialise the layers diffusers zero-initialises (they would contribute nothing);
 - inject outlier channels: ``disparity`` is the sigma of log-normal per-channel gains,

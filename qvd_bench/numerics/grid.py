@@ -95,7 +95,7 @@ def quant_levels(
 ) -> Tensor:
     """Levels q(v) = clamp(round((v − lo)/Δ), 0, 2^b − 1) of a uniform b-bit quantizer.
 
-    The level index used by coverage measurements (DESIGN section 4): Δ = (hi − lo)/(2^b − 1)
+    The level index used by coverage measurements: Δ = (hi − lo)/(2^b − 1)
     on the range exactly as given (not widened to contain 0), round half to even.
 
     Args:
@@ -258,7 +258,7 @@ def signed_log_levels(
     Args:
         scale: s ≥ 0, the largest positive level.
         bits: b, an integer in 2..16.
-        base: ratio between neighbouring magnitudes, > 1 (DESIGN: 2, √2, 2^¼).
+        base: ratio between neighbouring magnitudes, > 1 (2, √2, 2^¼).
         negative_scale: the largest negative magnitude; ``scale`` when None.
 
     Returns:

@@ -14,8 +14,8 @@ record reproduces the quantized model exactly.
 
 Scope: every leaf Linear / Conv layer of the denoiser (``roles.leaf_layers``); the
 statistics must describe exactly those layers. By default everything is quantized
-(``keep_fp_roles`` and ``keep_fp_layers`` are empty): DESIGN allows keeping the first and
-last layers or any role in full precision, but the default stays the plain, comparable
+(``keep_fp_roles`` and ``keep_fp_layers`` are empty): keeping the first and
+last layers or any role in full precision is a choice, and the default stays the plain, comparable
 "quantize everything" so that methods differ only in how they quantize.
 
 Attention matmuls (``QuantConfig.attention_bits``): q, k, v and the softmax output of every

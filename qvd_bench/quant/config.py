@@ -25,7 +25,7 @@ from qvd_bench.config import SCHEMA_VERSION
 from qvd_bench.errors import UserError
 from qvd_bench.numerics.grid import check_bits
 
-# Named bit-width presets (DESIGN section 5); any WxAy with x, y in 2..16 is accepted too.
+# Named bit-width presets; any WxAy with x, y in 2..16 is accepted too.
 PRESETS: dict[str, tuple[int, int]] = {
     "W8A8": (8, 8),
     "W6A6": (6, 6),

@@ -84,7 +84,7 @@ def temporal_report(run: StatsRun, record: QuantRecord, layers: dict[str, nn.Mod
 
 
 def coverage_report(run: StatsRun, record: QuantRecord) -> dict[str, Any]:
-    """Level coverage of the calibrated per-tensor ranges (DESIGN section 4).
+    """Level coverage of the calibrated per-tensor ranges.
 
     Layers with an explicit input transform, dynamic or no activation quantizer are left
     out: their calibrated range is not on the stored input statistics' scale.

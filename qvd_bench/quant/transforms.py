@@ -2,7 +2,7 @@
 
 A transform with shift z (C,) and scale s (C,) computes a layer on X̃ = (X − z)/s with
 W̃ = W·diag(s) and b̃ = b + W·z (summed over a conv's kernel), which leaves its output
-unchanged (DESIGN.md section 5: SCRI, OS+, SmoothQuant with z = 0). Where what produces
+unchanged (SCRI, OS+, SmoothQuant with z = 0). Where what produces
 the input can absorb the transform, it folds there exactly (``KINDS``):
 
 - ``folded_norm``: into the affine of a norm that feeds the layer directly (GroupNorm /

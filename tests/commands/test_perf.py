@@ -90,7 +90,7 @@ def test_bench_run_accounts_for_the_whole_wall_time(tmp_path, monkeypatch, capsy
     met = "met" if total.median_s < benchmarks.RUN_TARGET_S else "not met"
     at_recorded = total.median_s * speed
     assert total.note.startswith(
-        f"target < 300 s on one CPU core (DESIGN section 7); {met}; "
+        f"target < 300 s on one CPU core; {met}; "
         f"about {at_recorded:.0f} s at the probe's recorded speed; "
     )
     # 1 reference video + minmax's teacher-forced and free-running ones (fp reuses the

@@ -23,7 +23,7 @@ from torch import nn
 
 from qvd_bench.errors import UserError
 
-# Latent sizes (frames, height, width): tiny-unet3d as DESIGN.md section 7 states; the
+# Latent sizes (frames, height, width): tiny-unet3d at its stated size; the
 # full-size architecture at a small latent so that a run takes minutes, not hours.
 PERF_LATENTS = {"modelscope-t2v-arch": (4, 16, 16)}
 DEFAULT_LATENT = (8, 32, 32)
@@ -466,7 +466,7 @@ def bench_quant(model_name: str, repeats: int) -> Table:
     return table
 
 
-# Where the 5-minute target of ``qvd-bench run`` (DESIGN section 7) is checked.
+# Where the 5-minute target of ``qvd-bench run`` is checked.
 RUN_TARGET_S = 300.0
 
 # The machine probe: a forward whose time on the 2-core machine the target names was
@@ -700,7 +700,7 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
             "total (wall)",
             wall,
             wall / unit,
-            note=f"target < {RUN_TARGET_S:.0f} s on one CPU core (DESIGN section 7); {met}; "
+            note=f"target < {RUN_TARGET_S:.0f} s on one CPU core; {met}; "
             f"about {wall * PROBE_RECORDED_S / probe:.0f} s at the probe's recorded speed; "
             f"{record['videos_generated']} videos generated",
         )

@@ -2,9 +2,9 @@
 SmoothQuant share with it.
 
 Per input channel c with range [lo_c, hi_c] (all timesteps) and half range h_c:
-z_c = (hi_c + lo_c)/2, s_c = max(1, h_c/t), X̃ = (X − z)/s, W̃ = W·diag(s), b̃ = b + W·z
-(DESIGN.md section 5). SCRI picks t among quantiles of h (``T_QUANTILES``; t = max h is
-the shift alone) to maximise the mean level coverage of X̃ (section 4, against the
+z_c = (hi_c + lo_c)/2, s_c = max(1, h_c/t), X̃ = (X − z)/s, W̃ = W·diag(s), b̃ = b + W·z.
+SCRI picks t among quantiles of h (``T_QUANTILES``; t = max h is
+the shift alone) to maximise the mean level coverage of X̃ (against the
 calibrated per-tensor range) subject to layer-output SQNR on held-out reservoir rows no
 worse than the ``mse`` baseline's; when no t qualifies the layer stays plain ``mse``.
 Reservoir rows are split by key parity: even keys calibrate the activation range, odd
@@ -254,7 +254,7 @@ def _fake_quant_rows(x: Tensor, lo: float, hi: float, bits: int) -> Tensor:
 
 
 def mean_coverage(lo_c: Tensor, hi_c: Tensor, lo: float, hi: float, bits: int) -> float:
-    """Mean over channels of the level coverage (DESIGN.md section 4) under [lo, hi]."""
+    """Mean over channels of the level coverage under [lo, hi]."""
     # One quant_levels call for both ends of every channel: half the small ops.
     ends = torch.cat([torch.clamp(lo_c, min=lo), torch.clamp(hi_c, max=hi)])
     level_min, level_max = quant_levels(ends, lo, hi, bits).split(lo_c.numel())
