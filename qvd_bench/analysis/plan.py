@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from qvd_bench.analysis.channels import channel_ranges
+from qvd_bench.analysis.channels import channel_ranges, layer_coverage
 from qvd_bench.config import SCHEMA_VERSION
 from qvd_bench.errors import UserError
 from qvd_bench.numerics.grid import check_bits
@@ -350,9 +350,6 @@ def make_plan(
     w_bits, a_bits = check_bits(w_bits), check_bits(a_bits)
     table = layer_table
     if f"coverage_mean_a{a_bits}" not in table.columns:
-        # Imported here: summary builds on this module.
-        from qvd_bench.analysis.summary import layer_coverage
-
         channels = run.channels
         ranges = channel_ranges(channels[channels["tensor"] == "input"])
         table = table.join(layer_coverage(ranges, a_bits), on="layer")
