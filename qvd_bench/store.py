@@ -8,7 +8,7 @@ A run directory holds::
     temporal.parquet       per (layer, timestep) the full input vector of time_emb layers
     weights.parquet        per (layer, output channel) weight statistics
     reservoir.safetensors  per layer the sampled input rows and their keys
-    attention.parquet      (``collect --attention`` only) per (attention module, tensor,
+    attention.parquet      (collected with attention only) per (attention module, tensor,
                            timestep, branch) moments of q, k, v and the softmax output
     attention_histograms.parquet   their non-zero histogram bins (with histograms on)
 

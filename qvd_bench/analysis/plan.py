@@ -194,7 +194,7 @@ def decide_htdq(row: pd.Series, thresholds: PlanThresholds, run_has_temporal: bo
         if not run_has_temporal and row["role"] == "time_emb":
             reason = (
                 "no temporal features in this run, so HTDQ was not considered; "
-                "recollect with --temporal-stride 1"
+                "recollect with temporal_stride=1"
             )
         else:
             reason = "no temporal features stored for this layer, so HTDQ does not apply"

@@ -337,7 +337,7 @@ def headline(layer_table: pd.DataFrame, plan: QuantPlan) -> str:
     if (layer_table["role"] == "time_emb").any() and not layer_table["has_temporal"].any():
         lines.append(
             "note: no temporal features in this run, so HTDQ was not considered "
-            "(recollect with --temporal-stride 1)"
+            "(recollect with temporal_stride=1)"
         )
     return "\n".join(lines)
 
