@@ -21,6 +21,7 @@ from qvd_bench.evaluate.config import EvalConfig
 from qvd_bench.evaluate.generate import CacheKey, Generation, GenerationCache, GenerationSettings
 from qvd_bench.models.family import LoadedModel
 
+# The method and bits under which the FP reference's videos are cached and timed.
 REFERENCE_METHOD = "reference"
 FP_BITS = "fp"
 
