@@ -1,6 +1,6 @@
 """Every quantization method on every tiny preset at W8A8, W6A6, W4A8 and W4A4.
 
-For each preset the evaluation harness (``qvd_bench.evaluate.harness.evaluate``, fidelity
+For each preset the evaluation matrix (``qvd_bench.evaluate.matrix.evaluate``, fidelity
 metrics only) runs once per (method, bit-width) on reduced sampling settings, and the
 teacher-forced SQNR of the CFG output in x0-space against the FP model goes into one
 Markdown table per preset: over all steps, and per step. A configuration that fails is
@@ -29,8 +29,11 @@ from pathlib import Path
 import torch
 
 from qvd_bench.errors import UserError
-from qvd_bench.evaluate import harness
+from qvd_bench.evaluate.config import EvalConfig, normalise_bits_specs
 from qvd_bench.evaluate.generate import GenerationSettings
+from qvd_bench.evaluate.matrix import evaluate
+from qvd_bench.evaluate.metrics import FIDELITY_METRICS
+from qvd_bench.evaluate.results import ALL_STEPS
 from qvd_bench.models import zoo
 from qvd_bench.prompts import select_prompts
 from qvd_bench.quant.methods import METHODS
@@ -71,18 +74,18 @@ def run_cell(
     work_dir: Path,
 ) -> Outcome:
     """Evaluates one (preset, method, bits) configuration and extracts its SQNR figures."""
-    config = harness.EvalConfig(
+    config = EvalConfig(
         model=preset,
         weight_seeds=(weight_seed,),
         methods=(method,),
         bits=(bits,),
-        metrics=harness.FIDELITY_METRICS,
+        metrics=FIDELITY_METRICS,
         prompts=prompts,
         settings=settings,
     )
     started = time.perf_counter()
     try:
-        result = harness.evaluate(config, work_dir, progress=False, write_report=False)
+        result = evaluate(config, work_dir, progress=False)
     except Exception as error:  # a failing cell is a finding; the matrix goes on
         frame = traceback.extract_tb(error.__traceback__)[-1]
         where = f"{Path(frame.filename).name}:{frame.lineno}"
@@ -95,8 +98,8 @@ def run_cell(
     sqnr = rows[
         (rows["metric"] == "sqnr") & (rows["mode"] == "teacher-forced") & (rows["branch"] == "cfg")
     ]
-    overall = sqnr[sqnr["step"] == harness.ALL_STEPS]["value"]
-    per_step = sqnr[sqnr["step"] != harness.ALL_STEPS].sort_values("step")["value"]
+    overall = sqnr[sqnr["step"] == ALL_STEPS]["value"]
+    per_step = sqnr[sqnr["step"] != ALL_STEPS].sort_values("step")["value"]
     return Outcome(float(overall.iloc[0]), [float(v) for v in per_step], "", seconds)
 
 
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         presets = parse_list(args.presets, tiny_presets(), tiny_presets(), "preset")
         methods = parse_list(args.methods, list(METHODS), list(METHODS), "method")
-        bits = list(harness.check_bits(parse_list(args.bits, DEFAULT_BITS)))
+        bits = list(normalise_bits_specs(parse_list(args.bits, DEFAULT_BITS)))
         prompts = tuple(select_prompts(None, args.prompts))
         settings = GenerationSettings(
             steps=args.steps, frames=args.frames, height=args.size, width=args.size

@@ -8,7 +8,7 @@ A run directory holds::
     temporal.parquet       per (layer, timestep) the full input vector of time_emb layers
     weights.parquet        per (layer, output channel) weight statistics
     reservoir.safetensors  per layer the sampled input rows and their keys
-    attention.parquet      (``collect --attention`` only) per (attention module, tensor,
+    attention.parquet      (collected with attention only) per (attention module, tensor,
                            timestep, branch) moments of q, k, v and the softmax output
     attention_histograms.parquet   their non-zero histogram bins (with histograms on)
 
@@ -21,6 +21,7 @@ accumulators so that a rerun resumes after the last finished sample.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -100,6 +101,29 @@ def read_json_document(path: Path, *, format: str, what: str, redo: str, missing
             f"{SCHEMA_VERSION}; {redo}"
         )
     return data
+
+
+def json_safe(value: Any, *, names_non_finite: bool = False) -> Any:
+    """``value`` as plain JSON data: dicts with string keys, lists, Python scalars.
+
+    Tuples become lists; tensors and arrays their nested lists; NumPy scalars Python ones.
+
+    Args:
+        value: nested dicts, lists, tuples, tensors, arrays and scalars.
+        names_non_finite: write NaN and infinities as their names ("nan", "inf"); by
+            default they become None (JSON has no such numbers).
+    """
+    if isinstance(value, dict):
+        return {str(k): json_safe(v, names_non_finite=names_non_finite) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, names_non_finite=names_non_finite) for v in value]
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return json_safe(value.tolist(), names_non_finite=names_non_finite)
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value) if names_non_finite else None
+    return value
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -34,6 +34,8 @@ from qvd_bench.errors import UserError
 from qvd_bench.numerics.grid import check_bits, quant_levels
 
 TENSOR_KEYS = ("tensor", "layer", "role", "timestep", "branch")
+# A channel is starved when it reaches fewer than this share of the tensor's levels.
+STARVED = 0.1
 
 
 def select(
@@ -228,6 +230,28 @@ def coverage_summary(cov: pd.DataFrame, threshold: float = 0.1) -> pd.DataFrame:
     )
     out.insert(len(keys) + 3, "threshold", threshold)
     return out
+
+
+def coverage_columns(bits: int) -> list[str]:
+    """Names of the coverage columns of ``layer_summary`` at one bit-width."""
+    return [f"coverage_mean_a{bits}", f"coverage_median_a{bits}", f"coverage_below10_a{bits}"]
+
+
+def layer_coverage(ranges: pd.DataFrame, bits: int) -> pd.DataFrame:
+    """Coverage mean, median and share under 10 % per layer at one bit-width.
+
+    Args:
+        ranges: ``channel_ranges`` output (merged over timesteps: one row per channel).
+        bits: activation bits, 2..16.
+
+    Returns:
+        Indexed by layer: the three columns named by ``coverage_columns(bits)``.
+    """
+    summary = coverage_summary(coverage(ranges, bits), threshold=STARVED)
+    summary = summary.assign(layer=summary["layer"].astype(str)).set_index("layer")
+    names = coverage_columns(bits)
+    columns = ["mean_coverage", "median_coverage", "share_below_threshold"]
+    return summary[columns].set_axis(names, axis=1)
 
 
 def empirical_coverage(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from qvd_bench.analysis.channels import channel_ranges
+from qvd_bench.analysis.channels import channel_ranges, layer_coverage
 from qvd_bench.config import SCHEMA_VERSION
 from qvd_bench.errors import UserError
 from qvd_bench.numerics.grid import check_bits
@@ -194,7 +194,7 @@ def decide_htdq(row: pd.Series, thresholds: PlanThresholds, run_has_temporal: bo
         if not run_has_temporal and row["role"] == "time_emb":
             reason = (
                 "no temporal features in this run, so HTDQ was not considered; "
-                "recollect with --temporal-stride 1"
+                "recollect with temporal_stride=1"
             )
         else:
             reason = "no temporal features stored for this layer, so HTDQ does not apply"
@@ -350,9 +350,6 @@ def make_plan(
     w_bits, a_bits = check_bits(w_bits), check_bits(a_bits)
     table = layer_table
     if f"coverage_mean_a{a_bits}" not in table.columns:
-        # Imported here: summary builds on this module.
-        from qvd_bench.analysis.summary import layer_coverage
-
         channels = run.channels
         ranges = channel_ranges(channels[channels["tensor"] == "input"])
         table = table.join(layer_coverage(ranges, a_bits), on="layer")

@@ -24,9 +24,9 @@ import pandas as pd
 from qvd_bench import store
 from qvd_bench.analysis.channels import (
     channel_ranges,
-    coverage,
-    coverage_summary,
+    coverage_columns,
     disparity,
+    layer_coverage,
     temporal_drift,
     weight_summary,
 )
@@ -43,17 +43,10 @@ from qvd_bench.store import StatsRun
 
 ANALYSIS_FILE = "analysis.parquet"
 PLAN_FILE = "plan.json"
-# A channel is starved when it reaches fewer than this share of the tensor's levels.
-STARVED = 0.1
 # Temporal-feature values below this fraction of the layer's maximum count as "low": after
 # SiLU most of the mass sits near zero (or on the negative floor), far below the tail.
 LOW_FRACTION = 0.05
 TEMPORAL_ROLE_LABEL = "time_emb (temporal features)"
-
-
-def coverage_columns(bits: int) -> list[str]:
-    """Names of the coverage columns of ``layer_summary`` at one bit-width."""
-    return [f"coverage_mean_a{bits}", f"coverage_median_a{bits}", f"coverage_below10_a{bits}"]
 
 
 def _by_layer(frame: pd.DataFrame) -> pd.DataFrame:
@@ -61,22 +54,6 @@ def _by_layer(frame: pd.DataFrame) -> pd.DataFrame:
     frame = frame.copy()
     frame["layer"] = frame["layer"].astype(str)
     return frame.set_index("layer")
-
-
-def layer_coverage(ranges: pd.DataFrame, bits: int) -> pd.DataFrame:
-    """Coverage mean, median and share under 10 % per layer at one bit-width.
-
-    Args:
-        ranges: ``channel_ranges`` output (merged over timesteps: one row per channel).
-        bits: activation bits, 2..16.
-
-    Returns:
-        Indexed by layer: the three columns named by ``coverage_columns(bits)``.
-    """
-    summary = _by_layer(coverage_summary(coverage(ranges, bits), threshold=STARVED))
-    names = coverage_columns(bits)
-    columns = ["mean_coverage", "median_coverage", "share_below_threshold"]
-    return summary[columns].set_axis(names, axis=1)
 
 
 def _tensor_figures(channels: pd.DataFrame) -> pd.DataFrame:
@@ -360,7 +337,7 @@ def headline(layer_table: pd.DataFrame, plan: QuantPlan) -> str:
     if (layer_table["role"] == "time_emb").any() and not layer_table["has_temporal"].any():
         lines.append(
             "note: no temporal features in this run, so HTDQ was not considered "
-            "(recollect with --temporal-stride 1)"
+            "(recollect with temporal_stride=1)"
         )
     return "\n".join(lines)
 

@@ -4,10 +4,27 @@ arguments, comma-separated lists."""
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from qvd_bench.errors import UserError
+
+# Library texts name parameters; printed by a command they name the flags that set them.
+PARAMETER_FLAGS = {
+    "temporal_stride": "--temporal-stride",
+    "weights['fvd']": "--fvd-weights",
+    "weights['fvd-cd']": "--fvd-cd-weights",
+    "weights['fid']": "--fid-weights",
+    "weights['clipsim']": "--clip-model",
+}
+_PARAMETER = re.compile("|".join(rf"(?<![\w-]){re.escape(name)}(?!\w)" for name in PARAMETER_FLAGS))
+
+
+def with_flags(text: str) -> str:
+    """A library text for the terminal: the parameters of ``PARAMETER_FLAGS`` replaced by
+    their flags (``temporal_stride`` -> ``--temporal-stride``)."""
+    return _PARAMETER.sub(lambda match: PARAMETER_FLAGS[match.group(0)], text)
 
 
 class Parser(argparse.ArgumentParser):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qvd_bench.commands._args import csv, int_list
+from qvd_bench.commands._args import csv, int_list, with_flags
 from qvd_bench.errors import UserError
 
 
@@ -76,6 +76,6 @@ def run(args: argparse.Namespace) -> int:
         bits=int_list(args.coverage_bits, "--coverage-bits"),
         thresholds=thresholds,
     )
-    print(headline(table, plan))
+    print(with_flags(headline(table, plan)))
     print(f"wrote {Path(args.run) / 'analysis.parquet'} and {Path(args.run) / 'plan.json'}")
     return 0

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from qvd_bench.commands._args import add_model_args, add_sampling_args, csv
+from qvd_bench.commands._args import add_model_args, add_sampling_args, csv, with_flags
 from qvd_bench.errors import UserError
 
 
@@ -59,10 +59,11 @@ def run(args: argparse.Namespace) -> int:
     """Runs the matrix and prints where its outputs went.
 
     Under ``torchrun --nproc_per_node=N`` the prompts are sharded across the processes
-    and rank 0 writes and prints (``harness.evaluate``).
+    and rank 0 writes and prints (``evaluate.matrix.evaluate``).
     """
+    from qvd_bench.evaluate.config import EvalConfig
     from qvd_bench.evaluate.generate import GenerationSettings
-    from qvd_bench.evaluate.harness import EvalConfig, evaluate
+    from qvd_bench.evaluate.matrix import evaluate
     from qvd_bench.prompts import select_prompts
 
     if args.seeds < 1:
@@ -103,23 +104,50 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     result = evaluate(config, out, progress=not args.no_progress)
     if result is not None:  # rank 0 reports; the other processes of a torchrun stay quiet
-        print_summary(result, out, Path(config.model).name or "model")
+        name = Path(config.model).name or "model"
+        write_report(result, config, out, name)
+        print_summary(result, out, name)
     return 0
+
+
+def write_report(result, config, out: Path, name: str) -> Path:
+    """Writes the HTML + Markdown report of an evaluation to ``<out>/reports/<name>/``.
+
+    Args:
+        result: the ``evaluate.matrix.EvalResult``.
+        config: its ``EvalConfig``.
+        out: the output root of the evaluation.
+        name: the model's directory name.
+
+    Returns:
+        The path of ``index.html``.
+    """
+    from qvd_bench.report.results import build_results_report
+
+    return build_results_report(
+        out / "reports" / name,
+        result.results,
+        result.timings,
+        config=config.to_dict(),
+        stats_dirs=result.stats_dirs,
+        notices=result.notices,
+    )
 
 
 def print_summary(result, out: Path, name: str) -> None:
     """The notices, the headline table and where the outputs of an evaluation went.
 
     Args:
-        result: the ``harness.EvalResult``.
+        result: the ``evaluate.matrix.EvalResult``.
         out: the output root of the evaluation.
         name: the model's directory name under ``reports/``.
     """
     from qvd_bench.evaluate import generate as gen
-    from qvd_bench.evaluate.harness import RESULTS_FILE, headline_table
+    from qvd_bench.evaluate.results import RESULTS_FILE
+    from qvd_bench.report.results import headline_table
 
     for notice in result.notices:
-        print(f"note: {notice}")
+        print(f"note: {with_flags(notice)}")
     print(format_table(headline_table(result.results)))
     print(
         f"videos: {result.generated} generated, {result.cached} from the cache "

@@ -27,7 +27,7 @@ from qvd_bench.commands import (
     run,
     sensitivity,
 )
-from qvd_bench.commands._args import Parser
+from qvd_bench.commands._args import Parser, with_flags
 from qvd_bench.errors import UserError
 
 # The subcommands in the order ``--help`` lists them; each module has
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command].run(args)
     except UserError as error:
-        print(f"qvd-bench: error: {error}", file=sys.stderr)
+        print(f"qvd-bench: error: {with_flags(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qvd-bench: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -139,9 +139,10 @@ def run_job(
         0.
     """
     from qvd_bench import store
-    from qvd_bench.commands.evaluate import print_summary
-    from qvd_bench.evaluate import harness
+    from qvd_bench.commands.evaluate import print_summary, write_report
+    from qvd_bench.evaluate.config import EvalConfig
     from qvd_bench.evaluate.generate import GenerationSettings
+    from qvd_bench.evaluate.matrix import evaluate
     from qvd_bench.prompts import select_prompts
 
     if seeds < 1:
@@ -164,7 +165,7 @@ def run_job(
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 prints and records
         print(format_settings(settings), flush=True)
     started = time.perf_counter()
-    config = harness.EvalConfig(
+    config = EvalConfig(
         model=settings["model"],
         weight_seeds=tuple(range(settings["weight_seed"], settings["weight_seed"] + seeds)),
         methods=settings["methods"],
@@ -181,9 +182,11 @@ def run_job(
         ),
     )
     out = Path(out)
-    result = harness.evaluate(config, out, progress=progress)
+    result = evaluate(config, out, progress=progress)
     if result is None:  # not rank 0 of a multi-process run: rank 0 records and reports
         return 0
+    name = Path(settings["model"]).name or "model"
+    write_report(result, config, out, name)
     wall = time.perf_counter() - started
     timings = result.timings
     per_method = (
@@ -204,7 +207,6 @@ def run_job(
         "videos_cached": result.cached,
     }
     store.write_json(result.results_dir / RUN_RECORD, record)
-    name = Path(settings["model"]).name
     print_summary(result, out, name)
     print(f"statistics in {', '.join(str(p) for p in result.stats_dirs.values())}")
     print(f"wall time {wall:.1f} s; seconds per method (quantize, generate):")

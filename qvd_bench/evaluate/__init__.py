@@ -8,6 +8,12 @@
 - ``fid``: per-frame FID through torchmetrics with local Inception weights.
 - ``clipsim``: CLIPSIM and CLIP-Temp with a local CLIP model.
 - ``weights``: local weights files: clear errors, SHA-256, safe loading.
+- ``matrix``: ``evaluate(config, out_dir)``, the methods × bit-widths × metrics matrix,
+  built from ``config`` (``EvalConfig``), ``calibration`` (the statistics runs),
+  ``videos`` (FP and quantized videos through the generation cache), ``results`` (the
+  results table and its fidelity rows), ``metrics`` (the metric registry and network
+  metrics), ``latents``, ``reference`` (real-video reference sets) and ``shard``
+  (processes under torchrun).
 
 Submodules are imported on use, so importing this package pulls in no metric library.
 """

@@ -26,15 +26,11 @@ from qvd_bench.evaluate.weights import sha256_of
 
 CLIP_MODEL = "openai/clip-vit-base-patch32"
 CLIP_PUBLISHED = "https://huggingface.co/openai/clip-vit-base-patch32"
-WEIGHTS_OPTION = "--clip-model"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def _require_model_dir(path: str | os.PathLike | None) -> Path:
-    how = (
-        f"download {CLIP_MODEL} from {CLIP_PUBLISHED} into a directory and pass "
-        f"{WEIGHTS_OPTION} DIR"
-    )
+    how = f"download {CLIP_MODEL} from {CLIP_PUBLISHED} into a directory"
     if path is None:
         raise UserError(f"CLIP: no model directory given; {how}")
     directory = Path(path).expanduser()

@@ -28,7 +28,6 @@ INCEPTION_PUBLISHED = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
     "weights-inception-2015-12-05-6726825d.pth (toshas/torch-fidelity GitHub releases)"
 )
-WEIGHTS_OPTION = "--fid-weights"
 
 
 def video_frames(videos: Tensor) -> Tensor:
@@ -56,9 +55,7 @@ def inception_fid_metric(weights: str | os.PathLike | None, device: str | torch.
         UserError: the file is missing, or torch-fidelity (which torchmetrics uses for the
             network) is not installed.
     """
-    path = require_weights(
-        weights, name=INCEPTION_FILE, published=INCEPTION_PUBLISHED, option=WEIGHTS_OPTION
-    )
+    path = require_weights(weights, name=INCEPTION_FILE, published=INCEPTION_PUBLISHED)
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
@@ -75,9 +72,7 @@ def inception_fid_metric(weights: str | os.PathLike | None, device: str | torch.
 
 def inception_protocol_id(weights: str | os.PathLike) -> str:
     """``fid/inception-v3-2048/sha256:<digest>`` of the Inception weights file."""
-    path = require_weights(
-        weights, name=INCEPTION_FILE, published=INCEPTION_PUBLISHED, option=WEIGHTS_OPTION
-    )
+    path = require_weights(weights, name=INCEPTION_FILE, published=INCEPTION_PUBLISHED)
     return f"fid/inception-v3-2048/sha256:{sha256_of(path)}"
 
 

@@ -74,7 +74,6 @@ PROTOCOLS: dict[str, Protocol] = {
 
 NUM_FEATURES = 400
 TATS_RESOLUTION = (224, 224)
-WEIGHTS_OPTION = "--fvd-weights"
 
 
 def to_uint8_videos(frames: Tensor) -> Tensor:
@@ -201,7 +200,7 @@ def load_detector(
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown FVD protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     spec = PROTOCOLS[protocol]
-    file = require_weights(path, name=spec.file, published=spec.published, option=WEIGHTS_OPTION)
+    file = require_weights(path, name=spec.file, published=spec.published)
     if protocol == "stylegan-v":
         module = load_torchscript(file, name=spec.file, published=spec.published)
     else:

@@ -78,7 +78,7 @@ def find_results(path: str | Path) -> Path:
     Raises:
         UserError: none, or several.
     """
-    from qvd_bench.evaluate.harness import RESULTS_FILE
+    from qvd_bench.evaluate.results import RESULTS_FILE
 
     path = Path(path)
     if (path / RESULTS_FILE).is_file():
@@ -100,12 +100,8 @@ def headline_figures(results_dir: str | Path) -> tuple[dict[str, float], dict[st
         (figure name -> value, metric -> protocol id for the Frechet / CLIP metrics).
     """
     from qvd_bench.analysis.summary import ANALYSIS_FILE, role_summary
-    from qvd_bench.evaluate.harness import (
-        FIDELITY_METRICS,
-        RESULTS_FILE,
-        SETTINGS_FILE,
-        stats_paths,
-    )
+    from qvd_bench.evaluate.metrics import FIDELITY_METRICS
+    from qvd_bench.evaluate.results import RESULTS_FILE, SETTINGS_FILE, stats_paths
 
     results_dir = find_results(results_dir)
     try:

@@ -2,8 +2,7 @@
 
 Weights are never downloaded here. Every extractor takes a local path (a file, or a
 directory that holds the file under its published name); a missing or unreadable file is
-a ``UserError`` that names the file, where it was looked for, where it is published and
-which option passes it.
+a ``UserError`` that names the file, where it was looked for and where it is published.
 
 Formats: state dicts are read with ``torch.load(weights_only=True)``, which refuses
 pickled code. The StyleGAN-V FVD detector is published only as a TorchScript archive,
@@ -28,9 +27,7 @@ from qvd_bench.errors import UserError
 _SHA256_CACHE: dict[tuple[str, int, int], str] = {}
 
 
-def require_weights(
-    path: str | os.PathLike | None, *, name: str, published: str, option: str = "--weights"
-) -> Path:
+def require_weights(path: str | os.PathLike | None, *, name: str, published: str) -> Path:
     """Returns the weights file, or raises a UserError saying how to get it.
 
     Args:
@@ -38,7 +35,6 @@ def require_weights(
             user gave nothing.
         name: the file's published name, e.g. ``"i3d_torchscript.pt"``.
         published: where the file is published (a URL and the project it belongs to).
-        option: the command-line option that passes the path, for the message.
 
     Returns:
         The path of an existing file.
@@ -46,7 +42,7 @@ def require_weights(
     Raises:
         UserError: no path was given, or nothing exists there.
     """
-    how = f"download it from {published} and pass {option} PATH"
+    how = f"download it from {published}"
     if path is None:
         raise UserError(f"{name}: no weights path given; {how}")
     candidate = Path(path).expanduser()

@@ -14,13 +14,11 @@ reproduces the quantized model bit for bit.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -29,7 +27,7 @@ from qvd_bench.config import SCHEMA_VERSION
 from qvd_bench.errors import UserError
 from qvd_bench.quant.attention import AttentionRecord, attention_summary
 from qvd_bench.quant.config import QuantConfig
-from qvd_bench.store import atomic_write, read_json_document, write_json
+from qvd_bench.store import atomic_write, json_safe, read_json_document, write_json
 
 RECORD_FORMAT = "qvd-bench-quant-record"
 RECORD_JSON = "record.json"
@@ -151,8 +149,8 @@ class QuantRecord:
             "schema_version": SCHEMA_VERSION,
             "config": self.config.to_dict(),
             "model": self.model,
-            "layers": [_json_safe(r.meta()) for r in self.layers],
-            "attention": [_json_safe(r.meta()) for r in self.attention],
+            "layers": [json_safe(r.meta()) for r in self.layers],
+            "attention": [json_safe(r.meta()) for r in self.attention],
         }
 
     def tensors(self) -> dict[str, Tensor]:
@@ -192,21 +190,6 @@ class QuantRecord:
             "attention": attention_summary(self.attention),
             **({"split_skip": split_summary(self.layers)} if self.config.split_skip else {}),
         }
-
-
-def _json_safe(value: Any) -> Any:
-    """Python scalars and lists only; NaN and infinities become None."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (Tensor, np.ndarray)):
-        return _json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def load_record(directory: str | Path) -> QuantRecord:

@@ -59,7 +59,7 @@ TINY_NOTE = (
 )
 NO_TEMPORAL_NOTICE = (
     "This run stores no temporal features, so the temporal-feature distributions and the "
-    "TDScore figure are left out; recollect with --temporal-stride 1 (or any stride > 0) "
+    "TDScore figure are left out; recollect with temporal_stride=1 (or any stride > 0) "
     "to include them."
 )
 REPORT_FILES = ("index.html", "report.md")

@@ -5,12 +5,16 @@ statistics reports): the headline table (one row per method and bit-width, mean 
 weight seeds), fidelity against bits per method, teacher-forced SQNR per step, the time
 each configuration took, the settings, and the statistics section of the first weight
 seed's run.
+
+Everything here reads plain data: the results table (``results.parquet``'s rows), the
+timings table, the evaluation's settings as a dict, and statistics run directories.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,8 @@ from matplotlib.figure import Figure
 from qvd_bench.report import render
 from qvd_bench.report.render import FigureBlock, Heading, Notice, Paragraph, Table
 
+# The ``step`` of results rows measured over all steps (``results.parquet``).
+ALL_STEPS = -1
 INF_SUBSTITUTE_NOTE = (
     "Configurations identical to FP (the fp method) have SQNR and PSNR = +inf; the plots "
     "leave them out."
@@ -43,7 +49,7 @@ def fidelity_vs_bits(results: pd.DataFrame) -> Figure:
 
     Lines are means over weight seeds, bands their standard deviation.
     """
-    sel = results[(results["step"] == -1) & (results["branch"] == "cfg")]
+    sel = results[(results["step"] == ALL_STEPS) & (results["branch"] == "cfg")]
     panels = [
         ("sqnr", "teacher-forced", "SQNR teacher-forced (dB)"),
         ("psnr", "free-running", "PSNR final latents (dB)"),
@@ -91,24 +97,84 @@ def sqnr_per_step(results: pd.DataFrame) -> Figure:
     return fig
 
 
-def results_blocks(result, config) -> list:
-    """The blocks of the results section."""
-    from qvd_bench.evaluate.harness import headline_table
+def headline_table(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, bits): the headline fidelity figures, mean (± std) over seeds.
 
-    results = result.results
+    Columns: method, bits, seeds, then per figure its mean and, with several seeds, its
+    sample standard deviation (``<figure> sd``): teacher-forced SQNR and cosine over all
+    steps (CFG output), free-running final SQNR, PSNR and SSIM.
+    """
+    figures = {
+        "SQNR tf (dB)": ("sqnr", "teacher-forced"),
+        "cos tf": ("cosine", "teacher-forced"),
+        "SQNR final (dB)": ("sqnr", "free-running"),
+        "PSNR final (dB)": ("psnr", "free-running"),
+        "SSIM final": ("ssim", "free-running"),
+    }
+    sel = results[(results["step"] == ALL_STEPS) & (results["branch"] == "cfg")]
+    order = {m: i for i, m in enumerate(dict.fromkeys(results["method"]))}
+    bit_order = {b: i for i, b in enumerate(dict.fromkeys(results["bits"]))}
+    out = []
+    for (method, bits), group in sel.groupby(["method", "bits"], sort=False):
+        row: dict[str, Any] = {
+            "method": method,
+            "bits": bits,
+            "seeds": group["weight_seed"].nunique(),
+        }
+        for label, (metric, mode) in figures.items():
+            values = group[(group["metric"] == metric) & (group["mode"] == mode)]["value"]
+            row[label] = _mean(values)
+            if row["seeds"] > 1:
+                row[f"{label} sd"] = _sd(values)
+        out.append(row)
+    frame = pd.DataFrame(out)
+    if frame.empty:
+        return frame
+    frame["_m"] = frame["method"].map(order)
+    frame["_b"] = frame["bits"].map(bit_order)
+    return frame.sort_values(["_b", "_m"]).drop(columns=["_m", "_b"]).reset_index(drop=True)
+
+
+def _mean(values: pd.Series) -> float:
+    values = values.to_numpy(dtype=np.float64)
+    if len(values) == 0:
+        return float("nan")
+    if np.isposinf(values).all():
+        return float("inf")
+    return float(values.mean())
+
+
+def _sd(values: pd.Series) -> float:
+    values = values.to_numpy(dtype=np.float64)
+    if len(values) < 2 or not np.isfinite(values).all():
+        return float("nan")
+    return float(values.std(ddof=1))
+
+
+def results_blocks(
+    results: pd.DataFrame, timings: pd.DataFrame, config: Mapping[str, Any], notices=()
+) -> list:
+    """The blocks of the results section.
+
+    Args:
+        results: the results table.
+        timings: seconds per (weight_seed, method, bits), as in ``timings.parquet``.
+        config: the evaluation's settings (``EvalConfig.to_dict()``).
+        notices: one line each, shown as notices.
+    """
     blocks: list = [
         Heading("Fidelity against FP", 2),
         Paragraph(
-            f"{len(config.methods)} methods × {len(config.bits)} bit-widths on {config.model}, "
-            f"{len(config.prompts)} prompts, weight seeds "
-            f"{', '.join(str(s) for s in config.weight_seeds)}. SQNR and cosine compare the "
+            f"{len(config['methods'])} methods × {len(config['bits'])} bit-widths on "
+            f"{config['model']}, {len(config['prompts'])} prompts, weight seeds "
+            f"{', '.join(str(s) for s in config['weight_seeds'])}. SQNR and cosine compare the "
             "denoiser's CFG-combined prediction in x0-space with the FP model's, fed the FP "
             "trajectory's inputs (teacher-forced); the final latents of each model's own "
             "trajectory are compared free-running (PSNR / SSIM after mapping by the FP "
             "latents' range to [0, 1])."
         ),
     ]
-    for notice in result.notices:
+    for notice in notices:
         blocks.append(Notice(notice))
     headline = headline_table(results)
     blocks.append(
@@ -129,7 +195,7 @@ def results_blocks(result, config) -> list:
         blocks.append(FigureBlock(file, figure_png(fig), caption))
     if np.isinf(results["value"].to_numpy(dtype=np.float64)).any():
         blocks.append(Notice(INF_SUBSTITUTE_NOTE))
-    timings = result.timings.copy()
+    timings = timings.copy()
     if not timings.empty:
         blocks.append(
             Table(
@@ -141,7 +207,7 @@ def results_blocks(result, config) -> list:
             )
         )
     settings = pd.DataFrame(
-        [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in _flat(config.to_dict())],
+        [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in _flat(config)],
         columns=["setting", "value"],
     )
     blocks.append(Table("Settings", settings, collapsed=True))
@@ -156,13 +222,25 @@ def _flat(data: dict[str, Any], prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-def build_results_report(result, out_dir: str | Path, *, config, title: str | None = None) -> Path:
+def build_results_report(
+    out_dir: str | Path,
+    results: pd.DataFrame,
+    timings: pd.DataFrame,
+    *,
+    config: Mapping[str, Any],
+    stats_dirs: Mapping[int, str | Path],
+    notices: Sequence[str] = (),
+    title: str | None = None,
+) -> Path:
     """Writes ``index.html`` and ``report.md`` (figures in ``figures/``) of an evaluation.
 
     Args:
-        result: the harness's EvalResult.
         out_dir: the report directory (created, or replaced when it holds a report).
-        config: the harness's EvalConfig.
+        results: the results table (``results.parquet``).
+        timings: the timings table (``timings.parquet``).
+        config: the evaluation's settings (``EvalConfig.to_dict()``).
+        stats_dirs: weight seed -> its statistics run directory.
+        notices: one line each (metrics skipped and other caveats).
         title: the title; by default names the model.
 
     Returns:
@@ -170,12 +248,12 @@ def build_results_report(result, out_dir: str | Path, *, config, title: str | No
     """
     out_dir = Path(out_dir)
     render._check_out_dir(out_dir)
-    title = title or f"qvd-bench evaluation: {config.model}"
+    title = title or f"qvd-bench evaluation: {config['model']}"
     blocks: list = [Heading(title, 1)]
     blocks.append(Notice(render.TINY_NOTE))
-    blocks += results_blocks(result, config)
-    first = min(result.stats_dirs)
-    stats = render._prepare(render.StatsRun(result.stats_dirs[first]), f"weight seed {first}")
+    blocks += results_blocks(results, timings, config, notices)
+    first = min(stats_dirs)
+    stats = render._prepare(render.StatsRun(stats_dirs[first]), f"weight seed {first}")
     blocks.append(Heading(f"Statistics (weight seed {first}, {stats.run.path})", 2))
     blocks += render.run_blocks(stats, level=2, prefix="stats-")
     return render.write_report(blocks, title, out_dir)

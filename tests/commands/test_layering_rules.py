@@ -1,7 +1,9 @@
 """Library code (everything outside ``qvd_bench/commands/``) prints nothing, exits nowhere,
-and its errors name parameters, never command-line flags."""
+and its texts (errors, notices, notes, docstrings) name parameters, never command-line
+flags."""
 
 import ast
+import re
 from pathlib import Path
 
 import qvd_bench
@@ -60,6 +62,21 @@ def flags_in_errors(path: Path) -> list[str]:
     return found
 
 
+# A command-line flag: "--" and a letter, at the start of a text or after white space.
+FLAG = re.compile(r"(^|\s)--[a-z]")
+
+
+def flags_in_strings(path: Path) -> list[str]:
+    """Every string constant (docstrings and the constant parts of f-strings included)
+    with a command-line flag in it, as "path:line text"."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        is_text = isinstance(node, ast.Constant) and isinstance(node.value, str)
+        if is_text and FLAG.search(node.value):
+            found.append(f"{_where(path)}:{node.lineno} {node.value!r}")
+    return found
+
+
 def test_library_neither_prints_nor_exits():
     found = [hit for path in library_files() for hit in print_and_exit_calls(path)]
     assert found == [], "print/exit outside qvd_bench/commands/:\n" + "\n".join(found)
@@ -68,6 +85,11 @@ def test_library_neither_prints_nor_exits():
 def test_library_errors_name_parameters_not_flags():
     found = [hit for path in library_files() for hit in flags_in_errors(path)]
     assert found == [], "flags in library error texts:\n" + "\n".join(found)
+
+
+def test_library_texts_name_no_flags():
+    found = [hit for path in library_files() for hit in flags_in_strings(path)]
+    assert found == [], "flags in library texts:\n" + "\n".join(found)
 
 
 def test_the_checks_see_nested_calls_and_f_strings(tmp_path):
@@ -84,3 +106,29 @@ def test_the_checks_see_nested_calls_and_f_strings(tmp_path):
     )
     assert sorted(h.split()[-1] for h in print_and_exit_calls(sample)) == ["print", "sys.exit"]
     assert len(flags_in_errors(sample)) == 1
+    assert len(flags_in_strings(sample)) == 1
+
+
+def test_the_flag_check_sees_notices_and_docstrings_but_not_dashes(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        '"""Module doc; run it with --fast."""\n'
+        "NOTICE = 'recollect with --temporal-stride 1'\n"
+        "def f(n):\n"
+        "    return f'{n} skipped; pass --fvd-weights'\n"
+        "RULE = '-- a separator --'\n"
+        "RANGE = 'x--y, a - b'\n"
+    )
+    assert sorted(int(h.split(":")[1].split()[0]) for h in flags_in_strings(sample)) == [1, 2, 4]
+
+
+def test_commands_print_parameters_as_flags():
+    from qvd_bench.commands._args import with_flags
+
+    text = "recollect with temporal_stride=1; pass its path as weights['fvd-cd']"
+    assert (
+        with_flags(text) == "recollect with --temporal-stride=1; pass its path as --fvd-cd-weights"
+    )
+    assert with_flags("max_temporal_stride and temporal_strides") == (
+        "max_temporal_stride and temporal_strides"
+    )

@@ -140,7 +140,7 @@ def test_input_checks_and_one_frame(clip):
 def test_missing_model_and_protocol_id(clip, tmp_path):
     path, _, _ = clip
     with pytest.raises(
-        UserError, match=r"no CLIP model .*openai/clip-vit-base-patch32.*--clip-model"
+        UserError, match=r"no CLIP model .*openai/clip-vit-base-patch32 from \S+ into a directory$"
     ):
         load_clip(tmp_path)
     with pytest.raises(UserError, match="no model directory given"):

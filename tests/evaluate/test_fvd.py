@@ -173,7 +173,7 @@ def test_missing_and_wrong_weights(tmp_path, torchscript_file, i3d_file):
         load_detector("stylegan-v", tmp_path / "nowhere.pt")
     message = str(missing.value)
     assert "i3d_torchscript.pt not found" in message
-    assert "universome/stylegan-v" in message and "--fvd-weights" in message
+    assert "universome/stylegan-v" in message and "--" not in message
     with pytest.raises(UserError, match=r"i3d_pretrained_400.pt.*songweige/TATS"):
         load_detector("cd-fvd-i3d400", None)
     with pytest.raises(UserError, match="unknown FVD protocol"):

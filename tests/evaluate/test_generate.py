@@ -317,3 +317,9 @@ def test_bad_settings_are_one_line_user_errors(kwargs, message):
     with pytest.raises(UserError, match=message) as info:
         GenerationSettings(**kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_cache_key_includes_everything_that_decides_a_video():
+    a = CacheKey("m", 0, "minmax", "W8A8", 0, 0, "free", gen.context_string(steps=2))
+    b = CacheKey("m", 0, "minmax", "W8A8", 0, 0, "free", gen.context_string(steps=3))
+    assert a.relative_path() != b.relative_path()

@@ -9,7 +9,7 @@ import pytest
 from qvd_bench.commands.run import run_job
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate import regress
-from qvd_bench.evaluate.harness import RESULTS_FILE
+from qvd_bench.evaluate.results import RESULTS_FILE
 from qvd_bench.numerics.kernels import KERNELS_ENV
 
 COMMITTED = Path(__file__).resolve().parents[2] / "stats" / "baselines" / "tiny-unet3d.json"

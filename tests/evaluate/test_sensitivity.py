@@ -18,7 +18,7 @@ from qvd_bench.commands.main import main
 from qvd_bench.config import CollectConfig
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate.generate import GenerationSettings, generate
-from qvd_bench.evaluate.harness import ALL_STEPS, teacher_forced_rows
+from qvd_bench.evaluate.results import ALL_STEPS, teacher_forced_rows
 from qvd_bench.evaluate.sensitivity import (
     Budget,
     FidelityProbe,
@@ -77,7 +77,7 @@ def probe(loaded):
 
 
 def _independent_sqnr(run, config: QuantConfig) -> float:
-    """Quantize a fresh model with ``config`` and take the harness's teacher-forced SQNR."""
+    """Quantize a fresh model with ``config`` and take the matrix's teacher-forced SQNR."""
     fresh = load_model(MODEL)
     prompt = "a red car"
     reference = generate(fresh, prompt, 0, PROBE)

@@ -22,10 +22,9 @@ NAME, PUBLISHED = "detector.pt", "https://example.org/detector.pt (example/proje
 
 def test_require_weights_messages(tmp_path):
     with pytest.raises(UserError) as error:
-        require_weights(tmp_path / "x.pt", name=NAME, published=PUBLISHED, option="--fvd-weights")
+        require_weights(tmp_path / "x.pt", name=NAME, published=PUBLISHED)
     assert str(error.value) == (
-        f"{NAME} not found at {tmp_path / 'x.pt'}; download it from {PUBLISHED} and pass "
-        f"--fvd-weights PATH"
+        f"{NAME} not found at {tmp_path / 'x.pt'}; download it from {PUBLISHED}"
     )
     with pytest.raises(UserError, match="no weights path given"):
         require_weights(None, name=NAME, published=PUBLISHED)

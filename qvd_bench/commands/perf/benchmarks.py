@@ -596,7 +596,8 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
 
     from qvd_bench.commands import run as run_command
     from qvd_bench.commands._args import command_flags
-    from qvd_bench.evaluate import harness
+    from qvd_bench.evaluate.results import TIMINGS_FILE
+    from qvd_bench.evaluate.videos import REFERENCE_METHOD
 
     if repeats < 1:
         raise UserError(f"perf run needs at least 1 repeat, got {repeats}")
@@ -629,7 +630,7 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
     with tempfile.TemporaryDirectory(prefix="qvd-perf-run-") as tmp:
         wall = _run_job_process(model_name, Path(tmp), arguments)
         results_dir = Path(tmp) / "results" / (Path(model_name).name or "model")
-        timings = pd.read_parquet(results_dir / harness.TIMINGS_FILE)
+        timings = pd.read_parquet(results_dir / TIMINGS_FILE)
         record = json.loads((results_dir / run_command.RUN_RECORD).read_text())
     gc.collect()  # the job's model copies are gone before ours is loaded again
     after = _time_unit_and_probe(**unit_args)
@@ -637,7 +638,7 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
     unit = statistics.median(before["unit"] + after["unit"])
     probe = statistics.median(before["probe"] + after["probe"])
     method = timings["method"]
-    is_config = ~method.isin(["statistics", harness.REFERENCE_METHOD])
+    is_config = ~method.isin(["statistics", REFERENCE_METHOD])
     configs = timings[is_config]
     n_configs = len(configs[["method", "bits"]].drop_duplicates())
     seeds = timings["weight_seed"].nunique()
@@ -646,7 +647,7 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
         "statistics": float(timings.loc[method == "statistics", "quantize_s"].sum()),
         f"quantize ({count})": float(configs["quantize_s"].sum()),
         "generate: FP reference": float(
-            timings.loc[method == harness.REFERENCE_METHOD, "generate_s"].sum()
+            timings.loc[method == REFERENCE_METHOD, "generate_s"].sum()
         ),
         f"generate: quantized ({count})": float(configs["generate_s"].sum()),
     }

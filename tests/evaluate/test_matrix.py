@@ -1,11 +1,10 @@
-"""The evaluation matrix: results rows, fidelity values, resume, reference, bad input,
-and a two-process run against one process."""
+"""The evaluation matrix end to end: results rows, fidelity values, resume, a real-video
+reference, mixed bit-widths, and a two-process run against one process."""
 
 import hashlib
 import json
 import math
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -15,12 +14,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from qvd_bench.commands._args import with_flags
+from qvd_bench.commands.evaluate import write_report
 from qvd_bench.commands.main import main
 from qvd_bench.errors import UserError
-from qvd_bench.evaluate import fidelity, harness
+from qvd_bench.evaluate import fidelity
 from qvd_bench.evaluate import generate as gen
+from qvd_bench.evaluate.config import EvalConfig
 from qvd_bench.evaluate.frechet import SampleSizeWarning
-from qvd_bench.evaluate.generate import CacheKey, GenerationCache, GenerationSettings
+from qvd_bench.evaluate.generate import GenerationCache, GenerationSettings
+from qvd_bench.evaluate.latents import latent_range, to_uint8_videos
+from qvd_bench.evaluate.matrix import evaluate
+from qvd_bench.evaluate.results import RESULT_COLUMNS, RESULTS_FILE, SETTINGS_FILE
 from qvd_bench.models import zoo
 
 SETTINGS = GenerationSettings(steps=2, frames=2, height=16, width=16)
@@ -30,13 +35,16 @@ PROMPTS = ("a cat", "a dog")
 def _config(**overrides):
     values = dict(prompts=PROMPTS, methods=("fp", "minmax"), bits=("W8A8",), settings=SETTINGS)
     values.update(overrides)
-    return harness.EvalConfig(**values)
+    return EvalConfig(**values)
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
+    """An evaluation, and its report written as the evaluate command writes it."""
     out = tmp_path_factory.mktemp("eval")
-    result = harness.evaluate(_config(metrics=("fvd",)), out, progress=False)
+    config = _config(metrics=("fvd",))
+    result = evaluate(config, out, progress=False)
+    write_report(result, config, out, "tiny-unet3d")
     return out, result
 
 
@@ -48,8 +56,8 @@ def _cached(results_dir, method, bits, mode):
 
 def test_results_table_rows_and_outputs(evaluated):
     out, result = evaluated
-    frame = pd.read_parquet(result.results_dir / harness.RESULTS_FILE)
-    assert tuple(frame.columns) == harness.RESULT_COLUMNS
+    frame = pd.read_parquet(result.results_dir / RESULTS_FILE)
+    assert tuple(frame.columns) == RESULT_COLUMNS
     assert set(frame["method"]) == {"fp", "minmax"}
     assert set(frame["metric"]) == {"sqnr", "cosine", "psnr", "ssim"}
     assert (frame["n"] == 2).all() and (frame["reference"] == "fp").all()
@@ -59,8 +67,11 @@ def test_results_table_rows_and_outputs(evaluated):
     assert set(tf["branch"]) == {"cfg", "uncond", "cond"}
     assert (out / "reports" / "tiny-unet3d" / "index.html").is_file()
     assert (out / "stats" / "tiny-unet3d-w0" / "analysis.parquet").is_file()
-    # FVD weights are absent: skipped with a notice naming the option.
-    assert any("fvd skipped" in n and "--fvd-weights" in n for n in result.notices)
+    # FVD weights are absent: skipped with a notice naming the parameter, which the
+    # command line prints as its flag.
+    (notice,) = [n for n in result.notices if "fvd skipped" in n]
+    assert "weights['fvd']" in notice and "--" not in notice
+    assert "--fvd-weights" in with_flags(notice)
 
 
 def test_fp_method_is_inf_against_itself(evaluated):
@@ -131,7 +142,7 @@ def test_interrupted_evaluation_resumes_without_regenerating(tmp_path, monkeypat
 
     monkeypatch.setattr(GenerationCache, "save", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        harness.evaluate(config, tmp_path, progress=False, write_report=False)
+        evaluate(config, tmp_path, progress=False)
     assert [(k.method, k.prompt_index, k.mode) for k in saved] == [
         ("reference", 0, "free"),
         ("reference", 1, "free"),
@@ -156,7 +167,7 @@ def test_interrupted_evaluation_resumes_without_regenerating(tmp_path, monkeypat
 
     monkeypatch.setattr(gen, "generate", counting)
     monkeypatch.setattr(gen, "generate_free_and_forced", counting_pairs)
-    result = harness.evaluate(config, tmp_path, progress=False, write_report=False)
+    result = evaluate(config, tmp_path, progress=False)
     # 2 reference videos + 2 prompts x (teacher, free) = 6, three finished before. A
     # prompt's two videos are made together: prompt 0's free-running video is made again
     # for its teacher-forced one, the same bit for bit, and the cached file is kept.
@@ -166,55 +177,9 @@ def test_interrupted_evaluation_resumes_without_regenerating(tmp_path, monkeypat
     assert remade.keys() == first_free.keys()
     assert all(torch.equal(remade[name], first_free[name]) for name in remade)
     pairs.clear()
-    again = harness.evaluate(config, tmp_path, progress=False, write_report=False)
+    again = evaluate(config, tmp_path, progress=False)
     assert singles == [] and pairs == [] and again.generated == 0 and again.cached == 6
     pd.testing.assert_frame_equal(again.results, result.results)
-
-
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"prompts": ()}, "no prompts"),
-        ({"metrics": ("fdv",)}, "unknown metric 'fdv'; did you mean 'fvd'"),
-        ({"methods": ("minmx",)}, "did you mean 'minmax'"),
-        ({"bits": ("W4",)}, "W4A8"),
-        ({"reference": "/no/such/dir"}, "reference must be"),
-        ({"weight_seeds": (0, 1), "stats": "x"}, "stats describes one model"),
-    ],
-)
-def test_bad_input_is_a_one_line_user_error(overrides, message):
-    with pytest.raises(UserError, match=message) as info:
-        _config(**overrides)
-    assert "\n" not in str(info.value)
-
-
-def test_comparing_across_protocol_ids_is_refused():
-    rows = pd.DataFrame(
-        {"metric": ["fvd", "fvd", "sqnr"], "protocol": ["fvd/a", "fvd/b", "fidelity/x0"]}
-    )
-    with pytest.raises(UserError, match="different protocol ids"):
-        harness.check_protocols(rows)
-    harness.check_protocols(rows.iloc[1:])
-
-
-def test_headline_table_reports_mean_and_spread_over_seeds():
-    rows = []
-    for seed, value in ((0, 10.0), (1, 12.0)):
-        for metric, mode in (("sqnr", "teacher-forced"), ("psnr", "free-running")):
-            rows.append(
-                dict(method="minmax", bits="W8A8", weight_seed=seed, metric=metric, mode=mode,
-                     branch="cfg", step=-1, value=value)
-            )  # fmt: skip
-    table = harness.headline_table(pd.DataFrame(rows))
-    assert table["SQNR tf (dB)"].iloc[0] == 11.0
-    assert table["SQNR tf (dB) sd"].iloc[0] == pytest.approx(2**0.5)
-    assert table["seeds"].iloc[0] == 2
-
-
-def test_cache_key_includes_everything_that_decides_a_video():
-    a = CacheKey("m", 0, "minmax", "W8A8", 0, 0, "free", gen.context_string(steps=2))
-    b = CacheKey("m", 0, "minmax", "W8A8", 0, 0, "free", gen.context_string(steps=3))
-    assert a.relative_path() != b.relative_path()
 
 
 # ----------------------------------------------------------------------------- real reference
@@ -252,7 +217,7 @@ def test_real_video_reference_end_to_end(real_clips, evaluated, tmp_path):
         stats=str(evaluated[1].stats_dirs[0]),
     )
     with pytest.warns(SampleSizeWarning):  # 2 and 3 videos of 400-d features
-        result = harness.evaluate(config, tmp_path, progress=False, write_report=False)
+        result = evaluate(config, tmp_path, progress=False)
 
     digest = hashlib.sha256((directory / "videos.safetensors").read_bytes()).hexdigest()
     reference_id = f"real:clips/sha256:{digest[:16]}"
@@ -269,48 +234,22 @@ def test_real_video_reference_end_to_end(real_clips, evaluated, tmp_path):
     loaded = zoo.load_model("tiny-unet3d")
     layout = loaded.family.layout
     reference = _cached(result.results_dir, "reference", "fp", "free")
-    value_range = harness.latent_range(reference)
+    value_range = latent_range(reference)
     real = load_file(str(directory / "videos.safetensors"))["videos"]
     real_features = detector.features(real)
     generated = {"fp": reference, "minmax": _cached(result.results_dir, "minmax", "W8A8", "free")}
     for method, videos in generated.items():
         latents = torch.cat([g.latents for g in videos])
-        test = harness.to_uint8_videos(latents, layout, value_range)
+        test = to_uint8_videos(latents, layout, value_range)
         with pytest.warns(SampleSizeWarning):
             expected = fvd(real_features, detector.features(test))
         value = frechet.loc[frechet["method"] == method, "value"].item()
         assert value == pytest.approx(expected, rel=1e-9) and value > 0
 
-    recorded = json.loads((result.results_dir / harness.SETTINGS_FILE).read_text())["reference"]
+    recorded = json.loads((result.results_dir / SETTINGS_FILE).read_text())["reference"]
     assert recorded["id"] == reference_id and recorded["sha256"] == digest
     assert recorded["directory"] == str(directory.resolve())
     assert recorded["videos"] == 3 and recorded["shape"] == [3, 16, 12, 12, 3]
-
-
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        (None, "holds no videos.safetensors"),
-        (b"<html>not found</html>", "cannot read real videos"),
-        ({"clips": torch.zeros(1, 2, 4, 4, 3, dtype=torch.uint8)}, "has no tensor 'videos'"),
-        ({"videos": torch.zeros(1, 2, 4, 4, 3)}, r"must be uint8 \(N, T, H, W, 3\)"),
-        ({"videos": torch.zeros(0, 2, 4, 4, 3, dtype=torch.uint8)}, "N >= 1"),
-    ],
-    ids=["empty", "unreadable", "no-videos-tensor", "float", "no-videos"],
-)
-def test_bad_reference_directory_exits_2_with_one_line(tmp_path, capsys, content, message):
-    directory = tmp_path / "real"
-    directory.mkdir()
-    if isinstance(content, bytes):
-        (directory / "videos.safetensors").write_bytes(content)
-    elif content is not None:
-        save_file(content, str(directory / "videos.safetensors"))
-    out = tmp_path / "out"
-    code = main(["evaluate", "--reference", str(directory), "--out", str(out), "--no-progress"])
-    assert code == 2
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1 and re.search(message, error), error
-    assert not out.exists()  # refused before anything ran
 
 
 # ----------------------------------------------------------------------------- processes
@@ -349,11 +288,11 @@ def test_two_gloo_processes_equal_one(tmp_path, capsys):
 
     single = tmp_path / "single" / "results" / "tiny-unet3d"
     double = tmp_path / "double" / "results" / "tiny-unet3d"
-    a = pd.read_parquet(single / harness.RESULTS_FILE)
-    b = pd.read_parquet(double / harness.RESULTS_FILE)
+    a = pd.read_parquet(single / RESULTS_FILE)
+    b = pd.read_parquet(double / RESULTS_FILE)
     assert len(a) > 0 and set(a["method"]) == {"fp", "mse"}
     pd.testing.assert_frame_equal(a, b, check_exact=True)
-    settings = json.loads((double / harness.SETTINGS_FILE).read_text())
+    settings = json.loads((double / SETTINGS_FILE).read_text())
     assert settings["processes"] == 2
     manifest = json.loads(
         (tmp_path / "double" / "stats" / "tiny-unet3d-w0" / "manifest.json").read_text()
@@ -370,7 +309,7 @@ def test_mixed_bits_specs_run_in_the_matrix(tmp_path):
         model="tiny-wan", methods=("mse",), bits=("w8a6-MIXED", "W8A6"), prompts=PROMPTS[:1]
     )
     assert config.bits == ("W8A6-mixed", "W8A6")
-    result = harness.evaluate(config, tmp_path, progress=False, write_report=False)
+    result = evaluate(config, tmp_path, progress=False)
     frame = result.results
     sqnr = frame[(frame["metric"] == "sqnr") & (frame["step"] == -1) & (frame["branch"] == "cfg")]
     assert set(sqnr["bits"]) == {"W8A6-mixed", "W8A6"}

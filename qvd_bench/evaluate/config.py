@@ -1,0 +1,112 @@
+"""What to evaluate: ``EvalConfig``, checked when it is made, and the bit-width specs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qvd_bench.errors import UserError
+from qvd_bench.evaluate.generate import GenerationSettings
+from qvd_bench.evaluate.metrics import FIDELITY_METRICS, METRICS, check_metrics
+from qvd_bench.evaluate.reference import check_real_videos
+
+
+def check_methods(names: Sequence[str]) -> tuple[str, ...]:
+    """Checks method names against the quantization registry (did-you-mean on a typo)."""
+    from qvd_bench.quant.methods import get_method
+
+    if not names:
+        raise UserError("no quantization method given")
+    for name in names:
+        get_method(name)
+    return tuple(dict.fromkeys(names))
+
+
+MIXED_SUFFIX = "-mixed"
+
+
+def split_bits_spec(spec: str) -> tuple[int, int, bool]:
+    """``"W8A6"`` -> (8, 6, False); ``"W8A6-mixed"`` -> (8, 6, True).
+
+    A mixed spec keeps weights at W bits and gives activations bits per layer from measured
+    sensitivity with a mean of at most A (``evaluate.sensitivity.mixed_config``, candidates
+    4, 6 and 8).
+    """
+    from qvd_bench.quant.config import parse_bits
+
+    text = str(spec).strip()
+    mixed = text.lower().endswith(MIXED_SUFFIX)
+    w_bits, a_bits = parse_bits(text[: -len(MIXED_SUFFIX)] if mixed else text)
+    return w_bits, a_bits, mixed
+
+
+def normalise_bits_specs(specs: Sequence[str]) -> tuple[str, ...]:
+    """Normalises bit-width specs ("w4a8" -> "W4A8", "w8a6-MIXED" -> "W8A6-mixed")."""
+    if not specs:
+        raise UserError("no bit-width given (e.g. W8A8,W4A8)")
+    normalised = []
+    for spec in specs:
+        w_bits, a_bits, mixed = split_bits_spec(spec)
+        normalised.append(f"W{w_bits}A{a_bits}{MIXED_SUFFIX if mixed else ''}")
+    return tuple(dict.fromkeys(normalised))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate.
+
+    Attributes:
+        model: zoo name or path.
+        weight_seeds: one evaluation per weight seed (random-weight presets).
+        methods: quantization method names.
+        bits: bit-width specs ("W4A8").
+        metrics: metric names (the fidelity metrics are always added).
+        prompts: the prompts; video i is prompt i with sample id i.
+        settings: sampling settings shared by every model.
+        disparity, asymmetry: outlier knobs of presets (None: preset defaults).
+        stats: a statistics run to quantize from (one weight seed only); None collects.
+        reference: "fp" (FP generations paired by seed) or a directory of real videos
+            (``videos.safetensors`` holding ``videos``, uint8 (N, T, H, W, 3), N >= 1)
+            for the Frechet metrics; checked here, before anything runs.
+        weights: metric name -> local weights path (FVD detectors, Inception, CLIP dir).
+    """
+
+    model: str = "tiny-unet3d"
+    weight_seeds: tuple[int, ...] = (0,)
+    methods: tuple[str, ...] = ("fp", "minmax")
+    bits: tuple[str, ...] = ("W8A8",)
+    metrics: tuple[str, ...] = FIDELITY_METRICS
+    prompts: tuple[str, ...] = ()
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    disparity: float | None = None
+    asymmetry: float | None = None
+    stats: str | None = None
+    reference: str = "fp"
+    weights: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise UserError("no prompts: give a prompt file with at least one prompt")
+        if not self.weight_seeds:
+            raise UserError("no weight seed: weight_seeds is empty")
+        if self.stats is not None and len(self.weight_seeds) > 1:
+            raise UserError("stats describes one model; it cannot serve several weight seeds")
+        object.__setattr__(self, "metrics", check_metrics(self.metrics))
+        object.__setattr__(self, "methods", check_methods(self.methods))
+        object.__setattr__(self, "bits", normalise_bits_specs(self.bits))
+        for name in self.weights:
+            METRICS.get(name)
+        if self.reference != "fp":
+            if not Path(self.reference).is_dir():
+                raise UserError(
+                    f"reference must be 'fp' or a directory of real videos; "
+                    f"{self.reference} is neither"
+                )
+            check_real_videos(self.reference)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["settings"] = self.settings.to_dict()
+        return data

@@ -1,0 +1,270 @@
+"""The evaluation matrix: methods × bit-widths × metrics → ``results.parquet``.
+
+For every weight seed ``evaluate``
+
+1. takes statistics (``EvalConfig.stats``, or a collection it runs itself) and analyzes
+   them (``calibration``);
+2. generates the FP reference videos (free-running, every step recorded);
+3. for every (bits, method): quantizes a fresh copy of the FP model with
+   ``quant.apply.quantize_`` (one plan per bit-width, shared by the methods) and generates
+   each prompt twice: free-running, and teacher-forced on the FP trajectory's inputs, side
+   by side in one batch per step (``generate.generate_free_and_forced``; the first step,
+   on the same noise in both, runs once). A configuration that quantizes no layer (``fp``)
+   is the reference model, so its videos are the reference's and nothing is generated
+   (``videos``, which also caches every video);
+4. measures fidelity (always; ``results``) and, where their weights are given, FVD / FID /
+   CLIPSIM (``metrics``).
+
+Under torchrun with N processes (torch.distributed, gloo on CPU) the prompts are sharded
+across the processes as ``collect`` shards them (``shard``): the collection merges its
+accumulators, every process quantizes each configuration itself (deterministic, so
+identically) and generates its own prompts' videos, and rank 0 gathers the per-prompt
+generations, measures and writes everything. Each video is computed alone from its own
+seeds and the statistics merge as ``collect``'s do (exactly with one prompt per process,
+else to float64 rounding), so the numbers equal a single process's. The output root must
+be one directory every process sees (one machine, or a shared filesystem): the statistics
+are read back from it and each process writes its own videos into the generation cache.
+
+The Frechet reference (``EvalConfig.reference``) is the FP generations paired by seed, or a
+directory of real videos (``reference``).
+
+The report of an evaluation is built from its results by ``report.results``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from qvd_bench import store
+from qvd_bench.collect import distributed
+from qvd_bench.evaluate import generate as gen
+from qvd_bench.evaluate.calibration import ensure_stats
+from qvd_bench.evaluate.config import EvalConfig, split_bits_spec
+from qvd_bench.evaluate.generate import GenerationCache
+from qvd_bench.evaluate.latents import concat, latent_range, to_uint8_videos
+from qvd_bench.evaluate.metrics import check_protocols, load_weight_metrics
+from qvd_bench.evaluate.reference import load_real_videos, real_reference
+from qvd_bench.evaluate.results import (
+    RESULTS_FILE,
+    SETTINGS_FILE,
+    TIMINGS_FILE,
+    free_running_rows,
+    results_frame,
+    teacher_forced_rows,
+)
+from qvd_bench.evaluate.shard import Shard
+from qvd_bench.evaluate.videos import (
+    FP_BITS,
+    REFERENCE_METHOD,
+    CachedVideos,
+    LazyQuantized,
+    quantized_videos,
+    reference_videos,
+)
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation wrote.
+
+    Attributes:
+        results_dir: the results directory.
+        results: the results table (``results.parquet``).
+        timings: seconds per (weight_seed, method, bits) for quantization and generation.
+        notices: one line per metric skipped (weights absent) or other caveat.
+        stats_dirs: the statistics run of each weight seed.
+        generated, cached: videos generated now / taken from the cache.
+    """
+
+    results_dir: Path
+    results: pd.DataFrame
+    timings: pd.DataFrame
+    notices: list[str]
+    stats_dirs: dict[int, Path]
+    generated: int = 0
+    cached: int = 0
+
+
+def evaluate(
+    config: EvalConfig, out_dir: str | Path, *, progress: bool = True
+) -> EvalResult | None:
+    """Runs the methods × bit-widths × metrics matrix and writes the results.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) the prompts are sharded across the processes and
+    rank 0 measures and writes (module doc); the process group is joined here when the
+    caller has not, and left again at the end.
+
+    Args:
+        config: what to evaluate.
+        out_dir: the output root: statistics go to ``stats/``, results (``results.parquet``,
+            ``timings.parquet``, ``settings.json``, ``generations/``) to
+            ``results/<model>/``.
+        progress: show a progress bar over videos (rank 0's).
+
+    Returns:
+        The EvalResult on rank 0 (the only process of a single-process run); None on the
+        other ranks.
+    """
+    joined = not (dist.is_available() and dist.is_initialized())
+    shard = Shard(*distributed.rank_and_world())
+    try:
+        return _evaluate(config, Path(out_dir), shard, progress)
+    finally:
+        if shard.world > 1 and joined:
+            dist.destroy_process_group()
+
+
+def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -> EvalResult | None:
+    from qvd_bench.models import zoo
+    from qvd_bench.quant.config import QuantConfig
+    from qvd_bench.store import StatsRun
+
+    name = Path(config.model).name or "model"
+    results_dir = out_dir / "results" / name
+    notices: list[str] = []
+    # Only rank 0 measures: the other processes load no metric network or reference set.
+    weight_metrics = (
+        load_weight_metrics(config.metrics, config.weights, notices) if shard.main else []
+    )
+    real_videos, reference_id, reference_record = None, "fp", {"kind": "fp"}
+    if config.reference != "fp" and shard.main:
+        real_videos = load_real_videos(config.reference)
+        reference_id, reference_record = real_reference(config.reference, real_videos)
+        if not weight_metrics:
+            notices.append(
+                f"reference {config.reference} is used by the Frechet metrics only; "
+                "fidelity is always measured against the FP generations"
+            )
+    settings = config.settings
+    prompts = len(config.prompts)
+    mine = shard.prompts(prompts)
+    per_seed = len(mine) * (1 + 2 * len(config.methods) * len(config.bits))
+    bar = tqdm(
+        total=len(config.weight_seeds) * per_seed,
+        desc="evaluate",
+        unit="video",
+        disable=not (progress and shard.main),
+    )
+    videos = CachedVideos(GenerationCache(results_dir), config, bar)
+    rows: list[dict[str, Any]] = []
+    timings: list[dict[str, Any]] = []
+    stats_dirs: dict[int, Path] = {}
+    try:
+        for weight_seed in config.weight_seeds:
+            started = time.perf_counter()
+            run = StatsRun(ensure_stats(config, weight_seed, out_dir, progress, shard))
+            stats_dirs[weight_seed] = run.path
+            timings.append(_timing(weight_seed, "statistics", "", time.perf_counter() - started))
+            fp_model = zoo.load_run_model(run)
+            scheduler = gen.scheduler_for(fp_model, settings)
+            layout = fp_model.family.layout
+            started = time.perf_counter()
+            reference_local = reference_videos(videos, fp_model, settings, mine)
+            reference = shard.gather(reference_local, prompts)
+            timings.append(
+                _timing(weight_seed, REFERENCE_METHOD, FP_BITS, 0.0, time.perf_counter() - started)
+            )
+            if shard.main:
+                value_range = latent_range(reference)
+                ref_uint8 = (
+                    real_videos
+                    if real_videos is not None
+                    else to_uint8_videos(concat(reference, "latents"), layout, value_range)
+                )
+            stats_context = {"stats": run.manifest["config"], "settings": settings.to_dict()}
+            plans: dict[str, Any] = {}
+            for bits in config.bits:
+                w_bits, a_bits, mixed = split_bits_spec(bits)
+                for method in config.methods:
+                    quant = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits)
+                    quantized = LazyQuantized(run, quant, plans, fp_model, mixed)
+                    context = {**stats_context, "quant": quant.to_dict()}
+                    if mixed:
+                        context["mixed"] = bits
+                    started = time.perf_counter()
+                    try:
+                        forced_local, free_local = quantized_videos(
+                            videos, fp_model, reference_local, quantized, context
+                        )
+                    finally:
+                        quantized.close()
+                    forced = shard.gather(forced_local, prompts)
+                    free = shard.gather(free_local, prompts)
+                    elapsed = time.perf_counter() - started
+                    timings.append(
+                        _timing(
+                            weight_seed,
+                            method,
+                            bits,
+                            quantized.seconds,
+                            elapsed - quantized.seconds,
+                        )
+                    )
+                    if not shard.main:
+                        continue
+                    measured = teacher_forced_rows(reference, forced, scheduler)
+                    measured += free_running_rows(reference, free, layout)
+                    if weight_metrics:
+                        test = to_uint8_videos(concat(free, "latents"), layout, value_range)
+                        for metric in weight_metrics:
+                            measured += [
+                                {**row, "reference": reference_id}
+                                for row in metric.rows(test, ref_uint8, config.prompts)
+                            ]
+                    ident = {
+                        "model": fp_model.name,
+                        "weight_seed": weight_seed,
+                        "method": method,
+                        "bits": bits,
+                        "reference": "fp",
+                    }
+                    rows += [{**ident, **row} for row in measured]
+    finally:
+        bar.close()
+    generated, cached = shard.total(videos.generated, videos.cached)
+    if not shard.main:
+        return None
+
+    results = results_frame(rows, config.metrics)
+    check_protocols(results)
+    timing_frame = pd.DataFrame(timings)
+    store.write_parquet(results_dir / RESULTS_FILE, results)
+    store.write_parquet(results_dir / TIMINGS_FILE, timing_frame)
+    store.write_json(
+        results_dir / SETTINGS_FILE,
+        {
+            "format": "qvd-bench-results",
+            "config": store.json_safe(config.to_dict(), names_non_finite=True),
+            "stats": {str(k): _portable(v, out_dir) for k, v in stats_dirs.items()},
+            "reference": {"id": reference_id, **reference_record},
+            "processes": shard.world,
+            "notices": notices,
+        },
+    )
+    return EvalResult(results_dir, results, timing_frame, notices, stats_dirs, generated, cached)
+
+
+def _timing(weight_seed, method, bits, quantize_s, generate_s=0.0) -> dict[str, Any]:
+    # For "statistics" rows quantize_s holds the collection + analysis time.
+    return {
+        "weight_seed": weight_seed,
+        "method": method,
+        "bits": bits,
+        "quantize_s": float(quantize_s),
+        "generate_s": float(generate_s),
+    }
+
+
+def _portable(path: Path, out_dir: Path) -> str:
+    """``path`` relative to the output root when it lies under it (the tree can move)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(out_dir).resolve()))
+    except ValueError:
+        return str(Path(path).resolve())
