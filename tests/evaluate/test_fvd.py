@@ -9,23 +9,15 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate.frechet import SampleSizeWarning
 from qvd_bench.evaluate.fvd import PROTOCOLS, fvd, load_detector, to_uint8_videos
+from tests.evaluate.helpers import ScriptedDetector, random_videos
 
 # The StyleGAN-V detector is TorchScript by publication; torch's deprecation notice is noise.
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:DeprecationWarning")
-
-
-def random_videos(n: int, frames: int, size: int, seed: int) -> Tensor:
-    """uint8 (n, frames, size, size, 3): smooth random clips, shifted per set."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(n * frames, 3, 4, 4, generator=g)
-    smooth = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
-    return (smooth * 255).to(torch.uint8).reshape(n, frames, 3, size, size).permute(0, 1, 3, 4, 2)
 
 
 @pytest.fixture(scope="module")
@@ -85,28 +77,6 @@ def test_cd_fvd_protocol_matches_cd_fvd(i3d_file):
     assert value > 0
     digest = hashlib.sha256(i3d_file.read_bytes()).hexdigest()
     assert detector.protocol_id == f"fvd/cd-fvd-i3d400/sha256:{digest}"
-
-
-class ScriptedDetector(nn.Module):
-    """Stands in for i3d_torchscript.pt: its call signature, cheap arithmetic."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(3 * 4, 400)
-
-    def forward(
-        self, x: Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False
-    ) -> Tensor:
-        if x.dtype != torch.uint8:
-            raise ValueError("the detector takes uint8 videos")
-        y = x.float()
-        if rescale:
-            y = y / 127.5 - 1.0
-        if resize:
-            y = F.interpolate(y, size=(16, 24, 24), mode="trilinear", align_corners=False)
-        pooled = F.adaptive_avg_pool3d(y, (4, 1, 1)).flatten(1)  # (B, C·4)
-        logits = self.proj(pooled)
-        return logits if return_features else logits.softmax(-1)
 
 
 @pytest.fixture(scope="module")

@@ -188,7 +188,7 @@ def test_interrupted_evaluation_resumes_without_regenerating(tmp_path, monkeypat
 @pytest.fixture(scope="module")
 def real_clips(tmp_path_factory):
     """A directory of 3 synthetic real videos (16 frames) and a TorchScript FVD detector."""
-    from tests.evaluate.test_fvd import ScriptedDetector, random_videos
+    from tests.evaluate.helpers import ScriptedDetector, random_videos
 
     root = tmp_path_factory.mktemp("real")
     directory = root / "clips"
