@@ -18,11 +18,6 @@ from tests.quant.helpers import collect_tiny as _collect
 from tests.quant.helpers import end_to_end_sqnr, tiny_run
 
 
-@pytest.fixture(scope="module")
-def unet_run(tmp_path_factory):
-    return _collect(tmp_path_factory.mktemp("stats") / "run", "tiny-unet3d")
-
-
 def _context(run, a_bits):
     loaded = load_model("tiny-unet3d")
     layers = leaf_layers(loaded.denoiser)

@@ -139,11 +139,6 @@ def test_detection_rejects_an_unknown_denoiser_class():
 # --------------------------------------------------------------------------- quantizers
 
 
-@pytest.fixture(scope="module")
-def unet_run():
-    return tiny_run(MODEL)
-
-
 def _quantized(run, **config):
     loaded = load_model(MODEL)
     record = quantize_(loaded, QuantConfig(method="mse", **config), stats=run)
