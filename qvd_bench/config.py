@@ -14,6 +14,28 @@ SCHEMA_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def check_schema_version(version: Any, what: str, redo: str) -> None:
+    """Raises unless ``version`` is ``SCHEMA_VERSION``.
+
+    Args:
+        version: the schema version a stored document or config dict carries.
+        what: what carries it, for the message ("collect config", a file's path).
+        redo: what to do about another version ("recollect the statistics").
+
+    Raises:
+        UserError: another version.
+    """
+    if version != SCHEMA_VERSION:
+        raise UserError(
+            f"{what} has schema version {version}, this qvd-bench reads {SCHEMA_VERSION}; {redo}"
+        )
+
+
+def unknown_fields(kind: type, data: dict[str, Any]) -> list[str]:
+    """The keys of ``data`` that are not fields of the dataclass ``kind``, sorted."""
+    return sorted(set(data) - {f.name for f in dataclasses.fields(kind)})
+
+
 @dataclass(frozen=True)
 class CollectConfig:
     """Everything that decides the statistics of a collection run.
@@ -99,14 +121,10 @@ class CollectConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CollectConfig:
         data = dict(data)
-        version = data.pop("schema_version", None)
-        if version != SCHEMA_VERSION:
-            raise UserError(
-                f"collect config has schema version {version}, this qvd-bench reads "
-                f"{SCHEMA_VERSION}; recollect the statistics"
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        check_schema_version(
+            data.pop("schema_version", None), "collect config", "recollect the statistics"
+        )
+        unknown = unknown_fields(cls, data)
         if unknown:
             raise UserError(f"collect config has unknown fields: {', '.join(unknown)}")
         for name in ("prompts", "roles", "include", "exclude"):

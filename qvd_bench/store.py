@@ -38,7 +38,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from qvd_bench.config import SCHEMA_VERSION
+from qvd_bench.config import SCHEMA_VERSION, check_schema_version
 from qvd_bench.errors import UserError
 
 FORMAT = "qvd-bench-stats"
@@ -95,11 +95,7 @@ def read_json_document(path: Path, *, format: str, what: str, redo: str, missing
         raise UserError(f"{path} is unreadable: {_one_line(error)}") from None
     if not isinstance(data, dict) or data.get("format") != format:
         raise UserError(f"{path} is not a qvd-bench {what}")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(
-            f"{path} has schema version {data.get('schema_version')}, this qvd-bench reads "
-            f"{SCHEMA_VERSION}; {redo}"
-        )
+    check_schema_version(data.get("schema_version"), str(path), redo)
     return data
 
 

@@ -73,6 +73,15 @@ def _summary_columns(stats: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     }
 
 
+def _summary_frame(keys: pd.DataFrame, moments: pd.DataFrame, level: str) -> pd.DataFrame:
+    """``keys`` (the result's key columns, filled in place) with ``level`` as its first
+    column and the ``_summary_columns`` of ``moments``' rows, row for row, after its own."""
+    for k, v in _summary_columns(_moment_tensors(moments)).items():
+        keys[k] = v
+    keys.insert(0, "level", level)
+    return keys
+
+
 def merge_moments(frame: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     """Merges the sufficient statistics of all rows that share the ``by`` columns, exactly.
 
@@ -122,10 +131,7 @@ def channel_skew(channels: pd.DataFrame) -> pd.DataFrame:
     """
     keys = _key_columns(channels, ("tensor", "layer", "role", "timestep", "branch", "channel"))
     out = channels[keys].reset_index(drop=True)
-    for k, v in _summary_columns(_moment_tensors(channels)).items():
-        out[k] = v
-    out.insert(0, "level", "channel")
-    return out
+    return _summary_frame(out, channels, "channel")
 
 
 def tensor_skew(channels: pd.DataFrame, *, merge_branches: bool = False) -> pd.DataFrame:
@@ -148,10 +154,7 @@ def tensor_skew(channels: pd.DataFrame, *, merge_branches: bool = False) -> pd.D
     if merge_branches:
         out["branch"] = "all"
         out = out[_key_columns(out, TENSOR_KEYS)]
-    for k, v in _summary_columns(_moment_tensors(merged)).items():
-        out[k] = v
-    out.insert(0, "level", "tensor")
-    return out
+    return _summary_frame(out, merged, "tensor")
 
 
 def temporal_moments(
@@ -203,10 +206,7 @@ def temporal_channel_skew(
     """
     stats = temporal_moments(temporal, roles)
     out = stats[["tensor", "layer", "role", "channel"]].copy()
-    for k, v in _summary_columns(_moment_tensors(stats)).items():
-        out[k] = v
-    out.insert(0, "level", "temporal_channel")
-    return out
+    return _summary_frame(out, stats, "temporal_channel")
 
 
 def temporal_layer_skew(
@@ -220,10 +220,7 @@ def temporal_layer_skew(
     """
     merged = merge_moments(temporal_moments(temporal, roles), ["tensor", "layer", "role"])
     out = merged[["tensor", "layer", "role"]].copy()
-    for k, v in _summary_columns(_moment_tensors(merged)).items():
-        out[k] = v
-    out.insert(0, "level", "temporal_layer")
-    return out
+    return _summary_frame(out, merged, "temporal_layer")
 
 
 def grouped_quantiles(

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from qvd_bench.collect.histogram import Histogram
+from qvd_bench.collect.histogram import Histogram, count_into
 from qvd_bench.collect.moments import ChannelMoments
 from qvd_bench.errors import UserError
 from qvd_bench.numerics.edges import SignedLogEdges
@@ -360,9 +360,4 @@ class AttentionStats:
             # The whole tensor is one "channel": per-tensor statistics.
             moments.update(chunk.reshape(1, -1), channel_dim=0)
             if self.histogram_edges is not None:
-                histogram = self.histograms.get(key)
-                if histogram is None:
-                    histogram = self.histograms[key] = Histogram(
-                        self.histogram_edges, device=chunk.device
-                    )
-                histogram.update(chunk, stride=self.histogram_stride)
+                count_into(self.histograms, key, self.histogram_edges, chunk, self.histogram_stride)

@@ -6,6 +6,7 @@ The grids and the counting are in ``numerics.edges``.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, MutableMapping
 
 import torch
 from torch import Tensor
@@ -117,3 +118,18 @@ class Histogram(Accumulator):
         inside = lo + frac * (hi - lo)
         value = torch.where(torch.isinf(lo), hi, torch.where(torch.isinf(hi), lo, inside))
         return value.reshape(q.shape)
+
+
+def count_into(
+    histograms: MutableMapping[Hashable, Histogram],
+    key: Hashable,
+    edges: Edges,
+    x: Tensor,
+    stride: int = 1,
+) -> None:
+    """Counts ``x`` into ``histograms[key]``, a new ``Histogram`` on ``edges`` and on
+    ``x``'s device the first time ``key`` is seen (``Histogram.update`` for ``stride``)."""
+    histogram = histograms.get(key)
+    if histogram is None:
+        histogram = histograms[key] = Histogram(edges, device=x.device)
+    histogram.update(x, stride=stride)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qvd_bench.collect.histogram import Histogram
+from qvd_bench.collect.histogram import Histogram, count_into
 from qvd_bench.collect.moments import ChannelMoments, fold_many
 from qvd_bench.collect.reservoir import Reservoir
 from qvd_bench.collect.temporal import TemporalFeatures
@@ -211,12 +211,7 @@ class StatsCollector:
             if tensor != "input":
                 continue
             if self.histogram_edges is not None:
-                histogram = self.histograms.get(key)
-                if histogram is None:
-                    histogram = self.histograms[key] = Histogram(
-                        self.histogram_edges, device=chunk.device
-                    )
-                histogram.update(chunk, stride=self.histogram_stride)
+                count_into(self.histograms, key, self.histogram_edges, chunk, self.histogram_stride)
             if self.reservoir_capacity:
                 reservoir = self.reservoirs.get(name)
                 if reservoir is None:

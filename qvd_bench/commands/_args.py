@@ -103,6 +103,27 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, steps: int) -> None:
     parser.add_argument("--width", type=int, default=16, help="latent width (default: 16)")
 
 
+def selected_prompts(args: argparse.Namespace) -> tuple[str, ...]:
+    """The prompts ``add_sampling_args``' flags select: the first ``--num-prompts`` of the
+    ``--prompts`` file (all of it by default), or of the built-in prompts (2 by default)."""
+    from qvd_bench.prompts import select_prompts
+
+    count = args.num_prompts if args.num_prompts is not None else (None if args.prompts else 2)
+    return tuple(select_prompts(args.prompts, count))
+
+
+def sampling_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling settings of ``add_sampling_args``' flags, by parameter name."""
+    return {
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+        "frames": args.frames,
+        "height": args.height,
+        "width": args.width,
+    }
+
+
 def command_flags(add_parser: Callable[[Any], None]) -> dict[str, str]:
     """The options a subcommand declares, as argument name -> flag (``num_prompts`` ->
     ``--num-prompts``), read from its ``add_parser`` (the one place they are declared)."""

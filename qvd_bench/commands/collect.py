@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qvd_bench.commands._args import add_model_args, add_sampling_args, csv
+from qvd_bench.commands._args import (
+    add_model_args,
+    add_sampling_args,
+    csv,
+    sampling_values,
+    selected_prompts,
+)
 from qvd_bench.errors import UserError
 
 
@@ -77,26 +83,18 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qvd_bench import prompts as prompts_module
     from qvd_bench.collect.collector import collect
     from qvd_bench.config import CollectConfig
 
     if args.num_prompts is not None and args.num_prompts < 1:
         raise UserError(f"--num-prompts must be at least 1, got {args.num_prompts}")
-    count = args.num_prompts if args.num_prompts is not None else (None if args.prompts else 2)
-    prompt_list = prompts_module.select_prompts(args.prompts, count)
     config = CollectConfig(
         model=args.model,
         weight_seed=args.weight_seed,
         disparity=args.disparity,
         asymmetry=args.asymmetry,
-        prompts=tuple(prompt_list),
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        seed=args.seed,
-        frames=args.frames,
-        height=args.height,
-        width=args.width,
+        prompts=selected_prompts(args),
+        **sampling_values(args),
         sampler=args.sampler,
         roles=args.roles,
         include=tuple(args.include),

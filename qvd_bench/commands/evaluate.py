@@ -7,7 +7,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from qvd_bench.commands._args import add_model_args, add_sampling_args, csv, with_flags
+from qvd_bench.commands._args import (
+    add_model_args,
+    add_sampling_args,
+    csv,
+    sampling_values,
+    selected_prompts,
+    with_flags,
+)
 from qvd_bench.errors import UserError
 
 
@@ -64,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
     from qvd_bench.evaluate.config import EvalConfig
     from qvd_bench.evaluate.generate import GenerationSettings
     from qvd_bench.evaluate.matrix import evaluate
-    from qvd_bench.prompts import select_prompts
 
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {args.seeds}")
@@ -78,23 +84,14 @@ def run(args: argparse.Namespace) -> int:
         )
         if path
     }
-    count = args.num_prompts if args.num_prompts is not None else (None if args.prompts else 2)
     config = EvalConfig(
         model=args.model,
         weight_seeds=tuple(range(args.weight_seed, args.weight_seed + args.seeds)),
         methods=tuple(args.methods),
         bits=tuple(args.bits),
         metrics=tuple(m for m in args.metrics if m != "fidelity"),
-        prompts=tuple(select_prompts(args.prompts, count)),
-        settings=GenerationSettings(
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            seed=args.seed,
-            frames=args.frames,
-            height=args.height,
-            width=args.width,
-            scheduler="ddim",
-        ),
+        prompts=selected_prompts(args),
+        settings=GenerationSettings(**sampling_values(args), scheduler="ddim"),
         disparity=args.disparity,
         asymmetry=args.asymmetry,
         stats=args.stats,

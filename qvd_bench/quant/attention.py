@@ -43,15 +43,12 @@ if TYPE_CHECKING:
 class QuantAttnProcessor(ExplicitAttnProcessor):
     """An attention processor that runs the original one with explicit, quantized attention.
 
-    Args:
-        original: the module's processor (kept as ``.original`` and never modified).
-        module_name: the attention module's qualified name (for observers and errors).
-        quantizers: tensor name -> quantizer (``ATTENTION_TENSORS``); empty for float.
-        observe: ``observe(module_name, tensor, x)`` for each matmul operand, as read.
+    Its attributes are those of ``ExplicitAttnProcessor``, ``quantizers`` set from the
+    argument.
 
-    Attributes:
-        enabled: False calls the original processor untouched (exact passthrough).
-        intercepted: how many attention computations went through ``explicit_attention``.
+    Args:
+        original, module_name, observe: as ``ExplicitAttnProcessor``.
+        quantizers: tensor name -> quantizer (``ATTENTION_TENSORS``); empty for float.
     """
 
     def __init__(

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from qvd_bench.config import SCHEMA_VERSION
+from qvd_bench.config import SCHEMA_VERSION, check_schema_version, unknown_fields
 from qvd_bench.errors import UserError
 from qvd_bench.numerics.grid import check_bits
 
@@ -221,13 +221,9 @@ class QuantConfig:
         version = data.pop("schema_version", None)
         if version is None:
             data = _upgrade_unversioned(data)
-        elif version != SCHEMA_VERSION:
-            raise UserError(
-                f"quantization config has schema version {version}, this qvd-bench reads "
-                f"{SCHEMA_VERSION}; quantize again with this version"
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        else:
+            check_schema_version(version, "quantization config", "quantize again with this version")
+        unknown = unknown_fields(cls, data)
         if unknown:
             raise UserError(f"unknown quantization config fields: {', '.join(unknown)}")
         options = data.pop("options", None)
@@ -236,8 +232,7 @@ class QuantConfig:
             kind = METHOD_OPTIONS.get(method)
             if kind is None:
                 raise UserError(f"options: method {method!r} takes no options, got {options!r}")
-            names = {f.name for f in dataclasses.fields(kind)}
-            extra = sorted(set(options) - names)
+            extra = unknown_fields(kind, options)
             if extra:
                 raise UserError(f"unknown options of method {method!r}: {', '.join(extra)}")
             options = kind(**options)

@@ -30,6 +30,15 @@ UNET_HEAD_ROLES: tuple[tuple[str, str], ...] = (
     (r".*\.time_emb_proj", "time_emb"),
 )
 
+# Temporal parts of diffusers' 3-D UNet blocks (unet_3d_blocks), which UNet3DConditionModel
+# and I2VGenXLUNet are both built from: temporal convs, temporal transformers, and the
+# temporal transformer after conv_in.
+UNET3D_TEMPORAL_ROLES: tuple[tuple[str, str], ...] = (
+    (r".*\.temp_convs\..*", "temporal"),
+    (r".*\.temp_attentions\..*", "temporal"),
+    (r"transformer_in\..*", "temporal"),
+)
+
 # Spatial parts of a UNet block (after the temporal patterns of each family).
 UNET_SPATIAL_ROLES: tuple[tuple[str, str], ...] = (
     *(

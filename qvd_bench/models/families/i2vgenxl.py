@@ -9,6 +9,7 @@ from torch import nn
 
 from qvd_bench.models.families._common import (
     COMMON_OUTLIER_TARGETS,
+    UNET3D_TEMPORAL_ROLES,
     UNET_HEAD_ROLES,
     UNET_SPATIAL_ROLES,
     TextUNetFamily,
@@ -33,9 +34,7 @@ class I2VGenXLFamily(TextUNetFamily):
         (r"image_latents_proj_in\..*|image_latents_context_embedding\..*", "io"),
         # Attention over the frames of the image latents.
         (r"image_latents_temporal_encoder\..*", "temporal"),
-        (r".*\.temp_convs\..*", "temporal"),
-        (r".*\.temp_attentions\..*", "temporal"),
-        (r"transformer_in\..*", "temporal"),
+        *UNET3D_TEMPORAL_ROLES,
         *UNET_SPATIAL_ROLES,
     )
     outlier_targets = (

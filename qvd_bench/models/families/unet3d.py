@@ -8,6 +8,7 @@ from torch import nn
 
 from qvd_bench.models.families._common import (
     COMMON_OUTLIER_TARGETS,
+    UNET3D_TEMPORAL_ROLES,
     UNET_HEAD_ROLES,
     UNET_SPATIAL_ROLES,
     TextUNetFamily,
@@ -21,10 +22,7 @@ class UNet3DFamily(TextUNetFamily):
     prediction_type = "epsilon"
     role_table = (
         *UNET_HEAD_ROLES,
-        # Temporal convs, temporal transformers, and the temporal transformer after conv_in.
-        (r".*\.temp_convs\..*", "temporal"),
-        (r".*\.temp_attentions\..*", "temporal"),
-        (r"transformer_in\..*", "temporal"),
+        *UNET3D_TEMPORAL_ROLES,
         *UNET_SPATIAL_ROLES,
     )
     outlier_targets = (
