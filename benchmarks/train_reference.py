@@ -26,7 +26,8 @@ held-out *seen* captions (``shapes.heldout_captions("seen")``) through a ``WanPi
 with ``vae=None`` and ``output_type="latent"`` (its latents are the pixels; without a VAE
 the pipeline assumes ×4 temporal and ×8 spatial compression, so it is asked for
 29 frames of 128×128 to get 8 latent frames of 16×16), once per guidance scale, and
-``qvd_bench.evaluate.groundtruth.score_clips`` scores the clips. The EMA pipeline is also
+``qvd_bench.evaluate.groundtruth.score_clips`` scores the clips; ``direction_probe`` also
+logs whether the model reads the caption's direction word at all. The EMA pipeline is also
 saved (safetensors, ``pipeline/`` under the output folder, loadable with
 ``WanPipeline.from_pretrained``).
 
@@ -55,7 +56,7 @@ import numpy as np
 import torch
 
 from qvd_bench.datasets import shapes
-from qvd_bench.evaluate.groundtruth import score_clips
+from qvd_bench.evaluate.groundtruth import detect, score_clips
 
 # Pixel-space sizes as the pipeline sees them without a VAE (×4 temporal, ×8 spatial).
 PIPELINE_FRAMES = (shapes.FRAMES - 1) * 4 + 1
@@ -312,12 +313,66 @@ def sample_clips(pipeline, captions, guidance: float, steps: int, seed: int) -> 
     return ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-def evaluate(args, pipeline) -> dict[str, dict[str, float]]:
+_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+PROBE_SIGMAS = (0.7, 0.85, 0.95, 1.0)
+
+
+def _travel_along(clips, specs) -> np.ndarray:
+    """(N,) centroid travel (pixels, first to last present frame) along each caption's direction."""
+    travel = []
+    for found, spec in zip(detect(clips, [(s,) for s in specs]), specs):
+        centers = [c for c in found.objects[0].centers if c is not None]
+        along = (
+            np.asarray(centers[-1]) - np.asarray(centers[0]) if len(centers) > 1 else np.zeros(2)
+        )
+        travel.append(float(along @ np.asarray(shapes.DIRECTIONS[spec.motion])))
+    return np.asarray(travel)
+
+
+@torch.no_grad()
+def direction_probe(pipeline, seed: int, count: int = 96) -> dict[str, list[float]]:
+    """Whether the model reads the direction word: the caption-swap probe.
+
+    Dataset clips that translate are noised to each σ of ``PROBE_SIGMAS`` and denoised in
+    one step (x̂0 = x_σ − σ·v) under their caption and under the caption with the opposite
+    direction. A model that uses the word moves x̂0 along the true direction more with the
+    true caption; one that ignores it gives the same travel for both.
+
+    Returns:
+        {"sigma{σ}": [mean travel with the true caption, with the opposite caption]}.
+    """
+    clips, truths = shapes.make_clips(seed, 8 * count, split="train")
+    keep = [i for i, t in enumerate(truths) if t.objects[0].motion in _OPPOSITE][:count]
+    specs = [truths[i].specs[0] for i in keep]
+    swapped = [shapes.ObjectSpec(s.shape, s.color, _OPPOSITE[s.motion]) for s in specs]
+    x0 = torch.from_numpy(clips[keep]) * 2.0 - 1.0
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    texts = [caption_embeddings(pipeline, [s.phrase for s in group]) for group in (specs, swapped)]
+    result = {}
+    for sigma in PROBE_SIGMAS:
+        noisy = (1.0 - sigma) * x0 + sigma * noise
+        timestep = torch.full((len(keep),), sigma * NUM_TRAIN_TIMESTEPS)
+        travels = []
+        for text in texts:
+            v = pipeline.transformer(
+                hidden_states=noisy,
+                timestep=timestep,
+                encoder_hidden_states=text,
+                return_dict=False,
+            )[0]
+            x0_hat = ((noisy - sigma * v + 1.0) / 2.0).clamp(0.0, 1.0)
+            travels.append(round(float(_travel_along(x0_hat, specs).mean()), 3))
+        result[f"sigma{sigma:g}"] = travels
+    return result
+
+
+def evaluate(args, pipeline) -> dict:
     captions = shapes.heldout_captions("seen")
     scores = {}
     for guidance in args.guidance:
         clips = sample_clips(pipeline, captions, guidance, args.sample_steps, args.eval_seed)
         scores[f"cfg{guidance:g}"] = score_clips(clips, captions)
+    scores["direction_probe"] = direction_probe(pipeline, args.eval_seed)
     return scores
 
 
