@@ -1,0 +1,1 @@
+"""Procedural datasets with known ground truth (``shapes``: captioned clips of moving shapes)."""
