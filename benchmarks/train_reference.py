@@ -122,7 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--guidance", default="1,3", help="guidance scales evaluated")
-    parser.add_argument("--eval-every", type=int, default=2000)
+    parser.add_argument(
+        "--eval-every", type=int, default=2000, help="evaluation interval in steps; 0: none"
+    )
     parser.add_argument("--eval-seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--checkpoint-every", type=int, default=500)
@@ -513,7 +515,9 @@ def main(argv=None) -> int:
         )
         if step % args.checkpoint_every == 0 or step == args.steps or out_of_time:
             checkpoint(step)
-        if step % args.eval_every == 0 or step == args.steps or out_of_time:
+        if args.eval_every > 0 and (
+            step % args.eval_every == 0 or step == args.steps or out_of_time
+        ):
             run_eval(step)
             window_start = time.perf_counter()
         if out_of_time:
