@@ -1,7 +1,8 @@
 """Observing attention: q, k, v and the softmax output of every attention module.
 
 The diffusers attention processors of every supported denoiser (``AttnProcessor2_0`` of
-``Attention`` in the UNets and Latte, ``CogVideoXAttnProcessor2_0``, ``WanAttnProcessor``)
+``Attention`` in the UNets and Latte, ``CogVideoXAttnProcessor2_0``, ``WanAttnProcessor``,
+``LTXVideoAttnProcessor``, ``HunyuanVideoAttnProcessor2_0``, ``MochiAttnProcessor2_0``)
 compute the attention itself with ``torch.nn.functional.scaled_dot_product_attention``,
 looked up on the module at call time (directly, or through diffusers' native attention
 backend). ``ExplicitAttnProcessor`` wraps the original processor and, only while that
@@ -223,13 +224,23 @@ class ExplicitAttnProcessor:
 
 
 def attention_modules(denoiser: nn.Module) -> dict[str, nn.Module]:
-    """The attention modules of a denoiser (those with a swappable processor), in order."""
+    """The attention modules of a denoiser (those with a swappable processor), in order:
+    diffusers' ``Attention`` classes with ``set_processor``, and those that only call a
+    ``processor`` attribute (``MochiAttention``)."""
     return {
         name: module
         for name, module in denoiser.named_modules()
-        if callable(getattr(module, "set_processor", None))
-        and getattr(module, "processor", None) is not None
+        if getattr(module, "processor", None) is not None
+        and (callable(getattr(module, "set_processor", None)) or callable(module.processor))
     }
+
+
+def _set_processor(module: nn.Module, processor: Any) -> None:
+    """Puts a processor on an attention module, with ``set_processor`` where it has one."""
+    if callable(getattr(module, "set_processor", None)):
+        module.set_processor(processor)
+    else:
+        module.processor = processor
 
 
 def attention_processors(denoiser: nn.Module) -> Iterator[tuple[str, ExplicitAttnProcessor]]:
@@ -261,7 +272,7 @@ def install_processors(
     installed = {}
     for name in names:
         processor = make(name, modules[name].processor)
-        modules[name].set_processor(processor)
+        _set_processor(modules[name], processor)
         installed[name] = processor
     return installed
 
@@ -270,7 +281,7 @@ def restore_processors(denoiser: nn.Module) -> int:
     """Puts the original processor back on every attention module; returns how many."""
     restored = 0
     for name, processor in list(attention_processors(denoiser)):
-        denoiser.get_submodule(name).set_processor(processor.original)
+        _set_processor(denoiser.get_submodule(name), processor.original)
         restored += 1
     return restored
 
@@ -334,7 +345,7 @@ class AttentionStats:
 
     def detach(self) -> None:
         for name, processor in self.processors.items():
-            self.denoiser.get_submodule(name).set_processor(processor.original)
+            _set_processor(self.denoiser.get_submodule(name), processor.original)
         self.processors = {}
 
     def __enter__(self) -> AttentionStats:

@@ -6,7 +6,7 @@ knowledge is kept declarative (role tables, outlier targets, tiny configs); core
 never branches on a model's name, only calls these methods.
 
 Tensor layouts: ``latents`` are in the family's own layout, "BCFHW" (UNet3D, Motion,
-I2VGenXL, Latte, Wan) or "BFCHW" (SVD, CogVideoX), and hold only the channels the
+I2VGenXL, Latte, Wan, LTX-Video, HunyuanVideo, Mochi) or "BFCHW" (SVD, CogVideoX), and hold only the channels the
 denoiser predicts (extra conditioning channels such as SVD's image latents are added
 inside ``forward``).
 """

@@ -119,6 +119,9 @@ for _name, _family, _description in (
     ("tiny-latte", "latte", "LatteTransformer3DModel (Latte), tiny"),
     ("tiny-cogvideox", "cogvideox", "CogVideoXTransformer3DModel (CogVideoX), tiny"),
     ("tiny-wan", "wan", "WanTransformer3DModel (Wan 2.x), tiny"),
+    ("tiny-ltx", "ltx", "LTXVideoTransformer3DModel (LTX-Video), tiny"),
+    ("tiny-hunyuan", "hunyuan-video", "HunyuanVideoTransformer3DModel (HunyuanVideo), tiny"),
+    ("tiny-mochi", "mochi", "MochiTransformer3DModel (Mochi 1), tiny"),
 ):
     MODELS.register(_name, ModelSpec(_name, _family, _tiny_config(_family), _description))
 

@@ -47,6 +47,9 @@ def test_all_presets_are_registered():
         "tiny-latte",
         "tiny-cogvideox",
         "tiny-wan",
+        "tiny-ltx",
+        "tiny-hunyuan",
+        "tiny-mochi",
     }
 
 

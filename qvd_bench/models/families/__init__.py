@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 from qvd_bench.models.families.cogvideox import CogVideoXFamily
+from qvd_bench.models.families.hunyuan_video import HunyuanVideoFamily
 from qvd_bench.models.families.i2vgenxl import I2VGenXLFamily
 from qvd_bench.models.families.latte import LatteFamily
+from qvd_bench.models.families.ltx import LTXVideoFamily
+from qvd_bench.models.families.mochi import MochiFamily
 from qvd_bench.models.families.motion import MotionFamily
 from qvd_bench.models.families.svd import SVDFamily
 from qvd_bench.models.families.unet3d import UNet3DFamily
@@ -27,6 +30,9 @@ for _family_class in (
     LatteFamily,
     CogVideoXFamily,
     WanFamily,
+    LTXVideoFamily,
+    HunyuanVideoFamily,
+    MochiFamily,
 ):
     _family = _family_class()
     FAMILIES.register(_family.denoiser_class, _family)
