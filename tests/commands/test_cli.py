@@ -164,6 +164,15 @@ def test_corrupt_stats_on_info(tmp_path, capsys):
     assert "schema version 0" in error_line(capsys)
 
 
+def test_version(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"qvd-bench {metadata.version('qvd-bench')}\n"
+
+
 def test_console_script_exit_code(tmp_path):
     result = subprocess.run(
         [
