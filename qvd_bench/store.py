@@ -346,12 +346,34 @@ def check_writable(run_dir: Path, *, overwrite: bool) -> None:
         raise UserError(f"{run_dir} already exists; pass overwrite=True to replace it")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} exists and is not a directory")
-    parent = run_dir.parent
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise UserError(f"cannot write to {parent}: not a writable directory")
+    check_output_directory(run_dir.parent)
+
+
+def check_output_directory(directory: str | Path) -> Path:
+    """Creates ``directory`` (and its parents) and writes and removes a probe file in it.
+
+    Every command that writes calls this before any work, so that an output that cannot
+    be written fails at once rather than after the sampling. A probe, not a permission
+    check: ``os.access`` says yes to root everywhere, even in ``/proc``.
+
+    Returns:
+        ``directory`` as a Path.
+
+    Raises:
+        UserError: the directory cannot be created or a file cannot be written in it.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        reason = error.strerror or _one_line(error)
+        raise UserError(
+            f"cannot write to {directory}: not a writable directory ({reason})"
+        ) from None
+    return directory
 
 
 def replace_directory(built: Path, target: Path) -> None:

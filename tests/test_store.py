@@ -116,6 +116,11 @@ def test_unwritable_parent_is_a_user_error(tmp_path):
         store.check_writable(blocker / "run", overwrite=False)
 
 
+def test_output_directory_is_created_and_probed(tmp_path):
+    out = store.check_output_directory(tmp_path / "a" / "b")
+    assert out == tmp_path / "a" / "b" and out.is_dir() and not list(out.iterdir())
+
+
 def test_missing_run(tmp_path):
     with pytest.raises(UserError, match="no statistics run"):
         store.StatsRun(tmp_path / "nothing")

@@ -50,10 +50,11 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qvd_bench.analysis import PlanThresholds, analyze, headline, require_temporal
-    from qvd_bench.store import StatsRun
+    from qvd_bench.store import StatsRun, check_output_directory
 
+    run_stats = StatsRun(args.run)
+    check_output_directory(run_stats.path)  # analysis.parquet and plan.json go beside the run
     if not args.no_temporal:
-        run_stats = StatsRun(args.run)
         try:
             require_temporal(run_stats)
         except UserError:

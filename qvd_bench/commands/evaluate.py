@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     Under ``torchrun --nproc_per_node=N`` the prompts are sharded across the processes
     and rank 0 writes and prints (``evaluate.matrix.evaluate``).
     """
+    from qvd_bench import store
     from qvd_bench.evaluate.config import EvalConfig
     from qvd_bench.evaluate.generate import GenerationSettings
     from qvd_bench.evaluate.matrix import evaluate
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         reference=args.reference,
         weights=weights,
     )
-    out = Path(args.out)
+    out = store.check_output_directory(args.out)
     result = evaluate(config, out, progress=not args.no_progress)
     if result is not None:  # rank 0 reports; the other processes of a torchrun stay quiet
         name = Path(config.model).name or "model"

@@ -173,7 +173,7 @@ def quantize_from_stats(
     from qvd_bench.quant.config import QuantConfig, parse_bits
     from qvd_bench.quant.measure import coverage_report, temporal_report
     from qvd_bench.quant.methods import get_method
-    from qvd_bench.store import StatsRun
+    from qvd_bench.store import StatsRun, check_output_directory
 
     w_bits, a_bits = parse_bits(bits_spec)
     get_method(method)  # an unknown name fails before any loading
@@ -187,6 +187,7 @@ def quantize_from_stats(
     )
     run = StatsRun(stats)
     plan = QuantPlan.load(plan_path) if plan_path is not None else None
+    check_output_directory(out_dir)
     loaded = load_run_model(run) if model is None else load_model(model)
     layers = dict(leaf_layers(loaded.denoiser))
     decisions = None

@@ -29,8 +29,10 @@ def run(args: argparse.Namespace) -> int:
     """
     from qvd_bench.commands.evaluate import format_table
     from qvd_bench.evaluate import regress
+    from qvd_bench.store import check_output_directory
 
     if args.update:
+        check_output_directory(Path(args.baseline).parent)
         data = regress.write_baseline(args.baseline, args.results)
         print(f"baseline written to {args.baseline} ({len(data['figures'])} figures)")
         return 0

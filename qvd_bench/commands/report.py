@@ -22,8 +22,10 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qvd_bench.report import build_report
+    from qvd_bench.store import check_output_directory
 
     out = Path(args.out) if args.out else Path("reports") / Path(args.run).name
+    check_output_directory(out)
     index = build_report([args.run, *args.compare], out, title=args.title)
     print(f"report written to {index} (Markdown: {index.parent / 'report.md'})")
     return 0

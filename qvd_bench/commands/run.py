@@ -162,6 +162,7 @@ def run_job(
         weight_seed=weight_seed,
         seed=seed,
     )
+    out = store.check_output_directory(out)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 prints and records
         print(format_settings(settings), flush=True)
     started = time.perf_counter()
@@ -181,7 +182,6 @@ def run_job(
             scheduler=settings["scheduler"],
         ),
     )
-    out = Path(out)
     result = evaluate(config, out, progress=progress)
     if result is None:  # not rank 0 of a multi-process run: rank 0 records and reports
         return 0

@@ -101,7 +101,7 @@ def sensitivity_report(
     from qvd_bench.quant.config import QuantConfig, parse_bits
     from qvd_bench.quant.methods import get_method
     from qvd_bench.report.sensitivity import write_sensitivity_report
-    from qvd_bench.store import StatsRun
+    from qvd_bench.store import StatsRun, check_output_directory
 
     w_bits, a_bits = parse_bits(bits_spec)
     get_method(method)  # an unknown name fails before any loading
@@ -112,11 +112,12 @@ def sensitivity_report(
     if top < 1:
         raise UserError(f"--top must be at least 1, got {top}")
     run = StatsRun(stats)
-    loaded = load_run_model(run) if model is None else load_model(model)
     config = QuantConfig(method, w_bits, a_bits)
-    probe = probe_for_run(loaded, run, seed=seed, num_prompts=num_prompts, steps=steps)
-    table = sensitivity(loaded, run, config, probe, by=by, progress=progress)
     if out_dir is None:
         out_dir = Path("reports") / f"{run.path.name}-sensitivity-{config.bits}"
+    check_output_directory(out_dir)
+    loaded = load_run_model(run) if model is None else load_model(model)
+    probe = probe_for_run(loaded, run, seed=seed, num_prompts=num_prompts, steps=steps)
+    table = sensitivity(loaded, run, config, probe, by=by, progress=progress)
     title = f"Sensitivity of {run.path.name}: {method} {config.bits}"
     return table, write_sensitivity_report(table, out_dir, title, top)

@@ -158,6 +158,42 @@ def test_unwritable_output(tmp_path, capsys):
     assert "not a writable directory" in error_line(capsys)
 
 
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("small") / "run"
+    assert run_cli("collect", "--out", run, *SMALL) == 0
+    return run
+
+
+@pytest.mark.parametrize("command", ["collect", "evaluate", "run", "quantize", "report"])
+@pytest.mark.parametrize("where", ["below-a-file", "/proc/nope"])
+def test_unwritable_output_fails_before_any_work(
+    command, where, small_run, tmp_path, monkeypatch, capsys
+):
+    if where.startswith("/proc") and not os.path.isdir("/proc"):
+        pytest.skip("no /proc")
+    out = tmp_path / "file" / "out" if where == "below-a-file" else where
+    (tmp_path / "file").write_text("")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the output directory was checked")
+
+    from qvd_bench.models import zoo
+
+    monkeypatch.setattr(zoo, "load_model", no_work)
+    monkeypatch.setattr(zoo, "load_run_model", no_work)
+    monkeypatch.setattr("qvd_bench.report.build_report", no_work)
+    args = {
+        "collect": ["collect", *SMALL],
+        "evaluate": ["evaluate", "--no-progress"],
+        "run": ["run", "--no-progress"],
+        "quantize": ["quantize", "--stats", small_run],
+        "report": ["report", small_run],
+    }[command]
+    assert run_cli(*args, "--out", out) == 2
+    assert "not a writable directory" in error_line(capsys)
+
+
 def test_corrupt_stats_on_info(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text('{"format": "qvd-bench-stats", "schema_version": 0}')
     assert run_cli("info", tmp_path) == 2

@@ -49,12 +49,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from qvd_bench.commands.perf import benchmarks
+    from qvd_bench.store import check_output_directory
 
     if args.benchmark not in benchmarks.BENCHMARKS:
         raise UserError(
             f"unknown benchmark {args.benchmark!r}; known: {', '.join(benchmarks.BENCHMARKS)}"
         )
     models = args.models or benchmarks.BENCHMARK_DEFAULT_MODELS[args.benchmark]
+    if args.out:
+        check_output_directory(Path(args.out).parent)
     torch.set_num_threads(1)
     tables = []
     for model in models:
