@@ -70,7 +70,9 @@ class EvalConfig:
         reference: "fp" (FP generations paired by seed) or a directory of real videos
             (``videos.safetensors`` holding ``videos``, uint8 (N, T, H, W, 3), N >= 1)
             for the Frechet metrics; checked here, before anything runs.
-        weights: metric name -> local weights path (FVD detectors, Inception, CLIP dir).
+        weights: metric name -> local weights path (FVD detectors, Inception, CLIP dir);
+            a path given must exist (checked here, before anything runs), while a network
+            metric without one is skipped with a notice.
     """
 
     model: str = "tiny-unet3d"
@@ -96,8 +98,10 @@ class EvalConfig:
         object.__setattr__(self, "metrics", check_metrics(self.metrics))
         object.__setattr__(self, "methods", check_methods(self.methods))
         object.__setattr__(self, "bits", normalise_bits_specs(self.bits))
-        for name in self.weights:
+        for name, path in self.weights.items():
             METRICS.get(name)
+            if not Path(path).exists():
+                raise UserError(f"weights[{name!r}]: {path} does not exist")
         if self.reference != "fp":
             if not Path(self.reference).is_dir():
                 raise UserError(

@@ -194,6 +194,27 @@ def test_unwritable_output_fails_before_any_work(
     assert "not a writable directory" in error_line(capsys)
 
 
+@pytest.mark.parametrize(
+    "flag, metric",
+    [
+        ("--fvd-weights", "fvd"),
+        ("--fvd-cd-weights", "fvd-cd"),
+        ("--fid-weights", "fid"),
+        ("--clip-model", "clipsim"),
+    ],
+)
+def test_missing_weights_path_fails_before_any_work(flag, metric, tmp_path, monkeypatch, capsys):
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the weights path was checked")
+
+    monkeypatch.setattr("qvd_bench.evaluate.matrix.evaluate", no_work)
+    missing = tmp_path / "nonexistent.pt"
+    args = ["evaluate", "--metrics", metric, flag, missing, "--out", tmp_path / "out"]
+    assert run_cli(*args) == 2
+    assert error_line(capsys) == f"qvd-bench: error: {flag}: {missing} does not exist"
+    assert not (tmp_path / "out").exists()
+
+
 def test_corrupt_stats_on_info(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text('{"format": "qvd-bench-stats", "schema_version": 0}')
     assert run_cli("info", tmp_path) == 2

@@ -27,6 +27,7 @@ def _config(**overrides):
         ({"bits": ("W4",)}, "W4A8"),
         ({"reference": "/no/such/dir"}, "reference must be"),
         ({"weight_seeds": (0, 1), "stats": "x"}, "stats describes one model"),
+        ({"weights": {"fvd": "/no/such.pt"}}, r"weights\['fvd'\]: /no/such.pt does not exist"),
     ],
 )
 def test_bad_input_is_a_one_line_user_error(overrides, message):
