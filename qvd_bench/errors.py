@@ -1,7 +1,8 @@
-"""The one exception type that means "the user's input is wrong".
+"""The exception types the command line answers in one line.
 
-The CLI turns a ``UserError`` into a single line on stderr and exit code 2; anything
-else is a bug and keeps its traceback.
+The CLI turns a ``UserError`` (the user's input is wrong) into a single line on stderr
+and exit code 2, and a Ctrl-C (``KeyboardInterrupt``, ``Interrupted``) into one line and
+exit code 130; anything else is a bug and keeps its traceback.
 """
 
 
@@ -10,3 +11,8 @@ class UserError(Exception):
 
     The message is one line that says what is wrong and what to do about it.
     """
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C that was handled: its message says what was saved and what a rerun of the
+    same call resumes."""

@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -393,36 +394,58 @@ CHECKPOINT_TENSORS = "checkpoint.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"
 
 
-def save_checkpoint(
-    run_dir: Path, fingerprint: dict[str, Any], done: Iterable[int], groups: dict[str, dict]
-) -> None:
-    """Saves accumulator states after a finished sample.
+@dataclass(frozen=True)
+class CheckpointState:
+    """A copy of accumulator states, as ``checkpoint_state`` takes it.
+
+    Attributes:
+        tensors: "<group>/<i>/<field>" -> a CPU tensor of its own.
+        index: group name -> the keys of its accumulators, in the order of ``i``.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    index: dict[str, list]
+
+
+def checkpoint_state(groups: dict[str, dict]) -> CheckpointState:
+    """Copies the states of accumulators, to be saved now or later.
 
     Args:
-        run_dir: the run being collected (the checkpoint lives in ``<run>.partial/``).
-        fingerprint: what must match for a rerun to resume (the collect config).
-        done: global ids of finished samples.
         groups: group name -> {key: accumulator}; keys are tuples or strings.
     """
-    partial = partial_dir(Path(run_dir))
     tensors, index = {}, {}
     for group, accumulators in groups.items():
         entries = []
         for i, (key, acc) in enumerate(accumulators.items()):
             for field, value in acc.state_dict().items():
                 # A copy of its own: accumulators may share storage (layers reading one
-                # tensor), which safetensors refuses to write.
+                # tensor), which safetensors refuses to write; and they go on accumulating.
                 tensors[f"{group}/{i}/{field}"] = value.detach().to("cpu", copy=True)
             entries.append(list(key) if isinstance(key, tuple) else key)
         index[group] = entries
+    return CheckpointState(tensors, index)
+
+
+def save_checkpoint(
+    run_dir: Path, fingerprint: dict[str, Any], done: Iterable[int], state: CheckpointState
+) -> None:
+    """Saves accumulator states taken after a finished sample.
+
+    Args:
+        run_dir: the run being collected (the checkpoint lives in ``<run>.partial/``).
+        fingerprint: what must match for a rerun to resume (the collect config).
+        done: global ids of finished samples.
+        state: the accumulators' states (``checkpoint_state``) when they were finished.
+    """
+    partial = partial_dir(Path(run_dir))
     # Tensors first: the JSON names the state, so a crash between the two leaves the old
     # JSON pointing at tensors it cannot match, which load_checkpoint rejects.
-    atomic_write(partial / CHECKPOINT_TENSORS, lambda p: save_file(tensors, str(p)))
+    atomic_write(partial / CHECKPOINT_TENSORS, lambda p: save_file(state.tensors, str(p)))
     record = {
         "fingerprint": fingerprint,
         "done": sorted(done),
-        "index": index,
-        "tensor_count": len(tensors),
+        "index": state.index,
+        "tensor_count": len(state.tensors),
     }
     write_json(partial / CHECKPOINT_JSON, record)
 

@@ -181,7 +181,7 @@ def test_checkpoint_round_trip_and_fingerprint(tmp_path):
         "histograms": Histogram.from_state_dict,
         "reservoirs": Reservoir.from_state_dict,
     }
-    store.save_checkpoint(run_dir, {"steps": 3}, {0, 2}, groups)
+    store.save_checkpoint(run_dir, {"steps": 3}, {0, 2}, store.checkpoint_state(groups))
     done, loaded = store.load_checkpoint(run_dir, {"steps": 3}, factories)
     assert done == {0, 2}
     for key, acc in accs["moments"].items():
@@ -196,7 +196,9 @@ def test_checkpoint_round_trip_and_fingerprint(tmp_path):
 def test_torn_checkpoint_is_ignored(tmp_path):
     accs = make_accumulators()
     run_dir = tmp_path / "run"
-    store.save_checkpoint(run_dir, {"a": 1}, {0}, {"moments": accs["moments"]})
+    store.save_checkpoint(
+        run_dir, {"a": 1}, {0}, store.checkpoint_state({"moments": accs["moments"]})
+    )
     (store.partial_dir(run_dir) / store.CHECKPOINT_TENSORS).write_bytes(b"garbage")
     assert (
         store.load_checkpoint(run_dir, {"a": 1}, {"moments": ChannelMoments.from_state_dict})

@@ -13,7 +13,6 @@ import contextlib
 import platform
 import re
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from qvd_bench import store
 from qvd_bench.collect import distributed
 from qvd_bench.collect.attention import ATTENTION_TENSORS, AttentionStats
+from qvd_bench.collect.checkpoint import CollectCheckpoints
 from qvd_bench.collect.histogram import Histogram
 from qvd_bench.collect.hooks import (
     LayerInfo,
@@ -141,8 +141,10 @@ def collect(
         run_dir: where the run goes (``stats/<name>``).
         overwrite: replace an existing run.
         progress: show a progress bar over sampling steps.
-        checkpoint_every: seconds between checkpoints (taken after a finished sample);
-            0 checkpoints after every sample. An interruption loses at most this much.
+        checkpoint_every: seconds between checkpoint writes (after a finished sample);
+            0 writes one after every sample. A KeyboardInterrupt while sampling saves the
+            finished samples (``CollectCheckpoints``) and is raised again as
+            ``Interrupted``, which says what was saved.
 
     Returns:
         A summary of what was written.
@@ -213,7 +215,19 @@ def collect(
         unit="step",
         disable=not progress or rank != 0,
     )
-    last_checkpoint = time.monotonic()
+    checkpoints = CollectCheckpoints(
+        run_dir,
+        fingerprint,
+        checkpoint_every,
+        lambda: {
+            "moments": collector.moments,
+            "histograms": collector.histograms,
+            "reservoirs": collector.reservoirs,
+            "attention": attention.moments if attention else {},
+            "attention_histograms": attention.histograms if attention else {},
+        },
+        saved=done,
+    )
     try:
         with collector, attention or contextlib.nullcontext(), torch.no_grad():
             for sample_id in todo:
@@ -226,22 +240,10 @@ def collect(
                     lambda: bar.update(1),
                 )
                 done.add(sample_id)
-                if time.monotonic() - last_checkpoint < checkpoint_every:
-                    continue
-                last_checkpoint = time.monotonic()
                 collector.flush()
-                store.save_checkpoint(
-                    run_dir,
-                    fingerprint,
-                    done,
-                    {
-                        "moments": collector.moments,
-                        "histograms": collector.histograms,
-                        "reservoirs": collector.reservoirs,
-                        "attention": attention.moments if attention else {},
-                        "attention_histograms": attention.histograms if attention else {},
-                    },
-                )
+                checkpoints.finished(done)
+    except KeyboardInterrupt:
+        raise checkpoints.interrupted(len(mine)) from None
     finally:
         bar.close()
         tracker.detach()

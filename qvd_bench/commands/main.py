@@ -127,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"qvd-bench: error: {with_flags(str(error))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("qvd-bench: interrupted; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        # An ``Interrupted`` says what was saved; a bare Ctrl-C leaves what each command
+        # keeps (the generation cache of evaluate) to a rerun.
+        detail = with_flags(str(interrupt)) or "rerun the same command to resume"
+        print(f"qvd-bench: interrupted; {detail}", file=sys.stderr)
         return 130

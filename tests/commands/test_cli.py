@@ -91,7 +91,7 @@ def test_interrupted_collect_resumes(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(collector, "run_sample", interrupt_second)
     assert run_cli(*args) == 130
-    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert "1 of 3 prompts are saved" in capsys.readouterr().err
     assert not out.exists() and store.partial_dir(out).exists()
     with pytest.raises(Exception, match="interrupted collection"):
         store.StatsRun(out)
@@ -110,6 +110,69 @@ def test_interrupted_collect_resumes(tmp_path, monkeypatch, capsys):
     pd.testing.assert_frame_equal(
         store.StatsRun(out).channels, store.StatsRun(tmp_path / "fresh").channels
     )
+
+
+def _interrupt_after_step(sample, step):
+    """A run_sample that raises KeyboardInterrupt after ``step`` steps of ``sample``."""
+    original = collector.run_sample
+
+    def run_sample(loaded, prompt, sample_id, config, tracker, on_step):
+        steps = []
+
+        def counted_step():
+            on_step()
+            steps.append(1)
+            if sample_id == sample and len(steps) == step:
+                raise KeyboardInterrupt
+
+        return original(loaded, prompt, sample_id, config, tracker, counted_step)
+
+    return run_sample
+
+
+def test_interrupt_with_default_checkpoint_interval_saves_finished_prompts(
+    tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    args = ["collect", "--out", out, "--num-prompts", "3", *SMALL]
+    # Mid-sample: the accumulators then hold half of prompt 1, which must not be saved.
+    monkeypatch.setattr(collector, "run_sample", _interrupt_after_step(1, 1))
+    assert run_cli(*args) == 130
+    message = error_line(capsys)
+    assert message == (
+        f"qvd-bench: interrupted; the statistics of 1 of 3 prompts are saved in "
+        f"{store.partial_dir(out)}; rerunning the same command resumes with the other 2"
+    )
+
+    monkeypatch.undo()
+    resumed = []
+    original = collector.run_sample
+    monkeypatch.setattr(
+        collector, "run_sample", lambda *a, **k: resumed.append(a[2]) or original(*a, **k)
+    )
+    assert run_cli(*args) == 0
+    assert "1 resumed from a checkpoint" in capsys.readouterr().out
+    assert resumed == [1, 2]
+
+    monkeypatch.undo()
+    assert run_cli(*[a if a != out else tmp_path / "fresh" for a in args]) == 0
+    resumed_run, fresh = store.StatsRun(out), store.StatsRun(tmp_path / "fresh")
+    for table in ("channels", "histograms", "temporal", "weights"):
+        pd.testing.assert_frame_equal(getattr(resumed_run, table), getattr(fresh, table))
+    assert (out / "reservoir.safetensors").read_bytes() == (
+        tmp_path / "fresh" / "reservoir.safetensors"
+    ).read_bytes()
+
+
+def test_interrupt_before_any_prompt_finished_says_nothing_was_saved(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    monkeypatch.setattr(collector, "run_sample", _interrupt_after_step(0, 1))
+    assert run_cli("collect", "--out", out, "--num-prompts", "2", *SMALL) == 130
+    assert error_line(capsys) == (
+        "qvd-bench: interrupted; no prompt had finished, so nothing was saved; "
+        "rerunning the same command starts from the beginning"
+    )
+    assert not out.exists() and not store.partial_dir(out).exists()
 
 
 def test_info_and_models(tmp_path, capsys):
