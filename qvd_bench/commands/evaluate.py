@@ -58,7 +58,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--clip-model", help="local CLIP directory, e.g. clip-vit-base-patch32 (CLIPSIM)"
     )
-    parser.add_argument("--out", default="results", help="output root (default: results)")
+    parser.add_argument(
+        "--out", default=".", help="output root for stats/, results/, reports/ (default: .)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -482,7 +483,7 @@ TINY_RUN = [
 ]
 
 
-def test_run_evaluate_and_regress_commands(tmp_path, capsys):
+def test_run_evaluate_and_regress_commands(tmp_path, monkeypatch, capsys):
     assert run_cli("run", "--out", tmp_path, "--methods", "fp,minmax", *TINY_RUN) == 0
     printed = capsys.readouterr().out
     assert "tiny-unet3d" in printed and "index.html" in printed
@@ -492,9 +493,20 @@ def test_run_evaluate_and_regress_commands(tmp_path, capsys):
     assert run_cli("regress", "--results", results, "--baseline", baseline) == 0
     assert "no regression" in capsys.readouterr().out
 
+    # evaluate's --out is the output root, as run's is, and by default the current
+    # directory: its folders are where the other commands put theirs by default.
     out = tmp_path / "evaluate"
-    assert run_cli("evaluate", "--methods", "fp,mse", "--out", out, *TINY_RUN) == 0
-    assert list(out.rglob("results.parquet"))
+    out.mkdir()
+    monkeypatch.chdir(out)
+    assert run_cli("evaluate", "--methods", "fp,mse", *TINY_RUN) == 0
+    assert [p.relative_to(out) for p in out.rglob("results.parquet")] == [
+        Path("results/tiny-unet3d/results.parquet")
+    ]
+    assert (out / "reports" / "tiny-unet3d" / "index.html").is_file()
+    assert (out / "stats" / "tiny-unet3d-w0" / "manifest.json").is_file()
+    assert f"results written to {Path('results/tiny-unet3d/results.parquet')}" in (
+        capsys.readouterr().out
+    )
     capsys.readouterr()
     assert run_cli("evaluate", "--metrics", "fvdd", "--out", out, *TINY_RUN) == 2
     assert "did you mean 'fvd'" in error_line(capsys)
