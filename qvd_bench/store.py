@@ -62,13 +62,25 @@ OPTIONAL_TABLES = ("attention", "attention_histograms")
 # ----------------------------------------------------------------------------- writing
 
 
+def umask_mode(mode: int) -> int:
+    """``mode`` as the user's umask lets it be: what ``open`` (0o666) or ``mkdir`` (0o777)
+    would give; for files and directories that ``tempfile`` creates private (0o600, 0o700)."""
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return mode & ~umask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Calls ``write(tmp)`` on a temporary file beside ``path``, then renames it."""
+    """Calls ``write(tmp)`` on a temporary file beside ``path``, then renames it.
+
+    The file gets the mode a plain ``open`` would give it (0o666 less the umask).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

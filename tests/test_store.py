@@ -1,6 +1,8 @@
 """The store: round trips, atomic assembly, checkpoints, and clear errors on bad runs."""
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -119,6 +121,18 @@ def test_unwritable_parent_is_a_user_error(tmp_path):
 def test_output_directory_is_created_and_probed(tmp_path):
     out = store.check_output_directory(tmp_path / "a" / "b")
     assert out == tmp_path / "a" / "b" and out.is_dir() and not list(out.iterdir())
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_are_written_with_the_users_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        store.write_json(tmp_path / "record.json", {"a": 1})
+        store.atomic_write(tmp_path / "t.bin", lambda p: p.write_bytes(b"x"))
+    finally:
+        os.umask(previous)
+    for name in ("record.json", "t.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
 
 
 def test_missing_run(tmp_path):

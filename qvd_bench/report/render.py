@@ -48,7 +48,7 @@ from qvd_bench.analysis.plan import QuantPlan, make_plan
 from qvd_bench.analysis.summary import PLAN_FILE, role_summary, stored_layer_summary
 from qvd_bench.errors import UserError
 from qvd_bench.report import figures as F
-from qvd_bench.store import StatsRun, replace_directory
+from qvd_bench.store import StatsRun, replace_directory, umask_mode
 
 COVERAGE_BITS = (8, 4)
 FIGURE_DPI = 100
@@ -636,7 +636,7 @@ def write_report(blocks: list, title: str, out_dir: Path) -> Path:
                 (figures_dir / block.file).write_bytes(block.png)
         (built / "index.html").write_text(render_html(blocks, title, footer), encoding="utf-8")
         (built / "report.md").write_text(render_markdown(blocks, footer), encoding="utf-8")
-        built.chmod(0o755)  # mkdtemp makes it private; a report is meant to be read
+        built.chmod(umask_mode(0o777))  # mkdtemp makes it private; mkdir would not
         replace_directory(built, out_dir)
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)

@@ -231,3 +231,20 @@ def test_plan_table_lists_every_layer_in_module_order(single, runs):
     manifest = json.loads((runs[0] / "manifest.json").read_text())
     assert names == [layer["name"] for layer in manifest["layers"]]
     assert pd.Series(names).is_unique
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_report_directory_and_files_follow_the_umask(tmp_path, umask):
+    import os
+    import stat
+
+    from qvd_bench.report.render import write_report
+
+    previous = os.umask(umask)
+    try:
+        write_report([], "empty", tmp_path / "report")
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE((tmp_path / "report").stat().st_mode)
+    assert mode == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "report" / "index.html").stat().st_mode) == 0o666 & ~umask
