@@ -95,15 +95,16 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     """Frechet distance between two Gaussians, in float64 (formula in the module doc).
 
     Agrees with the ``scipy.linalg.sqrtm(Σ1 @ Σ2)`` computation to about
-    1e-9·(tr Σ1 + tr Σ2) on well-conditioned inputs, and stays real and non-negative on
-    singular ones.
+    1e-9·(tr Σ1 + tr Σ2) on well-conditioned inputs, and stays real on singular ones.
+    Rounding that takes it below zero is clamped (a distance is never negative), and
+    identical Gaussians give exactly 0.
 
     Args:
         mu1, mu2: (d,) means (tensors or arrays).
         cov1, cov2: (d, d) covariances.
 
     Returns:
-        The distance, a Python float.
+        The distance, a Python float, at least 0.
     """
     mu1, mu2, cov1, cov2 = (_as_f64(x) for x in (mu1, mu2, cov1, cov2))
     d = mu1.shape[0]
@@ -112,10 +113,13 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
             f"expected means (d,) and covariances (d, d), got {tuple(mu1.shape)}, "
             f"{tuple(cov1.shape)}, {tuple(mu2.shape)}, {tuple(cov2.shape)}"
         )
+    if torch.equal(mu1, mu2) and torch.equal(cov1, cov2):
+        return 0.0  # a set against itself: exactly, not a rounding error either side of 0
     cov1, cov2 = _symmetric(cov1), _symmetric(cov2)
     diff = mu1 - mu2
     trace_sqrt = trace_sqrt_product(cov1, cov2)
-    return float(diff @ diff) + float(cov1.trace() + cov2.trace()) - 2.0 * trace_sqrt
+    distance = float(diff @ diff) + float(cov1.trace() + cov2.trace()) - 2.0 * trace_sqrt
+    return max(distance, 0.0)
 
 
 class FeatureStats(Accumulator):

@@ -66,6 +66,18 @@ def test_frechet_of_identical_gaussians_is_zero_and_takes_tensors():
         frechet_distance(mu, cov, mu[:5], cov)
 
 
+@pytest.mark.filterwarnings("ignore::qvd_bench.evaluate.frechet.SampleSizeWarning")
+@pytest.mark.parametrize("d, n", [(16, 8), (400, 100), (64, 200)])
+def test_frechet_of_a_feature_set_to_itself_is_zero_never_negative(d, n):
+    x = torch.from_numpy(np.random.default_rng(d).standard_normal((n, d)) * 3)
+    assert frechet_distance_of_features(x, x) == 0.0
+    # The same set in another order: equal statistics up to rounding, which once took
+    # the distance below zero (by 5e-5 at d = 400, N = 100).
+    shuffled = x[torch.from_numpy(np.random.default_rng(1).permutation(n))]
+    value = frechet_distance_of_features(x, shuffled)
+    assert 0.0 <= value < 1e-6 * 2 * float(x.var(0).sum())  # the documented agreement
+
+
 def test_feature_stats_match_numpy():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((300, 6)) * 3 + 1
