@@ -19,3 +19,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "notebook" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def two_expert_wan_dir(tmp_path_factory):
+    """A saved two-expert WanPipeline (``tests/experts.py``)."""
+    from tests.experts import save_two_expert_wan
+
+    return save_two_expert_wan(tmp_path_factory.mktemp("wan22"))
