@@ -3,28 +3,7 @@
 import pytest
 from diffusers import DiffusionPipeline
 
-from qvd_bench import store
-from qvd_bench.collect.collector import collect
-from qvd_bench.config import CollectConfig
-from tests.experts import EXPERTS, STEPS, expert_of_timestep
-
-
-@pytest.fixture(scope="module")
-def two_expert_run(two_expert_wan_dir, tmp_path_factory):
-    config = CollectConfig(
-        model=str(two_expert_wan_dir),
-        prompts=("a cat jumps onto a table",),
-        steps=STEPS,
-        guidance_scale=5.0,
-        frames=2,
-        height=8,
-        width=8,
-        temporal_stride=250,
-        reservoir_capacity=4,
-    )
-    run_dir = tmp_path_factory.mktemp("wan22-run") / "run"
-    collect(config, run_dir, progress=False)
-    return store.StatsRun(run_dir)
+from tests.experts import EXPERTS, expert_of_timestep
 
 
 def test_every_timestep_is_stored_under_the_expert_that_ran_it(two_expert_wan_dir, two_expert_run):
@@ -64,3 +43,10 @@ def test_layers_of_both_experts_are_collected(two_expert_run):
     experts = run.manifest["model"]["experts"]
     assert list(experts) == list(EXPERTS)
     assert all(e["class"] == "WanTransformer3DModel" for e in experts.values())
+
+
+def test_attention_of_both_experts_is_collected(two_expert_run):
+    modules = two_expert_run.manifest["attention"]["modules"]
+    for expert in EXPERTS:
+        assert f"{expert}.blocks.0.attn1" in modules
+    assert set(two_expert_run.attention["module"]) == set(modules)
