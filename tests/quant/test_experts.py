@@ -26,7 +26,7 @@ def generate(loaded):
     )
 
 
-@pytest.mark.parametrize("method", ["minmax", "qvd"])
+@pytest.mark.parametrize("method", ["minmax", "qvd", "timestep_aware", "fsc"])
 def test_quantize_covers_both_experts(method, two_expert_wan_dir, two_expert_run, tmp_path):
     loaded = load_model(str(two_expert_wan_dir))
     names = list(two_expert_run.layers["name"])
@@ -81,3 +81,20 @@ def test_quantizing_one_expert_changes_only_its_steps(two_expert_wan_dir, two_ex
     one = generate(loaded)
     assert not torch.allclose(one, fp)
     assert not torch.allclose(one, both)
+
+
+@pytest.mark.parametrize("method", ["timestep_aware", "fsc"])
+def test_per_timestep_quantizers_cover_only_their_experts_timesteps(method, two_expert_run):
+    from qvd_bench.models.zoo import load_run_model
+
+    ran = {}
+    for t, expert in two_expert_run.manifest["timestep_experts"]:
+        ran.setdefault(expert, set()).add(t)
+    record = quantize_(
+        load_run_model(two_expert_run), QuantConfig(method, 4, 8), stats=two_expert_run
+    )
+    grouped = [r for r in record.layers if r.act == "group"]
+    assert {r.layer.partition(".")[0] for r in grouped} == set(EXPERTS)
+    for r in grouped:
+        covered = {t for group in r.info["groups"] for t in group}
+        assert covered == ran[r.layer.partition(".")[0]], r.layer
