@@ -122,13 +122,6 @@ def run_sample(
         from qvd_bench.models.pipelines import run_pipeline
 
         return run_pipeline(loaded, [prompt], **common)
-    if loaded.multi_expert:
-        # The minimal sampler runs one denoiser on every timestep.
-        raise UserError(
-            f"{config.model} has {len(loaded.experts)} experts "
-            f"({', '.join(loaded.experts)}); the minimal sampler drives one denoiser: "
-            "use sampler='pipeline'"
-        )
     cond, uncond = sampling.text_states_for_prompts(loaded, [prompt])
     return sampling.sample_denoiser(loaded, cond, uncond, **common)
 

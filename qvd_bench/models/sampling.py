@@ -269,6 +269,12 @@ def sample_denoiser(
     """
     if steps < 1:
         raise UserError(f"steps must be >= 1, got {steps}")
+    if loaded.multi_expert:
+        # Each expert runs only its own timesteps, which the pipeline decides.
+        raise UserError(
+            f"{loaded.name} has {len(loaded.experts)} experts ({', '.join(loaded.experts)}); "
+            "the minimal sampler drives one denoiser: sample with the pipeline"
+        )
     family, denoiser = loaded.family, loaded.denoiser
     sample_ids = [int(i) for i in sample_ids]
     batch = len(sample_ids)

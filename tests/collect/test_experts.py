@@ -50,3 +50,16 @@ def test_attention_of_both_experts_is_collected(two_expert_run):
     for expert in EXPERTS:
         assert f"{expert}.blocks.0.attn1" in modules
     assert set(two_expert_run.attention["module"]) == set(modules)
+
+
+def test_the_minimal_sampler_refuses_two_experts(two_expert_wan_dir, tmp_path):
+    from qvd_bench.collect.collector import collect
+    from qvd_bench.config import CollectConfig
+    from qvd_bench.errors import UserError
+
+    config = CollectConfig(
+        model=str(two_expert_wan_dir), prompts=("a cat",), steps=2, sampler="denoiser"
+    )
+    with pytest.raises(UserError, match="transformer, transformer_2.*minimal sampler"):
+        collect(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
