@@ -41,7 +41,7 @@ from qvd_bench.config import CollectConfig
 from qvd_bench.errors import UserError
 from qvd_bench.models import roles as roles_module
 from qvd_bench.models import sampling, zoo
-from qvd_bench.models.family import ROLES, LoadedModel
+from qvd_bench.models.family import ROLES, LoadedModel, split_layer_name
 from qvd_bench.models.sampling import BRANCHES, CallTracker
 from qvd_bench.numerics.edges import SignedLogEdges
 from qvd_bench.numerics.moments import weight_channel_stats
@@ -75,7 +75,7 @@ def select_layers(
             raise UserError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
     decisions = roles_module.classify(loaded)
     layers, infos = {}, {}
-    for name, module in roles_module.leaf_layers(loaded.denoiser).items():
+    for name, module in roles_module.leaf_layers(loaded.layer_root).items():
         decision = decisions[name]
         if config.roles and decision.role not in config.roles:
             continue
@@ -162,9 +162,10 @@ def collect(
         device=config.device,
         dtype=DTYPES[config.dtype],
     )
-    loaded.denoiser.eval()
+    for denoiser in loaded.experts.values():
+        denoiser.eval()
     layers, infos = select_layers(loaded, config)
-    tracker = CallTracker(loaded.denoiser).attach()
+    tracker = CallTracker(loaded.experts).attach()
     edges = (
         SignedLogEdges(relative_error=config.histogram_relative_error)
         if config.histograms
@@ -183,7 +184,7 @@ def collect(
     attention = None
     if config.attention:
         attention = AttentionStats(
-            loaded.denoiser,
+            loaded.layer_root,
             tracker,
             histogram_edges=edges,
             histogram_stride=config.histogram_stride,
@@ -251,9 +252,7 @@ def collect(
     temporal_layers = [name for name, info in infos.items() if info.role == "time_emb"]
     temporal: dict[str, TemporalFeatures] = {}
     if config.temporal_stride and temporal_layers and rank == 0:
-        temporal = capture_temporal_features(
-            loaded, temporal_layers, timestep_grid(config.temporal_stride)
-        )
+        temporal = temporal_features(loaded, temporal_layers, timestep_grid(config.temporal_stride))
     weights = {
         name: weight_channel_stats(module.weight.detach().reshape(module.weight.shape[0], -1))
         for name, module in layers.items()
@@ -304,6 +303,41 @@ def collect(
     )
 
 
+def temporal_features(
+    loaded: LoadedModel, layer_names: list[str], grid: list[float]
+) -> dict[str, TemporalFeatures]:
+    """``capture_temporal_features`` of each expert's layers (on the whole grid), by layer name."""
+    features: dict[str, TemporalFeatures] = {}
+    for expert in loaded.experts:
+        own = {
+            inner: name
+            for name in layer_names
+            for owner, inner in [split_layer_name(name, loaded.experts)]
+            if owner == expert
+        }
+        if not own:
+            continue
+        captured = capture_temporal_features(loaded.expert_model(expert), list(own), grid)
+        features.update({own[inner]: value for inner, value in captured.items()})
+    return {name: features[name] for name in layer_names}
+
+
+def timestep_experts(loaded: LoadedModel, schedule: list[float], moments: dict) -> list[list]:
+    """[timestep, expert] for every expert that ran at each timestep, in schedule order.
+
+    Read from the statistics keys: an expert ran at t where its layers have statistics.
+    """
+    ran: dict[float, set[str]] = {}
+    for _, layer, timestep, _ in moments:
+        ran.setdefault(timestep, set()).add(split_layer_name(layer, loaded.experts)[0])
+    order = list(loaded.experts)
+    return [
+        [timestep, expert]
+        for timestep in schedule
+        for expert in sorted(ran[timestep], key=order.index)
+    ]
+
+
 def weights_note(loaded: LoadedModel) -> str:
     """ "seed 0, disparity 1.0, asymmetry 0.5" for random weights, "" for trained ones."""
     if not loaded.random_weights:
@@ -332,7 +366,7 @@ def build_manifest(
 ) -> dict[str, Any]:
     """Run metadata: model, config, schedule, seeds, versions, layers, subsampling."""
     schedule = sorted({key[2] for key in moments}, reverse=True)
-    return {
+    manifest = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {
             "name": loaded.name,
@@ -367,6 +401,17 @@ def build_manifest(
         "git_revision": git_revision(),
         "layers": [asdict(info) for info in infos.values()],
     }
+    if loaded.multi_expert:
+        # Layer names start with the expert's pipeline attribute.
+        manifest["model"]["experts"] = {
+            expert: {
+                "class": type(denoiser).__name__,
+                "parameters": sum(p.numel() for p in denoiser.parameters()),
+            }
+            for expert, denoiser in loaded.experts.items()
+        }
+        manifest["timestep_experts"] = timestep_experts(loaded, schedule, moments)
+    return manifest
 
 
 def package_versions() -> dict[str, str]:

@@ -13,6 +13,8 @@ inside ``forward``).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -118,16 +120,26 @@ class Family:
 
 @dataclass
 class LoadedModel:
-    """A denoiser ready to use, with where it came from.
+    """A denoiser (or several experts) ready to use, with where it came from.
+
+    A pipeline may hold more than one denoiser: Wan 2.2 runs ``transformer`` on high-noise
+    timesteps and ``transformer_2`` on low-noise ones. ``denoisers`` then maps each
+    pipeline attribute to its module, and every layer is named by its attribute and its
+    name inside that expert (``transformer_2.blocks.0.attn1.to_q``): ``layer_root`` is
+    the module whose ``named_modules`` give those names. With a single denoiser names are
+    the denoiser's own and ``layer_root`` is ``denoiser``.
 
     Attributes:
         name: zoo name or the path / hub id it was loaded from.
-        family: the Family of its denoiser class.
-        denoiser: the nn.Module.
+        family: the Family of its denoiser class (every expert has the same class).
+        denoiser: the nn.Module; with several experts, the first one (the one the family's
+            size methods read their config from).
         pipeline: the diffusers pipeline it came from, or None for a bare denoiser.
         random_weights: True for zoo presets and architectures.
         weight_seed: seed of the random weights, or None.
         knobs: outlier injection settings ({"disparity": float, "asymmetry": float}).
+        denoisers: pipeline attribute -> denoiser, in the pipeline's order, when the model
+            came from a pipeline with more than one denoiser; empty otherwise.
     """
 
     name: str
@@ -137,7 +149,47 @@ class LoadedModel:
     random_weights: bool = True
     weight_seed: int | None = None
     knobs: dict[str, float] = field(default_factory=dict)
+    denoisers: dict[str, nn.Module] = field(default_factory=dict)
+
+    @property
+    def multi_expert(self) -> bool:
+        """Whether layer names carry the pipeline attribute of their expert."""
+        return len(self.denoisers) > 1
+
+    @property
+    def experts(self) -> dict[str, nn.Module]:
+        """Expert name -> denoiser: the pipeline attributes with several experts, else
+        {"": denoiser}. The name is the prefix of the expert's layer names."""
+        return dict(self.denoisers) if self.multi_expert else {"": self.denoiser}
+
+    @property
+    def layer_root(self) -> nn.Module:
+        """The module whose qualified names are the layer names (see the class docstring).
+
+        With several experts a ``ModuleDict`` holding them (the experts themselves, not
+        copies: swapping a layer in it swaps it in the expert).
+        """
+        return nn.ModuleDict(self.denoisers) if self.multi_expert else self.denoiser
+
+    def expert_model(self, expert: str) -> LoadedModel:
+        """This model restricted to one expert (``experts`` key), as a single denoiser."""
+        if not self.multi_expert:
+            return self
+        return dataclasses.replace(self, denoiser=self.denoisers[expert], denoisers={})
 
     @property
     def param_count(self) -> int:
-        return sum(p.numel() for p in self.denoiser.parameters())
+        return sum(p.numel() for p in self.layer_root.parameters())
+
+
+def expert_layer_name(expert: str, name: str) -> str:
+    """The layer name of ``name`` inside ``expert`` ("" for a single denoiser)."""
+    return f"{expert}.{name}" if expert else name
+
+
+def split_layer_name(name: str, experts: Iterable[str]) -> tuple[str, str]:
+    """(expert, name inside it) of a layer name; ("", name) for a single denoiser."""
+    head, _, rest = name.partition(".")
+    if rest and head in experts and head:
+        return head, rest
+    return "", name

@@ -37,6 +37,7 @@ from torch import nn
 from qvd_bench.errors import UserError
 from qvd_bench.models.family import LoadedModel
 from qvd_bench.models.sampling import CallTracker
+from qvd_bench.models.zoo import pipeline_denoisers
 
 # The diffusers pipeline class each tiny preset is wrapped in.
 PRESET_PIPELINES: dict[str, str] = {
@@ -567,6 +568,9 @@ def run_pipeline(
         raise ValueError(f"{len(prompts)} prompts but {len(sample_ids)} sample ids")
 
     denoiser = _pipeline_denoiser(pipeline)
+    denoisers = list(pipeline_denoisers(pipeline).values())
+    if tracker is not None:
+        _check_tracked(pipeline, tracker)
     pipeline.set_progress_bar_config(disable=True)
     parameters = inspect.signature(pipeline.__call__).parameters
     spatial, temporal = _compression(pipeline)
@@ -578,10 +582,15 @@ def run_pipeline(
         if tracker is not None:
             stack.enter_context(_attached(tracker))
         if spec.separate_cfg and tracker is not None:
-            stack.enter_context(_separate_branches(pipeline, denoiser, tracker))
+            stack.enter_context(_separate_branches(pipeline, denoisers, tracker))
         step_kwargs, hook_progress = _progress_kwargs(parameters, progress)
         if hook_progress is not None:
-            stack.enter_context(_call_counter(denoiser, hook_progress))
+            stack.enter_context(_call_counter(denoisers, hook_progress))
+        tracked_timesteps: list[float] = []
+        if tracker is not None:
+            stack.enter_context(
+                _call_counter(denoisers, lambda: _record_timestep(tracker, tracked_timesteps))
+            )
         for prompt, sample_id in zip(prompts, sample_ids):
             kwargs: dict[str, Any] = dict(spec.extra)
             kwargs.update(step_kwargs)
@@ -595,6 +604,11 @@ def run_pipeline(
                 kwargs["max_guidance_scale"] = guidance_scale
             else:
                 kwargs["guidance_scale"] = guidance_scale
+            if "guidance_scale_2" in parameters and getattr(
+                pipeline.config, "boundary_ratio", None
+            ):
+                # The low-noise expert's scale (Wan 2.2): the same guidance for both.
+                kwargs["guidance_scale_2"] = guidance_scale
             if "max_sequence_length" in parameters:
                 kwargs["max_sequence_length"] = _text_length(pipeline)
             generator = torch.Generator(device="cpu").manual_seed(sample_seed(seed, sample_id))
@@ -608,6 +622,9 @@ def run_pipeline(
                     output_type="latent",
                     **kwargs,
                 )
+            if tracker is not None:
+                _check_every_step_tracked(pipeline, tracked_timesteps)
+                tracked_timesteps.clear()
             # Every supported pipeline's output has ``frames`` (here the final latents).
             outputs.append(torch.as_tensor(output.frames).float().cpu())
     return torch.cat(outputs, dim=0)
@@ -622,6 +639,34 @@ def _pipeline_denoiser(pipeline: Any) -> nn.Module:
         if isinstance(module, nn.Module):
             return module
     raise UserError(f"pipeline {type(pipeline).__name__} has neither a unet nor a transformer")
+
+
+def _check_tracked(pipeline: Any, tracker: CallTracker) -> None:
+    """Every denoiser of the pipeline must be hooked, or its calls would go unrecorded."""
+    untracked = [a for a, m in pipeline_denoisers(pipeline).items() if not tracker.hooks(m)]
+    if untracked:
+        raise UserError(
+            f"pipeline {type(pipeline).__name__}'s {', '.join(untracked)} would run unrecorded: "
+            "the call tracker hooks only "
+            f"{', '.join(e or type(m).__name__ for e, m in tracker.experts.items())}; "
+            "track every denoiser of the pipeline (LoadedModel.experts)"
+        )
+
+
+def _record_timestep(tracker: CallTracker, timesteps: list[float]) -> None:
+    if tracker.current is not None:
+        timesteps.append(tracker.current.timestep)
+
+
+def _check_every_step_tracked(pipeline: Any, timesteps: list[float]) -> None:
+    """Each step of the scheduler must have had at least one tracked denoiser call."""
+    scheduled = getattr(pipeline.scheduler, "timesteps", None)
+    steps = 0 if scheduled is None else len(scheduled)
+    if len(set(timesteps)) < steps:
+        raise UserError(
+            f"pipeline {type(pipeline).__name__} ran {steps} steps but the tracked denoiser "
+            f"calls cover {len(set(timesteps))} timesteps: a denoiser ran outside the tracker"
+        )
 
 
 def _compression(pipeline: Any) -> tuple[int, int]:
@@ -693,21 +738,29 @@ def _attached(tracker: CallTracker) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _call_counter(denoiser: nn.Module, callback: Callable[[], Any]) -> Iterator[None]:
-    handle = denoiser.register_forward_hook(lambda module, args, output: callback())
+def _call_counter(denoisers: Sequence[nn.Module], callback: Callable[[], Any]) -> Iterator[None]:
+    """Calls ``callback`` after every call of any of ``denoisers``."""
+    handles = [
+        denoiser.register_forward_hook(lambda module, args, output: callback())
+        for denoiser in denoisers
+    ]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager
-def _separate_branches(pipeline: Any, denoiser: nn.Module, tracker: CallTracker) -> Iterator[None]:
+def _separate_branches(
+    pipeline: Any, denoisers: Sequence[nn.Module], tracker: CallTracker
+) -> Iterator[None]:
     """Tells the tracker the branch of each call of a pipeline that runs CFG as two calls.
 
     WanPipeline calls the denoiser on the conditional input first, then (when CFG is on)
-    on the unconditional one. The branch is announced in a pre-hook that runs before the
-    tracker's and withdrawn after the call.
+    on the unconditional one; with two experts both calls of a step go to the same one,
+    so one count over all experts' calls gives the branch. The branch is announced in a
+    pre-hook that runs before the tracker's and withdrawn after the call.
     """
     stack = contextlib.ExitStack()
     calls = [0]
@@ -721,11 +774,13 @@ def _separate_branches(pipeline: Any, denoiser: nn.Module, tracker: CallTracker)
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
         stack.close()
 
-    pre = denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
-    post = denoiser.register_forward_hook(post_hook)
+    handles = []
+    for denoiser in denoisers:
+        handles.append(denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
+        handles.append(denoiser.register_forward_hook(post_hook))
     try:
         yield
     finally:
-        pre.remove()
-        post.remove()
+        for handle in handles:
+            handle.remove()
         stack.close()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from qvd_bench.errors import UserError
-from qvd_bench.models.family import ROLES, LoadedModel
+from qvd_bench.models.family import ROLES, LoadedModel, expert_layer_name
 
 LEAF_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -63,7 +63,7 @@ def leaf_layers(denoiser: nn.Module, names: Sequence[str] | None = None) -> dict
 
 
 def classify(loaded: LoadedModel, *, detect: bool = False) -> dict[str, RoleDecision]:
-    """Roles of every leaf layer of ``loaded.denoiser``.
+    """Roles of every leaf layer of ``loaded``'s denoiser (of every expert).
 
     Args:
         loaded: the model; its family supplies the role table and the probe forward.
@@ -71,11 +71,18 @@ def classify(loaded: LoadedModel, *, detect: bool = False) -> dict[str, RoleDeci
             by heuristics. Also used when the family has an empty table.
 
     Returns:
-        Qualified layer name -> RoleDecision, in module order.
+        Qualified layer name -> RoleDecision, in module order; with several experts each
+        expert is classified on its own and its layer names carry its attribute.
 
     Raises:
         UserError: a layer that no pattern of the table matches.
     """
+    if loaded.multi_expert:
+        return {
+            expert_layer_name(expert, name): decision
+            for expert in loaded.experts
+            for name, decision in classify(loaded.expert_model(expert), detect=detect).items()
+        }
     layers = leaf_layers(loaded.denoiser)
     table = loaded.family.role_table
     if table and not detect:

@@ -10,8 +10,9 @@ sampler below or a diffusers pipeline).
 from __future__ import annotations
 
 import contextlib
+import functools
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +35,14 @@ class DenoiserCall:
         branches: one CFG branch name per equal chunk along dim 0 of every layer
             input: ("uncond", "cond") for a batched CFG call, ("cond",) otherwise.
         sample_ids: global ids of the samples in each chunk (the same for every chunk).
+        expert: which denoiser ran the call: its pipeline attribute ("transformer_2")
+            when the tracker hooks several experts, "" for a single denoiser.
     """
 
     timestep: float
     branches: tuple[str, ...]
     sample_ids: tuple[int, ...]
+    expert: str = ""
 
 
 class CallTracker:
@@ -48,10 +52,20 @@ class CallTracker:
     when it runs the CFG branches as separate forwards, the branch with ``branch(name)``.
     A call whose batch is twice the number of samples is a batched [uncond, cond] call
     (diffusers pipelines do this); it is split into two chunks.
+
+    Args:
+        denoiser: the denoiser, or expert name -> denoiser for a pipeline with several
+            experts (``LoadedModel.experts``): every one is hooked, and each call says
+            which expert ran it.
     """
 
-    def __init__(self, denoiser: nn.Module):
-        self.denoiser = denoiser
+    def __init__(self, denoiser: nn.Module | Mapping[str, nn.Module]):
+        self.experts: dict[str, nn.Module] = (
+            {"": denoiser} if isinstance(denoiser, nn.Module) else dict(denoiser)
+        )
+        if not self.experts:
+            raise ValueError("a CallTracker needs at least one denoiser")
+        self.denoiser = next(iter(self.experts.values()))
         self.current: DenoiserCall | None = None
         self._sample_ids: tuple[int, ...] = (0,)
         self._branch = "cond"
@@ -59,14 +73,24 @@ class CallTracker:
 
     def attach(self) -> CallTracker:
         if self._handle is None:
-            self._handle = self.denoiser.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+            self._handle = [
+                module.register_forward_pre_hook(
+                    functools.partial(self._pre_hook, expert=expert), with_kwargs=True
+                )
+                for expert, module in self.experts.items()
+            ]
         return self
 
     def detach(self) -> None:
         if self._handle is not None:
-            self._handle.remove()
+            for handle in self._handle:
+                handle.remove()
             self._handle = None
         self.current = None
+
+    def hooks(self, module: nn.Module) -> bool:
+        """Whether ``module`` is one of the denoisers this tracker hooks."""
+        return any(module is expert for expert in self.experts.values())
 
     @contextlib.contextmanager
     def batch(self, sample_ids: Sequence[int]) -> Iterator[None]:
@@ -90,7 +114,7 @@ class CallTracker:
         finally:
             self._branch = previous
 
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict, *, expert: str = "") -> None:
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if timestep is None:
@@ -106,7 +130,7 @@ class CallTracker:
             raise RuntimeError(
                 f"denoiser batch {batch} matches neither {n} samples nor 2 x {n} (CFG)"
             )
-        self.current = DenoiserCall(value, branches, self._sample_ids)
+        self.current = DenoiserCall(value, branches, self._sample_ids, expert)
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,6 +269,12 @@ def sample_denoiser(
     """
     if steps < 1:
         raise UserError(f"steps must be >= 1, got {steps}")
+    if loaded.multi_expert:
+        # Each expert runs only its own timesteps, which the pipeline decides.
+        raise UserError(
+            f"{loaded.name} has {len(loaded.experts)} experts ({', '.join(loaded.experts)}); "
+            "the minimal sampler drives one denoiser: sample with the pipeline"
+        )
     family, denoiser = loaded.family, loaded.denoiser
     sample_ids = [int(i) for i in sample_ids]
     batch = len(sample_ids)

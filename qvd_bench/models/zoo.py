@@ -187,11 +187,14 @@ def load_model(
         )
     loaded = _load_pretrained(name_or_path)
     knobs = _knobs(disparity, asymmetry, 0.0, 0.0)
-    inject_outliers(loaded.denoiser, loaded.family, seed=weight_seed, **knobs)
+    # Each expert draws its own gains and offsets (the first from the seed itself).
+    for index, denoiser in enumerate(loaded.experts.values()):
+        inject_outliers(denoiser, loaded.family, seed=weight_seed + index, **knobs)
     loaded.knobs = knobs
     if loaded.pipeline is not None:
         loaded.pipeline.to(device=device, dtype=dtype)
-    _move(loaded.denoiser, device, dtype)
+    for denoiser in loaded.experts.values():
+        _move(denoiser, device, dtype)
     return loaded
 
 
@@ -270,6 +273,21 @@ def _family_for(denoiser: nn.Module, source: str) -> Family:
     return FAMILIES.get(class_name)
 
 
+# Pipeline attributes that hold a denoiser, in the order a pipeline runs them (Wan 2.2:
+# ``transformer`` on high-noise timesteps, then ``transformer_2``).
+DENOISER_ATTRIBUTES: tuple[str, ...] = ("unet", "transformer", "transformer_2")
+
+
+def pipeline_denoisers(pipeline: Any) -> dict[str, nn.Module]:
+    """The denoisers of a diffusers pipeline by attribute, skipping those that are None."""
+    found = {}
+    for attribute in DENOISER_ATTRIBUTES:
+        module = getattr(pipeline, attribute, None)
+        if isinstance(module, nn.Module):
+            found[attribute] = module
+    return found
+
+
 def _load_pipeline(location: str, source: str) -> LoadedModel:
     from diffusers import DiffusionPipeline
 
@@ -280,16 +298,24 @@ def _load_pipeline(location: str, source: str) -> LoadedModel:
         raise UserError(
             f"could not load {source} offline ({reason}); download it and pass the local directory"
         ) from None
-    denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
-    if denoiser is None:
-        raise UserError(f"{source}: the pipeline has neither a unet nor a transformer")
+    denoisers = pipeline_denoisers(pipeline)
+    if not denoisers:
+        raise UserError(
+            f"{source}: the pipeline has no denoiser (none of {', '.join(DENOISER_ATTRIBUTES)})"
+        )
+    families = {attribute: _family_for(module, source) for attribute, module in denoisers.items()}
+    if len(set(map(id, families.values()))) > 1:
+        classes = ", ".join(f"{a}: {type(m).__name__}" for a, m in denoisers.items())
+        raise UserError(f"{source}: experts of different denoiser classes ({classes})")
+    first = next(iter(denoisers))
     return LoadedModel(
         name=source,
-        family=_family_for(denoiser, source),
-        denoiser=denoiser,
+        family=families[first],
+        denoiser=denoisers[first],
         pipeline=pipeline,
         random_weights=False,
         weight_seed=None,
+        denoisers=denoisers if len(denoisers) > 1 else {},
     )
 
 

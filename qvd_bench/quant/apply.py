@@ -53,8 +53,10 @@ from qvd_bench.store import StatsRun
 
 
 def _denoiser(model: LoadedModel | nn.Module) -> tuple[LoadedModel | None, nn.Module]:
+    """(the LoadedModel or None, the module whose qualified names are the layer names:
+    the denoiser, or with several experts a ModuleDict of them, ``LoadedModel.layer_root``)."""
     if isinstance(model, LoadedModel):
-        return model, model.denoiser
+        return model, model.layer_root
     if isinstance(model, nn.Module):
         return None, model
     raise UserError(f"expected a LoadedModel or an nn.Module, got {type(model).__name__}")
@@ -66,13 +68,16 @@ def _model_identity(loaded: LoadedModel | None) -> dict[str, Any]:
     return {"name": loaded.name, "weight_seed": loaded.weight_seed, "knobs": loaded.knobs}
 
 
-def _ensure_tracker(denoiser: nn.Module, records: list[LayerRecord], tracker: Any) -> Any:
-    """The given tracker, or a new attached CallTracker when a record needs one."""
+def _ensure_tracker(
+    loaded: LoadedModel | None, denoiser: nn.Module, records: list[LayerRecord], tracker: Any
+) -> Any:
+    """The given tracker, or a new attached CallTracker (on every expert) when a record
+    needs one."""
     if tracker is not None or not any(r.act == "group" for r in records):
         return tracker
     from qvd_bench.models.sampling import CallTracker
 
-    return CallTracker(denoiser).attach()
+    return CallTracker(loaded.experts if loaded is not None else denoiser).attach()
 
 
 def _apply_layers(
@@ -159,10 +164,10 @@ def apply_record(
     Returns:
         The record, its ``tracker`` set.
     """
-    _, denoiser = _denoiser(model)
+    loaded, denoiser = _denoiser(model)
     _check_unquantized(denoiser)
     _check_record_fits(denoiser, record)
-    made = _ensure_tracker(denoiser, record.layers, tracker)
+    made = _ensure_tracker(loaded, denoiser, record.layers, tracker)
     record.originals = _apply_layers(denoiser, record.layers, made)
     install_attention(denoiser, record.attention)
     record.tracker, record.owns_tracker = made, made is not tracker
@@ -317,7 +322,7 @@ def quantize_(
     ctx = QuantContext(loaded, denoiser, run, plan, config, tracker, layers, roles)
     records = method.prepare(ctx)
     _check_records(ctx, records)
-    made = _ensure_tracker(denoiser, records, tracker)
+    made = _ensure_tracker(loaded, denoiser, records, tracker)
     originals = _apply_layers(denoiser, records, made)
     _check_wrapped(denoiser, ctx, records)
     install_attention(denoiser, attention)

@@ -726,7 +726,7 @@ def apply_channel_transform(
     Returns:
         The TransformRecord.
     """
-    denoiser = loaded.denoiser
+    denoiser = loaded.layer_root
     record = plan_transform(denoiser, layer_or_group, shift, scale, fold=fold)
     record.replaced = write_folded(denoiser, record.folded)
     for name in record.layers:
@@ -742,7 +742,7 @@ def undo_channel_transforms(loaded: LoadedModel, records: Sequence[TransformReco
         loaded: the model.
         records: the records of the calls, in the order they were made.
     """
-    denoiser = loaded.denoiser
+    denoiser = loaded.layer_root
     for record in reversed(records):
         for name in record.layers:
             wrapper = denoiser.get_submodule(name)

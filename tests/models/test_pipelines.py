@@ -194,3 +194,40 @@ def test_unsupported_pipeline_class_is_a_user_error():
 def test_unknown_preset_is_a_user_error():
     with pytest.raises(UserError, match="tiny-latte"):
         pipelines.build_tiny_pipeline("tiny-nothing")
+
+
+def test_a_pipeline_denoiser_the_tracker_does_not_hook_is_an_error(two_expert_wan_dir):
+    loaded = zoo.load_model(str(two_expert_wan_dir))
+    assert list(loaded.experts) == ["transformer", "transformer_2"]
+    only_first = CallTracker(loaded.pipeline.transformer)
+    with pytest.raises(UserError, match="transformer_2 would run unrecorded"):
+        run(loaded, steps=4, tracker=only_first)
+
+
+def test_a_step_without_a_tracked_call_is_an_error(two_expert_wan_dir, monkeypatch):
+    # The backstop behind the check above: count the steps the tracker saw.
+    loaded = zoo.load_model(str(two_expert_wan_dir))
+    monkeypatch.setattr(pipelines, "_check_tracked", lambda pipeline, tracker: None)
+    with pytest.raises(UserError, match="ran 4 steps but the tracked denoiser calls cover 1"):
+        run(loaded, steps=4, tracker=CallTracker(loaded.pipeline.transformer))
+
+
+def test_two_expert_calls_name_the_expert_that_ran(two_expert_wan_dir):
+    from tests.experts import expert_of_timestep
+
+    loaded = zoo.load_model(str(two_expert_wan_dir))
+    tracker = CallTracker(loaded.experts)
+    calls = []
+    handles = [
+        module.register_forward_hook(lambda m, a, o: calls.append(tracker.current))
+        for module in loaded.experts.values()
+    ]
+    try:
+        run(loaded, steps=4, tracker=tracker)
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected = expert_of_timestep(loaded.pipeline)
+    assert [(c.expert, c.branches) for c in calls] == [
+        (expected[t], (branch,)) for t in expected for branch in ("cond", "uncond")
+    ]

@@ -328,9 +328,19 @@ def stack_scalars(values: list[Tensor], dtype: torch.dtype) -> Tensor:
 UNIFORM_RULES = ("minmax", "percentile", "mse")
 
 
-def activation_timesteps(ctx: QuantContext) -> list[float]:
-    """The timestep values with activation statistics, descending (sampler order)."""
+def activation_timesteps(ctx: QuantContext, layer: str | None = None) -> list[float]:
+    """The timestep values with activation statistics, descending (sampler order).
+
+    Args:
+        ctx: the context.
+        layer: with several experts, only the timesteps its expert ran (the manifest's
+            ``timestep_experts``; a layer's name starts with its expert's attribute).
+    """
     values = ctx.run.manifest.get("schedule") or ctx.run.channels["timestep"].unique().tolist()
+    ran = ctx.run.manifest.get("timestep_experts")
+    if layer is not None and ran:
+        expert = layer.partition(".")[0]
+        values = [t for t, owner in ran if owner == expert]
     return sorted({float(t) for t in values}, reverse=True)
 
 
@@ -634,7 +644,7 @@ def set_uniform_act(
         scale, zero_point = affine_qparams(lo, hi, bits)
         record.act = "static"
     elif granularity == "timestep_group":
-        steps = activation_timesteps(ctx)
+        steps = activation_timesteps(ctx, record.layer)
         groups = timestep_groups(steps, min(ctx.config.timestep_groups, len(steps)))
         qparams = [
             affine_qparams(*uniform_range(ctx, record.layer, rule, group, transform), bits)
@@ -692,7 +702,7 @@ def set_split_act(
         record.tensors["act_zero_point"] = stack_scalars([z for _, z in qparams], torch.int32)
         record.act = "static"
     elif granularity == "timestep_group":
-        steps = activation_timesteps(ctx)
+        steps = activation_timesteps(ctx, name)
         groups = timestep_groups(steps, min(ctx.config.timestep_groups, len(steps)))
         table = [
             [affine_qparams(*uniform_range(ctx, name, rule, g, channels=p), bits) for g in groups]

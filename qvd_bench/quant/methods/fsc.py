@@ -27,7 +27,7 @@ from qvd_bench.quant.record import LayerRecord
 
 def fsc_record(ctx: QuantContext, name: str) -> LayerRecord:
     """One temporal-feature layer with activation qparams per stored timestep."""
-    steps = len(activation_timesteps(ctx))
+    steps = len(activation_timesteps(ctx, name))
     per_step = dataclasses.replace(
         ctx, config=dataclasses.replace(ctx.config, timestep_groups=steps)
     )
