@@ -128,8 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qvd-bench: error: {with_flags(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
-        # An ``Interrupted`` says what was saved; a bare Ctrl-C leaves what each command
-        # keeps (the generation cache of evaluate) to a rerun.
+        # An ``Interrupted`` (collect, evaluate) says what was saved and what resumes.
         detail = with_flags(str(interrupt)) or "rerun the same command to resume"
         print(f"qvd-bench: interrupted; {detail}", file=sys.stderr)
         return 130

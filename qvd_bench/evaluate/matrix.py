@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from qvd_bench import store
 from qvd_bench.collect import distributed
+from qvd_bench.errors import Interrupted
 from qvd_bench.evaluate import generate as gen
 from qvd_bench.evaluate.calibration import ensure_stats
 from qvd_bench.evaluate.config import EvalConfig, split_bits_spec
@@ -156,8 +157,10 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
     rows: list[dict[str, Any]] = []
     timings: list[dict[str, Any]] = []
     stats_dirs: dict[int, Path] = {}
+    at = ""  # what is being made, for the message of an interruption
     try:
         for weight_seed in config.weight_seeds:
+            at = f"the statistics of weight seed {weight_seed}"
             started = time.perf_counter()
             run = StatsRun(ensure_stats(config, weight_seed, out_dir, progress, shard))
             stats_dirs[weight_seed] = run.path
@@ -165,6 +168,7 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
             fp_model = zoo.load_run_model(run)
             scheduler = gen.scheduler_for(fp_model, settings)
             layout = fp_model.family.layout
+            at = f"the FP videos of weight seed {weight_seed}"
             started = time.perf_counter()
             reference_local = reference_videos(videos, fp_model, settings, mine)
             reference = shard.gather(reference_local, prompts)
@@ -188,6 +192,7 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
                     context = {**stats_context, "quant": quant.to_dict()}
                     if mixed:
                         context["mixed"] = bits
+                    at = f"weight seed {weight_seed}, {method} {bits}"
                     started = time.perf_counter()
                     try:
                         forced_local, free_local = quantized_videos(
@@ -226,6 +231,8 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
                         "reference": "fp",
                     }
                     rows += [{**ident, **row} for row in measured]
+    except KeyboardInterrupt as interrupt:
+        raise _interrupted(interrupt, videos, at) from None
     finally:
         bar.close()
     generated, cached = shard.total(videos.generated, videos.cached)
@@ -249,6 +256,26 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
         },
     )
     return EvalResult(results_dir, results, timing_frame, notices, stats_dirs, generated, cached)
+
+
+def _interrupted(interrupt: KeyboardInterrupt, videos: CachedVideos, at: str) -> Interrupted:
+    """What an interrupted evaluation kept, and where a rerun of it resumes.
+
+    Every finished video is in the generation cache (written atomically), and the
+    measurements are recomputed from the videos, so a rerun continues where this run
+    stopped and writes the results an uninterrupted run writes.
+    """
+    saved = videos.generated + videos.cached
+    if isinstance(interrupt, Interrupted) and str(interrupt):
+        # Interrupted while collecting statistics: the collection says what it saved.
+        kept = f"; {saved} finished videos are in {videos.cache.root}" if saved else ""
+        return Interrupted(f"{interrupt}{kept}")
+    if not saved:
+        return Interrupted(f"no video had finished; rerunning the same command resumes at {at}")
+    return Interrupted(
+        f"{saved} finished videos are in {videos.cache.root}; rerunning the same command "
+        f"takes them from the cache and resumes at {at}"
+    )
 
 
 def _timing(weight_seed, method, bits, quantize_s, generate_s=0.0) -> dict[str, Any]:

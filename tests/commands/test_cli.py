@@ -512,6 +512,44 @@ def test_run_evaluate_and_regress_commands(tmp_path, monkeypatch, capsys):
     assert "did you mean 'fvd'" in error_line(capsys)
 
 
+def test_interrupted_evaluate_keeps_finished_videos_and_resumes_to_the_same_results(
+    tmp_path, monkeypatch, capsys
+):
+    from qvd_bench.evaluate import generate as gen
+
+    out = tmp_path / "interrupted"
+    args = ["evaluate", "--methods", "fp,mse,minmax", *TINY_RUN, "--num-prompts", "2"]
+    original = gen.generate_free_and_forced
+    calls = []
+
+    def interrupt_second(*a, **k):  # mse's second prompt: after its first pair is saved
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(gen, "generate_free_and_forced", interrupt_second)
+    assert run_cli(*args, "--out", out) == 130
+    generations = out / "results" / "tiny-unet3d" / gen.GENERATIONS_DIR
+    # The FP videos of both prompts and mse's free-running and teacher-forced pair of one.
+    assert error_line(capsys) == (
+        f"qvd-bench: interrupted; 4 finished videos are in {generations}; rerunning the "
+        "same command takes them from the cache and resumes at weight seed 0, mse W8A8"
+    )
+    assert len(list(generations.rglob("*.safetensors"))) == 4
+    assert not (out / "results" / "tiny-unet3d" / "results.parquet").exists()
+
+    monkeypatch.undo()
+    assert run_cli(*args, "--out", out) == 0
+    assert "videos: 6 generated, 4 from the cache" in capsys.readouterr().out
+    assert run_cli(*args, "--out", tmp_path / "fresh") == 0
+    resumed, fresh = (
+        pd.read_parquet(root / "results" / "tiny-unet3d" / "results.parquet")
+        for root in (out, tmp_path / "fresh")
+    )
+    pd.testing.assert_frame_equal(resumed, fresh)
+
+
 # Counts the page faults of repeated tiny-unet3d forwards after the CLI's allocator set-up.
 FAULTS_SCRIPT = """
 import resource, torch

@@ -319,3 +319,24 @@ def test_mixed_bits_specs_run_in_the_matrix(tmp_path):
     assert mixed != uniform  # the mixed cell is quantized with its own bits per layer
     with pytest.raises(UserError):
         _config(bits=("W8A6-mixd",))
+
+
+def test_an_interruption_while_collecting_keeps_the_collection_message(tmp_path):
+    from types import SimpleNamespace
+
+    from qvd_bench.errors import Interrupted
+    from qvd_bench.evaluate.matrix import _interrupted
+
+    collecting = Interrupted("the statistics of 1 of 2 prompts are saved in X")
+    nothing = SimpleNamespace(generated=0, cached=0, cache=GenerationCache(tmp_path))
+    assert str(_interrupted(collecting, nothing, "the statistics of weight seed 1")) == (
+        "the statistics of 1 of 2 prompts are saved in X"
+    )
+    some = SimpleNamespace(generated=3, cached=2, cache=GenerationCache(tmp_path))
+    assert str(_interrupted(collecting, some, "the statistics of weight seed 1")) == (
+        f"the statistics of 1 of 2 prompts are saved in X; 5 finished videos are in "
+        f"{tmp_path / gen.GENERATIONS_DIR}"
+    )
+    assert str(_interrupted(KeyboardInterrupt(), nothing, "weight seed 0, mse W8A8")) == (
+        "no video had finished; rerunning the same command resumes at weight seed 0, mse W8A8"
+    )
