@@ -42,6 +42,7 @@ from qvd_bench.errors import UserError
 from qvd_bench.models import roles as roles_module
 from qvd_bench.models import sampling, zoo
 from qvd_bench.models.family import ROLES, LoadedModel, split_layer_name
+from qvd_bench.models.pipelines import resolve_sampler, sampling_record
 from qvd_bench.models.sampling import BRANCHES, CallTracker
 from qvd_bench.numerics.edges import SignedLogEdges
 from qvd_bench.numerics.moments import weight_channel_stats
@@ -104,9 +105,7 @@ def run_sample(
     on_step: Callable[[], None] | None,
 ) -> torch.Tensor:
     """Samples one prompt through the pipeline or the minimal denoiser loop."""
-    use_pipeline = loaded.pipeline is not None and config.sampler != "denoiser"
-    if config.sampler == "pipeline" and loaded.pipeline is None:
-        raise UserError(f"{config.model} has no pipeline; use sampler='denoiser'")
+    use_pipeline = resolve_sampler(loaded, config.sampler) == "pipeline"
     common = dict(
         steps=config.steps,
         guidance_scale=config.guidance_scale,
@@ -380,6 +379,9 @@ def build_manifest(
         "config": config.to_dict(),
         "schedule": schedule,
         "seeds": {"sampling": config.seed, "weights": config.weight_seed},
+        "sampling": sampling_record(
+            loaded, config.sampler, config.seed, range(len(config.prompts))
+        ),
         "prompts": list(config.prompts),
         "histogram": {
             "edges": edges.to_dict() if edges is not None else None,

@@ -124,6 +124,7 @@ def evaluate(
 
 def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -> EvalResult | None:
     from qvd_bench.models import zoo
+    from qvd_bench.models.pipelines import sampling_record
     from qvd_bench.quant.config import QuantConfig
     from qvd_bench.store import StatsRun
 
@@ -167,6 +168,10 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
             timings.append(_timing(weight_seed, "statistics", "", time.perf_counter() - started))
             fp_model = zoo.load_run_model(run)
             scheduler = gen.scheduler_for(fp_model, settings)
+            # Every video is sampled by the minimal sampler (``generate``).
+            sampling = sampling_record(
+                fp_model, "denoiser", settings.seed, range(prompts), settings.scheduler
+            )
             layout = fp_model.family.layout
             at = f"the FP videos of weight seed {weight_seed}"
             started = time.perf_counter()
@@ -251,6 +256,7 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
             "config": store.json_safe(config.to_dict(), names_non_finite=True),
             "stats": {str(k): _portable(v, out_dir) for k, v in stats_dirs.items()},
             "reference": {"id": reference_id, **reference_record},
+            "sampling": sampling,
             "processes": shard.world,
             "notices": notices,
         },

@@ -499,6 +499,71 @@ def sample_seed(seed: int, sample_id: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+def resolve_sampler(loaded: LoadedModel, sampler: str) -> str:
+    """The sampler a run uses: "pipeline" or "denoiser".
+
+    Args:
+        loaded: the model.
+        sampler: "auto" (the pipeline when the model has one), "pipeline" or "denoiser".
+
+    Raises:
+        UserError: sampler "pipeline" for a model without one.
+    """
+    if sampler == "pipeline" and loaded.pipeline is None:
+        raise UserError(f"{loaded.name} has no pipeline; use sampler='denoiser'")
+    return "pipeline" if loaded.pipeline is not None and sampler != "denoiser" else "denoiser"
+
+
+def sampling_record(
+    loaded: LoadedModel,
+    sampler: str,
+    seed: int,
+    sample_ids: Sequence[int],
+    scheduler: str = "ddim",
+) -> dict[str, Any]:
+    """What reproducing each sample outside qvd-bench needs: the sampler, its scheduler
+    and every sample's generator seeds.
+
+    Args:
+        loaded: the model.
+        sampler: "auto", "pipeline" or "denoiser" (resolved with ``resolve_sampler``).
+        seed: the sampling seed.
+        sample_ids: the samples, e.g. ``range(len(prompts))``.
+        scheduler: the minimal sampler's scheduler name (``sampling.make_scheduler``;
+            flow-prediction models always get "flow-euler"); a pipeline uses its own.
+
+    Returns:
+        JSON data: ``sampler``, ``scheduler`` (class and config) and per sample its seeds:
+        the pipeline's ``torch.Generator("cpu")`` seed (also the global RNG's during the
+        call; an image-to-video sample's image is ``synthetic_image(seed, sample_id)``), or
+        the minimal sampler's noise and conditioning generator seeds (its text states come
+        from ``text_states_for_prompts``, seeded by the prompt's CRC-32).
+    """
+    from qvd_bench import store
+    from qvd_bench.models import sampling
+
+    resolved = resolve_sampler(loaded, sampler)
+    if resolved == "pipeline":
+        made = loaded.pipeline.scheduler
+        samples = [{"sample": i, "generator_seed": sample_seed(seed, i)} for i in sample_ids]
+    else:
+        made = sampling.make_scheduler(scheduler, loaded.family.prediction_type)
+        samples = [
+            {
+                "sample": i,
+                "noise_seed": sampling.sample_seed(seed, i, 0),
+                "conditioning_seed": sampling.sample_seed(seed, i, 1),
+            }
+            for i in sample_ids
+        ]
+    return {
+        "sampler": resolved,
+        "scheduler": {"class": type(made).__name__, "config": store.json_safe(dict(made.config))},
+        "seed": seed,
+        "samples": samples,
+    }
+
+
 def synthetic_image(seed: int, sample_id: int, height: int, width: int) -> PIL.Image.Image:
     """The conditioning image of one sample for image-to-video pipelines.
 

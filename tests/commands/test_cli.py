@@ -1,5 +1,6 @@
 """The command line end to end: collect, info, models, errors, resume, two processes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -360,6 +361,11 @@ def test_collect_from_saved_pipeline_directory(preset, tmp_path, capsys):
     assert run_cli("collect", "--model", directory, "--out", out, *SMALL) == 0
     run = store.StatsRun(out)
     assert run.manifest["config"]["sampler"] == "auto"
+    # "auto" resolved to the pipeline; each sample's generator seed and its scheduler.
+    sampling = run.manifest["sampling"]
+    assert sampling["sampler"] == "pipeline" and len(sampling["samples"]) == 2
+    assert sampling["scheduler"]["class"].endswith("Scheduler")
+    assert all(isinstance(s["generator_seed"], int) for s in sampling["samples"])
     assert run.manifest["model"]["name"] == str(directory)
     # The pipeline ran the sampling: both CFG branches at each of its 2 steps.
     assert set(run.channels["branch"]) == {"uncond", "cond"}
@@ -548,6 +554,19 @@ def test_interrupted_evaluate_keeps_finished_videos_and_resumes_to_the_same_resu
         for root in (out, tmp_path / "fresh")
     )
     pd.testing.assert_frame_equal(resumed, fresh)
+
+    # What reproducing a video outside qvd-bench needs: sampler, scheduler, per-sample seeds;
+    # the statistics were sampled the same way.
+    from qvd_bench.models.sampling import sample_seed
+
+    recorded = json.loads((out / "results" / "tiny-unet3d" / "settings.json").read_text())
+    assert recorded["sampling"]["sampler"] == "denoiser"
+    assert recorded["sampling"]["scheduler"]["class"] == "DDIMScheduler"
+    assert [s["noise_seed"] for s in recorded["sampling"]["samples"]] == [
+        sample_seed(0, i, 0) for i in (0, 1)
+    ]
+    manifest = store.StatsRun(out / "stats" / "tiny-unet3d-w0").manifest
+    assert manifest["sampling"] == recorded["sampling"]
 
 
 # Counts the page faults of repeated tiny-unet3d forwards after the CLI's allocator set-up.

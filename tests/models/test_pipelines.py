@@ -231,3 +231,50 @@ def test_two_expert_calls_name_the_expert_that_ran(two_expert_wan_dir):
     assert [(c.expert, c.branches) for c in calls] == [
         (expected[t], (branch,)) for t in expected for branch in ("cond", "uncond")
     ]
+
+
+def test_sampling_record_reproduces_a_pipeline_sample_with_diffusers_alone():
+    loaded = tiny("tiny-unet3d")
+    record = pipelines.sampling_record(loaded, "auto", seed=3, sample_ids=[0, 5])
+    assert record["sampler"] == "pipeline"
+    assert record["scheduler"]["class"] == type(loaded.pipeline.scheduler).__name__
+    assert [s["sample"] for s in record["samples"]] == [0, 5]
+    ours = run(loaded, sample_ids=[5], seed=3)
+    # Outside qvd-bench: the scheduler named by the record, its generator seed, pixel sizes.
+    import diffusers
+
+    pipeline = loaded.pipeline
+    scheduler = getattr(diffusers, record["scheduler"]["class"])
+    pipeline.scheduler = scheduler.from_config(record["scheduler"]["config"])
+    spatial, _ = pipelines._compression(pipeline)
+    theirs = pipeline(
+        PROMPTS[0],
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        num_frames=frames_for(loaded),
+        height=SIZE * spatial,
+        width=SIZE * spatial,
+        generator=torch.Generator().manual_seed(record["samples"][1]["generator_seed"]),
+        output_type="latent",
+    ).frames
+    torch.testing.assert_close(torch.as_tensor(theirs).float(), ours)
+
+
+@pytest.mark.parametrize(
+    ("preset", "scheduler"),
+    [("tiny-unet3d", "DDIMScheduler"), ("tiny-wan", "FlowMatchEulerDiscreteScheduler")],
+)
+def test_sampling_record_of_the_minimal_sampler_names_its_scheduler_and_noise(preset, scheduler):
+    from qvd_bench.models import sampling
+
+    loaded = zoo.load_model(preset)
+    record = pipelines.sampling_record(loaded, "auto", seed=3, sample_ids=[2])
+    assert record["sampler"] == "denoiser"  # a bare denoiser: "auto" has no pipeline
+    assert record["scheduler"]["class"] == scheduler
+    (sample,) = record["samples"]
+    noise, _ = sampling._initial_latents(loaded, 3, [2], 2, SIZE, SIZE)
+    shape = loaded.family.latent_shape(loaded.denoiser, 1, 2, SIZE, SIZE)
+    drawn = torch.randn(shape, generator=torch.Generator().manual_seed(sample["noise_seed"]))
+    assert torch.equal(noise, drawn)
+    with pytest.raises(UserError, match="has no pipeline"):
+        pipelines.resolve_sampler(loaded, "pipeline")
