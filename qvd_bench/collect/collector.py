@@ -10,6 +10,7 @@ accumulators merged with torch.distributed before rank 0 writes the run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import platform
 import re
 import subprocess
@@ -27,6 +28,7 @@ from qvd_bench import store
 from qvd_bench.collect import distributed
 from qvd_bench.collect.attention import ATTENTION_TENSORS, AttentionStats
 from qvd_bench.collect.checkpoint import CollectCheckpoints
+from qvd_bench.collect.cost import CostEstimate, estimate_cost, state_bytes
 from qvd_bench.collect.histogram import Histogram
 from qvd_bench.collect.hooks import (
     LayerInfo,
@@ -132,6 +134,7 @@ def collect(
     overwrite: bool = False,
     progress: bool = True,
     checkpoint_every: float = 60.0,
+    on_estimate: Callable[[CostEstimate], None] | None = None,
 ) -> CollectSummary:
     """Collects statistics of a model's layer inputs while it samples, and stores them.
 
@@ -144,6 +147,7 @@ def collect(
             0 writes one after every sample. A KeyboardInterrupt while sampling saves the
             finished samples (``CollectCheckpoints``) and is raised again as
             ``Interrupted``, which says what was saved.
+        on_estimate: called with the ``CostEstimate`` of the run before any sampling.
 
     Returns:
         A summary of what was written.
@@ -188,6 +192,9 @@ def collect(
             histogram_edges=edges,
             histogram_stride=config.histogram_stride,
         )
+    estimate = collection_cost(loaded, config, list(infos.values()), attention)
+    if on_estimate is not None and rank == 0:
+        on_estimate(estimate)
     fingerprint = {**config.to_dict(), "rank": rank, "world": world}
     factories = {
         "moments": ChannelMoments.from_state_dict,
@@ -267,6 +274,17 @@ def collect(
         return None  # type: ignore[return-value]
 
     manifest = build_manifest(loaded, config, infos, moments, edges, world)
+    measured = {
+        "moments": state_bytes(moments),
+        "histograms": state_bytes(histograms),
+        "reservoirs": state_bytes(reservoirs),
+        "temporal": state_bytes(temporal),
+        "attention": state_bytes(attention_moments or {}) + state_bytes(attention_histograms or {}),
+    }
+    manifest["cost"] = {
+        "estimate": estimate.to_dict(),
+        "measured": {"accumulator_bytes": sum(measured.values()), "accumulator_parts": measured},
+    }
     if attention is not None:
         manifest["attention"] = {
             "modules": attention.modules,
@@ -300,6 +318,52 @@ def collect(
         bytes_on_disk=sum(p.stat().st_size for p in run_dir.iterdir() if p.is_file()),
         raw_activation_bytes=raw_activation_bytes(moments, DTYPES[config.dtype].itemsize),
     )
+
+
+def collection_cost(
+    loaded: LoadedModel,
+    config: CollectConfig,
+    layers: list[LayerInfo],
+    attention: AttentionStats | None,
+) -> CostEstimate:
+    """``estimate_cost`` of a collection with ``config`` on the hooked ``layers``."""
+    steps = expert_steps(loaded, config.steps)
+    layer_timesteps = {
+        info.name: steps[split_layer_name(info.name, loaded.experts)[0]] for info in layers
+    }
+    return estimate_cost(
+        layers,
+        layer_timesteps,
+        branches=len(BRANCHES) if config.guidance_scale > 1 else 1,
+        samples=len(config.prompts),
+        frames=config.frames,
+        outputs=config.outputs,
+        histogram_bins=(
+            SignedLogEdges(relative_error=config.histogram_relative_error).num_bins
+            if config.histograms
+            else 0
+        ),
+        reservoir_capacity=config.reservoir_capacity,
+        temporal_grid=len(timestep_grid(config.temporal_stride)) if config.temporal_stride else 0,
+        attention_timesteps=[
+            steps[split_layer_name(name, loaded.experts)[0]]
+            for name in (attention.modules if attention is not None else ())
+        ],
+    )
+
+
+def expert_steps(loaded: LoadedModel, steps: int) -> dict[str, int]:
+    """Sampling steps each expert runs: all of them with one expert; with two (Wan 2.2)
+    the steps whose timestep is at or above ``boundary_ratio`` × 1000 go to the first,
+    the rest to the second, as the pipeline switches."""
+    experts = list(loaded.experts)
+    boundary = getattr(getattr(loaded.pipeline, "config", None), "boundary_ratio", None)
+    if len(experts) != 2 or boundary is None:
+        return dict.fromkeys(experts, steps)
+    scheduler = copy.deepcopy(loaded.pipeline.scheduler)
+    scheduler.set_timesteps(steps)
+    high = sum(float(t) >= boundary * NUM_TRAIN_TIMESTEPS for t in scheduler.timesteps)
+    return {experts[0]: high, experts[1]: steps - high}
 
 
 def temporal_features(

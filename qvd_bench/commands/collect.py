@@ -84,6 +84,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qvd_bench.collect.collector import collect
+    from qvd_bench.collect.cost import format_bytes
     from qvd_bench.config import CollectConfig
 
     if args.num_prompts is not None and args.num_prompts < 1:
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         checkpoint_every=args.checkpoint_every,
+        on_estimate=print_estimate,
     )
     if summary is None:  # a non-zero rank of a distributed run
         return 0
@@ -135,15 +137,23 @@ def run(args: argparse.Namespace) -> int:
     )
     ratio = summary.raw_activation_bytes / max(summary.bytes_on_disk, 1)
     print(
-        f"  on disk     {_bytes(summary.bytes_on_disk)} "
-        f"(raw inputs would take {_bytes(summary.raw_activation_bytes)}, {ratio:,.0f}x more)"
+        f"  on disk     {format_bytes(summary.bytes_on_disk)} "
+        f"(raw inputs would take {format_bytes(summary.raw_activation_bytes)}, {ratio:,.0f}x more)"
     )
     return 0
 
 
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)
+def print_estimate(estimate) -> None:
+    """The cost of the collection about to run (``collect.cost``), and advice when large."""
+    from qvd_bench.collect.cost import advice, format_bytes
+
+    print(
+        f"estimate: {estimate.keys:,} (layer, timestep, branch) keys over "
+        f"{estimate.channels:,} input channels; accumulators "
+        f"{format_bytes(estimate.accumulator_bytes)}, store about "
+        f"{format_bytes(estimate.store_bytes)}",
+        flush=True,
+    )
+    line = advice(estimate)
+    if line:
+        print(f"warning: {line}", flush=True)

@@ -1,0 +1,209 @@
+"""What a collection will cost, from layer shapes, before it runs.
+
+The accumulators' state is a fixed function of the hooked layers' channel counts and the
+number of statistics keys, so it is computed exactly, not guessed:
+
+- ``ChannelMoments``: 9 numbers of 8 bytes per channel per key (count, NaN and Inf counts
+  int64; min, max, mean, M2, M3, M4 float64), for every (layer, timestep, branch) key
+  (twice with outputs: once for the input, once for the output channels);
+- ``Histogram``: one int64 count per bin of the shared grid per key, plus 48 bytes
+  (grid parameters, NaN and Inf counts) — the stride thins the counting, not the bins;
+- ``Reservoir``: per layer ``capacity`` rows of float32 channels and 40 bytes of row ids;
+  a ``time_emb`` layer sees one row (DiTs) or one per latent frame (UNet3D) per sample
+  per call, so it may keep fewer: counted as at most one per frame (an upper bound);
+- ``TemporalFeatures``: per ``time_emb`` layer one float64 vector per grid timestep;
+- attention (``AttentionStats``): a one-channel ``ChannelMoments`` and a histogram per
+  (module, tensor q/k/v/softmax, timestep, branch).
+
+The store on disk is an estimate: parquet (zstd) compresses the tables by amounts that
+depend on the data. The bytes per row below were measured on collections of the zoo's
+presets: channels.parquet rows hold four full float64 moments that do not compress and
+counts and keys that nearly vanish; a histogram key keeps only its non-zero bins, whose
+number depends on the spread of the data and on how many values were counted; temporal
+vectors take from 2.6 bytes a value (UNet3D, whose resnets read one embedding) to 5.6 (a
+DiT's distinct vectors, where the parquet dictionary encoding bloats float columns), and
+are counted at 4. The reservoir file (safetensors) is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+from qvd_bench.collect.attention import ATTENTION_TENSORS
+from qvd_bench.collect.hooks import LayerInfo
+
+# Accumulator state, bytes.
+MOMENT_BYTES_PER_CHANNEL = 9 * 8
+HISTOGRAM_FIXED_BYTES = 4 * 8 + 2 * 8  # edges_spec (4,) float64, nan_count, inf_count
+RESERVOIR_ID_BYTES_PER_ROW = 5 * 8  # keys, sample_ids, timesteps, branches, row_indices
+RESERVOIR_CONFIG_BYTES = 3 * 8
+TEMPORAL_BYTES_PER_VALUE = 8  # vectors float64; + 8 per timestep
+
+# Store, bytes per table row after zstd (measured; see the module docstring).
+CHANNEL_ROW_BYTES = 36.0
+HISTOGRAM_BIN_BYTES = 1.8
+WEIGHT_ROW_BYTES = 52.0
+ATTENTION_ROW_BYTES = 80.0
+TEMPORAL_VALUE_BYTES = 4.0  # float32 list column (2.6-5.6 measured: see below)
+# Fraction of a grid's bins that are non-zero in a histogram key (measured typical).
+HISTOGRAM_OCCUPANCY = 0.35
+SAFETENSORS_HEADER_BYTES_PER_TENSOR = 120
+PARQUET_FILE_BYTES = 4096  # footer, schema, page headers of one small file
+MANIFEST_BYTES = 4096
+MANIFEST_BYTES_PER_LAYER = 250
+
+GIB = 1 << 30
+# Above this accumulator state, a collection should bound it (see ``advice``).
+LARGE_STATE_BYTES = 8 * GIB
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """A collection's size, computed before it runs.
+
+    Attributes:
+        keys: (layer, timestep, branch) statistics keys of layer inputs.
+        channels: input channels of the hooked layers, summed over layers.
+        channel_rows: rows of channels.parquet (one per channel per key and tensor).
+        accumulator_bytes: the accumulators' state at the end of the collection (the
+            peak: state only grows), by accumulator in ``accumulator_parts``.
+        store_bytes: estimated size of the run directory, by file in ``store_parts``.
+    """
+
+    keys: int
+    channels: int
+    channel_rows: int
+    accumulator_bytes: int
+    store_bytes: int
+    accumulator_parts: dict[str, int]
+    store_parts: dict[str, int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate_cost(
+    layers: Sequence[LayerInfo],
+    layer_timesteps: Mapping[str, int],
+    *,
+    branches: int,
+    samples: int,
+    frames: int = 1,
+    outputs: bool = False,
+    histogram_bins: int = 0,
+    reservoir_capacity: int = 0,
+    temporal_grid: int = 0,
+    attention_timesteps: Sequence[int] = (),
+) -> CostEstimate:
+    """The accumulator state and store size of a collection, from layer shapes.
+
+    Args:
+        layers: the hooked layers (``LayerInfo``: role, in and out channels).
+        layer_timesteps: layer name -> distinct timesteps at which the layer runs (the
+            steps, or an expert's share of them).
+        branches: CFG branches per timestep (2 with guidance, else 1).
+        samples: prompts collected.
+        frames: latent frames (bounds the rows a ``time_emb`` layer sees per call).
+        outputs: output moments are collected too.
+        histogram_bins: bins of the histogram grid; 0 when histograms are off.
+        reservoir_capacity: rows kept per layer; 0 when off.
+        temporal_grid: timesteps on the temporal-features grid; 0 when off.
+        attention_timesteps: per observed attention module, the distinct timesteps at
+            which it runs; empty when attention is off.
+
+    Returns:
+        The estimate.
+    """
+    keys = channels = channel_rows = 0
+    moments = histograms = reservoirs = temporal = weights_rows = reservoir_tensors = 0
+    for info in layers:
+        layer_keys = layer_timesteps[info.name] * branches
+        keys += layer_keys
+        channels += info.in_channels
+        rows = layer_keys * (info.in_channels + (info.out_channels if outputs else 0))
+        channel_rows += rows
+        moments += rows * MOMENT_BYTES_PER_CHANNEL
+        if histogram_bins:
+            histograms += layer_keys * (histogram_bins * 8 + HISTOGRAM_FIXED_BYTES)
+        if reservoir_capacity:
+            kept = reservoir_capacity
+            if info.role == "time_emb":  # at most one row per frame per sample per call
+                kept = min(kept, samples * layer_keys * frames)
+            reservoirs += RESERVOIR_CONFIG_BYTES + kept * (
+                info.in_channels * 4 + RESERVOIR_ID_BYTES_PER_ROW
+            )
+            reservoir_tensors += 7
+        if temporal_grid and info.role == "time_emb":
+            temporal += temporal_grid * (info.in_channels + 1) * TEMPORAL_BYTES_PER_VALUE
+        weights_rows += info.out_channels
+    attention_keys = len(ATTENTION_TENSORS) * sum(attention_timesteps) * branches
+    attention = attention_keys * MOMENT_BYTES_PER_CHANNEL
+    if histogram_bins:
+        attention += attention_keys * (histogram_bins * 8 + HISTOGRAM_FIXED_BYTES)
+    accumulator_parts = {
+        "moments": moments,
+        "histograms": histograms,
+        "reservoirs": reservoirs,
+        "temporal": temporal,
+        "attention": attention,
+    }
+    occupied_bins = histogram_bins * HISTOGRAM_OCCUPANCY
+    temporal_values = sum(
+        temporal_grid * info.in_channels for info in layers if info.role == "time_emb"
+    )
+    store_parts = {
+        "channels.parquet": CHANNEL_ROW_BYTES * channel_rows,
+        "histograms.parquet": HISTOGRAM_BIN_BYTES * keys * occupied_bins,
+        "temporal.parquet": TEMPORAL_VALUE_BYTES * temporal_values,
+        "weights.parquet": WEIGHT_ROW_BYTES * weights_rows,
+        "reservoir.safetensors": reservoirs
+        - RESERVOIR_CONFIG_BYTES * len(layers) * bool(reservoir_capacity)
+        + SAFETENSORS_HEADER_BYTES_PER_TENSOR * reservoir_tensors,
+    }
+    store_parts["manifest.json"] = MANIFEST_BYTES + MANIFEST_BYTES_PER_LAYER * len(layers)
+    if attention_timesteps:
+        store_parts["attention.parquet"] = ATTENTION_ROW_BYTES * attention_keys
+        store_parts["attention_histograms.parquet"] = (
+            HISTOGRAM_BIN_BYTES * attention_keys * occupied_bins
+        )
+    store_parts = {
+        name: int(size) + (PARQUET_FILE_BYTES if name.endswith(".parquet") else 0)
+        for name, size in store_parts.items()
+    }
+    return CostEstimate(
+        keys=keys,
+        channels=channels,
+        channel_rows=channel_rows,
+        accumulator_bytes=sum(accumulator_parts.values()),
+        store_bytes=sum(store_parts.values()),
+        accumulator_parts=accumulator_parts,
+        store_parts=store_parts,
+    )
+
+
+def advice(estimate: CostEstimate) -> str:
+    """A line on how to bound a large collection; "" below ``LARGE_STATE_BYTES``."""
+    if estimate.accumulator_bytes <= LARGE_STATE_BYTES:
+        return ""
+    return (
+        f"accumulator state {format_bytes(estimate.accumulator_bytes)} is above "
+        f"{format_bytes(LARGE_STATE_BYTES)}: hook fewer layers (roles, include, exclude), "
+        "use fewer steps, or turn histograms off (they cost "
+        f"{format_bytes(estimate.accumulator_parts['histograms'])})"
+    )
+
+
+def state_bytes(accumulators: Mapping) -> int:
+    """Bytes of the live state tensors of a dict of accumulators (what the estimate
+    predicts)."""
+    return sum(getattr(acc, name).nbytes for acc in accumulators.values() for name in acc.STATE)
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> "1.5 KiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
