@@ -49,7 +49,9 @@ def int_list(values: Sequence[str], flag: str) -> tuple[int, ...]:
         ) from None
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, **device_options: Any) -> None:
+    """``--model``, the preset's weight seed and knobs, and ``add_device_args``' flags
+    (``device_options`` go to it)."""
     parser.add_argument(
         "--model",
         default="tiny-unet3d",
@@ -73,8 +75,40 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="scale of injected per-channel offsets (preset default)",
     )
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    add_device_args(parser, **device_options)
+
+
+def add_device_args(
+    parser: argparse.ArgumentParser, *, dtype_default: str | None = "float32", dtype_help: str = ""
+) -> None:
+    """``--device`` and ``--dtype``, checked by ``device_and_dtype`` before any work.
+
+    Args:
+        parser: the subcommand's parser.
+        dtype_default: the default dtype; None leaves it to the command (``dtype_help``
+            says what it takes then).
+        dtype_help: the help text's default when ``dtype_default`` is None.
+    """
+    from qvd_bench.config import DTYPES
+
+    parser.add_argument(
+        "--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: cpu)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=dtype_default,
+        choices=DTYPES,
+        help=f"model dtype (default: {dtype_help or dtype_default})",
+    )
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The ``--device`` and ``--dtype`` of ``add_device_args``, checked: a device this
+    machine lacks or a dtype without kernels there is a one-line error before any work."""
+    from qvd_bench.models.device import check_device
+
+    check_device(args.device, args.dtype or "float32")
+    return args.device, args.dtype
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, steps: int) -> None:

@@ -9,6 +9,7 @@ from qvd_bench.commands._args import (
     add_model_args,
     add_sampling_args,
     csv,
+    device_and_dtype,
     sampling_values,
     selected_prompts,
 )
@@ -87,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from qvd_bench.collect.cost import format_bytes
     from qvd_bench.config import CollectConfig
 
+    device_and_dtype(args)  # a missing device or kernel fails before any work
     if args.num_prompts is not None and args.num_prompts < 1:
         raise UserError(f"--num-prompts must be at least 1, got {args.num_prompts}")
     config = CollectConfig(

@@ -11,6 +11,7 @@ from qvd_bench.commands._args import (
     add_model_args,
     add_sampling_args,
     csv,
+    device_and_dtype,
     sampling_values,
     selected_prompts,
     with_flags,
@@ -22,7 +23,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="the methods x bit-widths x metrics matrix -> results.parquet + report"
     )
-    add_model_args(parser)
+    add_model_args(parser, dtype_default=None, dtype_help="--stats' dtype; float32 when collecting")
     parser.add_argument(
         "--methods",
         type=csv,
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {args.seeds}")
+    device, dtype = device_and_dtype(args)
     weights = {
         name: path
         for name, path in (
@@ -100,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         stats=args.stats,
         reference=args.reference,
         weights=weights,
+        device=device,
+        dtype=dtype,
     )
     out = store.check_output_directory(args.out)
     result = evaluate(config, out, progress=not args.no_progress)
@@ -149,6 +153,9 @@ def print_summary(result, out: Path, name: str) -> None:
     for notice in result.notices:
         print(f"note: {with_flags(notice)}")
     print(format_table(headline_table(result.results)))
+    for weight_seed, values in result.fp_against_float32.items():
+        shown = ", ".join(f"{metric} {value:.4g}" for metric, value in values.items())
+        print(f"FP against float32 FP (weight seed {weight_seed}, final latents): {shown}")
     print(
         f"videos: {result.generated} generated, {result.cached} from the cache "
         f"({result.results_dir / gen.GENERATIONS_DIR})"

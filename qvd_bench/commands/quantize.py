@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qvd_bench.commands._args import csv, int_list
+from qvd_bench.commands._args import add_device_args, csv, device_and_dtype, int_list
 
 
 def add_parser(subparsers) -> None:
@@ -67,9 +67,11 @@ def add_parser(subparsers) -> None:
         default=None,
         help="sampling seed of the sensitivity probe (default: the statistics' seed + 1)",
     )
+    add_device_args(parser, dtype_default=None, dtype_help="the statistics' dtype")
 
 
 def run(args: argparse.Namespace) -> int:
+    device, dtype = device_and_dtype(args)
     summary = quantize_from_stats(
         args.model,
         args.stats,
@@ -83,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         mixed=args.mixed,
         mixed_bits=int_list(args.mixed_bits, "--mixed-bits"),
         probe_seed=args.probe_seed,
+        device=device,
+        dtype=dtype,
     )
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(summary["activation_quantizers"].items()))
     print(
@@ -137,6 +141,8 @@ def quantize_from_stats(
     mixed: str | None = None,
     mixed_bits: Sequence[int] = (4, 6, 8),
     probe_seed: int | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Quantizes a model from its statistics and saves the record.
 
@@ -159,6 +165,9 @@ def quantize_from_stats(
         mixed_bits: the candidate bit-widths of a mixed assignment.
         probe_seed: sampling seed of the sensitivity probe (default: the statistics'
             seed + 1, noise not seen in calibration).
+        device: where the model runs ("cpu", "cuda", ...).
+        dtype: the model's dtype (``config.DTYPES``); None takes the statistics' dtype.
+            Fake quantization runs in it, its scale arithmetic in float32.
 
     Returns:
         A summary: the record's counts, the output directory, level coverage of the
@@ -167,6 +176,7 @@ def quantize_from_stats(
         was split (``summary["split_skip"]``).
     """
     from qvd_bench.analysis.plan import QuantPlan
+    from qvd_bench.models.device import check_device
     from qvd_bench.models.roles import leaf_layers
     from qvd_bench.models.zoo import load_model, load_run_model
     from qvd_bench.quant.apply import check_config_names, quantize_
@@ -186,9 +196,15 @@ def quantize_from_stats(
         split_skip=split_skip,
     )
     run = StatsRun(stats)
+    dtype = run.manifest["config"]["dtype"] if dtype is None else dtype
+    check_device(device, dtype)
     plan = QuantPlan.load(plan_path) if plan_path is not None else None
     check_output_directory(out_dir)
-    loaded = load_run_model(run) if model is None else load_model(model)
+    loaded = (
+        load_run_model(run, device=device, dtype=dtype)
+        if model is None
+        else load_model(model, device=device, dtype=dtype)
+    )
     layers = dict(leaf_layers(loaded.denoiser))
     decisions = None
     if mixed is not None:

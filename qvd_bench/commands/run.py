@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qvd_bench.commands._args import csv
+from qvd_bench.commands._args import add_device_args, csv, device_and_dtype
 from qvd_bench.errors import UserError
 
 RUN_DEFAULTS: dict[str, Any] = {
@@ -33,6 +33,8 @@ RUN_DEFAULTS: dict[str, Any] = {
     "seeds": 1,
     "weight_seed": 0,
     "seed": 0,
+    "device": "cpu",
+    "dtype": "float32",
 }
 RUN_RECORD = "run.json"
 
@@ -60,10 +62,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--bits", type=csv, default=None, help="bit-widths (default: W8A8,W4A8,W4A4)"
     )
+    add_device_args(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    device, dtype = device_and_dtype(args)
     return run_job(
         args.out,
         args.seeds,
@@ -75,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         methods=args.methods,
         bits=args.bits,
+        device=device,
+        dtype=dtype,
         progress=not args.no_progress,
     )
 
@@ -122,6 +128,8 @@ def run_job(
     bits: Sequence[str] | None = None,
     weight_seed: int | None = None,
     seed: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
 ) -> int:
     """Runs the whole pipeline with the defaults (flags change them) and prints where.
@@ -133,7 +141,9 @@ def run_job(
     Args:
         out: the output root (default: the current directory).
         seeds: number of weight seeds; more than one reports mean ± sd.
-        The rest: overrides of ``RUN_DEFAULTS`` (None keeps the default).
+        The rest: overrides of ``RUN_DEFAULTS`` (None keeps the default); ``device`` and
+            ``dtype`` say where and in which dtype every model runs (statistics are
+            accumulated in float64 whatever the dtype).
 
     Returns:
         0.
@@ -143,6 +153,7 @@ def run_job(
     from qvd_bench.evaluate.config import EvalConfig
     from qvd_bench.evaluate.generate import GenerationSettings
     from qvd_bench.evaluate.matrix import evaluate
+    from qvd_bench.models.device import check_device
     from qvd_bench.prompts import select_prompts
 
     if seeds < 1:
@@ -161,7 +172,10 @@ def run_job(
         bits=bits,
         weight_seed=weight_seed,
         seed=seed,
+        device=device,
+        dtype=dtype,
     )
+    check_device(settings["device"], settings["dtype"])
     out = store.check_output_directory(out)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 prints and records
         print(format_settings(settings), flush=True)
@@ -181,6 +195,8 @@ def run_job(
             width=settings["width"],
             scheduler=settings["scheduler"],
         ),
+        device=settings["device"],
+        dtype=settings["dtype"],
     )
     result = evaluate(config, out, progress=progress)
     if result is None:  # not rank 0 of a multi-process run: rank 0 records and reports

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from qvd_bench.commands._args import csv
+from qvd_bench.commands._args import add_device_args, csv, device_and_dtype
 from qvd_bench.errors import UserError
 
 
@@ -43,10 +43,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--out", default=None, help="report directory (default: reports/<run>-sensitivity-<bits>)"
     )
+    add_device_args(parser, dtype_default=None, dtype_help="the statistics' dtype")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    device, dtype = device_and_dtype(args)
     table, index = sensitivity_report(
         args.stats,
         model=args.model,
@@ -59,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         top=args.top,
         progress=not args.no_progress,
+        device=device,
+        dtype=dtype,
     )
     shown = table[["kind", "rank", "unit", "role", "sqnr_db"]]
     print(shown[shown["rank"] <= args.top].to_string(index=False, float_format="%.2f"))
@@ -79,6 +83,8 @@ def sensitivity_report(
     out_dir: str | Path | None = None,
     top: int = 20,
     progress: bool = True,
+    device: str = "cpu",
+    dtype: str | None = None,
 ):
     """The ranked sensitivity table of a statistics run, written with a report.
 
@@ -92,11 +98,14 @@ def sensitivity_report(
         out_dir: report directory; ``reports/<run>-sensitivity-<bits>`` when None.
         top: layers shown in the figure and the printed table.
         progress: progress bar.
+        device: where the model runs ("cpu", "cuda", ...).
+        dtype: the model's dtype (``config.DTYPES``); None takes the statistics' dtype.
 
     Returns:
         (the table, the report's index.html).
     """
     from qvd_bench.evaluate.sensitivity import UNITS, probe_for_run, sensitivity
+    from qvd_bench.models.device import check_device
     from qvd_bench.models.zoo import load_model, load_run_model
     from qvd_bench.quant.config import QuantConfig, parse_bits
     from qvd_bench.quant.methods import get_method
@@ -112,11 +121,17 @@ def sensitivity_report(
     if top < 1:
         raise UserError(f"--top must be at least 1, got {top}")
     run = StatsRun(stats)
+    dtype = run.manifest["config"]["dtype"] if dtype is None else dtype
+    check_device(device, dtype)
     config = QuantConfig(method, w_bits, a_bits)
     if out_dir is None:
         out_dir = Path("reports") / f"{run.path.name}-sensitivity-{config.bits}"
     check_output_directory(out_dir)
-    loaded = load_run_model(run) if model is None else load_model(model)
+    loaded = (
+        load_run_model(run, device=device, dtype=dtype)
+        if model is None
+        else load_model(model, device=device, dtype=dtype)
+    )
     probe = probe_for_run(loaded, run, seed=seed, num_prompts=num_prompts, steps=steps)
     table = sensitivity(loaded, run, config, probe, by=by, progress=progress)
     title = f"Sensitivity of {run.path.name}: {method} {config.bits}"

@@ -67,6 +67,8 @@ def ensure_stats(
             sampler="denoiser",
             temporal_stride=STATS_TEMPORAL_STRIDE,
             reservoir_capacity=STATS_RESERVOIR,
+            device=config.device,
+            dtype=config.dtype or "float32",
         )
         run_dir = stats_dir_for(out_dir, config.model, weight_seed)
         if (run_dir / store.MANIFEST).exists():

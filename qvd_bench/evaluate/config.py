@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qvd_bench.config import DTYPES
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate.generate import GenerationSettings
 from qvd_bench.evaluate.metrics import FIDELITY_METRICS, METRICS, check_metrics
@@ -73,6 +74,9 @@ class EvalConfig:
         weights: metric name -> local weights path (FVD detectors, Inception, CLIP dir);
             a path given must exist (checked here, before anything runs), while a network
             metric without one is skipped with a notice.
+        device: where the models run ("cpu", "cuda", ...).
+        dtype: the models' dtype (``config.DTYPES``); None takes the statistics' dtype
+            (``stats``), float32 for statistics collected here.
     """
 
     model: str = "tiny-unet3d"
@@ -87,8 +91,12 @@ class EvalConfig:
     stats: str | None = None
     reference: str = "fp"
     weights: dict[str, str] = field(default_factory=dict)
+    device: str = "cpu"
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.prompts:
             raise UserError("no prompts: give a prompt file with at least one prompt")
         if not self.weight_seeds:

@@ -19,6 +19,7 @@ from typing import Any
 from qvd_bench.evaluate import generate as gen
 from qvd_bench.evaluate.config import EvalConfig
 from qvd_bench.evaluate.generate import CacheKey, Generation, GenerationCache, GenerationSettings
+from qvd_bench.models.families._common import model_device_dtype
 from qvd_bench.models.family import LoadedModel
 
 # The method and bits under which the FP reference's videos are cached and timed.
@@ -55,6 +56,13 @@ class CachedVideos:
         return generation
 
 
+def device_context(model: LoadedModel) -> dict[str, str]:
+    """The device type and dtype a model runs in, for cache keys: a video made in
+    bfloat16 or on CUDA is not the float32 CPU one."""
+    device, dtype = model_device_dtype(model.denoiser)
+    return {"device": device.type, "dtype": str(dtype).removeprefix("torch.")}
+
+
 def fresh_model(run, template: LoadedModel) -> LoadedModel:
     """An unquantized model of a statistics run, for one configuration to change in place.
 
@@ -66,7 +74,8 @@ def fresh_model(run, template: LoadedModel) -> LoadedModel:
     from qvd_bench.models import zoo
 
     if template.pipeline is not None:
-        return zoo.load_run_model(run)
+        device, dtype = model_device_dtype(template.denoiser)
+        return zoo.load_run_model(run, device=device, dtype=dtype)
     return replace(template, denoiser=copy.deepcopy(template.denoiser))
 
 
@@ -121,7 +130,7 @@ def reference_videos(
     indices: Sequence[int] | None = None,
 ) -> dict[int, Generation]:
     """The FP model's free-running videos of some prompts (all by default), by index."""
-    context = {"settings": settings.to_dict(), "knobs": loaded.knobs}
+    context = {"settings": settings.to_dict(), "knobs": loaded.knobs, **device_context(loaded)}
     prompts = videos.config.prompts
     indices = range(len(prompts)) if indices is None else indices
     return {
@@ -158,7 +167,7 @@ def quantized_videos(
     quant = quantized.quant
     # The scheme is part of what decides the videos (batch composition sets the rounding):
     # videos cached under another scheme are never mixed with these.
-    context = {**context, "scheme": gen.FREE_AND_FORCED_SCHEME}
+    context = {**context, "scheme": gen.FREE_AND_FORCED_SCHEME, **device_context(fp_model)}
     keys = {
         (i, mode): videos.key(fp_model, quant.method, quant.bits, i, mode, context)
         for i in reference

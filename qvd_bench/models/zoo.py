@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from qvd_bench.errors import UserError
+from qvd_bench.models.device import check_device
 from qvd_bench.models.families import FAMILIES, family_by_name
 from qvd_bench.models.family import Family, LoadedModel
 from qvd_bench.models.roles import leaf_layers
@@ -143,7 +144,7 @@ def load_model(
     disparity: float | None = None,
     asymmetry: float | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
 ) -> LoadedModel:
     """Builds a zoo preset or loads a diffusers pipeline and finds its denoiser.
 
@@ -155,15 +156,18 @@ def load_model(
             ``DEFAULT_DISPARITY`` for presets and 0 (off) for loaded models.
         asymmetry: scale of the per-channel offsets, in units of each channel's
             standard deviation; None means ``DEFAULT_ASYMMETRY`` for presets, 0 otherwise.
-        device: where the denoiser goes.
-        dtype: its floating dtype.
+        device: where the denoiser goes ("cpu", "cuda", "cuda:1", ...).
+        dtype: its floating dtype, one of ``config.DTYPES`` (a name or the torch dtype).
 
     Returns:
         The LoadedModel; ``knobs`` records the outlier settings applied.
 
     Raises:
-        UserError: unknown name, unsupported denoiser class, or a model not available offline.
+        UserError: unknown name, unsupported denoiser class, a model not available offline,
+            a device this machine lacks or a dtype without kernels there
+            (``device.check_device``, checked before anything is built).
     """
+    device, dtype = check_device(device, dtype)
     for knob_name, value in (("disparity", disparity), ("asymmetry", asymmetry)):
         if value is not None and value < 0:
             raise UserError(f"{knob_name} must be >= 0, got {value}")
@@ -199,14 +203,15 @@ def load_model(
 
 
 def load_run_model(
-    run, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    run, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
 ) -> LoadedModel:
     """The model a statistics run was collected on, with the same weights and knobs.
 
     Args:
         run: a ``store.StatsRun``.
         device: where the denoiser goes.
-        dtype: its dtype; the run's dtype when None.
+        dtype: its dtype (a name of ``config.DTYPES`` or the torch dtype); the run's dtype
+            when None.
     """
     config, model = run.manifest["config"], run.manifest["model"]
     knobs = model.get("knobs") or {}
@@ -216,7 +221,7 @@ def load_run_model(
         disparity=knobs.get("disparity"),
         asymmetry=knobs.get("asymmetry"),
         device=device,
-        dtype=dtype if dtype is not None else getattr(torch, config["dtype"]),
+        dtype=dtype if dtype is not None else config["dtype"],
     )
 
 

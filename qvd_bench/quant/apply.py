@@ -290,6 +290,11 @@ def quantize_(
 ) -> QuantRecord:
     """Quantizes every in-scope Linear/Conv layer of a model in place.
 
+    The model keeps its own device and dtype (choose them when loading it:
+    ``load_model(..., device=, dtype=)``): each quantized layer runs on its layer's device
+    and fake-quantizes in the model's dtype, with scales and their arithmetic in float32.
+    The record keeps every quantizer parameter on the CPU.
+
     Args:
         model: a LoadedModel or its denoiser (unquantized).
         config: the QuantConfig.

@@ -211,3 +211,35 @@ def test_transform_rounds_each_operation_like_torch(bits, channel_dim):
         if quantized is not None:
             ref = P.fake_quant_constants(ref, quantized)
         assert same(got, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_takes_the_torch_path_in_float32(dtype):
+    """Half-precision inputs fall back to PyTorch, quantized with float32 arithmetic and
+    cast back: the float32 result of the same values, rounded to the dtype."""
+    x = awkward((2, 6, 4, 9)).nan_to_num().to(dtype)
+    assert not fused.covers(x)
+    act = StaticActQuant(0.037, 120, 8)
+    got = act(x, 1)
+    assert got.dtype == dtype and torch.equal(got, act(x.float(), 1).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layer", ["linear", "conv3d"])
+@pytest.mark.parametrize("quantizer", ["static", "group"])
+def test_wrapper_off_the_cpu_takes_the_torch_path(layer, quantizer, dtype):
+    """A layer on another device (the meta device stands for CUDA here: no data, so no
+    NumPy kernel can touch it) runs the PyTorch path end to end in the model's dtype."""
+    module, shape = LAYER_CASES[layer]
+    channel_dim = -1 if isinstance(module, nn.Linear) else 1
+    _, shift, scale = _transform_case(shape, channel_dim)
+    act = _quantizers(_Tracker())[quantizer]
+    module = copy.deepcopy(module).to(dtype)  # a model loaded in its dtype, then quantized
+    wrapper = QuantWrapper(module, 8, act, weight=module.weight.detach())
+    wrapper.set_input_transform(shift, scale)
+    wrapper = wrapper.to("meta")  # as quantize_ places a wrapper on its layer's device
+    assert act.scale.dtype == torch.float32  # the scale arithmetic stays in float32
+    x = torch.empty(shape, device="meta", dtype=dtype)
+    assert not fused.covers(x)
+    out = wrapper(x)
+    assert out.device.type == "meta" and out.dtype == dtype
