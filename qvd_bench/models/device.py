@@ -20,12 +20,15 @@ TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in D
 
 
 def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16``; a torch dtype of ``DTYPES`` passes through.
+    """``"bfloat16"`` -> ``torch.bfloat16``; a floating torch dtype passes through.
+
+    Names are those of ``DTYPES`` (what commands and stored configs take); library callers
+    may pass any floating torch dtype, e.g. float64 for an exact reference.
 
     Raises:
-        UserError: a dtype outside ``DTYPES``.
+        UserError: a name outside ``DTYPES``, or a dtype that is not floating point.
     """
-    if isinstance(dtype, torch.dtype) and dtype in TORCH_DTYPES.values():
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     if isinstance(dtype, str) and dtype in TORCH_DTYPES:
         return TORCH_DTYPES[dtype]

@@ -132,3 +132,9 @@ def test_check_device_passes_every_dtype_on_the_cpu():
         assert D.check_device("cpu", name) == (torch.device("cpu"), getattr(torch, name))
     with pytest.raises(UserError, match="dtype must be one of"):
         D.check_device("cpu", "float8")
+
+
+def test_library_callers_may_pass_any_floating_torch_dtype():
+    assert D.torch_dtype(torch.float64) is torch.float64  # exact references load in float64
+    with pytest.raises(UserError, match="dtype must be one of"):
+        D.torch_dtype(torch.int8)
