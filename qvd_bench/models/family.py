@@ -64,18 +64,34 @@ class Family:
         raise NotImplementedError
 
     def build(self, config: dict[str, Any]) -> nn.Module:
-        """Builds the denoiser from a config dict (random weights, current RNG state)."""
-        raise NotImplementedError
+        """Builds the denoiser from a config dict (random weights, current RNG state).
+
+        By default the diffusers class named ``denoiser_class`` called with the config.
+        """
+        import diffusers
+
+        return getattr(diffusers, self.denoiser_class)(**config)
 
     def latent_shape(
         self, denoiser: nn.Module, batch: int, frames: int, height: int, width: int
     ) -> tuple[int, ...]:
-        """Shape of the latents in this family's layout (5-D)."""
-        raise NotImplementedError
+        """Shape of the latents in this family's layout (5-D).
+
+        By default the denoiser's ``in_channels`` placed as ``layout`` says.
+        """
+        channels = denoiser.config.in_channels
+        if self.layout == "BFCHW":
+            return (batch, frames, channels, height, width)
+        return (batch, channels, frames, height, width)
 
     def probe_size(self, denoiser: nn.Module) -> tuple[int, int, int]:
-        """Smallest valid (frames, height, width) latent, for probe forwards."""
-        raise NotImplementedError
+        """Smallest valid (frames, height, width) latent, for probe forwards.
+
+        By default one patch: ``patch_size_t`` (1 when absent or None) by ``patch_size``
+        squared, the DiTs' config fields.
+        """
+        config = denoiser.config
+        return (getattr(config, "patch_size_t", None) or 1, config.patch_size, config.patch_size)
 
     def text_embedding_shape(self, denoiser: nn.Module) -> tuple[int, int]:
         """(sequence length, dim) of the text (or image) states the denoiser attends to."""

@@ -78,9 +78,6 @@ class TextUNetFamily(Family):
 
     layout = "BCFHW"
 
-    def latent_shape(self, denoiser, batch, frames, height, width):
-        return (batch, denoiser.config.in_channels, frames, height, width)
-
     def probe_size(self, denoiser):
         return unet_probe_size(denoiser, denoiser.config.norm_num_groups)
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from qvd_bench.models.families._common import COMMON_OUTLIER_TARGETS, N
 from qvd_bench.models.family import Family
 
@@ -53,18 +51,6 @@ class CogVideoXFamily(Family):
             "temporal_compression_ratio": 4,
             "max_text_seq_length": 16,
         }
-
-    def build(self, config: dict[str, Any]) -> nn.Module:
-        from diffusers import CogVideoXTransformer3DModel
-
-        return CogVideoXTransformer3DModel(**config)
-
-    def latent_shape(self, denoiser, batch, frames, height, width):
-        return (batch, frames, denoiser.config.in_channels, height, width)
-
-    def probe_size(self, denoiser):
-        patch = denoiser.config.patch_size
-        return (denoiser.config.patch_size_t or 1, patch, patch)
 
     def text_embedding_shape(self, denoiser):
         return (denoiser.config.max_text_seq_length, denoiser.config.text_embed_dim)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from qvd_bench.models.families._common import (
     COMMON_OUTLIER_TARGETS,
@@ -95,18 +94,6 @@ class HunyuanVideoFamily(Family):
             "text_embed_dim": 16,
             "pooled_projection_dim": 8,
         }
-
-    def build(self, config: dict[str, Any]) -> nn.Module:
-        from diffusers import HunyuanVideoTransformer3DModel
-
-        return HunyuanVideoTransformer3DModel(**config)
-
-    def latent_shape(self, denoiser, batch, frames, height, width):
-        return (batch, denoiser.config.in_channels, frames, height, width)
-
-    def probe_size(self, denoiser):
-        patch = denoiser.config.patch_size
-        return (denoiser.config.patch_size_t, patch, patch)
 
     def text_embedding_shape(self, denoiser):
         return (LLAMA_SEQUENCE_LENGTH, denoiser.config.text_embed_dim)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from qvd_bench.models.families._common import (
     COMMON_OUTLIER_TARGETS,
@@ -53,11 +52,6 @@ class I2VGenXLFamily(TextUNetFamily):
             "attention_head_dim": 4,
             "norm_num_groups": 8,
         }
-
-    def build(self, config: dict[str, Any]) -> nn.Module:
-        from diffusers import I2VGenXLUNet
-
-        return I2VGenXLUNet(**config)
 
     def conditioning(self, denoiser, batch, frames, height, width, generator=None):
         """Returns fps (B,), image_latents (B, C, F, H, W), image_embeddings (B, D).

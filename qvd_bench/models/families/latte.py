@@ -53,18 +53,6 @@ class LatteFamily(Family):
             "video_length": 8,
         }
 
-    def build(self, config: dict[str, Any]) -> nn.Module:
-        from diffusers import LatteTransformer3DModel
-
-        return LatteTransformer3DModel(**config)
-
-    def latent_shape(self, denoiser, batch, frames, height, width):
-        return (batch, denoiser.config.in_channels, frames, height, width)
-
-    def probe_size(self, denoiser):
-        patch = denoiser.config.patch_size
-        return (1, patch, patch)
-
     def text_embedding_shape(self, denoiser):
         return (T5_SEQUENCE_LENGTH, denoiser.config.caption_channels)
 

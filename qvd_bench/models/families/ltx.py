@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from qvd_bench.models.families._common import COMMON_OUTLIER_TARGETS, N
 from qvd_bench.models.family import Family
@@ -99,19 +98,6 @@ class LTXVideoFamily(Family):
             "num_layers": 2,
             "caption_channels": 32,
         }
-
-    def build(self, config: dict[str, Any]) -> nn.Module:
-        from diffusers import LTXVideoTransformer3DModel
-
-        return LTXVideoTransformer3DModel(**config)
-
-    def latent_shape(self, denoiser, batch, frames, height, width):
-        # As LTXPipeline: the latent has the transformer's input channels (patch size 1).
-        return (batch, denoiser.config.in_channels, frames, height, width)
-
-    def probe_size(self, denoiser):
-        patch = denoiser.config.patch_size
-        return (denoiser.config.patch_size_t, patch, patch)
 
     def text_embedding_shape(self, denoiser):
         return (T5_SEQUENCE_LENGTH, denoiser.config.caption_channels)

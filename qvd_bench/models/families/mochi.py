@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from qvd_bench.models.families._common import COMMON_OUTLIER_TARGETS, N
 from qvd_bench.models.family import Family
@@ -61,18 +60,6 @@ class MochiFamily(Family):
             "activation_fn": "swiglu",
             "max_sequence_length": 16,
         }
-
-    def build(self, config: dict[str, Any]) -> nn.Module:
-        from diffusers import MochiTransformer3DModel
-
-        return MochiTransformer3DModel(**config)
-
-    def latent_shape(self, denoiser, batch, frames, height, width):
-        return (batch, denoiser.config.in_channels, frames, height, width)
-
-    def probe_size(self, denoiser):
-        patch = denoiser.config.patch_size
-        return (1, patch, patch)
 
     def text_embedding_shape(self, denoiser):
         # MochiPipeline pads T5 prompts to the transformer's max_sequence_length (256).

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from qvd_bench.models.families._common import (
     COMMON_OUTLIER_TARGETS,
@@ -66,11 +65,6 @@ class SVDFamily(Family):
             "addition_time_embed_dim": 32,
             "num_frames": 8,
         }
-
-    def build(self, config: dict[str, Any]) -> nn.Module:
-        from diffusers import UNetSpatioTemporalConditionModel
-
-        return UNetSpatioTemporalConditionModel(**config)
 
     def latent_shape(self, denoiser, batch, frames, height, width):
         return (batch, frames, denoiser.config.out_channels, height, width)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from qvd_bench.models.families._common import (
     COMMON_OUTLIER_TARGETS,
     UNET3D_TEMPORAL_ROLES,
@@ -42,11 +40,6 @@ class UNet3DFamily(TextUNetFamily):
             "attention_head_dim": 4,
             "norm_num_groups": 8,
         }
-
-    def build(self, config: dict[str, Any]) -> nn.Module:
-        from diffusers import UNet3DConditionModel
-
-        return UNet3DConditionModel(**config)
 
     def forward(self, denoiser, latents, timestep, text_states, conditioning):
         return denoiser(latents, timestep, encoder_hidden_states=text_states, return_dict=False)[0]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from qvd_bench.models.families._common import COMMON_OUTLIER_TARGETS, N
 from qvd_bench.models.family import Family
 
@@ -48,14 +46,6 @@ class WanFamily(Family):
             "qk_norm": "rms_norm_across_heads",
             "rope_max_seq_len": 32,
         }
-
-    def build(self, config: dict[str, Any]) -> nn.Module:
-        from diffusers import WanTransformer3DModel
-
-        return WanTransformer3DModel(**config)
-
-    def latent_shape(self, denoiser, batch, frames, height, width):
-        return (batch, denoiser.config.in_channels, frames, height, width)
 
     def probe_size(self, denoiser):
         return tuple(denoiser.config.patch_size)
