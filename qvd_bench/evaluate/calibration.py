@@ -45,6 +45,7 @@ def ensure_stats(
     from qvd_bench.analysis.summary import ANALYSIS_FILE, analyze
     from qvd_bench.collect.collector import collect
     from qvd_bench.config import CollectConfig
+    from qvd_bench.models.zoo import MODELS
     from qvd_bench.store import StatsRun
 
     if config.stats is not None:
@@ -64,7 +65,8 @@ def ensure_stats(
             frames=s.frames,
             height=s.height,
             width=s.width,
-            sampler="denoiser",
+            # The pipeline where the model has one (a path), as the videos are sampled.
+            sampler="denoiser" if config.model in MODELS else "auto",
             temporal_stride=STATS_TEMPORAL_STRIDE,
             reservoir_capacity=STATS_RESERVOIR,
             device=config.device,

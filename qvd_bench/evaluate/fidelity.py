@@ -224,3 +224,59 @@ def to_x0(
     if prediction_type == "epsilon":
         return (x_t - sqrt_one_minus * pred) / sqrt_alpha
     return sqrt_alpha * x_t - sqrt_one_minus * pred
+
+
+def x0_coefficients(scheduler, timestep: float) -> tuple[float, float]:
+    """(a, b) with x0 = a·model_input + b·prediction for one step of a diffusers scheduler.
+
+    ``model_input`` is what the denoiser saw at that step (the scheduler's
+    ``scale_model_input`` of x_t). For every DDPM-family scheduler that input is the
+    variance-preserving x_t = √ᾱ·x0 + √(1 − ᾱ)·ε: DDIM-like schedulers feed x_t as it is,
+    and sigma-parameterized ones (Euler, Karras) feed x_t/√(σ² + 1), which is that x_t with
+    ᾱ = 1/(σ² + 1). So ``to_x0``'s formulas hold with ᾱ from the step's σ where the
+    scheduler has sigmas, else from ``alphas_cumprod[t]``. Flow-matching schedulers (no
+    ``alphas_cumprod``): x0 = x_t − σ·v, with the step's σ (t / num_train_timesteps
+    where the scheduler keeps no sigmas).
+
+    Args:
+        scheduler: the scheduler after the run (its ``timesteps`` and ``sigmas`` are those
+            of the run's steps).
+        timestep: the step's timestep value as the denoiser received it.
+
+    Returns:
+        (a, b) as Python floats.
+    """
+    config = getattr(scheduler, "config", {})
+    sigma = _step_sigma(scheduler, timestep)
+    if not hasattr(scheduler, "alphas_cumprod"):
+        if sigma is None:
+            sigma = timestep / config.get("num_train_timesteps", 1000)
+        return 1.0, -float(sigma)
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES or prediction_type == "flow":
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    if prediction_type == "sample":
+        return 0.0, 1.0
+    if sigma is not None:
+        alpha = 1.0 / (float(sigma) ** 2 + 1.0)
+    else:
+        if timestep != round(timestep):
+            raise ValueError(f"{prediction_type} needs integer timesteps, got {timestep}")
+        alpha = float(torch.as_tensor(scheduler.alphas_cumprod, dtype=F64)[int(round(timestep))])
+    sqrt_alpha, sqrt_one_minus = alpha**0.5, (1.0 - alpha) ** 0.5
+    if prediction_type == "epsilon":
+        return 1.0 / sqrt_alpha, -sqrt_one_minus / sqrt_alpha
+    return sqrt_alpha, -sqrt_one_minus
+
+
+def _step_sigma(scheduler, timestep: float) -> float | None:
+    """The σ of the scheduler step whose timestep is ``timestep``, or None without sigmas."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    timesteps = getattr(scheduler, "timesteps", None)
+    if sigmas is None or timesteps is None or len(timesteps) == 0:
+        return None
+    values = torch.as_tensor(timesteps, dtype=F64).cpu()
+    index = int((values - timestep).abs().argmin())
+    if abs(float(values[index]) - timestep) > 1e-3 * max(1.0, abs(timestep)):
+        return None
+    return float(torch.as_tensor(sigmas, dtype=F64).cpu()[index])

@@ -44,7 +44,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from qvd_bench.errors import UserError
-from qvd_bench.evaluate.fidelity import to_x0
+from qvd_bench.evaluate.fidelity import to_x0, x0_coefficients
+from qvd_bench.evaluate.replay import (
+    CallRecorder,
+    RecordedCall,
+    calls_from_tensors,
+    calls_to_tensors,
+    replay,
+)
 from qvd_bench.models import sampling
 from qvd_bench.models.family import LoadedModel
 from qvd_bench.models.sampling import CallTracker, StepOutput
@@ -108,7 +115,14 @@ class Generation:
         inputs: (S, 1, ...) the latents x_t denoised at each step; None when
             teacher-forced (they are the teacher's).
         model_inputs: (S, 1, ...) what the denoiser saw (x_t after the scheduler's
-            ``scale_model_input``); None when teacher-forced.
+            ``scale_model_input``); None when teacher-forced. From a pipeline: the latent
+            channels of the denoiser's input (without concatenated image latents).
+        x0_coefficients: (S, 2) float64 (a, b) with x0 = a·model_input + b·prediction at
+            each step, for videos sampled by a pipeline (its scheduler decides them;
+            ``fidelity.x0_coefficients``); None for the minimal sampler (``x0`` then
+            asks the scheduler).
+        calls: every denoiser call of a pipeline run with its arguments (the FP
+            reference's, which teacher-forced videos replay); None otherwise.
     """
 
     timesteps: Tensor
@@ -118,22 +132,44 @@ class Generation:
     latents: Tensor | None = None
     inputs: Tensor | None = None
     model_inputs: Tensor | None = None
+    x0_coefficients: Tensor | None = None
+    calls: list[RecordedCall] | None = None
 
     def tensors(self) -> dict[str, Tensor]:
         """The tensors to store; ``model_inputs`` only where they differ from ``inputs``."""
         out = {
             name: getattr(self, name)
-            for name in ("timesteps", "prediction", "cond", "uncond", "latents", "inputs")
+            for name in (
+                "timesteps",
+                "prediction",
+                "cond",
+                "uncond",
+                "latents",
+                "inputs",
+                "x0_coefficients",
+            )
         }
         if self.model_inputs is not None and not (
             self.inputs is not None and torch.equal(self.model_inputs, self.inputs)
         ):
             out["model_inputs"] = self.model_inputs
-        return {k: v.detach().cpu().contiguous() for k, v in out.items() if v is not None}
+        out = {k: v.detach().cpu().contiguous() for k, v in out.items() if v is not None}
+        if self.calls is not None:
+            out.update(calls_to_tensors(self.calls)[0])
+        return out
+
+    def metadata(self) -> dict[str, str]:
+        """What the tensors cannot hold: the structure of the recorded calls."""
+        return {} if self.calls is None else {"calls": calls_to_tensors(self.calls)[1]}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor]) -> Generation:
+    def from_tensors(
+        cls, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
+    ) -> Generation:
         inputs = tensors.get("inputs")
+        calls = None
+        if metadata and "calls" in metadata:
+            calls = calls_from_tensors(tensors, metadata["calls"])
         return cls(
             timesteps=tensors["timesteps"],
             prediction=tensors["prediction"],
@@ -142,6 +178,8 @@ class Generation:
             latents=tensors.get("latents"),
             inputs=inputs,
             model_inputs=tensors.get("model_inputs", inputs),
+            x0_coefficients=tensors.get("x0_coefficients"),
+            calls=calls,
         )
 
     def x0(self, scheduler, branch: str = "cfg", model_inputs: Tensor | None = None) -> Tensor:
@@ -159,6 +197,12 @@ class Generation:
         inputs = self.model_inputs if model_inputs is None else model_inputs
         if inputs is None:
             raise ValueError("a teacher-forced generation needs its teacher's model inputs")
+        if self.x0_coefficients is not None:
+            a, b = self.x0_coefficients.to(torch.float64).unbind(1)
+            shape = (-1, *([1] * (value.ndim - 1)))
+            return a.reshape(shape) * inputs.to(torch.float64) + b.reshape(shape) * value.to(
+                torch.float64
+            )
         return torch.stack(
             [to_x0(value[i], inputs[i], self.timesteps[i], scheduler) for i in range(len(value))]
         )
@@ -218,25 +262,41 @@ def generate(
     tracker: CallTracker | None = None,
     teacher: Generation | None = None,
     start: Generation | None = None,
+    keep_calls: bool = False,
 ) -> Generation:
-    """Samples one video with ``sample_denoiser`` and records every step.
+    """Samples one video and records every step.
+
+    A model with a diffusers pipeline (``LoadedModel.pipeline``) samples with the
+    pipeline's own call (``pipelines.run_pipeline``: its text encoder, scheduler and
+    conditioning); a bare denoiser with the minimal sampler (``sample_denoiser``, pseudo
+    text states from ``text_states_for_prompts``). ``sampler_name`` says which.
 
     Args:
         loaded: the model (FP or quantized in place).
         prompt: the prompt (pseudo text embeddings for bare denoisers).
         sample_id: the video's global id (its noise depends on (seed, id) only).
-        settings: sampling settings.
-        tracker: the CallTracker attached to the denoiser (per-timestep quantizers read it).
-        teacher: teacher forcing: feed ``teacher.inputs[i]`` at step i.
+        settings: sampling settings (a pipeline uses its own scheduler, not
+            ``settings.scheduler``).
+        tracker: the CallTracker attached to the denoiser(s) (per-timestep quantizers
+            read it).
+        teacher: teacher forcing: feed ``teacher.inputs[i]`` at step i (minimal sampler),
+            or replay every recorded denoiser call of the teacher's pipeline run
+            (``teacher.calls``) into the expert that made it.
         start: with ``teacher``, this model's free-running video of the same prompt and
             seed. Both trajectories start from the same noise, so its first step is the
             teacher-forced first step (the same call on the same input): it is taken
             instead of computed again, one step in S saved. Not used when its first input
-            or its timesteps differ from the teacher's.
+            or its timesteps differ from the teacher's, nor for pipelines.
+        keep_calls: for a pipeline run, keep every denoiser call's arguments
+            (``Generation.calls``): what teacher-forcing other models on this video needs.
 
     Returns:
         The Generation (``latents`` None when teacher-forced).
     """
+    if loaded.pipeline is not None:
+        if teacher is not None:
+            return _replayed(loaded, sample_id, settings, tracker, teacher)
+        return _pipeline_generation(loaded, prompt, sample_id, settings, tracker, keep_calls)
     reuse = (
         teacher is not None
         and start is not None
@@ -278,6 +338,12 @@ def generate(
 
 # Names how ``generate_free_and_forced`` batches (cache contexts record it).
 FREE_AND_FORCED_SCHEME = "free and teacher-forced side by side, one batch per step"
+PIPELINE_SCHEME = "the pipeline free-running, then the reference's denoiser calls replayed"
+
+
+def free_and_forced_scheme(loaded: LoadedModel) -> str:
+    """How ``generate_free_and_forced`` makes a model's pair of videos (for cache keys)."""
+    return PIPELINE_SCHEME if loaded.pipeline is not None else FREE_AND_FORCED_SCHEME
 
 
 def generate_free_and_forced(
@@ -307,7 +373,7 @@ def generate_free_and_forced(
     Returns:
         (free-running, teacher-forced) Generations, as ``generate`` returns them.
     """
-    if not cfg_batch_safe(loaded.denoiser) or teacher.inputs is None:
+    if loaded.pipeline is not None or not cfg_batch_safe(loaded.denoiser) or teacher.inputs is None:
         free = generate(loaded, prompt, sample_id, settings, tracker=tracker)
         forced = generate(
             loaded, prompt, sample_id, settings, tracker=tracker, teacher=teacher, start=free
@@ -356,6 +422,160 @@ def _sample(
         scheduler=settings.scheduler,
         observe=steps.append,
         **options,
+    )
+
+
+def sampler_name(loaded: LoadedModel) -> str:
+    """Which sampler ``generate`` runs for a model: "pipeline: <its class>" or
+    "minimal sampler" (a bare denoiser)."""
+    if loaded.pipeline is not None:
+        return f"pipeline: {type(loaded.pipeline).__name__}"
+    return "minimal sampler"
+
+
+def sampler_context(loaded: LoadedModel) -> dict[str, Any]:
+    """What of the sampler decides a video (for cache keys): its name and, for a
+    pipeline, its scheduler's class and config."""
+    from qvd_bench import store
+
+    context: dict[str, Any] = {"sampler": sampler_name(loaded)}
+    if loaded.pipeline is not None:
+        scheduler = loaded.pipeline.scheduler
+        context["scheduler"] = {
+            "class": type(scheduler).__name__,
+            "config": store.json_safe(dict(scheduler.config)),
+        }
+    return context
+
+
+def _pipeline_generation(
+    loaded: LoadedModel,
+    prompt: str,
+    sample_id: int,
+    settings: GenerationSettings,
+    tracker: CallTracker | None,
+    keep_calls: bool,
+) -> Generation:
+    """One video from the model's pipeline, every denoiser call recorded."""
+    from qvd_bench.models.pipelines import run_pipeline
+
+    tracker = tracker if tracker is not None else CallTracker(loaded.experts)
+    recorder = CallRecorder(tracker, keep_inputs=keep_calls)
+    with recorder.active():
+        latents = run_pipeline(
+            loaded,
+            [prompt],
+            steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            seed=settings.seed,
+            sample_ids=[sample_id],
+            frames=settings.frames,
+            height=settings.height,
+            width=settings.width,
+            tracker=tracker,
+        )
+    calls = recorder.calls
+    generation = _steps_generation(
+        loaded, calls, [c.output for c in calls], settings.guidance_scale
+    )
+    generation.latents = latents.detach().cpu()
+    scheduler = loaded.pipeline.scheduler
+    generation.x0_coefficients = torch.tensor(
+        [x0_coefficients(scheduler, float(t)) for t in generation.timesteps], dtype=torch.float64
+    )
+    if keep_calls:
+        for call in calls:  # the prediction is kept per step, not per call
+            call.output = None
+        generation.calls = calls
+    return generation
+
+
+def _replayed(
+    loaded: LoadedModel,
+    sample_id: int,
+    settings: GenerationSettings,
+    tracker: CallTracker | None,
+    teacher: Generation,
+) -> Generation:
+    """Teacher forcing for pipelines: the teacher's denoiser calls replayed into ``loaded``."""
+    if teacher.calls is None or teacher.x0_coefficients is None:
+        raise ValueError("teacher forcing a pipeline needs a teacher with its recorded calls")
+    tracker = tracker if tracker is not None else CallTracker(loaded.experts)
+    outputs = replay(loaded.experts, teacher.calls, tracker, (int(sample_id),))
+    forced = _steps_generation(loaded, teacher.calls, outputs, settings.guidance_scale)
+    return Generation(
+        timesteps=forced.timesteps,
+        prediction=forced.prediction,
+        cond=forced.cond,
+        uncond=forced.uncond,
+        x0_coefficients=teacher.x0_coefficients,
+    )
+
+
+def _latent_parts(prediction: Tensor, latents: Tensor, layout: str) -> tuple[Tensor, Tensor]:
+    """The prediction and the noisy latents it predicts from, on the channels they share.
+
+    A denoiser input may carry conditioning channels after the latent ones (SVD's image
+    latents) and an output extra channels after the prediction (Latte's learned
+    variance, which its pipeline drops).
+    """
+    if prediction.shape == latents.shape:
+        return prediction, latents
+    axis = 2 if layout == "BFCHW" else 1
+    channels = min(prediction.shape[axis], latents.shape[axis])
+    return prediction.narrow(axis, 0, channels), latents.narrow(axis, 0, channels)
+
+
+def _steps_generation(
+    loaded: LoadedModel,
+    calls: list[RecordedCall],
+    outputs: list[Tensor],
+    guidance_scale: float,
+) -> Generation:
+    """Per-step predictions of a pipeline run from its denoiser calls.
+
+    Consecutive calls at one timestep form a step: one batched [uncond, cond] call, or
+    one call per branch. The CFG-combined prediction is uncond + g·(cond − uncond) where
+    the step has both branches (the pipelines' own combination), else cond.
+    """
+    layout = loaded.family.layout
+    steps: list[dict[str, Any]] = []
+    for call, output in zip(calls, outputs):
+        step = steps[-1] if steps else None
+        if (
+            step is None
+            or step["timestep"] != call.timestep
+            or any(b in step for b in call.branches)
+        ):
+            step = {"timestep": call.timestep}
+            steps.append(step)
+        parts = zip(
+            call.branches,
+            output.chunk(len(call.branches)),
+            call.latents().chunk(len(call.branches)),
+        )
+        for branch, prediction, latents in parts:
+            step[branch], step["input"] = _latent_parts(prediction.cpu(), latents.cpu(), layout)
+    if not steps:
+        raise UserError(f"the pipeline of {loaded.name} made no denoiser call")
+    for step in steps:
+        if "cond" not in step:
+            raise UserError(
+                f"the pipeline of {loaded.name} ran no conditional call at timestep "
+                f"{step['timestep']:g}"
+            )
+    with_uncond = all("uncond" in step for step in steps)
+    predictions = []
+    for step in steps:
+        cond, uncond = step["cond"], step.get("uncond")
+        predictions.append(cond if uncond is None else uncond + guidance_scale * (cond - uncond))
+    return Generation(
+        timesteps=torch.tensor([step["timestep"] for step in steps], dtype=torch.float64),
+        prediction=torch.stack(predictions),
+        cond=torch.stack([step["cond"] for step in steps]),
+        uncond=torch.stack([step["uncond"] for step in steps]) if with_uncond else None,
+        inputs=torch.stack([step["input"] for step in steps]),
+        model_inputs=torch.stack([step["input"] for step in steps]),
     )
 
 
@@ -450,7 +670,11 @@ class GenerationCache:
     @staticmethod
     def load_path(path: str | Path) -> Generation:
         """Reads one cache file (raises safetensors' errors on a damaged one)."""
-        return Generation.from_tensors(load_file(str(path)))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return Generation.from_tensors(load_file(str(path)), metadata)
 
     def load(self, key: CacheKey) -> Generation | None:
         """The cached video, or None when absent (or unreadable: warns, to regenerate)."""
@@ -459,7 +683,7 @@ class GenerationCache:
             return None
         try:
             return self.load_path(path)
-        except (OSError, SafetensorError, KeyError) as error:
+        except (OSError, SafetensorError, KeyError, ValueError) as error:
             reason = " ".join(str(error).split())[:200]
             warnings.warn(
                 f"cached generation {path} is unreadable ({reason}); regenerating it",
@@ -471,7 +695,7 @@ class GenerationCache:
     def save(self, key: CacheKey, generation: Generation) -> Path:
         path = self.path(key)
         tensors = generation.tensors()
-        metadata = {"key": json.dumps(asdict(key), sort_keys=True)}
+        metadata = {"key": json.dumps(asdict(key), sort_keys=True), **generation.metadata()}
         atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
         return path
 

@@ -179,10 +179,12 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
             timings.append(_timing(weight_seed, "statistics", "", time.perf_counter() - started))
             fp_model = zoo.load_run_model(run, device=config.device, dtype=config.dtype)
             scheduler = gen.scheduler_for(fp_model, settings)
-            # Every video is sampled by the minimal sampler (``generate``).
+            # Videos come from the model's pipeline where it has one, else from the
+            # minimal sampler (``generate``); ``sampler`` names which.
             sampling = sampling_record(
-                fp_model, "denoiser", settings.seed, range(prompts), settings.scheduler
+                fp_model, "auto", settings.seed, range(prompts), settings.scheduler
             )
+            sampling["sampler_name"] = gen.sampler_name(fp_model)
             layout = fp_model.family.layout
             at = f"the FP videos of weight seed {weight_seed}"
             started = time.perf_counter()

@@ -95,7 +95,8 @@ class FidelityProbe:
         self.settings = settings
         self.scheduler = scheduler_for(loaded, settings)
         self.reference: list[Generation] = [
-            generate(loaded, prompt, i, settings) for i, prompt in enumerate(self.prompts)
+            generate(loaded, prompt, i, settings, keep_calls=True)
+            for i, prompt in enumerate(self.prompts)
         ]
         self._reference_x0 = torch.cat([g.x0(self.scheduler) for g in self.reference], dim=1)
 
@@ -162,7 +163,7 @@ def quantized(
     Yields:
         The record of ``quantize_(loaded, config, stats=run, **kwargs)``.
     """
-    denoiser = loaded.denoiser
+    denoiser = loaded.layer_root  # every expert's layers
     saved = {k: v.detach().clone() for k, v in denoiser.state_dict().items()}
     record = None
     try:
@@ -222,7 +223,7 @@ def sensitivity(
             raise UserError(f"sensitivity is by {' or '.join(UNITS)}, not {unit!r}")
     rows = []
     with quantized(loaded, config, run, plan=plan) as record:
-        wrappers = dict(quant_wrappers(loaded.denoiser))
+        wrappers = dict(quant_wrappers(loaded.layer_root))
         roles = {layer.layer: layer.role for layer in record.layers}
         jobs = [
             (kind, name, layers) for kind in by for name, layers in _units(record, kind).items()
@@ -238,7 +239,7 @@ def sensitivity(
         bar = tqdm(total=len(jobs) + 1, desc="sensitivity", unit="unit", disable=not progress)
         rows.append(_row("all", "model", "", len(wrappers), config, probe.sqnr_db(record.tracker)))
         bar.update()
-        set_enabled(loaded.denoiser, False)
+        set_enabled(loaded.layer_root, False)
         for kind, name, layers in jobs:
             for layer in layers:
                 wrappers[layer].enabled = True

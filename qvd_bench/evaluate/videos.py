@@ -110,7 +110,8 @@ class LazyQuantized:
                 self.quant, _ = mixed_config(
                     loaded, self.run, self.quant, budget, probe, plan=self.plans[bits]
                 )
-            self.tracker = CallTracker(loaded.denoiser).attach()
+            # On every expert: each one's per-timestep quantizers read the tracker.
+            self.tracker = CallTracker(loaded.experts).attach()
             self.record = quantize_(
                 loaded, self.quant, stats=self.run, plan=self.plans[bits], tracker=self.tracker
             )
@@ -130,13 +131,19 @@ def reference_videos(
     indices: Sequence[int] | None = None,
 ) -> dict[int, Generation]:
     """The FP model's free-running videos of some prompts (all by default), by index."""
-    context = {"settings": settings.to_dict(), "knobs": loaded.knobs, **device_context(loaded)}
+    context = {
+        "settings": settings.to_dict(),
+        "knobs": loaded.knobs,
+        **device_context(loaded),
+        **gen.sampler_context(loaded),
+    }
     prompts = videos.config.prompts
     indices = range(len(prompts)) if indices is None else indices
     return {
         i: videos.get(
             videos.key(loaded, REFERENCE_METHOD, FP_BITS, i, "free", context),
-            lambda i=i: gen.generate(loaded, prompts[i], i, settings),
+            # Pipeline runs keep their denoiser calls: the quantized models replay them.
+            lambda i=i: gen.generate(loaded, prompts[i], i, settings, keep_calls=True),
         )
         for i in indices
     }
@@ -167,7 +174,12 @@ def quantized_videos(
     quant = quantized.quant
     # The scheme is part of what decides the videos (batch composition sets the rounding):
     # videos cached under another scheme are never mixed with these.
-    context = {**context, "scheme": gen.FREE_AND_FORCED_SCHEME, **device_context(fp_model)}
+    context = {
+        **context,
+        "scheme": gen.free_and_forced_scheme(fp_model),
+        **device_context(fp_model),
+        **gen.sampler_context(fp_model),
+    }
     keys = {
         (i, mode): videos.key(fp_model, quant.method, quant.bits, i, mode, context)
         for i in reference
