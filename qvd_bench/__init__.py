@@ -5,16 +5,23 @@ command line starts fast)::
 
     import qvd_bench
 
-    run = qvd_bench.StatsRun("stats/tiny-unet3d")
-    record = qvd_bench.quantize_(model, qvd_bench.QuantConfig("qvd", 4, 8), stats=run)
+    run = qvd_bench.collect(pipe, prompts, steps=20, out="stats/my-model")
+    record = qvd_bench.quantize_(pipe, qvd_bench.QuantConfig("qvd", 4, 8), stats=run)
+    table = qvd_bench.fidelity(pipe, record, prompts, steps=20)
+
+``pipe`` is a diffusers pipeline object (a model name or a pipeline directory works for
+``collect`` too); ``qvd_bench.StatsRun("stats/my-model")`` reopens a stored run.
+``qvd_bench.collect`` is also the statistics package: the package object is callable.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-# Public name -> the module that defines it.
+# Public name -> the module that defines it ("collect" is the callable package itself).
 _EXPORTS = {
+    "collect": "qvd_bench.collect",
+    "fidelity": "qvd_bench.evaluate.api",
     "HtdqOptions": "qvd_bench.quant.config",
     "PercentileOptions": "qvd_bench.quant.config",
     "QuantConfig": "qvd_bench.quant.config",
@@ -28,6 +35,8 @@ _EXPORTS = {
 
 __all__ = [
     "__version__",
+    "collect",
+    "fidelity",
     "HtdqOptions",
     "PercentileOptions",
     "QuantConfig",
@@ -44,6 +53,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from qvd_bench import collect
+    from qvd_bench.evaluate.api import fidelity
     from qvd_bench.quant.apply import apply_record, quantize_, unquantize_
     from qvd_bench.quant.config import HtdqOptions, PercentileOptions, QuantConfig
     from qvd_bench.quant.record import QuantRecord, load_record
@@ -56,7 +67,9 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'qvd_bench' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(module), name)
+    value = importlib.import_module(module)
+    if module != f"{__name__}.{name}":  # the callable package is the export itself
+        value = getattr(value, name)
     globals()[name] = value
     return value
 

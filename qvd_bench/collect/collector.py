@@ -135,6 +135,7 @@ def collect(
     progress: bool = True,
     checkpoint_every: float = 60.0,
     on_estimate: Callable[[CostEstimate], None] | None = None,
+    loaded: LoadedModel | None = None,
 ) -> CollectSummary:
     """Collects statistics of a model's layer inputs while it samples, and stores them.
 
@@ -148,6 +149,9 @@ def collect(
             finished samples (``CollectCheckpoints``) and is raised again as
             ``Interrupted``, which says what was saved.
         on_estimate: called with the ``CostEstimate`` of the run before any sampling.
+        loaded: the model, already in memory (e.g. ``zoo.pipeline_model`` of a pipeline
+            object), used as it is instead of loading ``config.model``, which then only
+            names it; its device and dtype are its own.
 
     Returns:
         A summary of what was written.
@@ -157,14 +161,15 @@ def collect(
     if rank == 0:
         store.check_writable(run_dir, overwrite=overwrite)
     torch.manual_seed(config.seed)
-    loaded = zoo.load_model(
-        config.model,
-        weight_seed=config.weight_seed,
-        disparity=config.disparity,
-        asymmetry=config.asymmetry,
-        device=config.device,
-        dtype=DTYPES[config.dtype],
-    )
+    if loaded is None:
+        loaded = zoo.load_model(
+            config.model,
+            weight_seed=config.weight_seed,
+            disparity=config.disparity,
+            asymmetry=config.asymmetry,
+            device=config.device,
+            dtype=DTYPES[config.dtype],
+        )
     for denoiser in loaded.experts.values():
         denoiser.eval()
     layers, infos = select_layers(loaded, config)

@@ -303,6 +303,22 @@ def _load_pipeline(location: str, source: str) -> LoadedModel:
         raise UserError(
             f"could not load {source} offline ({reason}); download it and pass the local directory"
         ) from None
+    return pipeline_model(pipeline, source)
+
+
+def pipeline_model(pipeline: Any, source: str | None = None) -> LoadedModel:
+    """A LoadedModel around a diffusers pipeline object (loaded or built in memory).
+
+    Args:
+        pipeline: the pipeline; its denoisers are used as they are (not copied).
+        source: the model's name; by default the directory or hub id the pipeline was
+            loaded from (``name_or_path``), else its class name.
+
+    Raises:
+        UserError: a pipeline without a supported denoiser.
+    """
+    if source is None:
+        source = getattr(pipeline, "name_or_path", None) or type(pipeline).__name__
     denoisers = pipeline_denoisers(pipeline)
     if not denoisers:
         raise UserError(

@@ -52,14 +52,24 @@ from qvd_bench.store import StatsRun
 # --------------------------------------------------------------------------- applying
 
 
-def _denoiser(model: LoadedModel | nn.Module) -> tuple[LoadedModel | None, nn.Module]:
+def _denoiser(model: Any) -> tuple[LoadedModel | None, nn.Module]:
     """(the LoadedModel or None, the module whose qualified names are the layer names:
-    the denoiser, or with several experts a ModuleDict of them, ``LoadedModel.layer_root``)."""
+    the denoiser, or with several experts a ModuleDict of them, ``LoadedModel.layer_root``).
+
+    ``model`` is a LoadedModel, a denoiser, or a diffusers pipeline object."""
     if isinstance(model, LoadedModel):
         return model, model.layer_root
     if isinstance(model, nn.Module):
         return None, model
-    raise UserError(f"expected a LoadedModel or an nn.Module, got {type(model).__name__}")
+    if hasattr(model, "components"):
+        # A diffusers pipeline object: its denoisers, quantized where they are.
+        from qvd_bench.models.zoo import pipeline_model
+
+        loaded = pipeline_model(model)
+        return loaded, loaded.layer_root
+    raise UserError(
+        f"expected a diffusers pipeline, a LoadedModel or an nn.Module, got {type(model).__name__}"
+    )
 
 
 def _model_identity(loaded: LoadedModel | None) -> dict[str, Any]:
@@ -150,13 +160,11 @@ def _check_unquantized(denoiser: nn.Module) -> None:
         )
 
 
-def apply_record(
-    model: LoadedModel | nn.Module, record: QuantRecord, tracker: Any = None
-) -> QuantRecord:
+def apply_record(model: Any, record: QuantRecord, tracker: Any = None) -> QuantRecord:
     """Quantizes a fresh model with a record's parameters (no statistics needed).
 
     Args:
-        model: a LoadedModel or its denoiser, unquantized.
+        model: a LoadedModel, its denoiser or a diffusers pipeline, unquantized.
         record: from ``load_record`` (or ``quantize_``).
         tracker: a CallTracker attached to the denoiser; made when a per-timestep
             quantizer needs one and none is given.
@@ -174,7 +182,7 @@ def apply_record(
     return record
 
 
-def unquantize_(model: LoadedModel | nn.Module, record: QuantRecord) -> None:
+def unquantize_(model: Any, record: QuantRecord) -> None:
     """Takes back ``quantize_`` / ``apply_record``: the original layers, attention
     processors and parameters, bit for bit (the state dict equals the one before).
 
@@ -183,7 +191,7 @@ def unquantize_(model: LoadedModel | nn.Module, record: QuantRecord) -> None:
     changed; the record remembers their values from before.
 
     Args:
-        model: the LoadedModel or denoiser the record was applied to.
+        model: the LoadedModel, denoiser or pipeline the record was applied to.
         record: its record, from the same ``quantize_`` / ``apply_record`` call.
 
     Raises:
@@ -281,7 +289,7 @@ def make_plan_for(run: StatsRun, config: QuantConfig):
 
 
 def quantize_(
-    model: LoadedModel | nn.Module,
+    model: Any,
     config: QuantConfig,
     *,
     stats: StatsRun | str | Path,
@@ -296,7 +304,8 @@ def quantize_(
     The record keeps every quantizer parameter on the CPU.
 
     Args:
-        model: a LoadedModel or its denoiser (unquantized).
+        model: a LoadedModel, its denoiser, or a diffusers pipeline object (every denoiser
+            of it: ``transformer`` and ``transformer_2`` of a two-expert Wan 2.2), unquantized.
         config: the QuantConfig.
         stats: the statistics of this model (a StatsRun or its directory).
         plan: a QuantPlan for methods that read one; decided from ``stats`` when None.
