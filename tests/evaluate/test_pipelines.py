@@ -1,0 +1,314 @@
+"""Evaluation through a model's own diffusers pipeline: its conditioning, teacher forcing by
+replaying the FP run's denoiser calls, and two-expert Wan 2.2 by path."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qvd_bench.commands.main import main
+from qvd_bench.evaluate import generate as gen
+from qvd_bench.evaluate.config import EvalConfig
+from qvd_bench.evaluate.matrix import evaluate
+from qvd_bench.evaluate.results import ALL_STEPS, RESULTS_FILE, SETTINGS_FILE
+from qvd_bench.models import pipelines
+from qvd_bench.models.pipelines import PRESET_PIPELINES, tiny_pipeline_model
+from qvd_bench.quant import apply as quant_apply
+from qvd_bench.quant.modules import quant_wrappers, set_enabled
+from tests.experts import EXPERTS, STEPS, expert_of_timestep
+
+PROMPT = "a red ball rolls across a wooden table"
+SIZE = 8
+
+
+def settings_for(loaded, steps: int = 2, **overrides) -> gen.GenerationSettings:
+    # Latte's temporal position embedding has exactly ``video_length`` entries.
+    frames = getattr(loaded.denoiser.config, "video_length", None) or 2
+    values = dict(steps=steps, guidance_scale=5.0, frames=frames, height=SIZE, width=SIZE)
+    return gen.GenerationSettings(**{**values, **overrides})
+
+
+def conditioning_of(call) -> torch.Tensor:
+    """The states a recorded denoiser call attends to (``encoder_hidden_states``)."""
+    if "encoder_hidden_states" in call.kwargs:
+        return call.kwargs["encoder_hidden_states"]
+    return call.args[2]
+
+
+def branch_states(generation) -> dict[str, list[torch.Tensor]]:
+    """branch -> the conditioning of every call of that branch, batched calls split."""
+    states: dict[str, list[torch.Tensor]] = {"cond": [], "uncond": []}
+    for call in generation.calls:
+        for branch, chunk in zip(call.branches, conditioning_of(call).chunk(len(call.branches))):
+            states[branch].append(chunk)
+    return states
+
+
+def encode_prompt_reference(pipe, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond) states from the pipeline's own encoder, called as its __call__ does."""
+    if not hasattr(pipe, "encode_prompt"):
+        # Image-to-video without text (Stable Video Diffusion): CLIP image embeddings of
+        # the conditioning image, zeros for the unconditional branch.
+        pixels = SIZE * pipelines._compression(pipe)[0]
+        image = pipelines.synthetic_image(0, 0, pixels, pixels)
+        both = pipe._encode_image(image, torch.device("cpu"), 1, True)
+        uncond, cond = both.chunk(2)
+        return cond, uncond
+    parameters = inspect.signature(pipe.encode_prompt).parameters
+    kwargs = {"prompt": PROMPT, "device": torch.device("cpu")}
+    if "do_classifier_free_guidance" in parameters:
+        kwargs["do_classifier_free_guidance"] = True
+    for name in ("num_images_per_prompt", "num_videos_per_prompt"):
+        if name in parameters:
+            kwargs[name] = 1
+    if "max_sequence_length" in parameters:
+        kwargs["max_sequence_length"] = pipelines._text_length(pipe)
+    if "clean_caption" in parameters:
+        kwargs["clean_caption"] = False
+    cond, uncond = pipe.encode_prompt(**kwargs)[:2]
+    return cond, uncond
+
+
+@pytest.mark.parametrize("preset", list(PRESET_PIPELINES))
+def test_evaluation_conditioning_is_the_pipelines_encode_prompt(preset):
+    loaded = tiny_pipeline_model(preset)
+    generation = gen.generate(loaded, PROMPT, 0, settings_for(loaded), keep_calls=True)
+    assert gen.sampler_name(loaded) == f"pipeline: {PRESET_PIPELINES[preset]}"
+    with torch.no_grad():
+        cond, uncond = encode_prompt_reference(loaded.pipeline, PROMPT)
+    states = branch_states(generation)
+    # Every step of both branches saw the encoder's states (CFG is on: guidance 5).
+    assert len(states["cond"]) == len(states["uncond"]) == 2
+    for branch, expected in (("cond", cond), ("uncond", uncond)):
+        for seen in states[branch]:
+            # AnimateDiff repeats the states once per latent frame for its UNetMotionModel.
+            repeats = seen.shape[0] // expected.shape[0]
+            expected_seen = expected.repeat_interleave(repeats, dim=0)
+            torch.testing.assert_close(seen, expected_seen, rtol=0, atol=0)
+    # Not the minimal sampler's pseudo text states.
+    pseudo, _ = gen.sampling.text_states_for_prompts(loaded, [PROMPT])
+    assert pseudo.shape != cond.shape or not torch.allclose(pseudo, cond)
+
+
+@pytest.mark.parametrize("preset", list(PRESET_PIPELINES))
+def test_replaying_the_recorded_calls_into_the_fp_model_gives_its_predictions(preset):
+    loaded = tiny_pipeline_model(preset)
+    settings = settings_for(loaded)
+    reference = gen.generate(loaded, PROMPT, 0, settings, keep_calls=True)
+    forced = gen.generate(loaded, PROMPT, 0, settings, teacher=reference)
+    scheduler = gen.scheduler_for(loaded, settings)
+    for branch in ("cfg", "cond", "uncond"):
+        torch.testing.assert_close(
+            forced.x0(scheduler, branch, reference.model_inputs),
+            reference.x0(scheduler, branch),
+            rtol=0,
+            atol=0,
+        )
+
+
+def test_x0_of_a_pipeline_step_is_the_schedulers_own_estimate():
+    """For DDIM (ε) and Euler (v, Karras sigmas: SVD) the stored coefficients give the
+    ``pred_original_sample`` the scheduler's own step computes."""
+    for preset in ("tiny-unet3d", "tiny-svd"):
+        loaded = tiny_pipeline_model(preset)
+        settings = settings_for(loaded, steps=3)
+        generation = gen.generate(loaded, PROMPT, 0, settings, keep_calls=True)
+        scheduler = loaded.pipeline.scheduler
+        x0 = generation.x0(None, "cfg")
+        for step, t in enumerate(scheduler.timesteps):
+            scheduler._step_index = step  # Euler keeps its position in the schedule
+            if hasattr(scheduler, "sigmas"):
+                sigma = float(scheduler.sigmas[step])
+                latents = generation.model_inputs[step] * (sigma**2 + 1) ** 0.5
+            else:
+                latents = generation.model_inputs[step]
+            out = scheduler.step(generation.prediction[step], t, latents)
+            torch.testing.assert_close(
+                x0[step], out.pred_original_sample.to(torch.float64), rtol=1e-5, atol=1e-5
+            )
+
+
+def test_cached_pipeline_generation_round_trips_with_its_calls(tmp_path):
+    loaded = tiny_pipeline_model("tiny-wan")
+    generation = gen.generate(loaded, PROMPT, 0, settings_for(loaded), keep_calls=True)
+    cache = gen.GenerationCache(tmp_path)
+    key = gen.CacheKey("tiny-wan", 0, "reference", "fp", 0, 0, "free", "x")
+    cache.save(key, generation)
+    loaded_back = cache.load(key)
+    assert len(loaded_back.calls) == len(generation.calls) == 4  # 2 steps x 2 branches
+    for a, b in zip(loaded_back.calls, generation.calls):
+        assert (a.expert, a.timestep, a.branches) == (b.expert, b.timestep, b.branches)
+        assert a.kwargs.keys() == b.kwargs.keys()
+        for name, value in b.kwargs.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(a.kwargs[name], value)
+            else:
+                assert a.kwargs[name] == value
+    # A tensor passed to several calls (the prompt states of every step) is stored once.
+    distinct = {
+        id(value)
+        for call in generation.calls
+        for value in (*call.args, *call.kwargs.values())
+        if isinstance(value, torch.Tensor)
+    }
+    stored = [name for name in generation.tensors() if name.startswith("call.")]
+    assert len(stored) == len(distinct)
+    assert len({id(conditioning_of(call)) for call in generation.calls}) == 2  # cond, uncond
+
+
+def disabled_quantize_(monkeypatch, records: list):
+    """Makes every quantize_ of the evaluation leave its quantizers off (and keeps the
+    records), so the quantized model computes what the FP one does."""
+    original = quant_apply.quantize_
+
+    def quantize_off(model, config, **kwargs):
+        record = original(model, config, **kwargs)
+        set_enabled(model.layer_root, False)
+        records.append((model, record))
+        return record
+
+    monkeypatch.setattr(quant_apply, "quantize_", quantize_off)
+
+
+@pytest.mark.parametrize("preset", ["tiny-wan", "tiny-unet3d"])
+def test_quantized_pipeline_with_quantizers_off_reproduces_the_fp_videos_through_evaluate(
+    preset, tmp_path, monkeypatch
+):
+    directory = pipelines.save_tiny_pipeline(preset, tmp_path / preset)
+    records: list = []
+    disabled_quantize_(monkeypatch, records)
+    config = EvalConfig(
+        model=str(directory),
+        methods=("minmax",),
+        bits=("W8A8",),
+        prompts=(PROMPT, "a dog runs on the beach"),
+        settings=gen.GenerationSettings(
+            steps=3, guidance_scale=5.0, frames=2, height=SIZE, width=SIZE
+        ),
+    )
+    result = evaluate(config, tmp_path / "out", progress=False)
+    ((model, record),) = records
+    assert record.quantized and next(quant_wrappers(model.layer_root), None) is not None
+    settings = json.loads((result.results_dir / SETTINGS_FILE).read_text())
+    assert settings["sampling"]["sampler_name"] == f"pipeline: {PRESET_PIPELINES[preset]}"
+    assert settings["sampling"]["sampler"] == "pipeline"
+    results = result.results
+    assert set(results["mode"]) == {"teacher-forced", "free-running"}
+    assert (results.loc[results["metric"] == "sqnr", "value"] > 100).all(), results
+    # The videos themselves, from the cache: the quantized free-running ones equal the FP's.
+    cache = gen.GenerationCache(result.results_dir)
+    files = sorted(cache.root.rglob("*.safetensors"))
+    reference = [gen.GenerationCache.load_path(f) for f in files if "/reference/" in str(f)]
+    free = [
+        gen.GenerationCache.load_path(f)
+        for f in files
+        if "-free-" in f.name and "/minmax/" in str(f)
+    ]
+    assert len(reference) == len(free) == 2
+    for r, q in zip(reference, free):
+        torch.testing.assert_close(q.latents, r.latents, rtol=1e-6, atol=1e-6)
+
+
+def test_two_expert_wan_evaluate_and_sensitivity_by_path(
+    two_expert_wan_dir, two_expert_run, tmp_path, monkeypatch, capsys
+):
+    records: list = []
+    original = quant_apply.quantize_
+
+    def keep(model, config, **kwargs):
+        record = original(model, config, **kwargs)
+        records.append(record)
+        return record
+
+    monkeypatch.setattr(quant_apply, "quantize_", keep)
+    out = tmp_path / "out"
+    argv = [
+        "evaluate",
+        "--model",
+        str(two_expert_wan_dir),
+        "--methods",
+        "minmax",
+        "--bits",
+        "W8A8",
+        "--metrics",
+        "fidelity",
+        "--steps",
+        str(STEPS),
+        "--frames",
+        "2",
+        "--height",
+        str(SIZE),
+        "--width",
+        str(SIZE),
+        "--num-prompts",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    # Every expert quantized.
+    (record,) = records
+    experts = {layer.layer.split(".")[0] for layer in record.layers if not layer.is_fp}
+    assert experts == set(EXPERTS)
+    results_dir = out / "results" / two_expert_wan_dir.name
+    results = pd.read_parquet(results_dir / RESULTS_FILE)
+    per_step = results[(results["mode"] == "teacher-forced") & (results["step"] != ALL_STEPS)]
+    assert sorted(set(per_step["step"])) == list(range(STEPS))
+    assert np.isfinite(results.loc[results["metric"] == "sqnr", "value"]).all()
+    # The FP reference's calls: both experts ran, each at its own timesteps, and the
+    # teacher-forced fidelity covers all of them.
+    cache = gen.GenerationCache(results_dir)
+    (reference_file,) = [f for f in cache.root.rglob("*.safetensors") if "/reference/" in str(f)]
+    reference = gen.GenerationCache.load_path(reference_file)
+    expected = expert_of_timestep(saved_pipeline(two_expert_wan_dir), STEPS)
+    ran: dict[str, set[float]] = {}
+    for call in reference.calls:
+        ran.setdefault(call.expert, set()).add(round(call.timestep, 3))
+    assert set(ran) == set(EXPERTS)
+    for t, expert in expected.items():
+        assert round(t, 3) in ran[expert]
+    assert len(reference.timesteps) == STEPS
+
+    capsys.readouterr()
+    argv = [
+        "sensitivity",
+        "--stats",
+        str(two_expert_run.path),
+        "--method",
+        "minmax",
+        "--bits",
+        "W4A4",
+        "--by",
+        "layer",
+        "--out",
+        str(tmp_path / "sensitivity"),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    table = pd.read_parquet(tmp_path / "sensitivity" / "sensitivity.parquet")
+    layers = table[table["kind"] == "layer"]
+    assert {unit.split(".")[0] for unit in layers["unit"]} == set(EXPERTS)
+    assert np.isfinite(layers["sqnr_db"]).all()
+
+
+def saved_pipeline(directory):
+    from diffusers import WanPipeline
+
+    return WanPipeline.from_pretrained(directory, local_files_only=True)
+
+
+def test_bare_denoiser_keeps_the_minimal_sampler():
+    from qvd_bench.models.zoo import load_model
+
+    loaded = load_model("tiny-wan")
+    assert gen.sampler_name(loaded) == "minimal sampler"
+    generation = gen.generate(loaded, PROMPT, 0, settings_for(loaded), keep_calls=True)
+    assert generation.calls is None and generation.x0_coefficients is None
+    assert dataclasses.asdict(settings_for(loaded))["scheduler"] == "ddim"
