@@ -1,0 +1,107 @@
+"""The in-memory Python API on a diffusers pipeline object: qvd_bench.collect ->
+qvd_bench.quantize_ -> qvd_bench.fidelity, checked against plain diffusers calls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import qvd_bench
+from qvd_bench.errors import UserError
+from qvd_bench.models import pipelines
+from qvd_bench.models.roles import leaf_layers
+from qvd_bench.quant.modules import quant_wrappers
+
+PROMPTS = ["a red ball rolls across a table", "a cat jumps onto a sofa"]
+STEPS, GUIDANCE, SEED = 2, 5.0, 0
+FRAMES, SIZE = 2, 8  # latent sizes
+
+
+def plain_latents(pipe, prompt: str, sample_id: int) -> torch.Tensor:
+    """A plain WanPipeline call with the sizes, seed and text length qvd-bench uses."""
+    spatial, temporal = pipelines._compression(pipe)
+    generator = torch.Generator().manual_seed(pipelines.sample_seed(SEED, sample_id))
+    with torch.no_grad():
+        output = pipe(
+            prompt=prompt,
+            height=SIZE * spatial,
+            width=SIZE * spatial,
+            num_frames=(FRAMES - 1) * temporal + 1,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            generator=generator,
+            output_type="latent",
+            max_sequence_length=pipelines._text_length(pipe),
+        )
+    return torch.as_tensor(output.frames).double()
+
+
+def test_collect_quantize_and_fidelity_of_a_pipeline_in_memory(tmp_path):
+    pipe = pipelines.build_tiny_pipeline("tiny-wan")
+    run = qvd_bench.collect(
+        pipe,
+        PROMPTS,
+        steps=STEPS,
+        out=tmp_path / "run",
+        guidance_scale=GUIDANCE,
+        frames=FRAMES,
+        height=SIZE,
+        width=SIZE,
+        temporal_stride=250,
+        reservoir_capacity=8,
+    )
+    assert isinstance(run, qvd_bench.StatsRun)
+    assert set(run.layers["name"]) == set(leaf_layers(pipe.transformer))
+    assert run.manifest["sampling"]["sampler"] == "pipeline"
+    assert len(run.manifest["schedule"]) == STEPS
+
+    record = qvd_bench.quantize_(pipe, qvd_bench.QuantConfig("minmax", 8, 8), stats=run)
+    assert {name for name, _ in quant_wrappers(pipe.transformer)} == set(record.quantized)
+    quantized = [plain_latents(pipe, p, i) for i, p in enumerate(PROMPTS)]
+    reference = [
+        plain_latents(pipelines.build_tiny_pipeline("tiny-wan"), p, i)
+        for i, p in enumerate(PROMPTS)
+    ]
+
+    table = qvd_bench.fidelity(
+        pipe,
+        record,
+        PROMPTS,
+        steps=STEPS,
+        guidance_scale=GUIDANCE,
+        seed=SEED,
+        frames=FRAMES,
+        height=SIZE,
+        width=SIZE,
+    )
+    assert table.attrs["sampler"] == "pipeline: WanPipeline"
+    free = table[(table["mode"] == "free-running") & (table["metric"] == "sqnr")]
+    ref, test = torch.cat(reference).numpy(), torch.cat(quantized).numpy()
+    expected = 10 * np.log10(np.sum(ref**2) / np.sum((ref - test) ** 2))
+    assert free["value"].item() == pytest.approx(expected, rel=1e-6)
+    forced = table[(table["mode"] == "teacher-forced") & (table["metric"] == "sqnr")]
+    assert set(forced["branch"]) == {"cfg", "cond", "uncond"}
+    assert np.isfinite(forced["value"]).all() and (forced["value"] > 0).all()
+    assert set(table["method"]) == {"minmax"} and set(table["bits"]) == {"W8A8"}
+    # The pipeline is left quantized as it was given.
+    assert {name for name, _ in quant_wrappers(pipe.transformer)} == set(record.quantized)
+    torch.testing.assert_close(plain_latents(pipe, PROMPTS[0], 0), quantized[0], rtol=0, atol=0)
+
+
+def test_in_memory_api_bad_input(tmp_path):
+    pipe = pipelines.build_tiny_pipeline("tiny-wan")
+    with pytest.raises(UserError, match="no prompts"):
+        qvd_bench.collect(pipe, [], steps=2, out=tmp_path / "a")
+    with pytest.raises(UserError, match="steps must be at least 1"):
+        qvd_bench.collect(pipe, PROMPTS, steps=0, out=tmp_path / "b")
+    with pytest.raises(UserError, match="got object"):
+        qvd_bench.collect(object(), PROMPTS, steps=2, out=tmp_path / "c")
+    with pytest.raises(UserError, match="dtype must be the in-memory model's own"):
+        qvd_bench.collect(pipe, PROMPTS, steps=2, out=tmp_path / "d", dtype="bfloat16")
+    with pytest.raises(UserError, match="unexpected keyword argument"):
+        qvd_bench.collect(pipe, PROMPTS, steps=2, out=tmp_path / "e", stepz=3)
+    assert not any((tmp_path / name).exists() for name in "abcde")
+    record = qvd_bench.QuantRecord(qvd_bench.QuantConfig(), {}, [], None)
+    with pytest.raises(UserError, match="got str"):
+        qvd_bench.fidelity("tiny-wan", record, PROMPTS)
