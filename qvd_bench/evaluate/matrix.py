@@ -89,6 +89,8 @@ class EvalResult:
             model's float32 FP videos, per weight seed (``settings.json`` holds it too);
             empty in float32. Reported, never asserted: half precision does not equal
             float32.
+        sampler: which sampler made the videos ("pipeline: WanPipeline" or
+            "minimal sampler", ``generate.sampler_name``).
     """
 
     results_dir: Path
@@ -99,6 +101,7 @@ class EvalResult:
     generated: int = 0
     cached: int = 0
     fp_against_float32: dict[int, dict[str, float]] = field(default_factory=dict)
+    sampler: str = ""
 
 
 def evaluate(
@@ -295,6 +298,7 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
         generated,
         cached,
         against_float32,
+        sampling.get("sampler_name", ""),
     )
 
 
