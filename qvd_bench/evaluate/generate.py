@@ -1,17 +1,23 @@
 """Seeded generation for fidelity measurements, cached on disk per video.
 
-A ``Generation`` is one video sampled by the minimal sampler (``sample_denoiser``): its
-final latents and, per step, what the denoiser was fed and what it predicted (the
-CFG-combined prediction and each branch). Two modes:
+A ``Generation`` is one video: its final latents and, per step, what the denoiser was fed
+and what it predicted (the CFG-combined prediction and each branch). A model with a
+diffusers pipeline is sampled by the pipeline's own call (``pipelines.run_pipeline``: its
+text encoder, scheduler and conditioning), every denoiser call recorded
+(``evaluate.replay``); a bare denoiser by the minimal sampler (``sample_denoiser``, with
+pseudo text states). ``sampler_name`` says which. Two modes:
 
 - ``"free"``: the model follows its own trajectory (the final latents are its video);
 - ``"teacher"``: teacher-forced, the model is fed another generation's inputs at every
   step (the FP trajectory's), so its per-step predictions compare with the teacher's on
-  identical inputs; its final latents are of no use and not kept.
+  identical inputs; its final latents are of no use and not kept. For a pipeline every
+  recorded call of the teacher's run (positional and keyword arguments) is replayed into
+  the expert that made it.
 
 Predictions are stored raw (the denoiser's output, in the model's dtype); ``x0`` converts
-them to x0-space with ``fidelity.to_x0`` when they are compared, so ε-, v- and
-flow-prediction models compare alike.
+them to x0-space when they are compared, so ε-, v- and flow-prediction models compare
+alike: with ``fidelity.to_x0`` and the minimal sampler's scheduler, or with the
+coefficients of the pipeline's scheduler at each step (``fidelity.x0_coefficients``).
 
 The two CFG branches run as one batched forward per step when ``cfg_batch_safe`` says the
 model's quantizers allow it (every sample computed on its own), else as two; there too,
@@ -361,7 +367,8 @@ def generate_free_and_forced(
     trajectories run side by side in one batch per step (``sample_denoiser``'s
     ``forced_inputs``): one forward of 4 samples per step costs less than two of 2, and
     the first step, on the same noise in both, runs once. Otherwise they run one after
-    the other, the second reusing the first's first step (``generate``'s ``start``).
+    the other, the second reusing the first's first step (``generate``'s ``start``). A
+    pipeline runs its own call free-running, then the teacher's calls are replayed.
 
     The values are those of separate runs up to float rounding (a batch of another size
     can round differently); a pair is always computed the same way, so reruns reproduce it.

@@ -312,3 +312,40 @@ def test_bare_denoiser_keeps_the_minimal_sampler():
     generation = gen.generate(loaded, PROMPT, 0, settings_for(loaded), keep_calls=True)
     assert generation.calls is None and generation.x0_coefficients is None
     assert dataclasses.asdict(settings_for(loaded))["scheduler"] == "ddim"
+
+
+def test_run_samples_a_saved_pipeline_with_the_pipeline(tmp_path, capsys):
+    from qvd_bench.commands.run import run_job
+
+    directory = pipelines.save_tiny_pipeline("tiny-wan", tmp_path / "wan")
+    run_job(
+        tmp_path / "out",
+        model=str(directory),
+        num_prompts=1,
+        frames=2,
+        height=SIZE,
+        width=SIZE,
+        steps=2,
+        methods=("minmax",),
+        bits=("W8A8",),
+        progress=False,
+    )
+    assert "sampler: pipeline: WanPipeline" in capsys.readouterr().out
+    settings = json.loads((tmp_path / "out" / "results" / "wan" / SETTINGS_FILE).read_text())
+    assert settings["sampling"]["sampler_name"] == "pipeline: WanPipeline"
+    stats = json.loads((tmp_path / "out" / "stats" / "wan-w0" / "manifest.json").read_text())
+    assert stats["sampling"]["sampler"] == "pipeline"
+
+
+def test_evaluate_of_a_zoo_preset_says_minimal_sampler(tmp_path):
+    config = EvalConfig(
+        model="tiny-wan",
+        methods=("fp",),
+        bits=("W8A8",),
+        prompts=(PROMPT,),
+        settings=gen.GenerationSettings(steps=2, frames=2, height=SIZE, width=SIZE),
+    )
+    result = evaluate(config, tmp_path, progress=False)
+    assert result.sampler == "minimal sampler"
+    settings = json.loads((result.results_dir / SETTINGS_FILE).read_text())
+    assert settings["sampling"]["sampler"] == "denoiser"
