@@ -134,6 +134,21 @@ def test_x0_of_a_pipeline_step_is_the_schedulers_own_estimate():
             )
 
 
+@pytest.mark.parametrize("preset", ["tiny-unet3d", "tiny-wan"])
+def test_cfg_prediction_is_what_the_pipeline_stepped_with(preset):
+    """Stepping the pipeline's scheduler with the recorded CFG-combined prediction from the
+    recorded latents of step i gives the latents of step i + 1 (DDIM on a batched
+    [uncond, cond] call; flow-matching Euler on two calls per step)."""
+    loaded = tiny_pipeline_model(preset)
+    generation = gen.generate(loaded, PROMPT, 0, settings_for(loaded, steps=3), keep_calls=True)
+    scheduler = loaded.pipeline.scheduler
+    for step in range(len(scheduler.timesteps) - 1):
+        scheduler._step_index = step  # flow-matching Euler keeps its position
+        t = scheduler.timesteps[step]
+        out = scheduler.step(generation.prediction[step], t, generation.inputs[step])
+        torch.testing.assert_close(out.prev_sample, generation.inputs[step + 1])
+
+
 def test_cached_pipeline_generation_round_trips_with_its_calls(tmp_path):
     loaded = tiny_pipeline_model("tiny-wan")
     generation = gen.generate(loaded, PROMPT, 0, settings_for(loaded), keep_calls=True)
