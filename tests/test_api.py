@@ -105,3 +105,32 @@ def test_in_memory_api_bad_input(tmp_path):
     record = qvd_bench.QuantRecord(qvd_bench.QuantConfig(), {}, [], None)
     with pytest.raises(UserError, match="got str"):
         qvd_bench.fidelity("tiny-wan", record, PROMPTS)
+
+
+def test_two_expert_pipeline_in_memory(tmp_path):
+    from tests.experts import EXPERTS, build_two_expert_wan
+    from tests.experts import STEPS as EXPERT_STEPS
+
+    pipe = build_two_expert_wan()
+    sampling = dict(guidance_scale=GUIDANCE, frames=FRAMES, height=SIZE, width=SIZE)
+    run = qvd_bench.collect(
+        pipe,
+        PROMPTS[:1],
+        steps=EXPERT_STEPS,
+        out=tmp_path / "run",
+        temporal_stride=250,
+        reservoir_capacity=8,
+        **sampling,
+    )
+    assert {name.split(".")[0] for name in run.layers["name"]} == set(EXPERTS)
+    record = qvd_bench.quantize_(pipe, qvd_bench.QuantConfig("minmax", 8, 8), stats=run)
+    for expert in EXPERTS:
+        wrapped = {name for name, _ in quant_wrappers(getattr(pipe, expert))}
+        assert wrapped == {
+            n.split(".", 1)[1] for n in record.quantized if n.startswith(expert + ".")
+        }
+        assert wrapped
+    table = qvd_bench.fidelity(pipe, record, PROMPTS[:1], steps=EXPERT_STEPS, **sampling)
+    forced = table[(table["mode"] == "teacher-forced") & (table["branch"] == "cfg")]
+    assert sorted(set(forced["step"])) == [-1, *range(EXPERT_STEPS)]
+    assert np.isfinite(forced["value"]).all()
