@@ -187,7 +187,7 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
             sampling = sampling_record(
                 fp_model, "auto", settings.seed, range(prompts), settings.scheduler
             )
-            sampling["sampler_name"] = gen.sampler_name(fp_model)
+            sampler = gen.sampler_name(fp_model)
             layout = fp_model.family.layout
             at = f"the FP videos of weight seed {weight_seed}"
             started = time.perf_counter()
@@ -283,6 +283,7 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
             "config": store.json_safe(config.to_dict(), names_non_finite=True),
             "stats": {str(k): _portable(v, out_dir) for k, v in stats_dirs.items()},
             "reference": {"id": reference_id, **reference_record},
+            "sampler": sampler,
             "sampling": sampling,
             "processes": shard.world,
             "notices": notices,
@@ -298,7 +299,7 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
         generated,
         cached,
         against_float32,
-        sampling.get("sampler_name", ""),
+        sampler,
     )
 
 

@@ -211,7 +211,7 @@ def test_quantized_pipeline_with_quantizers_off_reproduces_the_fp_videos_through
     ((model, record),) = records
     assert record.quantized and next(quant_wrappers(model.layer_root), None) is not None
     settings = json.loads((result.results_dir / SETTINGS_FILE).read_text())
-    assert settings["sampling"]["sampler_name"] == f"pipeline: {PRESET_PIPELINES[preset]}"
+    assert settings["sampler"] == f"pipeline: {PRESET_PIPELINES[preset]}"
     assert settings["sampling"]["sampler"] == "pipeline"
     results = result.results
     assert set(results["mode"]) == {"teacher-forced", "free-running"}
@@ -347,7 +347,7 @@ def test_run_samples_a_saved_pipeline_with_the_pipeline(tmp_path, capsys):
     )
     assert "sampler: pipeline: WanPipeline" in capsys.readouterr().out
     settings = json.loads((tmp_path / "out" / "results" / "wan" / SETTINGS_FILE).read_text())
-    assert settings["sampling"]["sampler_name"] == "pipeline: WanPipeline"
+    assert settings["sampler"] == "pipeline: WanPipeline"
     stats = json.loads((tmp_path / "out" / "stats" / "wan-w0" / "manifest.json").read_text())
     assert stats["sampling"]["sampler"] == "pipeline"
 
