@@ -126,8 +126,13 @@ def write_report(result, config, out: Path, name: str) -> Path:
     Returns:
         The path of ``index.html``.
     """
+    import pandas as pd
+
+    from qvd_bench.evaluate.matrix import TRANSFORMS_FILE
     from qvd_bench.report.results import build_results_report
 
+    transforms_path = result.results_dir / TRANSFORMS_FILE
+    transforms = pd.read_parquet(transforms_path) if transforms_path.exists() else None
     return build_results_report(
         out / "reports" / name,
         result.results,
@@ -135,6 +140,7 @@ def write_report(result, config, out: Path, name: str) -> Path:
         config=config.to_dict(),
         stats_dirs=result.stats_dirs,
         notices=result.notices,
+        transforms=transforms,
     )
 
 

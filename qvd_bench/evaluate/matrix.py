@@ -13,7 +13,11 @@ For every weight seed ``evaluate``
    is the reference model, so its videos are the reference's and nothing is generated
    (``videos``, which also caches every video);
 4. measures fidelity (always; ``results``) and, where their weights are given, FVD / FID /
-   CLIPSIM (``metrics``).
+   CLIPSIM (``metrics``);
+5. keeps what each configuration's transforms and level sets changed, before → after
+   (``quant.measure.transform_figures``), in ``transforms.parquet``: the figures a report's
+   "why" cites. A configuration taken whole from the cache is not quantized again; its
+   rows of an earlier run are kept.
 
 Under torchrun with N processes (torch.distributed, gloo on CPU) the prompts are sharded
 across the processes as ``collect`` shards them (``shard``): the collection merges its
@@ -71,6 +75,13 @@ from qvd_bench.evaluate.videos import (
     reference_videos,
 )
 from qvd_bench.models.families._common import model_device_dtype
+from qvd_bench.quant.measure import transform_figures
+
+# Before → after figures of each configuration's transforms (``transform_figures`` rows
+# with weight_seed, method and bits).
+TRANSFORMS_FILE = "transforms.parquet"
+TRANSFORM_COLUMNS = ("weight_seed", "method", "bits", "layer", "role", "change", "figure",
+                     "before", "after", "detail")  # fmt: skip
 
 
 @dataclass
@@ -168,6 +179,8 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
     rows: list[dict[str, Any]] = []
     timings: list[dict[str, Any]] = []
     stats_dirs: dict[int, Path] = {}
+    changes: list[dict[str, Any]] = []  # transforms.parquet's rows
+    requantized: set[tuple] = set()  # (weight_seed, method, bits) quantized by this run
     at = ""  # what is being made, for the message of an interruption
     against_float32: dict[int, dict[str, float]] = {}
     try:
@@ -227,6 +240,12 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
                         )
                     finally:
                         quantized.close()
+                    if quantized.record is not None and shard.main:
+                        requantized.add((weight_seed, method, bits))
+                        changes += [
+                            {"weight_seed": weight_seed, "method": method, "bits": bits, **row}
+                            for row in transform_figures(quantized.record)
+                        ]
                     forced = shard.gather(forced_local, prompts)
                     free = shard.gather(free_local, prompts)
                     elapsed = time.perf_counter() - started
@@ -271,6 +290,9 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
     timing_frame = pd.DataFrame(timings)
     store.write_parquet(results_dir / RESULTS_FILE, results)
     store.write_parquet(results_dir / TIMINGS_FILE, timing_frame)
+    store.write_parquet(
+        results_dir / TRANSFORMS_FILE, _merged_changes(results_dir, changes, requantized)
+    )
     store.write_json(
         results_dir / SETTINGS_FILE,
         {
@@ -314,6 +336,24 @@ def _interrupted(interrupt: KeyboardInterrupt, videos: CachedVideos, at: str) ->
         f"{saved} finished videos are in {videos.cache.root}; rerunning the same command "
         f"takes them from the cache and resumes at {at}"
     )
+
+
+def _merged_changes(
+    results_dir: Path, changes: list[dict[str, Any]], requantized: set[tuple]
+) -> pd.DataFrame:
+    """This run's transform rows, plus an earlier run's for configurations not quantized
+    now (taken whole from the cache)."""
+    frame = pd.DataFrame(changes, columns=list(TRANSFORM_COLUMNS))
+    path = results_dir / TRANSFORMS_FILE
+    if not path.exists():
+        return frame
+    earlier = pd.read_parquet(path)
+    if not set(TRANSFORM_COLUMNS) <= set(earlier.columns):
+        return frame
+    keys = zip(earlier["weight_seed"], earlier["method"], earlier["bits"])
+    keep = [key not in requantized for key in keys]
+    kept = earlier.loc[keep, list(TRANSFORM_COLUMNS)]
+    return frame if kept.empty else pd.concat([kept, frame], ignore_index=True)
 
 
 def _timing(weight_seed, method, bits, quantize_s, generate_s=0.0) -> dict[str, Any]:

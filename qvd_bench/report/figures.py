@@ -548,36 +548,54 @@ def tdscore_vs_bits(data: pd.DataFrame) -> ReportFigure:
     return ReportFigure("tdscore_vs_bits", fig, caption)
 
 
-def range_heatmap(data: pd.DataFrame, roles: Mapping[str, str] | None = None) -> ReportFigure:
+# Rows the range heat map shows: beyond this many, the layers with the widest input range
+# (at any timestep), in module order, so that every row keeps a readable label.
+HEATMAP_ROWS = 40
+
+
+def range_heatmap(
+    data: pd.DataFrame, roles: Mapping[str, str] | None = None, top: int = HEATMAP_ROWS
+) -> ReportFigure:
     """Heat map of each layer's input range at each timestep, on a log colour scale.
 
     Args:
         data: ``range_heatmap_data`` output (layers × timesteps).
         roles: layer -> role, to label rows; optional.
+        top: at most this many rows: the layers with the widest range, in module order.
     """
+    total = len(data)
+    if total > top:
+        widest = data.max(axis=1).nlargest(top).index
+        data = data.loc[[name for name in data.index if name in set(widest)]]
     values = data.to_numpy(np.float64)
     positive = values[np.isfinite(values) & (values > 0)]
     norm = LogNorm(positive.min(), positive.max()) if positive.size else None
     masked = np.ma.masked_where(~np.isfinite(values) | (values <= 0), values)
     n = len(data)
     with _style():
-        fig = _figure(8, min(max(3.0, 0.07 * n + 1.2), 14.0))
+        fig = _figure(9, max(3.0, 0.16 * n + 1.4))
         ax = fig.add_subplot()
         image = ax.imshow(masked, aspect="auto", cmap="magma", norm=norm, interpolation="none")
         ax.grid(False)
-        ax.set_xticks(range(data.shape[1]), [f"{t:g}" for t in data.columns], rotation=90)
-        # Label every k-th layer so the names stay readable on deep models.
-        step = max(1, -(-n // 60))
+        # At most ~25 timestep labels, so that they do not overlap.
+        every = max(1, -(-data.shape[1] // 25))
+        ticks = range(0, data.shape[1], every)
+        ax.set_xticks(ticks, [f"{data.columns[i]:g}" for i in ticks], rotation=90, fontsize=7)
         labels = [
             f"{_short(name)} [{roles.get(name, '?')}]" if roles else _short(name)
             for name in data.index
         ]
-        ax.set_yticks(range(0, n, step), labels[::step], fontsize=5)
+        ax.set_yticks(range(n), labels, fontsize=7)
         ax.set_xlabel("timestep")
         fig.colorbar(image, ax=ax, label="input range max − min (log scale)", shrink=0.6)
+    shown = (
+        f"the {n} of {total} layers with the widest input range"
+        if total > n
+        else f"each of the {n} layers"
+    )
     caption = (
-        f"Range (max − min) of the input of each of the {n} layers at each sampling "
-        "timestep, in module order, on a log colour scale."
+        f"Range (max − min) of the input of {shown} at each sampling timestep, in module "
+        "order, on a log colour scale."
     )
     return ReportFigure("range_heatmap", fig, caption)
 
