@@ -4,8 +4,11 @@ arguments, comma-separated lists."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
-from collections.abc import Callable, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from qvd_bench.errors import UserError
@@ -169,3 +172,17 @@ def command_flags(add_parser: Callable[[Any], None]) -> dict[str, str]:
         for action in parser._actions
         if action.option_strings and action.dest != "help"
     }
+
+
+@contextlib.contextmanager
+def working(what: str) -> Iterator[None]:
+    """A status line on stderr around a step that prints nothing while it works:
+    "qvd-bench: <what> …" before it and "qvd-bench: <what>: done in N s" after."""
+    print(f"qvd-bench: {what} …", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    yield
+    print(
+        f"qvd-bench: {what}: done in {time.perf_counter() - started:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )

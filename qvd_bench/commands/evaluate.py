@@ -109,12 +109,12 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(config, out, progress=not args.no_progress)
     if result is not None:  # rank 0 reports; the other processes of a torchrun stay quiet
         name = Path(config.model).name or "model"
-        write_report(result, config, out, name)
+        write_report(result, config, out, name, progress=not args.no_progress)
         print_summary(result, out, name)
     return 0
 
 
-def write_report(result, config, out: Path, name: str) -> Path:
+def write_report(result, config, out: Path, name: str, *, progress: bool = False) -> Path:
     """Writes the HTML + Markdown report of an evaluation to ``<out>/reports/<name>/``.
 
     Args:
@@ -122,6 +122,7 @@ def write_report(result, config, out: Path, name: str) -> Path:
         config: its ``EvalConfig``.
         out: the output root of the evaluation.
         name: the model's directory name.
+        progress: show a progress bar over the report's figures.
 
     Returns:
         The path of ``index.html``.
@@ -141,6 +142,7 @@ def write_report(result, config, out: Path, name: str) -> Path:
         stats_dirs=result.stats_dirs,
         notices=result.notices,
         transforms=transforms,
+        progress=progress,
     )
 
 

@@ -68,6 +68,7 @@ from qvd_bench.evaluate.results import (
 from qvd_bench.evaluate.shard import Shard
 from qvd_bench.evaluate.videos import (
     FP_BITS,
+    NO_VIDEO_METHODS,
     REFERENCE_METHOD,
     CachedVideos,
     LazyQuantized,
@@ -126,7 +127,7 @@ def evaluate(
         out_dir: the output root: statistics go to ``stats/``, results (``results.parquet``,
             ``timings.parquet``, ``settings.json``, ``generations/``) to
             ``results/<model>/``.
-        progress: show a progress bar over videos (rank 0's).
+        progress: show one progress bar over sampling steps, collection included (rank 0's).
 
     Returns:
         The EvalResult on rank 0 (the only process of a single-process run); None on the
@@ -168,11 +169,13 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
     settings = config.settings
     prompts = len(config.prompts)
     mine = shard.prompts(prompts)
-    per_seed = len(mine) * (1 + 2 * len(config.methods) * len(config.bits))
+    # One bar for the whole evaluation, in sampling steps of one video, its total known
+    # before any work: the collections still to run advance it step by step, each video
+    # by its steps (``planned_steps``).
     bar = tqdm(
-        total=len(config.weight_seeds) * per_seed,
+        total=sum(planned_steps(config, out_dir, len(mine)).values()),
         desc="evaluate",
-        unit="video",
+        unit="step",
         disable=not (progress and shard.main),
     )
     videos = CachedVideos(GenerationCache(results_dir), config, bar)
@@ -187,7 +190,8 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
         for weight_seed in config.weight_seeds:
             at = f"the statistics of weight seed {weight_seed}"
             started = time.perf_counter()
-            run = StatsRun(ensure_stats(config, weight_seed, out_dir, progress, shard))
+            collects = bar if progress and shard.main else False
+            run = StatsRun(ensure_stats(config, weight_seed, out_dir, collects, shard))
             stats_dirs[weight_seed] = run.path
             timings.append(_timing(weight_seed, "statistics", "", time.perf_counter() - started))
             fp_model = zoo.load_run_model(run, device=config.device, dtype=config.dtype)
@@ -206,7 +210,7 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
             )
             if model_device_dtype(fp_model.denoiser)[1] != torch.float32:
                 float32_model = zoo.load_run_model(run, device=config.device, dtype="float32")
-                bar.total += len(mine)
+                bar.total += len(mine) * settings.steps
                 float32_local = reference_videos(videos, float32_model, settings, mine)
                 float32_reference = shard.gather(float32_local, prompts)
                 del float32_model
@@ -316,6 +320,41 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
         cached,
         against_float32,
     )
+
+
+def planned_steps(config: EvalConfig, out_dir: str | Path, prompts: int | None = None) -> dict:
+    """The sampling steps an evaluation will run, per stage, known before it starts.
+
+    A step is one denoiser step of one video (both CFG branches, batched). Statistics
+    already collected at the default place cost nothing; cached videos count (they are
+    taken at once). A method that quantizes nothing (``NO_VIDEO_METHODS``) reuses the
+    reference's videos and costs nothing.
+
+    Args:
+        config: the evaluation.
+        out_dir: its output root.
+        prompts: the prompts this process samples (all by default).
+
+    Returns:
+        {"statistics": steps, "fp reference": steps, "quantized": steps}.
+    """
+    from qvd_bench.evaluate.calibration import stats_dir_for
+
+    prompts = len(config.prompts) if prompts is None else prompts
+    steps = config.settings.steps
+    seeds = config.weight_seeds
+    to_collect = 0
+    if config.stats is None:
+        to_collect = sum(
+            not (stats_dir_for(Path(out_dir), config.model, seed) / store.MANIFEST).exists()
+            for seed in seeds
+        )
+    quantizing = [m for m in config.methods if m not in NO_VIDEO_METHODS]
+    return {
+        "statistics": to_collect * prompts * steps,
+        "fp reference": len(seeds) * prompts * steps,
+        "quantized": len(seeds) * len(config.bits) * len(quantizing) * 2 * prompts * steps,
+    }
 
 
 def _interrupted(interrupt: KeyboardInterrupt, videos: CachedVideos, at: str) -> Interrupted:

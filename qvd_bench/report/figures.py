@@ -626,3 +626,100 @@ def weight_ranges(data: pd.DataFrame) -> ReportFigure:
 def _short(layer: str, keep: int = 48) -> str:
     """A layer name cut from the left to ``keep`` characters."""
     return layer if len(layer) <= keep else "…" + layer[-(keep - 1) :]
+
+
+# ----------------------------------------------------------------------------- comparison
+# Several runs in one figure: the same data functions, each frame with a "run" column.
+
+RUN_PALETTE = "colorblind"
+
+
+def _run_palette(runs: Sequence[str]) -> dict[str, tuple]:
+    return dict(zip(runs, sns.color_palette(RUN_PALETTE, max(len(runs), 1))))
+
+
+def skew_by_role_compare(data: pd.DataFrame) -> ReportFigure:
+    """Per-tensor skewness per role, one box per run side by side in each role.
+
+    Args:
+        data: ``skew_data`` outputs concatenated, with a ``run`` column.
+    """
+    groups = _roles_present(data["group"].unique().tolist())
+    runs = list(dict.fromkeys(data["run"]))
+    with _style():
+        fig = _figure(9, 0.3 * len(groups) * max(len(runs), 2) + 1.4)
+        ax = fig.add_subplot()
+        sns.boxplot(
+            data=data, x="skewness", y="group", order=groups, hue="run", hue_order=runs,
+            palette=_run_palette(runs), showfliers=False, width=0.75, ax=ax,
+        )  # fmt: skip
+        ax.axvline(0, color="0.4", lw=0.8, ls="--")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("skewness g1 (symmetric log axis)")
+        ax.set_ylabel("")
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title="run", frameon=False)
+    caption = (
+        f"Skewness of each layer's input tensor at each sampling timestep, by role, for each "
+        f"of the {len(runs)} runs (one colour per run; boxes: quartiles, whiskers 1.5 IQR)."
+    )
+    return ReportFigure("compare_skew_by_role", fig, caption)
+
+
+def coverage_ecdf_compare(data: pd.DataFrame) -> ReportFigure:
+    """ECDF of per-channel level coverage over all layers, one line per run and bit-width.
+
+    Args:
+        data: ``coverage_data`` outputs concatenated, with a ``run`` column.
+    """
+    bits = sorted(data["bits"].unique(), reverse=True)
+    runs = list(dict.fromkeys(data["run"]))
+    palette = _run_palette(runs)
+    dashes = ["-", "--", ":", "-."]
+    with _style():
+        fig = _figure(10, 3.4)
+        axes = fig.subplots(1, len(bits), sharey=True, squeeze=False)[0]
+        for ax, b in zip(axes, bits):
+            for i, run in enumerate(runs):
+                values = np.sort(data.loc[(data["bits"] == b) & (data["run"] == run), "coverage"])
+                if len(values):
+                    share = np.arange(1, len(values) + 1) / len(values)
+                    ax.step(values, share, where="post", color=palette[run],
+                            ls=dashes[i % len(dashes)], label=run)  # fmt: skip
+            ax.axvline(0.1, color="0.4", lw=0.8, ls="--")
+            ax.set_xlim(0, 1)
+            ax.set_title(f"A{b}: per-tensor min-max, {2**b} levels")
+            ax.set_xlabel("share of the tensor's levels the channel reaches")
+        axes[0].set_ylabel("share of channels")
+        handles, labels = axes[0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="outside right upper", title="run", frameon=False)
+    caption = (
+        "Cumulative distribution of the share of quantization levels each input channel "
+        f"reaches under a per-tensor min-max quantizer, all layers, one line per run, at "
+        f"{' and '.join(str(b) for b in bits)} bits (dashed vertical: 10 %)."
+    )
+    return ReportFigure("compare_coverage_ecdf", fig, caption)
+
+
+def weight_ranges_compare(data: pd.DataFrame) -> ReportFigure:
+    """Per-layer weight absmax by role, one box per run side by side in each role.
+
+    Args:
+        data: ``weight_data`` outputs concatenated, with a ``run`` column.
+    """
+    roles = _roles_present(data["role"].unique().tolist())
+    runs = list(dict.fromkeys(data["run"]))
+    with _style():
+        fig = _figure(9, 0.3 * len(roles) * max(len(runs), 2) + 1.4)
+        ax = fig.add_subplot()
+        sns.boxplot(
+            data=data, x="absmax_max", y="role", order=roles, hue="run", hue_order=runs,
+            palette=_run_palette(runs), showfliers=False, width=0.75, log_scale=True, ax=ax,
+        )  # fmt: skip
+        ax.set_xlabel("largest |weight| of the layer (log axis)")
+        ax.set_ylabel("")
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title="run", frameon=False)
+    caption = (
+        f"Largest absolute weight of each layer by role, one colour per run ({len(runs)} runs)."
+    )
+    return ReportFigure("compare_weight_ranges", fig, caption)

@@ -331,6 +331,7 @@ def build_results_report(
     notices: Sequence[str] = (),
     title: str | None = None,
     transforms: pd.DataFrame | None = None,
+    progress: bool = False,
 ) -> Path:
     """Writes ``index.html`` and ``report.md`` (figures in ``figures/``) of an evaluation.
 
@@ -344,6 +345,7 @@ def build_results_report(
         title: the title; by default names the model.
         transforms: ``transforms.parquet``'s rows (before → after figures of each
             configuration's transforms), which the verdict's "why" cites.
+        progress: show a progress bar over the statistics figures (on stderr).
 
     Returns:
         The path of ``index.html``.
@@ -358,5 +360,5 @@ def build_results_report(
     blocks.append(Notice(render.TINY_NOTE))
     blocks += results_blocks(results, timings, config, notices)
     blocks.append(Heading(f"Statistics (weight seed {first}, {stats.run.path})", 2))
-    blocks += render.run_blocks(stats, level=2, prefix="stats-")
+    blocks += render.run_blocks(stats, level=2, prefix="stats-", progress=progress)
     return render.write_report(blocks, title, out_dir)
