@@ -114,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_report(result, config, out: Path, name: str, *, progress: bool = False) -> Path:
+def write_report(
+    result, config, out: Path, name: str, *, progress: bool = False, report_dir=None
+) -> Path:
     """Writes the HTML + Markdown report of an evaluation to ``<out>/reports/<name>/``.
 
     Args:
@@ -123,6 +125,7 @@ def write_report(result, config, out: Path, name: str, *, progress: bool = False
         out: the output root of the evaluation.
         name: the model's directory name.
         progress: show a progress bar over the report's figures.
+        report_dir: where the report goes instead of ``<out>/reports/<name>/``.
 
     Returns:
         The path of ``index.html``.
@@ -135,7 +138,7 @@ def write_report(result, config, out: Path, name: str, *, progress: bool = False
     transforms_path = result.results_dir / TRANSFORMS_FILE
     transforms = pd.read_parquet(transforms_path) if transforms_path.exists() else None
     return build_results_report(
-        out / "reports" / name,
+        Path(report_dir) if report_dir is not None else out / "reports" / name,
         result.results,
         result.timings,
         config=config.to_dict(),
@@ -146,13 +149,14 @@ def write_report(result, config, out: Path, name: str, *, progress: bool = False
     )
 
 
-def print_summary(result, out: Path, name: str) -> None:
+def print_summary(result, out: Path, name: str, report_dir=None) -> None:
     """The notices, the headline table and where the outputs of an evaluation went.
 
     Args:
         result: the ``evaluate.matrix.EvalResult``.
         out: the output root of the evaluation.
         name: the model's directory name under ``reports/``.
+        report_dir: where the report went when not ``<out>/reports/<name>/``.
     """
     from qvd_bench.evaluate import generate as gen
     from qvd_bench.evaluate.results import RESULTS_FILE
@@ -169,7 +173,8 @@ def print_summary(result, out: Path, name: str) -> None:
         f"({result.results_dir / gen.GENERATIONS_DIR})"
     )
     print(f"results written to {result.results_dir / RESULTS_FILE}")
-    print(f"report written to {out / 'reports' / name / 'index.html'}")
+    report = Path(report_dir) if report_dir is not None else out / "reports" / name
+    print(f"report written to {report / 'index.html'}")
 
 
 def format_table(frame) -> str:

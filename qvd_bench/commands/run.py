@@ -64,6 +64,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--bits", type=csv, default=None, help="bit-widths (default: W8A8,W4A8,W4A4)"
     )
+    parser.add_argument(
+        "--report-dir",
+        default=None,
+        help="write the report here (default: OUT/reports/MODEL); the committed example "
+        "report is made with --report-dir reports/example",
+    )
     add_device_args(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -84,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         dtype=dtype,
         progress=not args.no_progress,
+        report_dir=args.report_dir,
     )
 
 
@@ -143,6 +150,7 @@ def run_job(
     device: str | None = None,
     dtype: str | None = None,
     progress: bool = True,
+    report_dir: str | Path | None = None,
 ) -> int:
     """Runs the whole pipeline with the defaults (flags change them) and prints where.
 
@@ -156,6 +164,8 @@ def run_job(
         The rest: overrides of ``RUN_DEFAULTS`` (None keeps the default); ``device`` and
             ``dtype`` say where and in which dtype every model runs (statistics are
             accumulated in float64 whatever the dtype).
+        progress: show the job's progress bar (and the report's).
+        report_dir: where the report goes (default: ``out/reports/<model>/``).
 
     Returns:
         0.
@@ -189,6 +199,8 @@ def run_job(
     )
     check_device(settings["device"], settings["dtype"])
     out = store.check_output_directory(out)
+    if report_dir is not None:
+        store.check_output_directory(report_dir)
     config = EvalConfig(
         model=settings["model"],
         weight_seeds=tuple(range(settings["weight_seed"], settings["weight_seed"] + seeds)),
@@ -216,7 +228,7 @@ def run_job(
     if result is None:  # not rank 0 of a multi-process run: rank 0 records and reports
         return 0
     name = Path(settings["model"]).name or "model"
-    write_report(result, config, out, name, progress=progress)
+    write_report(result, config, out, name, progress=progress, report_dir=report_dir)
     wall = time.perf_counter() - started
     timings = result.timings
     per_method = (
@@ -238,7 +250,7 @@ def run_job(
         "planned_steps": planned,
     }
     store.write_json(result.results_dir / RUN_RECORD, record)
-    print_summary(result, out, name)
+    print_summary(result, out, name, report_dir)
     print(
         f"sampling steps: {sum(planned.values())} (the progress bar's count) for "
         f"{result.generated + result.cached} videos and the statistics"
