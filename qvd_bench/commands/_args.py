@@ -176,13 +176,23 @@ def command_flags(add_parser: Callable[[Any], None]) -> dict[str, str]:
 
 @contextlib.contextmanager
 def working(what: str) -> Iterator[None]:
-    """A status line on stderr around a step that prints nothing while it works:
-    "qvd-bench: <what> …" before it and "qvd-bench: <what>: done in N s" after."""
-    print(f"qvd-bench: {what} …", file=sys.stderr, flush=True)
+    """A status line on a terminal's stderr while a step that prints nothing works.
+
+    "qvd-bench: <what> …" stays on screen while it works and is cleared when it ends, so
+    that an error that ends it is still one line; "qvd-bench: <what>: done in N s" follows
+    a success. Nothing is written when stderr is not a terminal (logs, pipes, tests).
+    """
+    shown = sys.stderr.isatty()
+    if shown:
+        sys.stderr.write(f"qvd-bench: {what} …")
+        sys.stderr.flush()
     started = time.perf_counter()
-    yield
-    print(
-        f"qvd-bench: {what}: done in {time.perf_counter() - started:.1f} s",
-        file=sys.stderr,
-        flush=True,
-    )
+    try:
+        yield
+    finally:
+        if shown:
+            sys.stderr.write("\r\033[K")  # back to the line's start, and clear it
+            sys.stderr.flush()
+    if shown:
+        elapsed = time.perf_counter() - started
+        print(f"qvd-bench: {what}: done in {elapsed:.1f} s", file=sys.stderr, flush=True)

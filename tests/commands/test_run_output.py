@@ -1,13 +1,18 @@
 """What the commands write to the terminal: a reader that stops early, the job's progress."""
 
+import io
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from qvd_bench.commands._args import working
 from qvd_bench.commands.main import BROKEN_PIPE_EXIT
 from qvd_bench.commands.run import run_job
+from qvd_bench.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,3 +63,24 @@ def test_one_progress_bar_with_its_total_known_before_the_first_step(tmp_path, c
     assert f"work: {rerun} sampling steps (statistics 0," in printed.out
     counts = _bar_counts(printed.err)
     assert counts[0] == (0, rerun) and counts[-1] == (rerun, rerun)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_status_line_on_a_terminal_is_cleared_before_an_error(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with working("measuring"):
+        pass
+    assert terminal.getvalue().startswith("qvd-bench: measuring …\r\x1b[K")
+    assert re.search(r"qvd-bench: measuring: done in \d+\.\d s\n$", terminal.getvalue())
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with pytest.raises(UserError), working("measuring"):
+        raise UserError("bad")
+    # Cleared, and no "done": the error that follows is the only line.
+    assert terminal.getvalue() == "qvd-bench: measuring …\r\x1b[K"
