@@ -128,8 +128,9 @@ def transform_figures(record: QuantRecord) -> list[dict[str, Any]]:
 
     Returns:
         One row per (layer, figure): layer, role, change ("scri", "os+", "smoothquant",
-        "htdq"), figure ("coverage", "sqnr_db", "tdscore"), before, after, detail (the
-        HTDQ level-set label, else "").
+        "htdq"), figure ("transformed" for every transformed layer, NaN figures;
+        "coverage", "sqnr_db", "tdscore"), before, after, detail (the HTDQ level-set
+        label, else "").
     """
     rows: list[dict[str, Any]] = []
     for layer in record.layers:
@@ -137,6 +138,9 @@ def transform_figures(record: QuantRecord) -> list[dict[str, Any]]:
         transform = layer.info.get("transform")
         if isinstance(transform, dict):
             change = str(transform.get("method", "transform"))
+            # Every transformed layer, with or without figures of its own.
+            rows.append({**base, "change": change, "figure": "transformed",
+                         "before": float("nan"), "after": float("nan"), "detail": ""})  # fmt: skip
             if "coverage" in transform and "coverage_mse" in transform:
                 rows.append({**base, "change": change, "figure": "coverage",
                              "before": float(transform["coverage_mse"]),

@@ -201,6 +201,8 @@ def change_sentence(changes: pd.DataFrame, method: str, bits: str, plan=None) ->
             continue
         name = CHANGE_NAMES[change]
         text = f"{name} transformed {rows['layer'].nunique()} layers"
+        if rows[rows["figure"].isin(["coverage", "sqnr_db"])].empty:
+            text += " (its record keeps no per-layer before → after figure)"
         if not rows[rows["figure"] == "coverage"].empty:
             before, after, _ = _mean_change(rows, change, "coverage")
             text += f": mean level coverage {100 * before:.1f} % → {100 * after:.1f} %"
@@ -272,13 +274,27 @@ def why_sentences(
         if v.tied:
             lead += f" (identical to {', '.join(v.tied)})"
         cited = change_sentence(changes, v.best, v.bits, plan)
+        against = _against_mse(results, v.best, v.bits)
         if cited:
-            out.append(f"{lead}. {cited}.")
+            out.append(f"{lead}. {cited}{against}.")
         elif changes.empty:
             out.append(f"{lead}; the run recorded no transform figures (transforms.parquet).")
         else:
             out.append(f"{lead}; {v.best} applies no transform or level set of its own here.")
     return out + ablation_sentences(results, changes, plan)
+
+
+def _against_mse(results: pd.DataFrame, method: str, bits: str) -> str:
+    """ "; end-to-end SQNR mse → method a → b dB": what the method changed end to end
+    against the plain ``mse`` calibration it builds on ("" for mse itself or without it)."""
+    if method == "mse":
+        return ""
+    values = verdict_values(results)
+    at = values[values["bits"] == bits]
+    mine, mse = at[at["method"] == method]["value"], at[at["method"] == "mse"]["value"]
+    if mse.empty or mine.empty:
+        return ""
+    return f"; end-to-end SQNR with mse's calibration → {method}: {mse.mean():.2f} → {mine.mean():.2f} dB"
 
 
 def _changes(changes: pd.DataFrame | None) -> pd.DataFrame:

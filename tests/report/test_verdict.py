@@ -108,7 +108,7 @@ def test_why_cites_before_and_after_figures_of_the_winner():
     assert why[0] == (
         "W4A8: qvd-scri wins by 2.00 dB over mse. SCRI transformed 2 layers: mean level "
         "coverage 20.0 % → 60.0 %, layer-output SQNR 20.0 → 25.0 dB (mse's calibration → "
-        "SCRI's)."
+        "SCRI's); end-to-end SQNR with mse's calibration → qvd-scri: 7.00 → 9.00 dB."
     )
 
 
@@ -254,3 +254,20 @@ def test_run_report_in_headless_chromium_at_desktop_and_laptop_widths(job, tmp_p
         for bits, (best, runner, margin) in expected.items():
             assert shown[bits][1].split(" ")[0] in best, name
             assert (shown[bits][3], shown[bits][4]) == (runner, f"+{margin:.2f}"), name
+
+
+def test_a_transform_without_figures_is_said_so_and_cites_the_end_to_end_change():
+    results = _rows({("smoothquant", "W8A8"): [15.0], ("mse", "W8A8"): [12.5]})
+    changes = pd.DataFrame(
+        [
+            dict(weight_seed=0, method="smoothquant", bits="W8A8", layer=f"l{i}", role="ffn",
+                 change="smoothquant", figure="transformed", before=float("nan"),
+                 after=float("nan"), detail="")
+            for i in range(3)
+        ]
+    )  # fmt: skip
+    assert why_sentences(results, changes)[0] == (
+        "W8A8: smoothquant wins by 2.50 dB over mse. SmoothQuant transformed 3 layers (its "
+        "record keeps no per-layer before → after figure); end-to-end SQNR with mse's "
+        "calibration → smoothquant: 12.50 → 15.00 dB."
+    )
