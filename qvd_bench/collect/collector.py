@@ -226,6 +226,8 @@ def collect(
         )
     else:  # the caller's bar, which counts the whole collection
         bar = progress
+        if hasattr(bar, "unpause"):  # its rate starts here: loading the model is not sampling
+            bar.unpause()
         bar.update((len(mine) - len(todo)) * config.steps)
     checkpoints = CollectCheckpoints(
         run_dir,
