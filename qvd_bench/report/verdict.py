@@ -94,7 +94,8 @@ def bits_verdicts(results: pd.DataFrame) -> list[BitsVerdict]:
     for bits in dict.fromkeys(values["bits"]):
         at = values[values["bits"] == bits]
         per_seed = at.pivot_table(index="weight_seed", columns="method", values="value")
-        per_seed = per_seed.replace([np.inf, -np.inf], np.nan).dropna(axis=1)
+        # +inf (a configuration identical to FP) can win; NaN and -inf cannot be ranked.
+        per_seed = per_seed.replace(-np.inf, np.nan).dropna(axis=1)
         if per_seed.empty:
             continue
         means = per_seed.mean().sort_values(ascending=False, kind="stable")
