@@ -132,7 +132,7 @@ def collect(
     run_dir: str | Path,
     *,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool | Any = True,
     checkpoint_every: float = 60.0,
     on_estimate: Callable[[CostEstimate], None] | None = None,
     loaded: LoadedModel | None = None,
@@ -143,7 +143,8 @@ def collect(
         config: what to collect.
         run_dir: where the run goes (``stats/<name>``).
         overwrite: replace an existing run.
-        progress: show a progress bar over sampling steps.
+        progress: show a progress bar over sampling steps; or a bar of the caller's (an
+            object with tqdm's ``update``) that every sampling step advances by one.
         checkpoint_every: seconds between checkpoint writes (after a finished sample);
             0 writes one after every sample. A KeyboardInterrupt while sampling saves the
             finished samples (``CollectCheckpoints``) and is raised again as
@@ -220,13 +221,19 @@ def collect(
             attention.histograms = groups.get("attention_histograms", {})
     mine = [i for i in range(len(config.prompts)) if i % world == rank]
     todo = [i for i in mine if i not in done]
-    bar = tqdm(
-        total=len(mine) * config.steps,
-        initial=(len(mine) - len(todo)) * config.steps,
-        desc=f"collect {config.model}",
-        unit="step",
-        disable=not progress or rank != 0,
-    )
+    if isinstance(progress, bool):
+        bar = tqdm(
+            total=len(mine) * config.steps,
+            initial=(len(mine) - len(todo)) * config.steps,
+            desc=f"collect {config.model}",
+            unit="step",
+            disable=not progress or rank != 0,
+        )
+    else:  # the caller's bar, which counts the whole collection
+        bar = progress
+        if hasattr(bar, "unpause"):  # its rate starts here: loading the model is not sampling
+            bar.unpause()
+        bar.update((len(mine) - len(todo)) * config.steps)
     checkpoints = CollectCheckpoints(
         run_dir,
         fingerprint,
@@ -257,7 +264,8 @@ def collect(
     except KeyboardInterrupt:
         raise checkpoints.interrupted(len(mine)) from None
     finally:
-        bar.close()
+        if isinstance(progress, bool):
+            bar.close()
         tracker.detach()
 
     temporal_layers = [name for name, info in infos.items() if info.role == "time_emb"]

@@ -4,8 +4,11 @@ arguments, comma-separated lists."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
-from collections.abc import Callable, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from qvd_bench.errors import UserError
@@ -169,3 +172,27 @@ def command_flags(add_parser: Callable[[Any], None]) -> dict[str, str]:
         for action in parser._actions
         if action.option_strings and action.dest != "help"
     }
+
+
+@contextlib.contextmanager
+def working(what: str) -> Iterator[None]:
+    """A status line on a terminal's stderr while a step that prints nothing works.
+
+    "qvd-bench: <what> …" stays on screen while it works and is cleared when it ends, so
+    that an error that ends it is still one line; "qvd-bench: <what>: done in N s" follows
+    a success. Nothing is written when stderr is not a terminal (logs, pipes, tests).
+    """
+    shown = sys.stderr.isatty()
+    if shown:
+        sys.stderr.write(f"qvd-bench: {what} …")
+        sys.stderr.flush()
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if shown:
+            sys.stderr.write("\r\033[K")  # back to the line's start, and clear it
+            sys.stderr.flush()
+    if shown:
+        elapsed = time.perf_counter() - started
+        print(f"qvd-bench: {what}: done in {elapsed:.1f} s", file=sys.stderr, flush=True)

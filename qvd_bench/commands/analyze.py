@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qvd_bench.commands._args import csv, int_list, with_flags
+from qvd_bench.commands._args import csv, int_list, with_flags, working
 from qvd_bench.errors import UserError
 
 
@@ -70,13 +70,14 @@ def run(args: argparse.Namespace) -> int:
         kurtosis=args.kurtosis,
         drift=args.drift,
     )
-    table, plan = analyze(
-        args.run,
-        w_bits=args.w_bits,
-        a_bits=args.a_bits,
-        bits=int_list(args.coverage_bits, "--coverage-bits"),
-        thresholds=thresholds,
-    )
+    with working(f"measuring {run_stats.path} and deciding a plan"):
+        table, plan = analyze(
+            args.run,
+            w_bits=args.w_bits,
+            a_bits=args.a_bits,
+            bits=int_list(args.coverage_bits, "--coverage-bits"),
+            thresholds=thresholds,
+        )
     print(with_flags(headline(table, plan)))
     print(f"wrote {Path(args.run) / 'analysis.parquet'} and {Path(args.run) / 'plan.json'}")
     return 0

@@ -109,12 +109,14 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(config, out, progress=not args.no_progress)
     if result is not None:  # rank 0 reports; the other processes of a torchrun stay quiet
         name = Path(config.model).name or "model"
-        write_report(result, config, out, name)
+        write_report(result, config, out, name, progress=not args.no_progress)
         print_summary(result, out, name)
     return 0
 
 
-def write_report(result, config, out: Path, name: str) -> Path:
+def write_report(
+    result, config, out: Path, name: str, *, progress: bool = False, report_dir=None
+) -> Path:
     """Writes the HTML + Markdown report of an evaluation to ``<out>/reports/<name>/``.
 
     Args:
@@ -122,29 +124,39 @@ def write_report(result, config, out: Path, name: str) -> Path:
         config: its ``EvalConfig``.
         out: the output root of the evaluation.
         name: the model's directory name.
+        progress: show a progress bar over the report's figures.
+        report_dir: where the report goes instead of ``<out>/reports/<name>/``.
 
     Returns:
         The path of ``index.html``.
     """
+    import pandas as pd
+
+    from qvd_bench.evaluate.matrix import TRANSFORMS_FILE
     from qvd_bench.report.results import build_results_report
 
+    transforms_path = result.results_dir / TRANSFORMS_FILE
+    transforms = pd.read_parquet(transforms_path) if transforms_path.exists() else None
     return build_results_report(
-        out / "reports" / name,
+        Path(report_dir) if report_dir is not None else out / "reports" / name,
         result.results,
         result.timings,
         config=config.to_dict(),
         stats_dirs=result.stats_dirs,
         notices=result.notices,
+        transforms=transforms,
+        progress=progress,
     )
 
 
-def print_summary(result, out: Path, name: str) -> None:
+def print_summary(result, out: Path, name: str, report_dir=None) -> None:
     """The notices, the headline table and where the outputs of an evaluation went.
 
     Args:
         result: the ``evaluate.matrix.EvalResult``.
         out: the output root of the evaluation.
         name: the model's directory name under ``reports/``.
+        report_dir: where the report went when not ``<out>/reports/<name>/``.
     """
     from qvd_bench.evaluate import generate as gen
     from qvd_bench.evaluate.results import RESULTS_FILE
@@ -163,7 +175,8 @@ def print_summary(result, out: Path, name: str) -> None:
         f"({result.results_dir / gen.GENERATIONS_DIR})"
     )
     print(f"results written to {result.results_dir / RESULTS_FILE}")
-    print(f"report written to {out / 'reports' / name / 'index.html'}")
+    report = Path(report_dir) if report_dir is not None else out / "reports" / name
+    print(f"report written to {report / 'index.html'}")
 
 
 def format_table(frame) -> str:

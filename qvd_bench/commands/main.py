@@ -1,7 +1,9 @@
 """The ``qvd-bench`` command line.
 
 Bad input (``UserError``, argument errors) prints one line on stderr and exits with
-code 2; an interrupted run says how to resume and exits with 130.
+code 2; an interrupted run says how to resume and exits with 130; output piped into a
+reader that stops early (``qvd-bench models | head -1``) ends quietly with 141, as a
+process killed by SIGPIPE does.
 """
 
 from __future__ import annotations
@@ -116,6 +118,10 @@ def tune_allocator() -> bool:
     )
 
 
+# 128 + SIGPIPE: what a shell reports for a writer whose reader closed the pipe.
+BROKEN_PIPE_EXIT = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``qvd-bench``; returns the exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -132,3 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         detail = with_flags(str(interrupt)) or "rerun the same command to resume"
         print(f"qvd-bench: interrupted; {detail}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away: nothing more can be shown, and the interpreter's last
+        # flush of stdout at exit must not fail again (it would print a traceback).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qvd_bench.commands._args import add_device_args, csv, device_and_dtype, int_list
+from qvd_bench.commands._args import add_device_args, csv, device_and_dtype, int_list, working
 
 
 def add_parser(subparsers) -> None:
@@ -72,22 +72,23 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
-    summary = quantize_from_stats(
-        args.model,
-        args.stats,
-        args.method,
-        args.bits,
-        args.out,
-        args.plan,
-        attention_bits=int_list(args.attention_bits, "--attention-bits"),
-        split_skip=args.split_skip,
-        granularity=args.granularity,
-        mixed=args.mixed,
-        mixed_bits=int_list(args.mixed_bits, "--mixed-bits"),
-        probe_seed=args.probe_seed,
-        device=device,
-        dtype=dtype,
-    )
+    with working(f"quantizing with {args.method} at {args.bits} (calibration from the statistics)"):
+        summary = quantize_from_stats(
+            args.model,
+            args.stats,
+            args.method,
+            args.bits,
+            args.out,
+            args.plan,
+            attention_bits=int_list(args.attention_bits, "--attention-bits"),
+            split_skip=args.split_skip,
+            granularity=args.granularity,
+            mixed=args.mixed,
+            mixed_bits=int_list(args.mixed_bits, "--mixed-bits"),
+            probe_seed=args.probe_seed,
+            device=device,
+            dtype=dtype,
+        )
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(summary["activation_quantizers"].items()))
     print(
         f"{summary['method']} {args.bits.upper()}: {summary['quantized']} of {summary['layers']} layers quantized"

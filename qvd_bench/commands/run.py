@@ -3,7 +3,9 @@
 The defaults (``RUN_DEFAULTS``): tiny-unet3d, 2 prompts, 8 frames, 16×16 latents,
 10 DDIM steps with CFG, methods fp, minmax, mse, smoothquant, os+, qvd, qvd-htdq,
 qvd-scri at W8A8, W4A8, W4A4, one weight seed (``--seeds 3`` adds the spread). They are
-printed before anything runs and recorded in ``results/<model>/run.json`` with the wall
+printed before anything runs, with the work they make in sampling steps (one denoiser step
+of one video, both CFG branches), the unit of the job's one progress bar, whose total is
+known before the first step; all are recorded in ``results/<model>/run.json`` with the wall
 time and the time each phase took.
 """
 
@@ -62,6 +64,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--bits", type=csv, default=None, help="bit-widths (default: W8A8,W4A8,W4A4)"
     )
+    parser.add_argument(
+        "--report-dir",
+        default=None,
+        help="write the report here (default: OUT/reports/MODEL); the committed example "
+        "report is made with --report-dir reports/example",
+    )
     add_device_args(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -82,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         dtype=dtype,
         progress=not args.no_progress,
+        report_dir=args.report_dir,
     )
 
 
@@ -112,6 +121,16 @@ def format_settings(settings: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_work(planned: dict[str, int], steps: int) -> str:
+    """The work of the job before it starts: sampling steps per stage and videos."""
+    shown = ", ".join(f"{stage} {count}" for stage, count in planned.items())
+    videos = (planned["fp reference"] + planned["quantized"]) // steps
+    return (
+        f"work: {sum(planned.values())} sampling steps ({shown}) for {videos} videos; "
+        "the progress bar counts them"
+    )
+
+
 def run_job(
     out: str | Path = ".",
     seeds: int = 1,
@@ -131,6 +150,7 @@ def run_job(
     device: str | None = None,
     dtype: str | None = None,
     progress: bool = True,
+    report_dir: str | Path | None = None,
 ) -> int:
     """Runs the whole pipeline with the defaults (flags change them) and prints where.
 
@@ -144,6 +164,8 @@ def run_job(
         The rest: overrides of ``RUN_DEFAULTS`` (None keeps the default); ``device`` and
             ``dtype`` say where and in which dtype every model runs (statistics are
             accumulated in float64 whatever the dtype).
+        progress: show the job's progress bar (and the report's).
+        report_dir: where the report goes (default: ``out/reports/<model>/``).
 
     Returns:
         0.
@@ -152,7 +174,7 @@ def run_job(
     from qvd_bench.commands.evaluate import print_summary, write_report
     from qvd_bench.evaluate.config import EvalConfig
     from qvd_bench.evaluate.generate import GenerationSettings
-    from qvd_bench.evaluate.matrix import evaluate
+    from qvd_bench.evaluate.matrix import evaluate, planned_steps
     from qvd_bench.models.device import check_device
     from qvd_bench.prompts import select_prompts
 
@@ -177,9 +199,8 @@ def run_job(
     )
     check_device(settings["device"], settings["dtype"])
     out = store.check_output_directory(out)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 prints and records
-        print(format_settings(settings), flush=True)
-    started = time.perf_counter()
+    if report_dir is not None:
+        store.check_output_directory(report_dir)
     config = EvalConfig(
         model=settings["model"],
         weight_seeds=tuple(range(settings["weight_seed"], settings["weight_seed"] + seeds)),
@@ -198,11 +219,16 @@ def run_job(
         device=settings["device"],
         dtype=settings["dtype"],
     )
+    planned = planned_steps(config, out)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 prints and records
+        print(format_settings(settings))
+        print(format_work(planned, settings["steps"]), flush=True)
+    started = time.perf_counter()
     result = evaluate(config, out, progress=progress)
     if result is None:  # not rank 0 of a multi-process run: rank 0 records and reports
         return 0
     name = Path(settings["model"]).name or "model"
-    write_report(result, config, out, name)
+    write_report(result, config, out, name, progress=progress, report_dir=report_dir)
     wall = time.perf_counter() - started
     timings = result.timings
     per_method = (
@@ -221,9 +247,14 @@ def run_job(
         "seconds_per_method": per_method.to_dict(orient="index"),
         "videos_generated": result.generated,
         "videos_cached": result.cached,
+        "planned_steps": planned,
     }
     store.write_json(result.results_dir / RUN_RECORD, record)
-    print_summary(result, out, name)
+    print_summary(result, out, name, report_dir)
+    print(
+        f"sampling steps: {sum(planned.values())} (the progress bar's count) for "
+        f"{result.generated + result.cached} videos and the statistics"
+    )
     print(f"statistics in {', '.join(str(p) for p in result.stats_dirs.values())}")
     print(f"wall time {wall:.1f} s; seconds per method (quantize, generate):")
     for method, row in per_method.iterrows():

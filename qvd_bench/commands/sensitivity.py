@@ -135,4 +135,7 @@ def sensitivity_report(
     probe = probe_for_run(loaded, run, seed=seed, num_prompts=num_prompts, steps=steps)
     table = sensitivity(loaded, run, config, probe, by=by, progress=progress)
     title = f"Sensitivity of {run.path.name}: {method} {config.bits}"
-    return table, write_sensitivity_report(table, out_dir, title, top)
+    random_weights = bool((run.manifest.get("model") or {}).get("random_weights"))
+    return table, write_sensitivity_report(
+        table, out_dir, title, top, random_weights=random_weights
+    )

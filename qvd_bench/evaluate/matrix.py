@@ -13,7 +13,11 @@ For every weight seed ``evaluate``
    is the reference model, so its videos are the reference's and nothing is generated
    (``videos``, which also caches every video);
 4. measures fidelity (always; ``results``) and, where their weights are given, FVD / FID /
-   CLIPSIM (``metrics``).
+   CLIPSIM (``metrics``);
+5. keeps what each configuration's transforms and level sets changed, before → after
+   (``quant.measure.transform_figures``), in ``transforms.parquet``: the figures a report's
+   "why" cites. A configuration taken whole from the cache is not quantized again; its
+   rows of an earlier run are kept.
 
 Under torchrun with N processes (torch.distributed, gloo on CPU) the prompts are sharded
 across the processes as ``collect`` shards them (``shard``): the collection merges its
@@ -64,6 +68,7 @@ from qvd_bench.evaluate.results import (
 from qvd_bench.evaluate.shard import Shard
 from qvd_bench.evaluate.videos import (
     FP_BITS,
+    NO_VIDEO_METHODS,
     REFERENCE_METHOD,
     CachedVideos,
     LazyQuantized,
@@ -71,6 +76,13 @@ from qvd_bench.evaluate.videos import (
     reference_videos,
 )
 from qvd_bench.models.families._common import model_device_dtype
+from qvd_bench.quant.measure import transform_figures
+
+# Before → after figures of each configuration's transforms (``transform_figures`` rows
+# with weight_seed, method and bits).
+TRANSFORMS_FILE = "transforms.parquet"
+TRANSFORM_COLUMNS = ("weight_seed", "method", "bits", "layer", "role", "change", "figure",
+                     "before", "after", "detail")  # fmt: skip
 
 
 @dataclass
@@ -118,7 +130,7 @@ def evaluate(
         out_dir: the output root: statistics go to ``stats/``, results (``results.parquet``,
             ``timings.parquet``, ``settings.json``, ``generations/``) to
             ``results/<model>/``.
-        progress: show a progress bar over videos (rank 0's).
+        progress: show one progress bar over sampling steps, collection included (rank 0's).
 
     Returns:
         The EvalResult on rank 0 (the only process of a single-process run); None on the
@@ -160,24 +172,29 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
     settings = config.settings
     prompts = len(config.prompts)
     mine = shard.prompts(prompts)
-    per_seed = len(mine) * (1 + 2 * len(config.methods) * len(config.bits))
+    # One bar for the whole evaluation, in sampling steps of one video, its total known
+    # before any work: the collections still to run advance it step by step, each video
+    # by its steps (``planned_steps``).
     bar = tqdm(
-        total=len(config.weight_seeds) * per_seed,
+        total=sum(planned_steps(config, out_dir, len(mine)).values()),
         desc="evaluate",
-        unit="video",
+        unit="step",
         disable=not (progress and shard.main),
     )
     videos = CachedVideos(GenerationCache(results_dir), config, bar)
     rows: list[dict[str, Any]] = []
     timings: list[dict[str, Any]] = []
     stats_dirs: dict[int, Path] = {}
+    changes: list[dict[str, Any]] = []  # transforms.parquet's rows
+    requantized: set[tuple] = set()  # (weight_seed, method, bits) quantized by this run
     at = ""  # what is being made, for the message of an interruption
     against_float32: dict[int, dict[str, float]] = {}
     try:
         for weight_seed in config.weight_seeds:
             at = f"the statistics of weight seed {weight_seed}"
             started = time.perf_counter()
-            run = StatsRun(ensure_stats(config, weight_seed, out_dir, progress, shard))
+            collects = bar if progress and shard.main else False
+            run = StatsRun(ensure_stats(config, weight_seed, out_dir, collects, shard))
             stats_dirs[weight_seed] = run.path
             timings.append(_timing(weight_seed, "statistics", "", time.perf_counter() - started))
             fp_model = zoo.load_run_model(run, device=config.device, dtype=config.dtype)
@@ -198,7 +215,7 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
             )
             if model_device_dtype(fp_model.denoiser)[1] != torch.float32:
                 float32_model = zoo.load_run_model(run, device=config.device, dtype="float32")
-                bar.total += len(mine)
+                bar.total += len(mine) * settings.steps
                 float32_local = reference_videos(videos, float32_model, settings, mine)
                 float32_reference = shard.gather(float32_local, prompts)
                 del float32_model
@@ -232,6 +249,12 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
                         )
                     finally:
                         quantized.close()
+                    if quantized.record is not None and shard.main:
+                        requantized.add((weight_seed, method, bits))
+                        changes += [
+                            {"weight_seed": weight_seed, "method": method, "bits": bits, **row}
+                            for row in transform_figures(quantized.record)
+                        ]
                     forced = shard.gather(forced_local, prompts)
                     free = shard.gather(free_local, prompts)
                     elapsed = time.perf_counter() - started
@@ -276,6 +299,9 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
     timing_frame = pd.DataFrame(timings)
     store.write_parquet(results_dir / RESULTS_FILE, results)
     store.write_parquet(results_dir / TIMINGS_FILE, timing_frame)
+    store.write_parquet(
+        results_dir / TRANSFORMS_FILE, _merged_changes(results_dir, changes, requantized)
+    )
     store.write_json(
         results_dir / SETTINGS_FILE,
         {
@@ -303,6 +329,41 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
     )
 
 
+def planned_steps(config: EvalConfig, out_dir: str | Path, prompts: int | None = None) -> dict:
+    """The sampling steps an evaluation will run, per stage, known before it starts.
+
+    A step is one denoiser step of one video (both CFG branches, batched). Statistics
+    already collected at the default place cost nothing; cached videos count (they are
+    taken at once). A method that quantizes nothing (``NO_VIDEO_METHODS``) reuses the
+    reference's videos and costs nothing.
+
+    Args:
+        config: the evaluation.
+        out_dir: its output root.
+        prompts: the prompts this process samples (all by default).
+
+    Returns:
+        {"statistics": steps, "fp reference": steps, "quantized": steps}.
+    """
+    from qvd_bench.evaluate.calibration import stats_dir_for
+
+    prompts = len(config.prompts) if prompts is None else prompts
+    steps = config.settings.steps
+    seeds = config.weight_seeds
+    to_collect = 0
+    if config.stats is None:
+        to_collect = sum(
+            not (stats_dir_for(Path(out_dir), config.model, seed) / store.MANIFEST).exists()
+            for seed in seeds
+        )
+    quantizing = [m for m in config.methods if m not in NO_VIDEO_METHODS]
+    return {
+        "statistics": to_collect * prompts * steps,
+        "fp reference": len(seeds) * prompts * steps,
+        "quantized": len(seeds) * len(config.bits) * len(quantizing) * 2 * prompts * steps,
+    }
+
+
 def _interrupted(interrupt: KeyboardInterrupt, videos: CachedVideos, at: str) -> Interrupted:
     """What an interrupted evaluation kept, and where a rerun of it resumes.
 
@@ -321,6 +382,24 @@ def _interrupted(interrupt: KeyboardInterrupt, videos: CachedVideos, at: str) ->
         f"{saved} finished videos are in {videos.cache.root}; rerunning the same command "
         f"takes them from the cache and resumes at {at}"
     )
+
+
+def _merged_changes(
+    results_dir: Path, changes: list[dict[str, Any]], requantized: set[tuple]
+) -> pd.DataFrame:
+    """This run's transform rows, plus an earlier run's for configurations not quantized
+    now (taken whole from the cache)."""
+    frame = pd.DataFrame(changes, columns=list(TRANSFORM_COLUMNS))
+    path = results_dir / TRANSFORMS_FILE
+    if not path.exists():
+        return frame
+    earlier = pd.read_parquet(path)
+    if not set(TRANSFORM_COLUMNS) <= set(earlier.columns):
+        return frame
+    keys = zip(earlier["weight_seed"], earlier["method"], earlier["bits"])
+    keep = [key not in requantized for key in keys]
+    kept = earlier.loc[keep, list(TRANSFORM_COLUMNS)]
+    return frame if kept.empty else pd.concat([kept, frame], ignore_index=True)
 
 
 def _timing(weight_seed, method, bits, quantize_s, generate_s=0.0) -> dict[str, Any]:

@@ -25,10 +25,15 @@ from qvd_bench.models.family import LoadedModel
 # The method and bits under which the FP reference's videos are cached and timed.
 REFERENCE_METHOD = "reference"
 FP_BITS = "fp"
+# Methods that quantize nothing: their videos are the reference's, none is generated.
+NO_VIDEO_METHODS = frozenset({"fp"})
 
 
 class CachedVideos:
-    """Generates or loads videos through the cache, counting both."""
+    """Generates or loads videos through the cache, counting both.
+
+    ``bar`` (tqdm-like) counts sampling steps: each video advances it by its steps.
+    """
 
     def __init__(self, cache: GenerationCache, config: EvalConfig, bar):
         self.cache, self.config, self.bar = cache, config, bar
@@ -52,8 +57,14 @@ class CachedVideos:
             self.generated += 1
         else:
             self.cached += 1
-        self.bar.update(1)
+        self.bar.update(self.config.settings.steps)
+        self.bar.set_postfix_str(f"{self.generated + self.cached} videos", refresh=False)
         return generation
+
+    def skipped(self, count: int) -> None:
+        """``count`` videos of the bar's total that a configuration turned out not to need."""
+        self.bar.total = max(self.bar.n, self.bar.total - count * self.config.settings.steps)
+        self.bar.refresh()
 
 
 def device_context(model: LoadedModel) -> dict[str, str]:
@@ -188,7 +199,8 @@ def quantized_videos(
     if not all(videos.cache.path(key).exists() for key in keys.values()):
         quantized.model()
         if not quantized.record.quantized:
-            videos.bar.update(len(keys))
+            if quant.method not in NO_VIDEO_METHODS:  # counted in the total: take it out
+                videos.skipped(len(keys))
             return reference, reference
 
     pairs: dict[int, tuple[Generation, Generation]] = {}

@@ -116,3 +116,44 @@ def coverage_report(run: StatsRun, record: QuantRecord) -> dict[str, Any]:
         "mean": float(table["mean_coverage"].mean()),
         "table": table,
     }
+
+
+def transform_figures(record: QuantRecord) -> list[dict[str, Any]]:
+    """What each layer's transform or level set changed, as before → after figures.
+
+    Read from the record alone (no statistics): SCRI / OS+ / SmoothQuant transforms keep
+    the ``mse`` baseline's level coverage and layer-output SQNR beside their own where
+    they measured them; HTDQ keeps the uniform-MSE level set's TDScore beside the chosen
+    set's, and the chosen family (``uniform-mse`` means HTDQ kept the uniform grid).
+
+    Returns:
+        One row per (layer, figure): layer, role, change ("scri", "os+", "smoothquant",
+        "htdq"), figure ("transformed" for every transformed layer, NaN figures;
+        "coverage", "sqnr_db", "tdscore"), before, after, detail (the HTDQ level-set
+        label, else "").
+    """
+    rows: list[dict[str, Any]] = []
+    for layer in record.layers:
+        base = {"layer": layer.layer, "role": layer.role}
+        transform = layer.info.get("transform")
+        if isinstance(transform, dict):
+            change = str(transform.get("method", "transform"))
+            # Every transformed layer, with or without figures of its own.
+            rows.append({**base, "change": change, "figure": "transformed",
+                         "before": float("nan"), "after": float("nan"), "detail": ""})  # fmt: skip
+            if "coverage" in transform and "coverage_mse" in transform:
+                rows.append({**base, "change": change, "figure": "coverage",
+                             "before": float(transform["coverage_mse"]),
+                             "after": float(transform["coverage"]), "detail": ""})  # fmt: skip
+            sqnr, baseline = transform.get("sqnr_db"), transform.get("sqnr_mse_db")
+            if isinstance(sqnr, dict) and isinstance(baseline, dict) and layer.layer in sqnr:
+                rows.append({**base, "change": change, "figure": "sqnr_db",
+                             "before": float(baseline[layer.layer]),
+                             "after": float(sqnr[layer.layer]), "detail": ""})  # fmt: skip
+        htdq = layer.info.get("htdq")
+        if isinstance(htdq, dict) and "tdscore" in htdq:
+            rows.append({**base, "change": "htdq", "figure": "tdscore",
+                         "before": float(htdq.get("uniform_mse_tdscore", float("nan"))),
+                         "after": float(htdq["tdscore"]),
+                         "detail": str(htdq.get("label", htdq.get("family", "")))})  # fmt: skip
+    return rows

@@ -548,36 +548,54 @@ def tdscore_vs_bits(data: pd.DataFrame) -> ReportFigure:
     return ReportFigure("tdscore_vs_bits", fig, caption)
 
 
-def range_heatmap(data: pd.DataFrame, roles: Mapping[str, str] | None = None) -> ReportFigure:
+# Rows the range heat map shows: beyond this many, the layers with the widest input range
+# (at any timestep), in module order, so that every row keeps a readable label.
+HEATMAP_ROWS = 40
+
+
+def range_heatmap(
+    data: pd.DataFrame, roles: Mapping[str, str] | None = None, top: int = HEATMAP_ROWS
+) -> ReportFigure:
     """Heat map of each layer's input range at each timestep, on a log colour scale.
 
     Args:
         data: ``range_heatmap_data`` output (layers × timesteps).
         roles: layer -> role, to label rows; optional.
+        top: at most this many rows: the layers with the widest range, in module order.
     """
+    total = len(data)
+    if total > top:
+        widest = data.max(axis=1).nlargest(top).index
+        data = data.loc[[name for name in data.index if name in set(widest)]]
     values = data.to_numpy(np.float64)
     positive = values[np.isfinite(values) & (values > 0)]
     norm = LogNorm(positive.min(), positive.max()) if positive.size else None
     masked = np.ma.masked_where(~np.isfinite(values) | (values <= 0), values)
     n = len(data)
     with _style():
-        fig = _figure(8, min(max(3.0, 0.07 * n + 1.2), 14.0))
+        fig = _figure(9, max(3.0, 0.16 * n + 1.4))
         ax = fig.add_subplot()
         image = ax.imshow(masked, aspect="auto", cmap="magma", norm=norm, interpolation="none")
         ax.grid(False)
-        ax.set_xticks(range(data.shape[1]), [f"{t:g}" for t in data.columns], rotation=90)
-        # Label every k-th layer so the names stay readable on deep models.
-        step = max(1, -(-n // 60))
+        # At most ~25 timestep labels, so that they do not overlap.
+        every = max(1, -(-data.shape[1] // 25))
+        ticks = range(0, data.shape[1], every)
+        ax.set_xticks(ticks, [f"{data.columns[i]:g}" for i in ticks], rotation=90, fontsize=7)
         labels = [
             f"{_short(name)} [{roles.get(name, '?')}]" if roles else _short(name)
             for name in data.index
         ]
-        ax.set_yticks(range(0, n, step), labels[::step], fontsize=5)
+        ax.set_yticks(range(n), labels, fontsize=7)
         ax.set_xlabel("timestep")
         fig.colorbar(image, ax=ax, label="input range max − min (log scale)", shrink=0.6)
+    shown = (
+        f"the {n} of {total} layers with the widest input range"
+        if total > n
+        else f"each of the {n} layers"
+    )
     caption = (
-        f"Range (max − min) of the input of each of the {n} layers at each sampling "
-        "timestep, in module order, on a log colour scale."
+        f"Range (max − min) of the input of {shown} at each sampling timestep, in module "
+        "order, on a log colour scale."
     )
     return ReportFigure("range_heatmap", fig, caption)
 
@@ -608,3 +626,100 @@ def weight_ranges(data: pd.DataFrame) -> ReportFigure:
 def _short(layer: str, keep: int = 48) -> str:
     """A layer name cut from the left to ``keep`` characters."""
     return layer if len(layer) <= keep else "…" + layer[-(keep - 1) :]
+
+
+# ----------------------------------------------------------------------------- comparison
+# Several runs in one figure: the same data functions, each frame with a "run" column.
+
+RUN_PALETTE = "colorblind"
+
+
+def _run_palette(runs: Sequence[str]) -> dict[str, tuple]:
+    return dict(zip(runs, sns.color_palette(RUN_PALETTE, max(len(runs), 1))))
+
+
+def skew_by_role_compare(data: pd.DataFrame) -> ReportFigure:
+    """Per-tensor skewness per role, one box per run side by side in each role.
+
+    Args:
+        data: ``skew_data`` outputs concatenated, with a ``run`` column.
+    """
+    groups = _roles_present(data["group"].unique().tolist())
+    runs = list(dict.fromkeys(data["run"]))
+    with _style():
+        fig = _figure(9, 0.3 * len(groups) * max(len(runs), 2) + 1.4)
+        ax = fig.add_subplot()
+        sns.boxplot(
+            data=data, x="skewness", y="group", order=groups, hue="run", hue_order=runs,
+            palette=_run_palette(runs), showfliers=False, width=0.75, ax=ax,
+        )  # fmt: skip
+        ax.axvline(0, color="0.4", lw=0.8, ls="--")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("skewness g1 (symmetric log axis)")
+        ax.set_ylabel("")
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title="run", frameon=False)
+    caption = (
+        f"Skewness of each layer's input tensor at each sampling timestep, by role, for each "
+        f"of the {len(runs)} runs (one colour per run; boxes: quartiles, whiskers 1.5 IQR)."
+    )
+    return ReportFigure("compare_skew_by_role", fig, caption)
+
+
+def coverage_ecdf_compare(data: pd.DataFrame) -> ReportFigure:
+    """ECDF of per-channel level coverage over all layers, one line per run and bit-width.
+
+    Args:
+        data: ``coverage_data`` outputs concatenated, with a ``run`` column.
+    """
+    bits = sorted(data["bits"].unique(), reverse=True)
+    runs = list(dict.fromkeys(data["run"]))
+    palette = _run_palette(runs)
+    dashes = ["-", "--", ":", "-."]
+    with _style():
+        fig = _figure(10, 3.4)
+        axes = fig.subplots(1, len(bits), sharey=True, squeeze=False)[0]
+        for ax, b in zip(axes, bits):
+            for i, run in enumerate(runs):
+                values = np.sort(data.loc[(data["bits"] == b) & (data["run"] == run), "coverage"])
+                if len(values):
+                    share = np.arange(1, len(values) + 1) / len(values)
+                    ax.step(values, share, where="post", color=palette[run],
+                            ls=dashes[i % len(dashes)], label=run)  # fmt: skip
+            ax.axvline(0.1, color="0.4", lw=0.8, ls="--")
+            ax.set_xlim(0, 1)
+            ax.set_title(f"A{b}: per-tensor min-max, {2**b} levels")
+            ax.set_xlabel("share of the tensor's levels the channel reaches")
+        axes[0].set_ylabel("share of channels")
+        handles, labels = axes[0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="outside right upper", title="run", frameon=False)
+    caption = (
+        "Cumulative distribution of the share of quantization levels each input channel "
+        f"reaches under a per-tensor min-max quantizer, all layers, one line per run, at "
+        f"{' and '.join(str(b) for b in bits)} bits (dashed vertical: 10 %)."
+    )
+    return ReportFigure("compare_coverage_ecdf", fig, caption)
+
+
+def weight_ranges_compare(data: pd.DataFrame) -> ReportFigure:
+    """Per-layer weight absmax by role, one box per run side by side in each role.
+
+    Args:
+        data: ``weight_data`` outputs concatenated, with a ``run`` column.
+    """
+    roles = _roles_present(data["role"].unique().tolist())
+    runs = list(dict.fromkeys(data["run"]))
+    with _style():
+        fig = _figure(9, 0.3 * len(roles) * max(len(runs), 2) + 1.4)
+        ax = fig.add_subplot()
+        sns.boxplot(
+            data=data, x="absmax_max", y="role", order=roles, hue="run", hue_order=runs,
+            palette=_run_palette(runs), showfliers=False, width=0.75, log_scale=True, ax=ax,
+        )  # fmt: skip
+        ax.set_xlabel("largest |weight| of the layer (log axis)")
+        ax.set_ylabel("")
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title="run", frameon=False)
+    caption = (
+        f"Largest absolute weight of each layer by role, one colour per run ({len(runs)} runs)."
+    )
+    return ReportFigure("compare_weight_ranges", fig, caption)

@@ -334,37 +334,46 @@ def _png(fig: F.ReportFigure) -> bytes:
     return buffer.getvalue()
 
 
-def run_figures(run: StatsRun) -> tuple[list[F.ReportFigure], list[str]]:
-    """Every figure of one run, and the notices for figures that could not be drawn."""
+def run_figures(run: StatsRun, *, progress: bool = False) -> tuple[list[F.ReportFigure], list[str]]:
+    """Every figure of one run, and the notices for figures that could not be drawn.
+
+    Args:
+        run: the statistics run.
+        progress: show a progress bar over the figures (on stderr).
+    """
+    from tqdm.auto import tqdm
+
     channels, temporal = run.channels, run.temporal
     roles = dict(zip(run.layers["name"].astype(str), run.layers["role"].astype(str)))
-    figures = [F.skew_by_role(F.skew_data(channels, temporal))]
+    makers = [lambda: F.skew_by_role(F.skew_data(channels, temporal))]
     notices = []
     if temporal.empty:
         notices.append(NO_TEMPORAL_NOTICE)
     else:
-        figures.append(F.temporal_distributions(F.temporal_values_data(temporal)))
-        figures.append(F.tdscore_vs_bits(F.tdscore_data(temporal)))
-    figures += [
-        F.worst_channel_ranges(F.worst_ranges_data(channels)),
-        F.coverage_ecdf(F.coverage_data(channels, COVERAGE_BITS)),
-        F.range_heatmap(F.range_heatmap_data(channels, list(roles)), roles),
-        F.weight_ranges(F.weight_data(run.weights)),
+        makers.append(lambda: F.temporal_distributions(F.temporal_values_data(temporal)))
+        makers.append(lambda: F.tdscore_vs_bits(F.tdscore_data(temporal)))
+    makers += [
+        lambda: F.worst_channel_ranges(F.worst_ranges_data(channels)),
+        lambda: F.coverage_ecdf(F.coverage_data(channels, COVERAGE_BITS)),
+        lambda: F.range_heatmap(F.range_heatmap_data(channels, list(roles)), roles),
+        lambda: F.weight_ranges(F.weight_data(run.weights)),
     ]
-    return figures, notices
+    bar = tqdm(makers, desc="report: figures", unit="figure", disable=not progress)
+    return [make() for make in bar], notices
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
 
 
-def run_blocks(data: RunData, *, level: int, prefix: str) -> list[Block]:
+def run_blocks(data: RunData, *, level: int, prefix: str, progress: bool = False) -> list[Block]:
     """The blocks of one run's section.
 
     Args:
         data: the run.
         level: heading level of the section.
         prefix: file-name prefix of its figures (unique per run in a comparison).
+        progress: show a progress bar over the figures (on stderr).
     """
     run = data.run
     blocks: list[Block] = [
@@ -379,7 +388,7 @@ def run_blocks(data: RunData, *, level: int, prefix: str) -> list[Block]:
         ),
         Heading("Figures", level + 1),
     ]
-    figures, notices = run_figures(run)
+    figures, notices = run_figures(run, progress=progress)
     blocks += [Notice(text) for text in notices]
     for fig in figures:
         blocks.append(FigureBlock(f"{prefix}{fig.name}.png", _png(fig), fig.caption))
@@ -399,8 +408,9 @@ def run_blocks(data: RunData, *, level: int, prefix: str) -> list[Block]:
     return blocks
 
 
-def report_blocks(runs: Sequence[RunData], title: str) -> list[Block]:
-    """All blocks of a report: one run in full, or a comparison then one section per run."""
+def report_blocks(runs: Sequence[RunData], title: str, *, progress: bool = False) -> list[Block]:
+    """All blocks of a report: one run in full, or a comparison: the table, the shared
+    figures (one colour per run) and each run's plan."""
     blocks: list[Block] = [Heading(title, 1)]
     if len(runs) == 1:
         data = runs[0]
@@ -413,18 +423,53 @@ def report_blocks(runs: Sequence[RunData], title: str) -> list[Block]:
         )
         if _has_random_weights(runs):
             blocks.append(Notice(TINY_NOTE))
-        return blocks + run_blocks(data, level=1, prefix="")
-    blocks.append(Paragraph(f"Comparison of {len(runs)} statistics runs."))
+        return blocks + run_blocks(data, level=1, prefix="", progress=progress)
+    blocks.append(
+        Paragraph(
+            f"Comparison of {len(runs)} statistics runs: one table row per run, then shared "
+            "figures with one colour per run, then each run's plan by role."
+        )
+    )
     if _has_random_weights(runs):
         blocks.append(Notice(TINY_NOTE))
     table = pd.DataFrame([comparison_row(r) for r in runs])
     shares = [f"coverage A{b}" for b in COVERAGE_BITS] + ["HTDQ layers", "SCRI layers"]
     table[shares] = table[shares].map(lambda v: "–" if pd.isna(v) else f"{100 * v:.1f} %")
     blocks.append(Table("Comparison", table, COMPARISON_CAPTION))
+    blocks.append(Heading("Figures", 2))
+    for fig in comparison_figures(runs, progress=progress):
+        blocks.append(FigureBlock(f"{fig.name}.png", _png(fig), fig.caption))
+        fig.figure.clear()
     for i, data in enumerate(runs, start=1):
         blocks.append(Heading(f"Run {i}: {data.label}", 2))
-        blocks += run_blocks(data, level=2, prefix=f"run{i}-{_slug(data.label)}-")
+        by_role, layers = plan_tables(data.plan)
+        blocks += [
+            Table("Run", header_table(data.run, data.plan_source), collapsed=True),
+            Table(
+                f"Plan by role (W{data.plan.w_bits}A{data.plan.a_bits})",
+                by_role,
+                f"Number of layers per role that get each choice; plan: {data.plan_source}.",
+            ),
+            Table("Plan per layer", layers, collapsed=True),
+        ]
     return blocks
+
+
+def comparison_figures(runs: Sequence[RunData], *, progress: bool = False) -> list:
+    """The shared figures of a comparison: each run's data in one figure, a colour each."""
+    from tqdm.auto import tqdm
+
+    skew, cover, weights = [], [], []
+    for data in tqdm(runs, desc="report: reading runs", unit="run", disable=not progress):
+        channels, label = data.run.channels, data.label
+        skew.append(F.skew_data(channels, data.run.temporal).assign(run=label))
+        cover.append(F.coverage_data(channels, COVERAGE_BITS).assign(run=label))
+        weights.append(F.weight_data(data.run.weights).assign(run=label))
+    return [
+        F.skew_by_role_compare(pd.concat(skew, ignore_index=True)),
+        F.coverage_ecdf_compare(pd.concat(cover, ignore_index=True)),
+        F.weight_ranges_compare(pd.concat(weights, ignore_index=True)),
+    ]
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -579,19 +624,25 @@ def _versions() -> str:
 
 
 def build_report(
-    run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: str | None = None
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    title: str | None = None,
+    progress: bool = False,
 ) -> Path:
     """Writes a statistics report of one run, or a comparison report of several.
 
     One run gives its header (model, weights and their knobs, collection settings,
     package versions), measurements by role, every figure and the plan. Several runs give
-    a comparison table with one row per run, then each run's section as above.
+    a comparison table with one row per run, shared figures with one colour per run, and
+    each run's plan by role (header and per-layer plan folded away).
 
     Args:
         run_dirs: statistics run directories (``stats/<run>``); the first is the main
             run, the others are compared with it.
         out_dir: the report directory; created, or replaced if it holds an earlier report.
         title: the report title; a default names the model or the number of runs.
+        progress: show progress bars over the figures (on stderr).
 
     Returns:
         The path of ``out_dir/index.html`` (``report.md`` and ``figures/`` beside it).
@@ -611,7 +662,7 @@ def build_report(
             if len(data) == 1
             else f"qvd-bench comparison of {len(data)} statistics runs"
         )
-    blocks = report_blocks(data, title)
+    blocks = report_blocks(data, title, progress=progress)
     return write_report(blocks, title, out_dir)
 
 

@@ -25,6 +25,12 @@ from matplotlib.figure import Figure
 
 from qvd_bench.report import render
 from qvd_bench.report.render import FigureBlock, Heading, Notice, Paragraph, Table
+from qvd_bench.report.verdict import (
+    VERDICT_LABEL,
+    identical_groups,
+    verdict_table,
+    why_sentences,
+)
 
 # The ``step`` of results rows measured over all steps (``results.parquet``).
 ALL_STEPS = -1
@@ -44,10 +50,62 @@ def _finite(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[np.isfinite(frame["value"].to_numpy(dtype=np.float64))]
 
 
+# Distinct markers and dash patterns per method, so that no line hides another: a method
+# identical to an earlier one is drawn dashed, with hollow markers, over it.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+DASHES = ((), (5, 2), (1, 1.5), (6, 2, 1, 2), (3, 1), (8, 3))
+
+
+def _styles(methods: Sequence[str], identical: Mapping[str, str]) -> dict[str, dict]:
+    palette = sns.color_palette("tab10", max(len(methods), 1))
+    styles = {}
+    for i, method in enumerate(methods):
+        twin = identical.get(method)
+        styles[method] = {
+            "color": palette[i % len(palette)],
+            "marker": MARKERS[i % len(MARKERS)],
+            "dashes": DASHES[1 + i % (len(DASHES) - 1)] if twin else DASHES[i % len(DASHES)],
+            "hollow": twin is not None,
+        }
+    return styles
+
+
+def _draw_lines(ax, data: pd.DataFrame, x: str, order: Sequence, styles: dict) -> None:
+    """Mean over weight seeds per method against ``x``, with an sd band over seeds."""
+    position = {value: i for i, value in enumerate(order)}
+    for method, style in styles.items():
+        rows = data[data["method"] == method]
+        if rows.empty:
+            continue
+        stats = rows.groupby(x, observed=True)["value"].agg(["mean", "std", "count"])
+        stats = stats.loc[[v for v in order if v in stats.index]]
+        xs = [position[v] for v in stats.index]
+        (line,) = ax.plot(
+            xs, stats["mean"], color=style["color"], marker=style["marker"], label=method,
+            markerfacecolor="none" if style["hollow"] else style["color"], markersize=6,
+            linewidth=1.6, zorder=3 if style["hollow"] else 2,
+        )  # fmt: skip
+        if style["dashes"]:
+            line.set_dashes(style["dashes"])
+        if (stats["count"] > 1).any():
+            sd = stats["std"].fillna(0.0)
+            ax.fill_between(xs, stats["mean"] - sd, stats["mean"] + sd,
+                            color=style["color"], alpha=0.15, linewidth=0)  # fmt: skip
+
+
+def _legend_outside(fig: Figure, ax, identical: Mapping[str, str]) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    labels = [f"{m} (= {identical[m]})" if m in identical else m for m in labels]
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", title="method", frameon=False)
+
+
 def fidelity_vs_bits(results: pd.DataFrame) -> Figure:
     """Teacher-forced SQNR (all steps, CFG output) and final PSNR against bits, per method.
 
-    Lines are means over weight seeds, bands their standard deviation.
+    Lines are means over weight seeds, bands their standard deviation (with several
+    seeds); identical methods are drawn dashed over each other and named in the legend;
+    the legend sits outside the axes.
     """
     sel = results[(results["step"] == ALL_STEPS) & (results["branch"] == "cfg")]
     panels = [
@@ -55,19 +113,20 @@ def fidelity_vs_bits(results: pd.DataFrame) -> Figure:
         ("psnr", "free-running", "PSNR final latents (dB)"),
     ]
     bits_order = list(dict.fromkeys(results["bits"]))
-    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    methods = list(dict.fromkeys(results["method"]))
+    identical = identical_groups(results, methods)
+    styles = _styles(methods, identical)
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
     axes = fig.subplots(1, 2)
     with sns.axes_style("whitegrid"):
         for ax, (metric, mode, label) in zip(axes, panels):
-            data = _finite(sel[(sel["metric"] == metric) & (sel["mode"] == mode)]).copy()
-            data["bits"] = pd.Categorical(data["bits"], bits_order, ordered=True)
-            if not data.empty:
-                sns.lineplot(
-                    data=data, x="bits", y="value", hue="method", style="method",
-                    markers=True, dashes=False, errorbar="sd", ax=ax, legend=ax is axes[0],
-                )  # fmt: skip
+            data = _finite(sel[(sel["metric"] == metric) & (sel["mode"] == mode)])
+            _draw_lines(ax, data, "bits", bits_order, styles)
+            ax.set_xticks(range(len(bits_order)), bits_order)
             ax.set_xlabel("bits")
             ax.set_ylabel(label)
+            ax.grid(True, alpha=0.3)
+    _legend_outside(fig, axes[0], identical)
     return fig
 
 
@@ -81,20 +140,36 @@ def sqnr_per_step(results: pd.DataFrame) -> Figure:
     ]
     sel = _finite(sel)
     bits_order = list(dict.fromkeys(results["bits"]))
-    fig = Figure(figsize=(3.6 * len(bits_order), 3.4), layout="constrained")
+    methods = list(dict.fromkeys(results["method"]))
+    identical = identical_groups(results, methods)
+    styles = _styles(methods, identical)
+    steps = sorted(set(sel["step"]))
+    fig = Figure(figsize=(3.4 * len(bits_order) + 1.8, 3.4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(bits_order), sharey=True))
-    with sns.axes_style("whitegrid"):
-        for ax, bits in zip(axes, bits_order):
-            data = sel[sel["bits"] == bits]
-            if not data.empty:
-                sns.lineplot(
-                    data=data, x="step", y="value", hue="method", errorbar="sd", ax=ax,
-                    legend=ax is axes[0],
-                )  # fmt: skip
-            ax.set_title(bits)
-            ax.set_xlabel("step")
-            ax.set_ylabel("SQNR (dB)")
+    for ax, bits in zip(axes, bits_order):
+        _draw_lines(ax, sel[sel["bits"] == bits], "step", steps, styles)
+        ax.set_xticks(range(len(steps)), [str(s) for s in steps])
+        ax.set_title(bits)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("SQNR (dB)")
+    _legend_outside(fig, axes[0], identical)
     return fig
+
+
+def _spread_caption(results: pd.DataFrame) -> str:
+    seeds = results["weight_seed"].nunique()
+    if seeds > 1:
+        return f"lines: mean over {seeds} weight seeds, bands: sd over them"
+    return "1 weight seed: no spread shown"
+
+
+def _identical_caption(results: pd.DataFrame) -> str:
+    identical = identical_groups(results, list(dict.fromkeys(results["method"])))
+    if not identical:
+        return ""
+    pairs = ", ".join(f"{m} is identical to {twin}" for m, twin in identical.items())
+    return f" {pairs} (drawn dashed with hollow markers over it)."
 
 
 def headline_table(results: pd.DataFrame) -> pd.DataFrame:
@@ -185,11 +260,13 @@ def results_blocks(
             "teacher-forced over all steps; final: free-running final latents.",
         )
     )
+    spread, same = _spread_caption(results), _identical_caption(results)
     figures = [
         ("fidelity_vs_bits.png", fidelity_vs_bits(results),
-         "Teacher-forced SQNR and final PSNR against bit-width per method (bands: sd over seeds)."),
+         f"Teacher-forced SQNR and final PSNR against bit-width per method ({spread}).{same}"),
         ("sqnr_per_step.png", sqnr_per_step(results),
-         "Teacher-forced SQNR of the CFG output at each sampling step, per method."),
+         f"Teacher-forced SQNR of the CFG output at each sampling step, per method ({spread})."
+         f"{same}"),
     ]  # fmt: skip
     for file, fig, caption in figures:
         blocks.append(FigureBlock(file, figure_png(fig), caption))
@@ -214,6 +291,28 @@ def results_blocks(
     return blocks
 
 
+def verdict_blocks(results: pd.DataFrame, transforms: pd.DataFrame | None, plan=None) -> list:
+    """The first screen: the verdict table and its generated "why"."""
+    table = verdict_table(results)
+    if table.empty:
+        return [Notice("No quantized configuration has finite SQNR: there is no verdict.")]
+    seeds = results["weight_seed"].nunique()
+    blocks: list = [
+        Heading("Verdict", 2),
+        Table(
+            "Best method per bit-width",
+            table,
+            f"{VERDICT_LABEL}: teacher-forced SQNR of the CFG output over all steps against "
+            f"FP, mean over {seeds} weight seed{'s' if seeds > 1 else ''}; margin: over the "
+            "runner-up (the best method that is not identical to the winner); fp, the "
+            "reference, is not a candidate.",
+        ),
+        Heading("Why", 3),
+    ]
+    blocks += [Paragraph(sentence) for sentence in why_sentences(results, transforms, plan)]
+    return blocks
+
+
 def _flat(data: dict[str, Any], prefix: str = ""):
     for key, value in data.items():
         if isinstance(value, dict) and value:
@@ -231,6 +330,8 @@ def build_results_report(
     stats_dirs: Mapping[int, str | Path],
     notices: Sequence[str] = (),
     title: str | None = None,
+    transforms: pd.DataFrame | None = None,
+    progress: bool = False,
 ) -> Path:
     """Writes ``index.html`` and ``report.md`` (figures in ``figures/``) of an evaluation.
 
@@ -242,6 +343,9 @@ def build_results_report(
         stats_dirs: weight seed -> its statistics run directory.
         notices: one line each (metrics skipped and other caveats).
         title: the title; by default names the model.
+        transforms: ``transforms.parquet``'s rows (before → after figures of each
+            configuration's transforms), which the verdict's "why" cites.
+        progress: show a progress bar over the statistics figures (on stderr).
 
     Returns:
         The path of ``index.html``.
@@ -249,11 +353,12 @@ def build_results_report(
     out_dir = Path(out_dir)
     render._check_out_dir(out_dir)
     title = title or f"qvd-bench evaluation: {config['model']}"
-    blocks: list = [Heading(title, 1)]
-    blocks.append(Notice(render.TINY_NOTE))
-    blocks += results_blocks(results, timings, config, notices)
     first = min(stats_dirs)
     stats = render._prepare(render.StatsRun(stats_dirs[first]), f"weight seed {first}")
+    blocks: list = [Heading(title, 1)]
+    blocks += verdict_blocks(results, transforms, stats.plan)
+    blocks.append(Notice(render.TINY_NOTE))
+    blocks += results_blocks(results, timings, config, notices)
     blocks.append(Heading(f"Statistics (weight seed {first}, {stats.run.path})", 2))
-    blocks += render.run_blocks(stats, level=2, prefix="stats-")
+    blocks += render.run_blocks(stats, level=2, prefix="stats-", progress=progress)
     return render.write_report(blocks, title, out_dir)

@@ -12,9 +12,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from qvd_bench.report.render import FigureBlock, Heading, Paragraph, Table, write_report
+from qvd_bench.report.render import (
+    TINY_NOTE,
+    FigureBlock,
+    Heading,
+    Notice,
+    Paragraph,
+    Table,
+    write_report,
+)
 from qvd_bench.report.results import figure_png
 from qvd_bench.store import atomic_write
+
+RANDOM_WEIGHTS_NOTE = (
+    "This model has random weights: the ranking shows which units this initialisation "
+    "makes sensitive, not which are sensitive in a trained model. " + TINY_NOTE
+)
 
 
 def sensitivity_figure(table: pd.DataFrame, top: int = 20):
@@ -32,7 +45,8 @@ def sensitivity_figure(table: pd.DataFrame, top: int = 20):
         part = table[table["kind"] == kind].sort_values("rank").head(top)
         labels = [_short(u) for u in part["unit"]]
         ax.barh(labels[::-1], part["sqnr_db"].to_numpy()[::-1], color="#4c72b0")
-        ax.set_xlabel("end-to-end SQNR with only this unit quantized (dB, lower = more sensitive)")
+        # Two short lines: one long line is cut at the figure's edge.
+        ax.set_xlabel("SQNR, only this unit quantized (dB)\nlower = more sensitive")
         ax.set_title(f"most sensitive {kind}s")
         ax.tick_params(axis="y", labelsize=7)
     model = table[table["kind"] == "model"]
@@ -43,17 +57,41 @@ def sensitivity_figure(table: pd.DataFrame, top: int = 20):
     return fig
 
 
+def _random_weights(table: pd.DataFrame) -> bool:
+    """Whether the model of a sensitivity table had random weights (``random_weights``
+    column, when the caller recorded it; tiny presets and configs without weights do)."""
+    return "random_weights" in table.columns and bool(table["random_weights"].any())
+
+
 def _short(name: str, keep: int = 44) -> str:
     return name if len(name) <= keep else "…" + name[-(keep - 1) :]
 
 
 def write_sensitivity_report(
-    table: pd.DataFrame, out_dir: str | Path, title: str, top: int = 20
+    table: pd.DataFrame,
+    out_dir: str | Path,
+    title: str,
+    top: int = 20,
+    *,
+    random_weights: bool | None = None,
 ) -> Path:
-    """``sensitivity.parquet`` and a report (ranked tables, figure) in ``out_dir``."""
+    """``sensitivity.parquet`` and a report (ranked tables, figure) in ``out_dir``.
+
+    Args:
+        table: the sensitivity table.
+        out_dir: the report directory.
+        title: the report title.
+        top: how many layers the figure shows.
+        random_weights: whether the model had random weights (a notice says what that
+            means for the ranking); None reads the table's ``random_weights`` column.
+    """
     out_dir = Path(out_dir)
-    blocks: list = [
-        Heading(title, level=1),
+    if random_weights is None:
+        random_weights = _random_weights(table)
+    blocks: list = [Heading(title, level=1)]
+    if random_weights:
+        blocks.append(Notice(RANDOM_WEIGHTS_NOTE))
+    blocks += [
         Paragraph(
             "Each unit is quantized alone, everything else in full precision; the figure is "
             "the end-to-end SQNR (teacher-forced, CFG-combined, x0-space) the model falls "

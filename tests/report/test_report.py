@@ -32,6 +32,7 @@ FIGURES = {
     "weight_ranges",
 }
 TEMPORAL_FIGURES = {"temporal_distributions", "tdscore_vs_bits"}
+COMPARE_FIGURES = {"compare_skew_by_role", "compare_coverage_ecdf", "compare_weight_ranges"}
 IMG = re.compile(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+" alt="([^"]*)">')
 FIGCAPTION = re.compile(r"<figcaption>([^<]*)</figcaption>")
 MD_FIGURE = re.compile(r"!\[[^\]]*\]\(figures/([^)]+\.png)\)")
@@ -136,10 +137,29 @@ def test_comparison_has_one_row_per_run(comparison):
     assert "seed 0" in rows[0] and "seed 1" in rows[1]
     md_rows = _md_table_rows(markdown, "Comparison")
     assert len(md_rows) == 2 and "seed 1" in md_rows[1]
-    # Each run keeps its own full section of figures.
-    assert len(IMG.findall(page)) == 2 * len(FIGURES)
-    assert len(MD_FIGURE.findall(markdown)) == 2 * len(FIGURES)
-    assert len(list((comparison.parent / "figures").iterdir())) == 2 * len(FIGURES)
+    # The runs share figures (one colour each) instead of repeating each run in full.
+    files = {p.stem for p in (comparison.parent / "figures").iterdir()}
+    assert files == COMPARE_FIGURES
+    assert len(IMG.findall(page)) == len(MD_FIGURE.findall(markdown)) == len(COMPARE_FIGURES)
+    assert _md_tables(markdown).count("Plan by role (W8A8)") == 2  # each run's plan
+
+
+def test_comparison_figures_overlay_every_run(runs):
+    """The shared coverage figure draws each run's ECDF, equal to numpy's, in one panel."""
+    from qvd_bench.report import figures as F
+    from qvd_bench.store import StatsRun
+
+    data = pd.concat(
+        [F.coverage_data(StatsRun(r).channels, (8,)).assign(run=r.name) for r in runs],
+        ignore_index=True,
+    )
+    fig = F.coverage_ecdf_compare(data)
+    lines = {line.get_label(): line for line in fig.figure.axes[0].get_lines()}
+    for run in runs:
+        values = np.sort(data.loc[data["run"] == run.name, "coverage"].to_numpy())
+        x, y = lines[run.name].get_data()
+        np.testing.assert_allclose(x, values)
+        np.testing.assert_allclose(y, np.arange(1, len(values) + 1) / len(values))
 
 
 def test_run_without_temporal_features_renders_with_a_notice(single, runs, tmp_path):

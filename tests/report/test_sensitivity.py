@@ -35,3 +35,26 @@ def test_report_writes_table_and_index(tmp_path):
     assert "Sensitivity of a run" in html and "By role" in html
     stored = pd.read_parquet(tmp_path / "out" / "sensitivity.parquet")
     pd.testing.assert_frame_equal(stored, table)
+
+
+def test_axis_labels_fit_inside_the_figure():
+    """No x label is cut at the figure's edge, even beside long layer names in a figure
+    of layers alone (the narrowest)."""
+    table = _table()
+    table = table[table["kind"] == "layer"].assign(
+        unit=lambda t: "up_blocks.1.temp_attentions.0.transformer_blocks.0." + t["unit"]
+    )
+    figure = sensitivity_figure(table, top=3)
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    width = figure.bbox.width
+    for ax in figure.axes:
+        box = ax.xaxis.label.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= width
+
+
+def test_random_weights_get_a_notice(tmp_path):
+    plain = write_sensitivity_report(_table(), tmp_path / "plain", "S", random_weights=False)
+    noted = write_sensitivity_report(_table(), tmp_path / "noted", "S", random_weights=True)
+    assert "random weights" not in plain.read_text()
+    assert 'class="notice">This model has random weights' in noted.read_text()

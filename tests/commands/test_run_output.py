@@ -1,0 +1,86 @@
+"""What the commands write to the terminal: a reader that stops early, the job's progress."""
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qvd_bench.commands._args import working
+from qvd_bench.commands.main import BROKEN_PIPE_EXIT
+from qvd_bench.commands.run import run_job
+from qvd_bench.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """``qvd-bench models | head -0``: the reader is gone before the first line."""
+    read, write = os.pipe()
+    os.close(read)  # every write now fails with EPIPE, as after ``head`` has exited
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "qvd_bench", "models"],
+            stdout=write, stderr=subprocess.PIPE, text=True, env=env, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.stderr == ""
+    assert done.returncode == BROKEN_PIPE_EXIT
+
+
+def _bar_counts(stderr: str) -> list[tuple[int, int]]:
+    """Every (n, total) the job's progress bar showed, in order."""
+    return [(int(n), int(t)) for n, t in re.findall(r"evaluate:.*?(\d+)/(\d+) \[", stderr)]
+
+
+def test_one_progress_bar_with_its_total_known_before_the_first_step(tmp_path, capsys):
+    prompts, steps, methods, bits = 1, 2, ["fp", "minmax", "mse"], ["W8A8"]
+    # Collection and the FP reference sample each prompt once; every quantized method
+    # (fp reuses the reference's videos) makes a teacher-forced and a free-running video.
+    quantized = [m for m in methods if m != "fp"]
+    expected = prompts * steps * (1 + 1 + 2 * len(quantized) * len(bits))
+    run_job(tmp_path, num_prompts=prompts, frames=2, steps=steps, methods=methods, bits=bits)
+    printed = capsys.readouterr()
+    assert f"work: {expected} sampling steps" in printed.out
+    counts = _bar_counts(printed.err)
+    assert counts[0] == (0, expected)  # the total is shown before any work
+    assert {total for _, total in counts} == {expected}
+    assert counts[-1] == (expected, expected)
+    videos = prompts * (1 + 2 * len(quantized) * len(bits))
+    assert f"sampling steps: {expected} (the progress bar's count) for {videos} videos" in (
+        printed.out
+    )
+
+    # A rerun collects nothing and takes every video from the cache: its total says so.
+    run_job(tmp_path, num_prompts=prompts, frames=2, steps=steps, methods=methods, bits=bits)
+    printed = capsys.readouterr()
+    rerun = expected - prompts * steps
+    assert f"work: {rerun} sampling steps (statistics 0," in printed.out
+    counts = _bar_counts(printed.err)
+    assert counts[0] == (0, rerun) and counts[-1] == (rerun, rerun)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_status_line_on_a_terminal_is_cleared_before_an_error(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with working("measuring"):
+        pass
+    assert terminal.getvalue().startswith("qvd-bench: measuring …\r\x1b[K")
+    assert re.search(r"qvd-bench: measuring: done in \d+\.\d s\n$", terminal.getvalue())
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with pytest.raises(UserError), working("measuring"):
+        raise UserError("bad")
+    # Cleared, and no "done": the error that follows is the only line.
+    assert terminal.getvalue() == "qvd-bench: measuring …\r\x1b[K"
