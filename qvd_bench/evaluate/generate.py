@@ -218,6 +218,7 @@ def generate(
     tracker: CallTracker | None = None,
     teacher: Generation | None = None,
     start: Generation | None = None,
+    batch_cfg: bool | None = None,
 ) -> Generation:
     """Samples one video with ``sample_denoiser`` and records every step.
 
@@ -233,6 +234,9 @@ def generate(
             teacher-forced first step (the same call on the same input): it is taken
             instead of computed again, one step in S saved. Not used when its first input
             or its timesteps differ from the teacher's.
+        batch_cfg: False runs the CFG branches as separate forwards where they could be
+            batched (the same values up to float rounding); None batches where
+            ``cfg_batch_safe`` allows.
 
     Returns:
         The Generation (``latents`` None when teacher-forced).
@@ -255,7 +259,7 @@ def generate(
             tracker,
             steps,
             teacher_inputs=None if teacher is None else list(teacher.inputs),
-            batch_cfg=cfg_batch_safe(loaded.denoiser),
+            batch_cfg=cfg_batch_safe(loaded.denoiser) and batch_cfg is not False,
             first_step=1 if reuse else 0,
         )
 
