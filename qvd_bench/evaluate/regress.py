@@ -247,7 +247,8 @@ def _fp_model(m: Measurement, dtype: str | None = None):
     from qvd_bench.models import zoo
     from qvd_bench.store import StatsRun
 
-    return zoo.load_run_model(StatsRun(m.run_dir), dtype=dtype or m.config["dtype"])
+    # A torch dtype: load_run_model takes any floating one (names only for DTYPES).
+    return zoo.load_run_model(StatsRun(m.run_dir), dtype=getattr(torch, dtype or m.config["dtype"]))
 
 
 def reference_stage(m: Measurement) -> list[Any]:
@@ -679,12 +680,13 @@ def write_baseline(
     """
     changes = ROUNDING_CHANGES if changes is None else changes
     work_dir = Path(work_dir)
-    (on_change or (lambda name: None))("as stated")
-    base, _ = measure(config, work_dir / "stated")
-    changed = {}
-    for name, rounding in changes.items():
-        (on_change or (lambda name: None))(name)
-        changed[name], _ = measure(config, work_dir / name, rounding)
+    notify = on_change or (lambda name: None)
+    measured = {}
+    for name, rounding in {"stated": AS_STATED, **changes}.items():
+        notify(name)
+        measured[name] = _measure_once(config, work_dir / name, rounding)
+    base = measured.pop("stated")
+    changed = measured
     spread = spreads(base, changed)
     tols = tolerances(base, spread)
     data = {
@@ -713,6 +715,20 @@ def write_baseline(
     }
     store.write_json(Path(path), data)
     return data
+
+
+def _measure_once(config: dict[str, Any], work_dir: Path, rounding: Rounding) -> dict[str, float]:
+    """``measure``, or the figures it left in ``work_dir`` for the same configuration and
+    rounding change (a baseline interrupted half way resumes)."""
+    done = work_dir / "measured.json"
+    key = {"configuration": _jsonable(config), "rounding": rounding.__dict__}
+    if done.is_file():
+        data = json.loads(done.read_text())
+        if data.get("key") == json.loads(json.dumps(key)):
+            return {k: _from_json(v) for k, v in data["figures"].items()}
+    figures, _ = measure(config, work_dir, rounding)
+    store.write_json(done, {"key": key, "figures": {k: _to_json(v) for k, v in figures.items()}})
+    return figures
 
 
 # --------------------------------------------------------------------------- compare

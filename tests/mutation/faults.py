@@ -78,6 +78,10 @@ def _temporal_one_timestep(mp):
 def _cfg_swapped(mp):
     from qvd_bench.models import sampling
 
+    # Separate forwards announce their branch; a batched one is labelled by BRANCHES.
+    original = sampling.CallTracker.branch
+    other = {"uncond": "cond", "cond": "uncond"}
+    mp.setattr(sampling.CallTracker, "branch", lambda self, name: original(self, other[name]))
     mp.setattr(sampling, "BRANCHES", tuple(reversed(sampling.BRANCHES)))
 
 
