@@ -79,8 +79,25 @@ def run(args: argparse.Namespace) -> int:
             config = regress.configuration(**baseline["configuration"])
             print(f"measuring the configuration of {args.baseline} in {work}", flush=True)
             results, _ = regress.run_configuration(config, work)
-        table, ok = regress.compare_with_baseline(results, args.baseline)
+        try:
+            table, ok = regress.compare_with_baseline(results, args.baseline)
+        except regress.OtherConfiguration as error:
+            raise UserError(other_configuration(error)) from None
     return print_comparison(table, ok)
+
+
+def other_configuration(error) -> str:
+    """The one line for results of another configuration, with the command that runs the
+    baseline's."""
+    what = (
+        f"are of another configuration than {error.baseline}: {'; '.join(error.differences)}"
+        if error.differences
+        else "hold no regression figures"
+    )
+    return (
+        f"the results {what}; run the baseline's configuration with "
+        f"qvd-bench run --config-of {error.baseline} --out DIR"
+    )
 
 
 def print_comparison(table, ok: bool) -> int:
@@ -111,6 +128,7 @@ def write_baseline(path: Path, config: dict, out: str | None) -> int:
             on_change=lambda name: print(
                 f"measuring {config['model']} ({name}; {changes + 1} measurements)", flush=True
             ),
+            regenerate_with=f"qvd-bench regress --regenerate {path}",
         )
     print(
         f"baseline written to {path} ({len(data['figures'])} figures, tolerances from the "

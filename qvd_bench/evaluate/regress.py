@@ -592,16 +592,34 @@ def _show(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+class OtherConfiguration(UserError):
+    """Results that are not of a baseline's configuration (``check_configuration``).
+
+    Attributes:
+        baseline: the baseline's path.
+        differences: ``differing_settings``; empty when the results hold no regression
+            figures at all (results of a plain evaluation).
+    """
+
+    def __init__(self, baseline: str | Path, differences: list[str]):
+        self.baseline, self.differences = str(baseline), differences
+        what = (
+            f"are of another configuration than {baseline}: {'; '.join(differences)}"
+            if differences
+            else "hold no regression figures"
+        )
+        super().__init__(
+            f"the results {what}; measure the baseline's configuration with "
+            f"run_configuration(load_baseline_configuration({str(baseline)!r}), out_dir)"
+        )
+
+
 def check_configuration(baseline_path: str | Path, baseline: dict[str, Any], current: dict) -> None:
-    """Raises a one-line UserError when ``current`` is not the baseline's configuration,
-    naming the differing settings and the command that reproduces the baseline's."""
+    """Raises ``OtherConfiguration`` (a one-line UserError naming the differing settings)
+    when ``current`` is not the baseline's configuration."""
     diff = differing_settings(baseline["configuration"], _jsonable(current))
     if diff:
-        raise UserError(
-            f"the results are of another configuration than {baseline_path}: "
-            f"{'; '.join(diff)}; run the baseline's configuration with "
-            f"qvd-bench run --config-of {baseline_path} --out DIR"
-        )
+        raise OtherConfiguration(baseline_path, diff)
 
 
 # ------------------------------------------------------------------- tolerances
@@ -664,6 +682,7 @@ def write_baseline(
     *,
     changes: dict[str, Rounding] | None = None,
     on_change: Callable[[str], None] | None = None,
+    regenerate_with: str | None = None,
 ) -> dict[str, Any]:
     """Measures ``config`` as stated and under each rounding change and writes the
     baseline: values, spreads, tolerances, the configuration and the environment.
@@ -674,6 +693,7 @@ def write_baseline(
         work_dir: scratch directory (one subdirectory per measurement).
         changes: the rounding changes (``ROUNDING_CHANGES`` by default).
         on_change: called with each measurement's name before it runs (progress).
+        regenerate_with: the command that regenerates the baseline, recorded in it.
 
     Returns:
         The baseline written.
@@ -693,7 +713,7 @@ def write_baseline(
         "format": BASELINE_FORMAT,
         "version": BASELINE_VERSION,
         "configuration": _jsonable(config),
-        "regenerate": f"qvd-bench regress --regenerate {path}",
+        **({"regenerate": regenerate_with} if regenerate_with else {}),
         "environment": environment(),
         "rounding_changes": {name: _jsonable(r.__dict__) for name, r in changes.items()},
         "tolerance_rule": (
@@ -789,17 +809,15 @@ def compare_with_baseline(results: str | Path, baseline: str | Path) -> tuple[pd
         tolerance).
 
     Raises:
-        UserError: unreadable results or baseline, or results of another configuration
-            (``check_configuration``).
+        UserError: unreadable results or baseline.
+        OtherConfiguration: results of another configuration, or without regression
+            figures.
     """
     reference = load_baseline(baseline)
     config, figures = load_figures(results)
     check_configuration(baseline, reference, config)
     if not figures:
-        raise UserError(
-            f"{results} holds no regression figures; run the baseline's configuration with "
-            f"qvd-bench run --config-of {baseline} --out DIR"
-        )
+        raise OtherConfiguration(baseline, [])
     return compare(figures, reference["figures"])
 
 

@@ -100,14 +100,16 @@ def write_figures(tmp_path, **overrides):
 
 
 def test_other_configurations_are_refused_in_one_line(tmp_path):
-    baseline = regress.load_baseline(COMMITTED)
-    path = write_figures(tmp_path, steps=baseline["configuration"]["steps"] + 6, frames=8)
-    with pytest.raises(UserError) as info:
+    path = write_figures(tmp_path, steps=10, frames=8)
+    with pytest.raises(regress.OtherConfiguration) as info:
         regress.compare_with_baseline(tmp_path, COMMITTED)
     message = str(info.value)
-    assert "\n" not in message
+    assert "\n" not in message and isinstance(info.value, UserError)
     assert "frames (baseline 2, results 8)" in message and "steps (baseline 4" in message
-    assert f"qvd-bench run --config-of {COMMITTED}" in message
+    assert info.value.differences == [
+        "frames (baseline 2, results 8)",
+        "steps (baseline 4, results 10)",
+    ]
     assert path.is_file()
 
 
