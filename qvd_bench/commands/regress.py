@@ -138,12 +138,34 @@ def write_baseline(path: Path, config: dict, out: str | None) -> int:
     return 0
 
 
-def run_config_of(baseline: str, out: str, progress: bool = True) -> int:
+# ``run`` flags that would change the configuration (their defaults: not given).
+_RUN_SETTINGS = ("model", "num_prompts", "steps", "frames", "height", "width", "methods", "bits")
+
+
+def run_config_of(
+    baseline: str, out: str, progress: bool = True, args: argparse.Namespace | None = None
+) -> int:
     """``qvd-bench run --config-of BASELINE``: measures the baseline's configuration and
     writes its figures under ``out`` (``regress --results OUT --baseline BASELINE``
-    compares them)."""
+    compares them).
+
+    Raises:
+        UserError: ``run`` flags that would change the configuration are given too.
+    """
     from qvd_bench.evaluate import regress
     from qvd_bench.store import check_output_directory
+
+    given = [
+        "--" + name.replace("_", "-")
+        for name in _RUN_SETTINGS
+        if args is not None and getattr(args, name, None) is not None
+    ]
+    if args is not None and getattr(args, "seeds", 1) != 1:
+        given.append("--seeds")
+    if given:
+        raise UserError(
+            f"--config-of takes the whole configuration from {baseline}; drop {', '.join(given)}"
+        )
 
     config = regress.load_baseline_configuration(baseline)
     out_dir = check_output_directory(out)

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if args.config_of is not None:
         from qvd_bench.commands.regress import run_config_of
 
-        return run_config_of(args.config_of, args.out, progress=not args.no_progress)
+        return run_config_of(args.config_of, args.out, progress=not args.no_progress, args=args)
     device, dtype = device_and_dtype(args)
     return run_job(
         args.out,

@@ -89,3 +89,10 @@ def pytest_approx(value):
     import pytest
 
     return pytest.approx(value)
+
+
+def test_run_config_of_refuses_flags_that_change_the_configuration(tmp_path, capsys):
+    args = ["run", "--config-of", str(COMMITTED), "--steps", "3", "--out", str(tmp_path)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "drop --steps" in err
