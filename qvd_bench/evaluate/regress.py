@@ -111,6 +111,11 @@ class Rounding:
     seed_offset: int = 0
     reference_dtype: str | None = None
 
+    @property
+    def changes_statistics(self) -> bool:
+        """Whether the statistics differ under it (else a measurement can reuse them)."""
+        return self.threads is not None or self.seed_offset != 0
+
 
 AS_STATED = Rounding()
 ROUNDING_CHANGES: dict[str, Rounding] = {

@@ -161,3 +161,31 @@ def test_distinct_methods_have_tolerances_within_half_their_difference():
     # The pairs the README states: QVD is told apart from mse and from its HTDQ ablation.
     separated = {tuple(sorted(p)) for p in zip(distinct["method_a"], distinct["method_b"])}
     assert {("mse", "qvd"), ("qvd", "qvd-htdq"), ("mse", "qvd-scri")} <= separated
+
+
+def test_separate_cfg_forwards_give_the_batched_values_up_to_rounding():
+    """The ``cfg-separate`` rounding change computes the same thing: the branches as two
+    forwards instead of one batch, compared with the batched run."""
+    from qvd_bench.evaluate.generate import GenerationSettings, generate
+    from qvd_bench.models import zoo
+    from qvd_bench.models.sampling import CallTracker
+
+    loaded = zoo.load_model("tiny-unet3d")
+    settings = GenerationSettings(steps=2, frames=2, height=16, width=16)
+    calls = []
+    tracker = CallTracker(loaded.denoiser).attach()
+    hook = loaded.denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((args[0] if args else kwargs["sample"]).shape[0]),
+        with_kwargs=True,
+    )
+    try:
+        batched = generate(loaded, "a cat", 0, settings, tracker=tracker)
+        separate = generate(loaded, "a cat", 0, settings, tracker=tracker, batch_cfg=False)
+    finally:
+        hook.remove()
+        tracker.detach()
+    assert calls == [2, 2, 1, 1, 1, 1]  # one batch of both branches per step, then two
+    # CFG (scale 7.5) amplifies last-bit differences of the branches: compare energies.
+    for name in ("prediction", "latents"):
+        a, b = getattr(separate, name), getattr(batched, name)
+        assert float((a - b).norm() / b.norm()) < 1e-4
