@@ -72,9 +72,20 @@ def add_parser(subparsers) -> None:
     )
     add_device_args(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--config-of",
+        metavar="BASELINE",
+        default=None,
+        help="run a regression baseline's configuration (stats/baselines/NAME.json) and "
+        "write its figures for qvd-bench regress --results OUT --baseline BASELINE",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.config_of is not None:
+        from qvd_bench.commands.regress import run_config_of
+
+        return run_config_of(args.config_of, args.out, progress=not args.no_progress, args=args)
     device, dtype = device_and_dtype(args)
     return run_job(
         args.out,

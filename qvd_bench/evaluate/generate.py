@@ -269,6 +269,7 @@ def generate(
     teacher: Generation | None = None,
     start: Generation | None = None,
     keep_calls: bool = False,
+    batch_cfg: bool | None = None,
 ) -> Generation:
     """Samples one video and records every step.
 
@@ -295,6 +296,9 @@ def generate(
             or its timesteps differ from the teacher's, nor for pipelines.
         keep_calls: for a pipeline run, keep every denoiser call's arguments
             (``Generation.calls``): what teacher-forcing other models on this video needs.
+        batch_cfg: False runs the CFG branches as separate forwards where they could be
+            batched (the same values up to float rounding); None batches where
+            ``cfg_batch_safe`` allows. Pipelines batch as their own call does.
 
     Returns:
         The Generation (``latents`` None when teacher-forced).
@@ -321,7 +325,7 @@ def generate(
             tracker,
             steps,
             teacher_inputs=None if teacher is None else list(teacher.inputs),
-            batch_cfg=cfg_batch_safe(loaded.denoiser),
+            batch_cfg=cfg_batch_safe(loaded.denoiser) and batch_cfg is not False,
             first_step=1 if reuse else 0,
         )
 
