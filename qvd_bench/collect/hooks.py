@@ -24,7 +24,7 @@ from qvd_bench.collect.moments import ChannelMoments, fold_many
 from qvd_bench.collect.reservoir import Reservoir
 from qvd_bench.collect.temporal import TemporalFeatures
 from qvd_bench.models.family import LoadedModel
-from qvd_bench.models.sampling import BRANCHES, CallTracker
+from qvd_bench.models.sampling import BRANCHES, CallTracker, other_level_rows
 from qvd_bench.numerics.edges import SignedLogEdges
 from qvd_bench.numerics.moments import batch_moments
 
@@ -89,6 +89,11 @@ def channel_last_rows(x: torch.Tensor, num_samples: int, channel_dim: int) -> to
     return x.reshape(num_samples, -1, x.shape[-1])
 
 
+def _rows_per_sample(x: torch.Tensor, num_samples: int, channel_dim: int) -> int:
+    """Rows per sample of ``channel_last_rows(x, num_samples, channel_dim)``."""
+    return x.numel() // (num_samples * x.shape[channel_dim]) if x.numel() else 0
+
+
 class StatsCollector:
     """Hooks a set of layers and accumulates statistics of their inputs (and outputs).
 
@@ -129,6 +134,9 @@ class StatsCollector:
         self.moments: dict[StatsKey, ChannelMoments] = {}
         self.histograms: dict[StatsKey, Histogram] = {}
         self.reservoirs: dict[str, Reservoir] = {}
+        # Input rows left out per layer: tokens at another noise level than their call's
+        # step (``sampling.other_level_rows``).
+        self.excluded_rows: dict[str, int] = {}
         self._handles: list = []
         # (tensor, version, channel_dim, branches, per-branch batch moments) of the last
         # observed tensor: consecutive layers often read the same one (the q/k/v
@@ -193,6 +201,18 @@ class StatsCollector:
         info = self.infos[name]
         channel_dim = info.channel_dim
         chunks = x.chunk(len(call.branches), dim=0) if len(call.branches) > 1 else (x,)
+        num_samples = len(call.sample_ids)
+        other = other_level_rows(call, _rows_per_sample(chunks[0], num_samples, channel_dim))
+        if other is not None:
+            # Tokens at another noise level than the step's (a conditioning frame): left
+            # out, so that the step's statistics hold only tokens at its level.
+            keep = ~other.to(chunks[0].device)
+            chunks = tuple(channel_last_rows(c, num_samples, channel_dim)[keep] for c in chunks)
+            channel_dim = -1
+            if tensor == "input":
+                excluded = int(other.sum()) * len(chunks)
+                self.excluded_rows[name] = self.excluded_rows.get(name, 0) + excluded
+            source = None  # the cached moments are of whole tensors
         batches = self._batch_moments(source, chunks, channel_dim) if self.collect_moments else ()
         if call is not self._pending_call:
             self.flush()
@@ -221,9 +241,18 @@ class StatsCollector:
                         seed=self.seed,
                         device=chunk.device,
                     )
-                rows = channel_last_rows(chunk, len(call.sample_ids), channel_dim)
-                # The ids as host ints: the row keys are hashed from them on the host.
-                reservoir.update(rows, call.sample_ids, call.timestep, BRANCHES.index(branch))
+                if other is None:
+                    groups = [(channel_last_rows(chunk, num_samples, channel_dim), call.sample_ids)]
+                else:  # kept rows are sample-major; samples may keep different counts
+                    counts = (~other).sum(dim=1).tolist()
+                    groups = [
+                        (rows.unsqueeze(0), (sample_id,))
+                        for rows, sample_id in zip(chunk.split(counts), call.sample_ids)
+                    ]
+                branch_index = BRANCHES.index(branch)
+                for rows, sample_ids in groups:
+                    # The ids as host ints: the row keys are hashed from them on the host.
+                    reservoir.update(rows, sample_ids, call.timestep, branch_index)
 
     def _batch_moments(
         self, x: torch.Tensor, chunks: Sequence[torch.Tensor], channel_dim: int
@@ -231,7 +260,8 @@ class StatsCollector:
         """``batch_moments`` of each chunk of ``x``, reused when ``x`` was just seen.
 
         Args:
-            x: the tensor as the layer received it (its identity is the cache key).
+            x: the tensor as the layer received it (its identity is the cache key), or
+                None when ``chunks`` are not all of it (not cached).
             chunks: its per-branch chunks (detached views).
             channel_dim: the channel axis.
 
@@ -240,7 +270,8 @@ class StatsCollector:
         """
         last = self._last_moments
         if (
-            last is not None
+            x is not None
+            and last is not None
             and last[0] is x
             and last[1] == x._version
             and last[2] == channel_dim
@@ -248,7 +279,8 @@ class StatsCollector:
         ):
             return last[4]
         batches = [batch_moments(chunk, channel_dim) for chunk in chunks]
-        self._last_moments = (x, x._version, channel_dim, len(chunks), batches)
+        if x is not None:
+            self._last_moments = (x, x._version, channel_dim, len(chunks), batches)
         return batches
 
 

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,41 +49,6 @@ PRESET_PIPELINES: dict[str, str] = {
     "tiny-wan": "WanPipeline",
 }
 
-
-@dataclass(frozen=True)
-class _CallSpec:
-    """How ``run_pipeline`` calls one pipeline class.
-
-    Attributes:
-        frames_arg: keyword of the frame count ("num_frames" or "video_length").
-        image: the pipeline takes a conditioning image (image-to-video).
-        text: the pipeline takes a text prompt.
-        separate_cfg: the pipeline runs the CFG branches as two denoiser calls per step,
-            conditional first (instead of one call on cat([uncond, cond])).
-        extra: fixed keyword arguments.
-    """
-
-    frames_arg: str = "num_frames"
-    image: bool = False
-    text: bool = True
-    separate_cfg: bool = False
-    extra: tuple[tuple[str, Any], ...] = ()
-
-
-_CALL_SPECS: dict[str, _CallSpec] = {
-    "TextToVideoSDPipeline": _CallSpec(),
-    "AnimateDiffPipeline": _CallSpec(),
-    "StableVideoDiffusionPipeline": _CallSpec(image=True, text=False),
-    # I2VGenXL's default clip_skip=1 reaches ``text_encoder.text_model``, which
-    # transformers 5's CLIPTextModel no longer has: use the last layer's states.
-    "I2VGenXLPipeline": _CallSpec(image=True, extra=(("clip_skip", None),)),
-    # Latte's caption cleaning needs bs4/ftfy and is meant for real captions only.
-    "LattePipeline": _CallSpec(frames_arg="video_length", extra=(("clean_caption", False),)),
-    "CogVideoXPipeline": _CallSpec(),
-    "WanPipeline": _CallSpec(separate_cfg=True),
-}
-
-SUPPORTED_PIPELINES: tuple[str, ...] = tuple(_CALL_SPECS)
 
 # Tiny text encoder / VAE sizes (the denoiser's dims come from its own config).
 _TEXT_LAYERS = 2
@@ -588,33 +552,45 @@ def run_pipeline(
     width: int,
     tracker: CallTracker | None = None,
     progress: Callable[[], Any] | None = None,
+    negative_prompt: str | None = None,
+    pipeline_kwargs: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """Generates one video per prompt with ``loaded.pipeline``, one sample at a time.
 
-    Each sample runs as its own pipeline call (batch of one prompt) with a generator seeded
-    from (seed, sample id), so a sample does not depend on the others or on how prompts are
-    sharded. Pipelines that batch [uncond, cond] in one denoiser call are split by the
-    tracker; for pipelines that run the branches as separate calls (WanPipeline: conditional
-    first), the branch of each call is announced to the tracker.
+    Any diffusers video pipeline: its call's keyword arguments come from its
+    ``__call__`` signature (``call_arguments``), plus the family's
+    ``pipeline_call_defaults``. Each sample runs as its own pipeline call (batch of one
+    prompt) with a generator seeded from (seed, sample id), so a sample does not depend on
+    the others or on how prompts are sharded. The tracker keys each denoiser call by the
+    pipeline's ``cache_context`` or by recognising it (``sampling.CallTracker``).
 
     Args:
-        loaded: a model whose ``pipeline`` is one of ``SUPPORTED_PIPELINES``.
-        prompts: one prompt per sample (ignored by StableVideoDiffusionPipeline, which
-            has no text input).
+        loaded: a model with a diffusers ``pipeline``.
+        prompts: one prompt per sample (ignored by pipelines without a text input).
         steps: number of denoising steps.
-        guidance_scale: CFG scale; <= 1 disables CFG (one "cond" call per step). For
-            StableVideoDiffusionPipeline it is used as both its min and max guidance scale.
+        guidance_scale: CFG scale (the embedded guidance of guidance-distilled pipelines);
+            <= 1 disables CFG (one "cond" call per step). A pipeline with a guidance
+            range (StableVideoDiffusionPipeline) gets it as both its min and max; a
+            two-expert pipeline also as ``guidance_scale_2``.
         seed: run seed.
         sample_ids: global id of each sample, same length as ``prompts``.
         frames: latent frames.
         height: latent height.
         width: latent width.
-        tracker: if given, attached to the denoiser for the run, and told each sample's id.
+        tracker: if given, attached to the denoisers for the run, and told each sample's id.
         progress: called with no argument once per denoising step (e.g. ``tqdm.update``).
+        negative_prompt: the unconditional branch's prompt, for pipelines that take one
+            (None: the pipeline's default, usually the empty prompt).
+        pipeline_kwargs: further keyword arguments of the pipeline call (they win over
+            the derived ones), e.g. ``{"true_cfg_scale": 4.0}`` for HunyuanVideo.
 
     Returns:
         The final latents of every sample, in ``sample_ids`` order, in the family's layout:
         (N, C, F, H, W) or (N, F, C, H, W), float32.
+
+    Raises:
+        UserError: no pipeline, or a pipeline whose call needs an argument qvd-bench
+            cannot supply; a denoiser call that cannot be keyed (from the tracker).
     """
     pipeline = loaded.pipeline
     if pipeline is None:
@@ -622,32 +598,27 @@ def run_pipeline(
             f"model {loaded.name!r} has no diffusers pipeline; load a pipeline directory "
             "or use tiny_pipeline_model() for a tiny preset"
         )
-    class_name = type(pipeline).__name__
-    spec = _CALL_SPECS.get(class_name)
-    if spec is None:
-        raise UserError(
-            f"pipeline class {class_name} is not supported; "
-            f"supported pipeline classes: {', '.join(SUPPORTED_PIPELINES)}"
-        )
+    if not callable(pipeline):
+        raise UserError(f"{type(pipeline).__name__} is not a diffusers pipeline: not callable")
     if len(prompts) != len(sample_ids):
         raise ValueError(f"{len(prompts)} prompts but {len(sample_ids)} sample ids")
+    parameters = inspect.signature(pipeline.__call__).parameters
+    spatial, temporal = _compression(pipeline)
+    pixel_height, pixel_width = height * spatial, width * spatial
+    pixel_frames = (frames - 1) * temporal + 1
+    # Checked before any sample runs: nothing is computed for a call that cannot be made.
+    call_arguments(loaded, "", guidance_scale, pixel_frames, pixel_height, pixel_width)
 
     denoiser = _pipeline_denoiser(pipeline)
     denoisers = list(pipeline_denoisers(pipeline).values())
     if tracker is not None:
         _check_tracked(pipeline, tracker)
     pipeline.set_progress_bar_config(disable=True)
-    parameters = inspect.signature(pipeline.__call__).parameters
-    spatial, temporal = _compression(pipeline)
-    pixel_height, pixel_width = height * spatial, width * spatial
-    pixel_frames = (frames - 1) * temporal + 1
 
     outputs = []
     with contextlib.ExitStack() as stack:
         if tracker is not None:
             stack.enter_context(_attached(tracker))
-        if spec.separate_cfg and tracker is not None:
-            stack.enter_context(_separate_branches(pipeline, denoisers, tracker))
         step_kwargs, hook_progress = _progress_kwargs(parameters, progress)
         if hook_progress is not None:
             stack.enter_context(_call_counter(denoisers, hook_progress))
@@ -657,42 +628,101 @@ def run_pipeline(
                 _call_counter(denoisers, lambda: _record_timestep(tracker, tracked_timesteps))
             )
         for prompt, sample_id in zip(prompts, sample_ids):
-            kwargs: dict[str, Any] = dict(spec.extra)
+            kwargs = call_arguments(
+                loaded,
+                prompt,
+                guidance_scale,
+                pixel_frames,
+                pixel_height,
+                pixel_width,
+                negative_prompt=negative_prompt,
+                image=lambda: synthetic_image(seed, sample_id, pixel_height, pixel_width),
+            )
             kwargs.update(step_kwargs)
-            kwargs[spec.frames_arg] = pixel_frames
-            if spec.text:
-                kwargs["prompt"] = prompt
-            if spec.image:
-                kwargs["image"] = synthetic_image(seed, sample_id, pixel_height, pixel_width)
-            if class_name == "StableVideoDiffusionPipeline":
-                kwargs["min_guidance_scale"] = guidance_scale
-                kwargs["max_guidance_scale"] = guidance_scale
-            else:
-                kwargs["guidance_scale"] = guidance_scale
-            if "guidance_scale_2" in parameters and getattr(
-                pipeline.config, "boundary_ratio", None
-            ):
-                # The low-noise expert's scale (Wan 2.2): the same guidance for both.
-                kwargs["guidance_scale_2"] = guidance_scale
-            if "max_sequence_length" in parameters:
-                kwargs["max_sequence_length"] = _text_length(pipeline)
+            kwargs.update(pipeline_kwargs or {})
             generator = torch.Generator(device="cpu").manual_seed(sample_seed(seed, sample_id))
             batch = tracker.batch([sample_id]) if tracker is not None else contextlib.nullcontext()
             with batch, _global_rng(sample_seed(seed, sample_id), denoiser):
-                output = pipeline(
-                    height=pixel_height,
-                    width=pixel_width,
-                    num_inference_steps=steps,
-                    generator=generator,
-                    output_type="latent",
-                    **kwargs,
-                )
+                output = pipeline(num_inference_steps=steps, generator=generator, **kwargs)
             if tracker is not None:
                 _check_every_step_tracked(pipeline, tracked_timesteps)
                 tracked_timesteps.clear()
-            # Every supported pipeline's output has ``frames`` (here the final latents).
-            outputs.append(torch.as_tensor(output.frames).float().cpu())
+            # Every diffusers video pipeline's output has ``frames`` (here the latents).
+            latents = torch.as_tensor(output.frames).float().cpu()
+            outputs.append(loaded.family.pipeline_latents(denoiser, latents, frames, height, width))
     return torch.cat(outputs, dim=0)
+
+
+# Arguments a pipeline call may require that ``call_arguments`` supplies.
+_FRAME_ARGUMENTS = ("num_frames", "video_length")
+
+
+def call_arguments(
+    loaded: LoadedModel,
+    prompt: str,
+    guidance_scale: float,
+    pixel_frames: int,
+    pixel_height: int,
+    pixel_width: int,
+    *,
+    negative_prompt: str | None = None,
+    image: Callable[[], Any] | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of one pipeline call, from its ``__call__`` signature.
+
+    Each argument goes only where the signature has it: ``prompt``, ``negative_prompt``
+    (when given), the frame count as ``num_frames`` or ``video_length``, ``height``,
+    ``width``, ``guidance_scale`` (or ``min_guidance_scale`` and ``max_guidance_scale``),
+    ``guidance_scale_2`` for two experts, ``output_type="latent"``,
+    ``max_sequence_length``, a conditioning ``image`` (image-to-video), then the family's
+    ``pipeline_call_defaults``. The generator and step count are added by the caller.
+
+    Raises:
+        UserError: a required argument none of these supplies (one line naming it), or a
+            pipeline with no frame count.
+    """
+    pipeline = loaded.pipeline
+    class_name = type(pipeline).__name__
+    parameters = inspect.signature(pipeline.__call__).parameters
+    frames_arg = next((name for name in _FRAME_ARGUMENTS if name in parameters), None)
+    values: dict[str, Any] = {
+        "prompt": prompt,
+        frames_arg or _FRAME_ARGUMENTS[0]: pixel_frames,
+        "height": pixel_height,
+        "width": pixel_width,
+        "output_type": "latent",
+    }
+    if negative_prompt is not None:
+        values["negative_prompt"] = negative_prompt
+    if "guidance_scale" in parameters:
+        values["guidance_scale"] = guidance_scale
+    elif "min_guidance_scale" in parameters and "max_guidance_scale" in parameters:
+        values["min_guidance_scale"] = values["max_guidance_scale"] = guidance_scale
+    if getattr(pipeline.config, "boundary_ratio", None):
+        # The low-noise expert's scale (Wan 2.2): the same guidance for both.
+        values["guidance_scale_2"] = guidance_scale
+    if "max_sequence_length" in parameters:
+        values["max_sequence_length"] = _text_length(pipeline)
+    if "image" in parameters and image is not None:
+        values["image"] = image()
+    values.update(loaded.family.pipeline_call_defaults)
+    supplied = set(values) | {"num_inference_steps", "generator", "image"}
+    for name, parameter in parameters.items():
+        required = parameter.default is inspect.Parameter.empty and parameter.kind not in (
+            inspect.Parameter.VAR_POSITIONAL,
+            inspect.Parameter.VAR_KEYWORD,
+        )
+        if required and name != "self" and name not in supplied:
+            raise UserError(
+                f"pipeline {class_name}'s call needs argument {name!r}, which qvd-bench "
+                "cannot supply"
+            )
+    if frames_arg is None:
+        raise UserError(
+            f"pipeline {class_name}'s call takes no frame count ({' or '.join(_FRAME_ARGUMENTS)}): "
+            "not a video pipeline"
+        )
+    return {name: value for name, value in values.items() if name in parameters}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -735,11 +765,27 @@ def _check_every_step_tracked(pipeline: Any, timesteps: list[float]) -> None:
 
 
 def _compression(pipeline: Any) -> tuple[int, int]:
-    """(spatial, temporal) compression of the pipeline's VAE."""
-    spatial = getattr(pipeline, "vae_scale_factor_spatial", None)
+    """(spatial, temporal) compression of the pipeline's VAE, as the pipeline states it
+    (the attribute names differ between pipelines)."""
+    spatial = _first_attribute(
+        pipeline,
+        ("vae_scale_factor_spatial", "vae_spatial_compression_ratio", "vae_spatial_scale_factor",
+         "vae_scale_factor"),
+    )
+    temporal = _first_attribute(
+        pipeline,
+        ("vae_scale_factor_temporal", "vae_temporal_compression_ratio",
+         "vae_temporal_scale_factor"),
+    )
     if spatial is None:
-        spatial = pipeline.vae_scale_factor
-    return int(spatial), int(getattr(pipeline, "vae_scale_factor_temporal", 1))
+        raise UserError(f"pipeline {type(pipeline).__name__} states no VAE compression factor")
+    return int(spatial), int(temporal or 1)
+
+
+def _first_attribute(pipeline: Any, names: Sequence[str]) -> Any:
+    return next(
+        (getattr(pipeline, n) for n in names if getattr(pipeline, n, None) is not None), None
+    )
 
 
 def _text_length(pipeline: Any) -> int:
@@ -814,38 +860,3 @@ def _call_counter(denoisers: Sequence[nn.Module], callback: Callable[[], Any]) -
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextlib.contextmanager
-def _separate_branches(
-    pipeline: Any, denoisers: Sequence[nn.Module], tracker: CallTracker
-) -> Iterator[None]:
-    """Tells the tracker the branch of each call of a pipeline that runs CFG as two calls.
-
-    WanPipeline calls the denoiser on the conditional input first, then (when CFG is on)
-    on the unconditional one; with two experts both calls of a step go to the same one,
-    so one count over all experts' calls gives the branch. The branch is announced in a
-    pre-hook that runs before the tracker's and withdrawn after the call.
-    """
-    stack = contextlib.ExitStack()
-    calls = [0]
-
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cfg = bool(getattr(pipeline, "do_classifier_free_guidance", False))
-        name = "uncond" if cfg and calls[0] % 2 == 1 else "cond"
-        calls[0] += 1
-        stack.enter_context(tracker.branch(name))
-
-    def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
-        stack.close()
-
-    handles = []
-    for denoiser in denoisers:
-        handles.append(denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
-        handles.append(denoiser.register_forward_hook(post_hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        stack.close()

@@ -175,17 +175,29 @@ def test_sample_seed_depends_on_seed_and_sample():
     assert pipelines.sample_seed(2, 3) == pipelines.sample_seed(2, 3)
 
 
-def test_unsupported_pipeline_class_is_a_user_error():
-    loaded = tiny("tiny-latte")
+def test_a_pipeline_call_needing_an_argument_qvd_bench_cannot_supply_is_a_user_error():
+    from diffusers import LucyEditPipeline
 
-    class OtherPipeline:
+    loaded = tiny("tiny-wan")
+    # A video editing pipeline needs an input video: nothing qvd-bench has.
+    video_to_video = LucyEditPipeline(**loaded.pipeline.components)
+    other = LoadedModel(
+        name="v2v", family=loaded.family, denoiser=loaded.denoiser, pipeline=video_to_video
+    )
+    calls = []
+    handle = loaded.denoiser.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(UserError, match="LucyEditPipeline's call needs argument 'video'"):
+            run(other)
+    finally:
+        handle.remove()
+    assert calls == []  # refused before any denoiser call
+
+    class NotAPipeline:
         pass
 
-    other = LoadedModel(
-        name="x", family=loaded.family, denoiser=loaded.denoiser, pipeline=OtherPipeline()
-    )
-    with pytest.raises(UserError, match="OtherPipeline.*LattePipeline.*WanPipeline"):
-        run(other)
+    with pytest.raises(UserError, match="NotAPipeline is not a diffusers pipeline"):
+        run(LoadedModel("x", loaded.family, loaded.denoiser, pipeline=NotAPipeline()))
     bare = LoadedModel(name="bare", family=loaded.family, denoiser=loaded.denoiser)
     with pytest.raises(UserError, match="no diffusers pipeline"):
         run(bare)
