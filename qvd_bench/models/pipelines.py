@@ -47,6 +47,9 @@ PRESET_PIPELINES: dict[str, str] = {
     "tiny-latte": "LattePipeline",
     "tiny-cogvideox": "CogVideoXPipeline",
     "tiny-wan": "WanPipeline",
+    "tiny-ltx": "LTXPipeline",
+    "tiny-hunyuan": "HunyuanVideoPipeline",
+    "tiny-mochi": "MochiPipeline",
 }
 
 
@@ -382,6 +385,117 @@ def _build_wan(loaded: LoadedModel):
 # Wan pads prompts to ``max_sequence_length``; its real default (512) is wasteful here.
 _WAN_TEXT_LENGTH = 16
 
+def _build_ltx(loaded: LoadedModel):
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
+
+    transformer = loaded.denoiser
+    config = transformer.config
+    # Two scaling blocks: 4x spatial and temporal compression (LTX-Video's VAE: 32x, 8x).
+    vae = AutoencoderKLLTXVideo(
+        latent_channels=config.in_channels,
+        block_out_channels=(8, 8, 8, 8),
+        spatio_temporal_scaling=(True, True, False, False),
+        layers_per_block=(1, 1, 1, 1, 1),
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    ).eval()
+    # LTX-Video's scheduler: resolution-dependent shift, stretched to a terminal sigma.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
+        shift_terminal=0.1,
+    )
+    return LTXPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=_t5_text_encoder(config.caption_channels),
+        tokenizer=_t5_tokenizer(_TINY_TEXT_LENGTH),
+        transformer=transformer,
+    )
+
+
+def _build_hunyuan(loaded: LoadedModel):
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+    )
+    from transformers import LlamaConfig, LlamaModel
+
+    transformer = loaded.denoiser
+    config = transformer.config
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=config.in_channels,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+    ).eval()
+    # The Llama text encoder: its states (two layers before the last, as the pipeline
+    # reads them) are the transformer's text states.
+    llama = LlamaModel(
+        LlamaConfig(
+            vocab_size=len(_t5_vocab()),
+            hidden_size=config.text_embed_dim,
+            intermediate_size=2 * config.text_embed_dim,
+            num_hidden_layers=_TEXT_LAYERS + 1,
+            num_attention_heads=_heads(config.text_embed_dim),
+            num_key_value_heads=_heads(config.text_embed_dim),
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=1,
+        )
+    ).eval()
+    return HunyuanVideoPipeline(
+        text_encoder=llama,
+        tokenizer=_t5_tokenizer(_TINY_TEXT_LENGTH),
+        transformer=transformer,
+        vae=vae,
+        # HunyuanVideo samples flow matching with shift 7.
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        # The CLIP encoder's pooled states are the transformer's pooled_projections.
+        text_encoder_2=_clip_text_encoder(config.pooled_projection_dim),
+        tokenizer_2=_clip_tokenizer(),
+    )
+
+
+def _build_mochi(loaded: LoadedModel):
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline
+
+    transformer = loaded.denoiser
+    config = transformer.config
+    vae = AutoencoderKLMochi(
+        latent_channels=config.in_channels,
+        out_channels=3,
+        encoder_block_out_channels=(32, 32, 32, 32),
+        decoder_block_out_channels=(32, 32, 32, 32),
+        layers_per_block=(1, 1, 1, 1, 1),
+    ).eval()
+    return MochiPipeline(
+        # Mochi's scheduler counts time backwards (see families/mochi.py).
+        scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
+        vae=vae,
+        text_encoder=_t5_text_encoder(config.text_embed_dim),
+        # Mochi pads prompts to the transformer's max_sequence_length.
+        tokenizer=_t5_tokenizer(config.max_sequence_length),
+        transformer=transformer,
+    )
+
+
+# Prompt length of the tiny LTX and HunyuanVideo pipelines (their real ones: 128, 256).
+_TINY_TEXT_LENGTH = 16
+
+
 _BUILDERS: dict[str, Callable[[LoadedModel], Any]] = {
     "TextToVideoSDPipeline": _build_text_to_video_sd,
     "AnimateDiffPipeline": _build_animatediff,
@@ -390,6 +504,9 @@ _BUILDERS: dict[str, Callable[[LoadedModel], Any]] = {
     "LattePipeline": _build_latte,
     "CogVideoXPipeline": _build_cogvideox,
     "WanPipeline": _build_wan,
+    "LTXPipeline": _build_ltx,
+    "HunyuanVideoPipeline": _build_hunyuan,
+    "MochiPipeline": _build_mochi,
 }
 
 
