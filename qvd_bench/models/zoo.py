@@ -295,7 +295,16 @@ def pipeline_denoisers(pipeline: Any) -> dict[str, nn.Module]:
 
 def _load_pipeline(location: str, source: str) -> LoadedModel:
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    # No loading progress bars (diffusers' components, transformers' weights): an error
+    # after loading stays one line. Restored afterwards.
+    bars = [
+        log for log in (diffusers_logging, transformers_logging) if log.is_progress_bar_enabled()
+    ]
+    for log in bars:
+        log.disable_progress_bar()
     try:
         pipeline = DiffusionPipeline.from_pretrained(location, local_files_only=True)
     except Exception as error:  # diffusers raises many types for a missing model
@@ -303,6 +312,9 @@ def _load_pipeline(location: str, source: str) -> LoadedModel:
         raise UserError(
             f"could not load {source} offline ({reason}); download it and pass the local directory"
         ) from None
+    finally:
+        for log in bars:
+            log.enable_progress_bar()
     denoisers = pipeline_denoisers(pipeline)
     if not denoisers:
         raise UserError(

@@ -267,3 +267,95 @@ def test_mochi_attention_statistics_key_each_sample_of_its_per_sample_loop(saved
     # Both branches of every (module, tensor, timestep), each with its own rows.
     per_branch = counts.unstack("branch")
     assert per_branch.notna().all().all() and (per_branch > 0).all().all()
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def save_variant(preset: str, pipeline_class: str, directory, **config):
+    """A tiny preset's components in another pipeline class of its family, saved."""
+    import diffusers
+
+    base = pipelines.build_tiny_pipeline(preset)
+    pipe = getattr(diffusers, pipeline_class)(**base.components, **config)
+    pipe.save_pretrained(directory)
+    return str(directory)
+
+
+def collected(path, tmp_path, layers):
+    return collect_layers(path, layers, tmp_path, 2)
+
+
+def test_image_to_video_ltx_keys_by_step_and_leaves_out_the_conditioning_frame(tmp_path):
+    """LTXImageToVideoPipeline gives each token t·(1 − mask): the conditioning frame's
+    tokens are at 0. They are left out of the token layers, not filed under the step."""
+    path = save_variant("tiny-ltx", "LTXImageToVideoPipeline", tmp_path / "i2v")
+    layers = ["proj_in", "transformer_blocks.0.attn2.to_k"]
+    run = collected(path, tmp_path, layers)
+    channels = run.channels[run.channels["channel"] == 0]
+    tokens_per_frame = SIZE["height"] * SIZE["width"]  # patch size 1
+    text_tokens = pipelines._TINY_TEXT_LENGTH
+    assert len(run.manifest["schedule"]) == 2 and 0.0 not in run.manifest["schedule"]
+    for _, row in channels.iterrows():
+        expected = tokens_per_frame * (SIZE["frames"] - 1) if row["layer"] == "proj_in" else text_tokens
+        assert row["count"] == expected
+    assert len(channels) == 2 * 2 * len(layers)  # steps x branches x layers: nothing dropped
+    excluded = run.manifest["keying"]["excluded_rows"]
+    assert excluded == {"proj_in": 2 * 2 * tokens_per_frame}
+
+
+def test_per_token_timesteps_of_wan_expand_timesteps_are_keyed_by_the_step(tmp_path):
+    """Wan 2.2 TI2V's ``expand_timesteps``: one timestep per token, all at the step's."""
+    path = save_variant("tiny-wan", "WanPipeline", tmp_path / "ti2v", expand_timesteps=True)
+    run = collected(path, tmp_path, ["blocks.0.attn1.to_q", "condition_embedder.time_embedder.linear_1"])
+    reference = pipelines.build_tiny_pipeline("tiny-wan").scheduler
+    reference.set_timesteps(2)
+    keys = set(zip(run.channels["timestep"], run.channels["branch"]))
+    assert keys == {(float(t), b) for t in reference.timesteps for b in ("cond", "uncond")}
+    assert run.manifest["keying"]["excluded_rows"] == {}
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_a_directory_without_a_video_denoiser_is_one_line_exit_2(tmp_path, capsys):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 8),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=2,
+    )
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "image")
+    out = tmp_path / "stats"
+    assert run_cli("collect", "--model", tmp_path / "image", *SMALL, "--out", out) == 2
+    assert "denoiser class UNet2DModel is not supported" in error_line(capsys)
+    assert not out.exists()
+
+
+def test_an_unkeyable_denoiser_call_is_one_line_exit_2(two_expert_wan_dir, tmp_path, capsys, monkeypatch):
+    """Without its cache_context, WanPipeline's two calls per step could be told apart only
+    by their order: the run stops instead of guessing."""
+    from qvd_bench.models import sampling
+
+    monkeypatch.setattr(sampling.CallTracker, "_attach_context_hooks", lambda self: None)
+    out = tmp_path / "stats"
+    code = run_cli("collect", "--model", two_expert_wan_dir, *SMALL, "--out", out, "--no-progress")
+    assert code == 2
+    assert "two denoiser calls at timestep 1000 without a cache_context" in error_line(capsys)
+    assert not out.exists()
+
+
+def test_statistics_of_one_model_given_to_another_is_one_line_exit_2(saved, tmp_path, capsys):
+    stats, ltx, mochi = tmp_path / "stats", saved("tiny-ltx"), saved("tiny-mochi")
+    args = ["collect", "--model", ltx, *SMALL, "--temporal-stride", "0"]
+    assert run_cli(*args, "--out", stats, "--no-progress") == 0
+    capsys.readouterr()
+    record = tmp_path / "record"
+    code = run_cli("quantize", "--stats", stats, "--model", mochi, "--out", record)
+    assert code == 2
+    assert "from another model" in error_line(capsys)
+    assert not record.exists()
