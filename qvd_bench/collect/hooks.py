@@ -5,7 +5,10 @@ outputs) on every selected leaf Linear/Conv. Each hook reads the current
 ``DenoiserCall`` from the ``CallTracker`` (timestep value, CFG branches, sample ids),
 splits a batched [uncond, cond] input along dim 0 and updates the accumulators keyed by
 (tensor, layer, timestep value, branch). Calls made while no sampling call is being
-tracked (probe forwards) are ignored.
+tracked (probe forwards) are ignored. In a call whose tokens are at different noise levels
+(an image-to-video conditioning frame), the rows of tokens at another level than the
+step's are left out of the layers whose rows are the video tokens and counted in
+``excluded_rows``.
 
 ``capture_temporal_features`` runs the probe forwards that record the full input
 vectors of timestep-embedding layers on a timestep grid.
@@ -307,7 +310,9 @@ def capture_temporal_features(
         text_states: (1, L, D) text states for the probe; zeros when None.
 
     Returns:
-        layer name -> TemporalFeatures holding one (D,) vector per grid timestep.
+        layer name -> TemporalFeatures holding one (D,) vector per grid timestep, labelled
+        by the timestep the denoiser received (the statistics' key; ``family.forward`` may
+        convert the grid value, as Mochi's does to 1000 - t).
     """
     denoiser, family = loaded.denoiser, loaded.family
     modules = dict(denoiser.named_modules())
@@ -322,10 +327,19 @@ def capture_temporal_features(
 
         return hook
 
+    received: list[torch.Tensor] = []
+
+    def timestep_recorder(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        received.append(torch.as_tensor(timestep).detach().reshape(-1).to("cpu", torch.float64))
+
     handles = [
         modules[name].register_forward_pre_hook(recorder(name), with_kwargs=True)
         for name in layer_names
     ]
+    # Features are labelled by the timestep the denoiser receives, as the statistics are
+    # keyed: a family's forward may convert it (Mochi counts time backwards, 1000 - t).
+    handles.append(denoiser.register_forward_pre_hook(timestep_recorder, with_kwargs=True))
     frames, height, width = family.probe_size(denoiser)
     length, dim = family.text_embedding_shape(denoiser)
     grid = torch.as_tensor(list(timesteps), dtype=torch.float64)
@@ -348,15 +362,17 @@ def capture_temporal_features(
                 ).items()
             }
             current.clear()
+            received.clear()
             family.forward(
                 denoiser, latents, values.to(device, torch.float32), states, conditioning
             )
+            labels = received[0] if len(received[0]) == batch else received[0].expand(batch)
             for name in layer_names:
                 if name not in current:
                     raise RuntimeError(f"timestep-embedding layer {name} was not called")
                 x = current[name]
                 vectors = x.reshape(batch, -1, x.shape[-1])[:, 0]
-                features[name].update(vectors.to(torch.float32), values)
+                features[name].update(vectors.to(torch.float32), labels)
     finally:
         for handle in handles:
             handle.remove()
