@@ -71,11 +71,14 @@ def other_level_rows(call: Any, rows: int) -> torch.Tensor | None:
 
 
 # diffusers' ``cache_context`` names of a denoiser call and the CFG branches of its batch:
-# one branch, or [uncond, cond] for a doubled batch ("cond_uncond").
+# one branch, or [uncond, cond] for a doubled batch ("cond_uncond"). Pipelines driven by a
+# diffusers guider (HunyuanVideo-1.5) name the calls by the guider's predictions.
 CACHE_CONTEXT_BRANCHES: dict[str, tuple[str, ...]] = {
     "cond": ("cond",),
     "uncond": ("uncond",),
     "cond_uncond": BRANCHES,
+    "pred_cond": ("cond",),
+    "pred_uncond": ("uncond",),
 }
 
 

@@ -77,6 +77,10 @@ def test_families_are_registered_by_class_and_short_name():
         "LTXVideoTransformer3DModel",
         "HunyuanVideoTransformer3DModel",
         "MochiTransformer3DModel",
+        "LTX2VideoTransformer3DModel",
+        "HunyuanVideo15Transformer3DModel",
+        "AllegroTransformer3DModel",
+        "SkyReelsV2Transformer3DModel",
     }
     for short_name in family_names():
         family = family_by_name(short_name)
