@@ -50,6 +50,7 @@ PRESET_PIPELINES: dict[str, str] = {
     "tiny-ltx": "LTXPipeline",
     "tiny-hunyuan": "HunyuanVideoPipeline",
     "tiny-mochi": "MochiPipeline",
+    "tiny-wan22": "WanPipeline",
 }
 
 
@@ -532,16 +533,31 @@ def tiny_pipeline_model(preset: str, weight_seed: int = 0, **load_kwargs: Any) -
             f"no tiny pipeline for {preset!r}; presets with one: {', '.join(PRESET_PIPELINES)}"
         )
     loaded = zoo.load_model(preset, weight_seed=weight_seed, **load_kwargs)
+    if loaded.pipeline is None:  # a multi-expert preset comes with its pipeline
+        attach_tiny_pipeline(loaded, {}, weight_seed)
+    return loaded
+
+
+def attach_tiny_pipeline(loaded: LoadedModel, config: dict[str, Any], weight_seed: int) -> None:
+    """Builds the tiny pipeline of a preset around its denoiser(s) and sets
+    ``loaded.pipeline``.
+
+    Args:
+        loaded: a zoo preset (``PRESET_PIPELINES`` names its pipeline class).
+        config: the pipeline's own settings (Wan 2.2's ``boundary_ratio``).
+        weight_seed: seed of the other components' weights.
+    """
     # The other components get their own seeded weights, without touching the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(weight_seed)
-        pipeline = _BUILDERS[PRESET_PIPELINES[preset]](loaded)
+        pipeline = _BUILDERS[PRESET_PIPELINES[loaded.name]](loaded)
+    if loaded.multi_expert or config:
+        pipeline = type(pipeline)(**{**pipeline.components, **loaded.denoisers}, **config)
     # The other components follow the denoiser (``load_model`` may have moved or cast it).
     reference = next(loaded.denoiser.parameters())
     pipeline.to(device=reference.device, dtype=reference.dtype)
     pipeline.set_progress_bar_config(disable=True)
     loaded.pipeline = pipeline
-    return loaded
 
 
 def build_tiny_pipeline(preset: str, weight_seed: int = 0, **load_kwargs: Any):

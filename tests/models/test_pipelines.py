@@ -42,11 +42,20 @@ def run(loaded, prompts=PROMPTS[:1], sample_ids=(0,), seed=0, **kwargs):
 
 
 def record_calls(loaded):
-    """A tracker on the denoiser and the list of DenoiserCalls it publishes."""
-    tracker = CallTracker(loaded.denoiser)
+    """A tracker on the denoiser(s) and the list of DenoiserCalls it publishes."""
+    tracker = CallTracker(loaded.experts)
     calls = []
-    handle = loaded.denoiser.register_forward_hook(lambda m, a, o: calls.append(tracker.current))
-    return tracker, calls, handle
+    handles = [
+        expert.register_forward_hook(lambda m, a, o: calls.append(tracker.current))
+        for expert in loaded.experts.values()
+    ]
+
+    class Handles:
+        def remove(self):
+            for handle in handles:
+                handle.remove()
+
+    return tracker, calls, Handles()
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -68,7 +77,7 @@ def test_pipeline_runs_with_cfg_and_tracks_every_call(preset):
     assert tracker._handle is None, "run_pipeline detaches a tracker it attached"
 
     timesteps = [float(t) for t in loaded.pipeline.scheduler.timesteps]
-    if preset == "tiny-wan":
+    if preset in ("tiny-wan", "tiny-wan22"):
         # WanPipeline runs the branches as two calls per step, conditional first.
         expected = [
             (t, (branch,), (sample,))
@@ -76,6 +85,9 @@ def test_pipeline_runs_with_cfg_and_tracks_every_call(preset):
             for t in timesteps
             for branch in ("cond", "uncond")
         ]
+    elif preset == "tiny-hunyuan":
+        # Guidance-distilled: one conditional call per step, the scale as an embedding.
+        expected = [(t, ("cond",), (sample,)) for sample in (5, 9) for t in timesteps]
     else:
         expected = [(t, ("uncond", "cond"), (sample,)) for sample in (5, 9) for t in timesteps]
     got = [(c.timestep, c.branches, c.sample_ids) for c in calls]
