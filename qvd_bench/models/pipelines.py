@@ -23,6 +23,7 @@ upsampled to the pixel size), seeded from (seed, sample id).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -385,6 +386,7 @@ def _build_wan(loaded: LoadedModel):
 
 # Wan pads prompts to ``max_sequence_length``; its real default (512) is wasteful here.
 _WAN_TEXT_LENGTH = 16
+
 
 def _build_ltx(loaded: LoadedModel):
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
@@ -769,7 +771,9 @@ def run_pipeline(
                 pixel_height,
                 pixel_width,
                 negative_prompt=negative_prompt,
-                image=lambda: synthetic_image(seed, sample_id, pixel_height, pixel_width),
+                image=functools.partial(
+                    synthetic_image, seed, sample_id, pixel_height, pixel_width
+                ),
             )
             kwargs.update(step_kwargs)
             kwargs.update(pipeline_kwargs or {})
@@ -902,13 +906,20 @@ def _compression(pipeline: Any) -> tuple[int, int]:
     (the attribute names differ between pipelines)."""
     spatial = _first_attribute(
         pipeline,
-        ("vae_scale_factor_spatial", "vae_spatial_compression_ratio", "vae_spatial_scale_factor",
-         "vae_scale_factor"),
+        (
+            "vae_scale_factor_spatial",
+            "vae_spatial_compression_ratio",
+            "vae_spatial_scale_factor",
+            "vae_scale_factor",
+        ),
     )
     temporal = _first_attribute(
         pipeline,
-        ("vae_scale_factor_temporal", "vae_temporal_compression_ratio",
-         "vae_temporal_scale_factor"),
+        (
+            "vae_scale_factor_temporal",
+            "vae_temporal_compression_ratio",
+            "vae_temporal_scale_factor",
+        ),
     )
     if spatial is None:
         raise UserError(f"pipeline {type(pipeline).__name__} states no VAE compression factor")

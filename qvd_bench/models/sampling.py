@@ -304,7 +304,9 @@ def _check_one_timestep(entries: torch.Tensor, n: int, where: str) -> None:
         )
 
 
-def _token_timesteps(module: nn.Module, sample: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+def _token_timesteps(
+    module: nn.Module, sample: torch.Tensor, entries: torch.Tensor
+) -> torch.Tensor:
     """Per-video-token timesteps (samples, tokens) of a call whose timestep has one entry
     per token, or per latent frame (expanded to the frame's tokens, frame-major as the
     transformers patchify).

@@ -120,7 +120,9 @@ def reference_statistics(captured) -> dict[tuple, np.ndarray]:
     out = {}
     for key, parts in rows.items():
         v = np.concatenate(parts)
-        out[key] = np.stack([np.full(v.shape[1], len(v)), v.min(0), v.max(0), v.mean(0), v.var(0)], 1)
+        out[key] = np.stack(
+            [np.full(v.shape[1], len(v)), v.min(0), v.max(0), v.mean(0), v.var(0)], 1
+        )
     return out
 
 
@@ -130,7 +132,9 @@ def assert_stats_equal_reference(run, reference):
     assert got_keys == set(reference)
     for (layer, t, branch), ref in reference.items():
         rows = channels[
-            (channels["layer"] == layer) & (channels["timestep"] == t) & (channels["branch"] == branch)
+            (channels["layer"] == layer)
+            & (channels["timestep"] == t)
+            & (channels["branch"] == branch)
         ].sort_values("channel")
         count = rows["count"].to_numpy()
         np.testing.assert_array_equal(count, ref[:, 0])
@@ -198,7 +202,9 @@ def test_two_expert_wan_statistics_equal_a_float64_reference(two_expert_wan_dir,
     # WanPipeline runs cond then uncond as two calls (its cache_context names them).
     keyed, seen = [], {}
     for name, t, x in captured:
-        count = seen[(name, float(t.reshape(-1)[0]))] = seen.get((name, float(t.reshape(-1)[0])), 0) + 1
+        count = seen[(name, float(t.reshape(-1)[0]))] = (
+            seen.get((name, float(t.reshape(-1)[0])), 0) + 1
+        )
         keyed.append((name, t, x, "cond" if count == 1 else "uncond"))
     rows: dict[tuple, list] = {}
     for name, t, x, branch in keyed:
@@ -230,8 +236,15 @@ def calls_of(loaded, **kwargs):
     ]
     try:
         pipelines.run_pipeline(
-            loaded, [PROMPT], steps=2, guidance_scale=4.0, seed=0, sample_ids=[0], tracker=tracker,
-            **SIZE, **kwargs,
+            loaded,
+            [PROMPT],
+            steps=2,
+            guidance_scale=4.0,
+            seed=0,
+            sample_ids=[0],
+            tracker=tracker,
+            **SIZE,
+            **kwargs,
         )
     finally:
         for handle in handles:
@@ -262,7 +275,9 @@ def test_mochi_attention_statistics_key_each_sample_of_its_per_sample_loop(saved
     )
     collect(config, tmp_path / "run", progress=False)
     attention = store.StatsRun(tmp_path / "run").attention
-    counts = attention.groupby(["module", "tensor", "timestep", "branch"], observed=True)["count"].sum()
+    counts = attention.groupby(["module", "tensor", "timestep", "branch"], observed=True)[
+        "count"
+    ].sum()
     assert set(attention["branch"]) == {"uncond", "cond"}
     # Both branches of every (module, tensor, timestep), each with its own rows.
     per_branch = counts.unstack("branch")
@@ -297,7 +312,9 @@ def test_image_to_video_ltx_keys_by_step_and_leaves_out_the_conditioning_frame(t
     text_tokens = pipelines._TINY_TEXT_LENGTH
     assert len(run.manifest["schedule"]) == 2 and 0.0 not in run.manifest["schedule"]
     for _, row in channels.iterrows():
-        expected = tokens_per_frame * (SIZE["frames"] - 1) if row["layer"] == "proj_in" else text_tokens
+        expected = (
+            tokens_per_frame * (SIZE["frames"] - 1) if row["layer"] == "proj_in" else text_tokens
+        )
         assert row["count"] == expected
     assert len(channels) == 2 * 2 * len(layers)  # steps x branches x layers: nothing dropped
     excluded = run.manifest["keying"]["excluded_rows"]
@@ -307,7 +324,9 @@ def test_image_to_video_ltx_keys_by_step_and_leaves_out_the_conditioning_frame(t
 def test_per_token_timesteps_of_wan_expand_timesteps_are_keyed_by_the_step(tmp_path):
     """Wan 2.2 TI2V's ``expand_timesteps``: one timestep per token, all at the step's."""
     path = save_variant("tiny-wan", "WanPipeline", tmp_path / "ti2v", expand_timesteps=True)
-    run = collected(path, tmp_path, ["blocks.0.attn1.to_q", "condition_embedder.time_embedder.linear_1"])
+    run = collected(
+        path, tmp_path, ["blocks.0.attn1.to_q", "condition_embedder.time_embedder.linear_1"]
+    )
     reference = pipelines.build_tiny_pipeline("tiny-wan").scheduler
     reference.set_timesteps(2)
     keys = set(zip(run.channels["timestep"], run.channels["branch"]))
@@ -336,7 +355,9 @@ def test_a_directory_without_a_video_denoiser_is_one_line_exit_2(tmp_path, capsy
     assert not out.exists()
 
 
-def test_an_unkeyable_denoiser_call_is_one_line_exit_2(two_expert_wan_dir, tmp_path, capsys, monkeypatch):
+def test_an_unkeyable_denoiser_call_is_one_line_exit_2(
+    two_expert_wan_dir, tmp_path, capsys, monkeypatch
+):
     """Without its cache_context, WanPipeline's two calls per step could be told apart only
     by their order: the run stops instead of guessing."""
     from qvd_bench.models import sampling

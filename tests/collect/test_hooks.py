@@ -229,6 +229,8 @@ def test_mochi_temporal_features_are_labelled_by_the_timestep_the_transformer_re
     text = torch.zeros(1, *family.text_embedding_shape(denoiser))
     with torch.no_grad():
         # The transformer itself at its own timestep 750.
-        denoiser(latents, text, torch.tensor([750.0]), torch.ones(text.shape[:2]), return_dict=False)
+        denoiser(
+            latents, text, torch.tensor([750.0]), torch.ones(text.shape[:2]), return_dict=False
+        )
     handle.remove()
     np.testing.assert_array_equal(vectors[1], seen[0][0].double().numpy())

@@ -9,10 +9,10 @@ import re
 import pytest
 import torch
 
+from qvd_bench.models.families import family_names
 from qvd_bench.models.families._common import COMMON_OUTLIER_TARGETS
 from qvd_bench.models.families.hunyuan_video import DEFAULT_GUIDANCE_SCALE
 from qvd_bench.models.families.ltx import pack_tokens, unpack_tokens
-from qvd_bench.models.families import family_names
 from qvd_bench.models.family import ROLES
 from qvd_bench.models.roles import LayerInputCapture, classify, detect_time_emb, leaf_layers
 from qvd_bench.models.zoo import load_model
@@ -179,8 +179,15 @@ def test_mochi_forward_follows_the_flow_convention_of_the_minimal_sampler():
 
 # Families whose role table names only layers of their tiny config (the others' tables
 # also cover layers of config variants, e.g. CogVideoX 1.5's ofs_embedding).
-TABLES_OF_ONE_CONFIG = ("ltx", "hunyuan-video", "mochi", "ltx2", "hunyuan-video-1.5", "allegro",
-                        "skyreels-v2")
+TABLES_OF_ONE_CONFIG = (
+    "ltx",
+    "hunyuan-video",
+    "mochi",
+    "ltx2",
+    "hunyuan-video-1.5",
+    "allegro",
+    "skyreels-v2",
+)
 
 
 @functools.cache

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from types import MappingProxyType
-
 from typing import Any
 
 import torch
