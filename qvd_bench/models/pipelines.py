@@ -6,16 +6,18 @@ in memory from a small vocabulary, and the family's usual scheduler. Nothing is 
 and the result saves with ``save_pretrained`` and reloads offline with
 ``DiffusionPipeline.from_pretrained(directory, local_files_only=True)``.
 
-``run_pipeline`` drives any supported pipeline (tiny or real) one sample at a time inside
-``CallTracker.batch([sample_id])``, so that layer hooks see which sample, timestep and CFG
-branch each denoiser call computes.
+``run_pipeline`` drives any diffusers video pipeline (tiny or real) one sample at a time
+inside ``CallTracker.batch([sample_id])``, so that layer hooks see which sample, timestep
+and CFG branch each denoiser call computes. There is no table of pipeline classes: the
+call's arguments come from the pipeline's ``__call__`` signature (``call_arguments``) and
+the family's ``pipeline_call_defaults``.
 
 Sizes: ``frames``, ``height`` and ``width`` are always **latent** sizes (what the denoiser
 sees, as in the minimal sampler); they are converted to the pixel sizes a pipeline takes
 with its VAE's spatial and temporal compression factors.
 
-Image-to-video pipelines (StableVideoDiffusionPipeline, I2VGenXLPipeline) need a
-conditioning image. There is no dataset behind the benchmark prompts, so each sample gets a
+Image-to-video pipelines (those whose call takes an ``image``: StableVideoDiffusionPipeline,
+I2VGenXLPipeline, LTXImageToVideoPipeline, ...) need a conditioning image. There is no dataset behind the benchmark prompts, so each sample gets a
 synthetic one: a smooth random RGB image (a 4x4 grid of random colours, bilinearly
 upsampled to the pixel size), seeded from (seed, sample id).
 """
