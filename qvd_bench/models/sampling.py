@@ -125,7 +125,7 @@ class CallTracker:
     calls are recognised: a doubled batch with one timestep is [uncond, cond], a single
     batch is "cond" (one call per step: CFG off, or a guidance-distilled model). A call
     that none of these keys (a batch of another size, an unknown context name, a second
-    unnamed call at the same timestep: two calls per step that only their order would
+    unnamed call at the same timestep in one ``batch`` block: two calls per step that only their order would
     tell apart, a doubled batch at two timesteps) raises ``UserError`` saying why: no
     call goes unrecorded.
 
@@ -148,6 +148,8 @@ class CallTracker:
         self._announced = False
         self._handle = None
         self._context_hooks: dict[str, Any] = {}
+        # Depth of ``batch`` blocks: unnamed calls are checked only inside a sampling run.
+        self._batches = 0
         # (expert, timestep tensor) of the last unnamed single-batch call of this batch.
         self._last_unnamed: tuple[str, torch.Tensor] | None = None
 
@@ -177,19 +179,23 @@ class CallTracker:
         for expert, module in self.experts.items():
             if not callable(getattr(module, "cache_context", None)):
                 continue  # a model without diffusers' CacheMixin has no cache context
-            had_forward = "forward" in vars(module)
             registry = HookRegistry.check_if_exists_or_initialize(module)
             hook = hook_class()
             registry.register_hook(hook, self._hook_name)
-            self._context_hooks[expert] = (hook, had_forward)
+            self._context_hooks[expert] = hook
 
     def _detach_context_hooks(self) -> None:
-        for expert, (_, had_forward) in self._context_hooks.items():
+        for expert in self._context_hooks:
             module = self.experts[expert]
             module._diffusers_hook.remove_hook(self._hook_name, recurse=False)
-            if not had_forward:
-                # diffusers leaves the bound method as an instance attribute.
-                vars(module).pop("forward", None)
+            # With its last hook removed diffusers leaves the module's own bound forward
+            # as an instance attribute: drop it, so that the module is as it was.
+            forward = vars(module).get("forward")
+            if (
+                getattr(forward, "__func__", None) is type(module).forward
+                and forward.__self__ is module
+            ):
+                del vars(module)["forward"]
         self._context_hooks = {}
 
     @property
@@ -206,11 +212,13 @@ class CallTracker:
         previous = self._sample_ids
         self._sample_ids = tuple(int(i) for i in sample_ids)
         self._last_unnamed = None
+        self._batches += 1
         try:
             yield
         finally:
             self._sample_ids = previous
             self._last_unnamed = None
+            self._batches -= 1
 
     @contextlib.contextmanager
     def branch(self, name: str) -> Iterator[None]:
@@ -235,7 +243,7 @@ class CallTracker:
         n = len(self._sample_ids)
         entries = _timestep_entries(timestep, batch)
         hook = self._context_hooks.get(expert)
-        context = hook[0].name if hook is not None else None
+        context = hook.name if hook is not None else None
         branches = self._branches(context, batch, n, entries, expert)
         chunk = entries[:n]
         step = float(chunk.max())
@@ -268,7 +276,8 @@ class CallTracker:
             return BRANCHES
         if batch != n:
             raise UserError(f"{where} cannot be keyed: neither one nor two (CFG) per sample")
-        if self._announced:
+        if self._announced or not self._batches:
+            # Announced by the sampler, or a direct call outside any sampling run.
             return (self._branch,)
         last = self._last_unnamed
         if last is not None and last[0] == expert and torch.equal(last[1], entries):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -112,3 +113,66 @@ def test_pseudo_text_states_are_deterministic_per_prompt():
     assert torch.equal(uncond[1], empty[0])
     again, _ = text_states_for_prompts(loaded, ["a dog"])
     assert torch.equal(again[0], cond[1])
+
+
+# --------------------------------------------------------------------------- call keying
+
+
+def wan_call(loaded, batch=1, timestep=500.0, context=None):
+    """One call of the tiny Wan transformer, in a cache_context when named."""
+    generator = torch.Generator().manual_seed(0)
+    family, denoiser = loaded.family, loaded.denoiser
+    latents = torch.randn(family.latent_shape(denoiser, batch, 1, 2, 2), generator=generator)
+    text = torch.randn((batch, 4, denoiser.config.text_dim), generator=generator)
+    timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch)
+    scope = denoiser.cache_context(context) if context else contextlib.nullcontext()
+    with scope, torch.no_grad():
+        family.forward(denoiser, latents, timestep, text, {})
+
+
+def keyed(loaded, tracker, **kwargs):
+    calls = []
+    handle = loaded.denoiser.register_forward_hook(lambda *_: calls.append(tracker.current))
+    try:
+        wan_call(loaded, **kwargs)
+    finally:
+        handle.remove()
+    return calls[0]
+
+
+def test_cache_context_names_the_branch_and_unknown_names_stop_the_run():
+    loaded = model("tiny-wan")
+    tracker = CallTracker(loaded.denoiser).attach()
+    try:
+        with tracker.batch([3]):
+            assert keyed(loaded, tracker, context="uncond").branches == ("uncond",)
+            assert keyed(loaded, tracker, context="cond").branches == ("cond",)
+            both = keyed(loaded, tracker, batch=2, context="cond_uncond")
+            assert both.branches == ("uncond", "cond") and both.sample_ids == (3,)
+            with pytest.raises(UserError, match="cache_context 'uncond_stg' cannot be keyed"):
+                wan_call(loaded, context="uncond_stg")
+            with pytest.raises(UserError, match="halves .* at different timesteps"):
+                wan_call(loaded, batch=2, timestep=[500.0, 400.0])
+            with pytest.raises(UserError, match="batch 3 for 1 sample"):
+                wan_call(loaded, batch=3)
+    finally:
+        tracker.detach()
+    # Detached, the denoiser is as before: no hook, no instance forward left behind.
+    assert "forward" not in vars(loaded.denoiser)
+    assert loaded.denoiser._diffusers_hook.hooks == {}
+
+
+def test_two_unnamed_calls_at_one_timestep_in_a_run_cannot_be_keyed():
+    loaded = model("tiny-wan")
+    tracker = CallTracker(loaded.denoiser).attach()
+    try:
+        with tracker.batch([0]):
+            assert keyed(loaded, tracker, timestep=900.0).branches == ("cond",)
+            assert keyed(loaded, tracker, timestep=500.0).branches == ("cond",)
+            with pytest.raises(UserError, match="two denoiser calls at timestep 500"):
+                wan_call(loaded, timestep=500.0)
+        # Outside a sampling run (a probe forward), repeated calls stay "cond".
+        for _ in range(2):
+            assert keyed(loaded, tracker, timestep=500.0).branches == ("cond",)
+    finally:
+        tracker.detach()
