@@ -62,6 +62,19 @@ def test_saved_pipeline_goes_by_path_through_roles_collect_analyze_quantize(
     run = store.StatsRun(stats)
     scheduled = run.manifest["schedule"]
     assert len(scheduled) == (WAN_STEPS if preset == "wan22" else 2)
+    # Guidance-distilled HunyuanVideo: one conditional call per step, not an error.
+    branches = {"cond"} if preset == "tiny-hunyuan" else {"cond", "uncond"}
+    channels = run.channels[run.channels["tensor"] == "input"]
+    assert set(channels["branch"]) == branches
+    # No silent drop: every layer at every step its expert ran, in every branch.
+    experts = run.manifest.get("timestep_experts")
+    ran = {(t, e) for t, e in experts} if experts else {(t, "") for t in scheduled}
+    for layer, rows in channels.groupby("layer", observed=True):
+        expert = layer.split(".")[0] if experts else ""
+        steps = {t for t, e in ran if e == expert}
+        assert set(zip(rows["timestep"], rows["branch"])) == {
+            (t, b) for t in steps for b in branches
+        }, layer
     assert run_cli("analyze", stats) == 0
     record = tmp_path / "record"
     assert run_cli("quantize", "--stats", stats, "--method", "qvd", "--out", record) == 0
