@@ -343,15 +343,17 @@ class AttentionStats:
     ) -> list[tuple[str, Tensor]]:
         """(branch, part of ``x``) pairs of one observed operand.
 
-        The whole batch of the call (branches × samples) is split into its branches. A
-        processor that runs the attention on a slice of the batch at a time (Mochi's,
+        The whole batch of the call (branches × samples, frames or pixels folded in after
+        it) is split into its branches. A processor that runs the attention on less than
+        the batch at a time (Mochi's,
         one sample per call: its samples keep different numbers of text tokens) hands
         the slices in batch order; each is placed by how many rows of the call this
         module's operand has already seen.
         """
         branches = call.branches
         total = len(branches) * len(call.sample_ids)
-        if x.shape[0] == total:
+        if x.shape[0] >= total:
+            # The whole batch, frames or pixels folded in after it (batch outermost).
             return list(zip(branches, x.chunk(len(branches), dim=0)))
         if call is not self._offsets_call:
             self._offsets, self._offsets_call = {}, call

@@ -216,9 +216,9 @@ def load_model(
         )
         if spec.experts:
             # Only the pipeline knows which expert runs each step.
-            from qvd_bench.models import pipelines
+            from qvd_bench.models.tiny_pipelines import attach_tiny_pipeline
 
-            pipelines.attach_tiny_pipeline(loaded, dict(spec.pipeline_config), weight_seed)
+            attach_tiny_pipeline(loaded, dict(spec.pipeline_config), weight_seed)
         return loaded
     loaded = _load_pretrained(name_or_path)
     knobs = _knobs(disparity, asymmetry, 0.0, 0.0)

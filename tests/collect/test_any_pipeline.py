@@ -15,7 +15,7 @@ from qvd_bench import store
 from qvd_bench.collect.collector import collect
 from qvd_bench.commands import main as cli
 from qvd_bench.config import CollectConfig
-from qvd_bench.models import pipelines
+from qvd_bench.models import pipelines, tiny_pipelines
 from tests.experts import STEPS as WAN_STEPS
 
 PROMPT = "a cat jumps onto a table"
@@ -322,7 +322,7 @@ def test_image_to_video_ltx_keys_by_step_and_leaves_out_the_conditioning_frame(t
     run = collected(path, tmp_path, layers)
     channels = run.channels[run.channels["channel"] == 0]
     tokens_per_frame = SIZE["height"] * SIZE["width"]  # patch size 1
-    text_tokens = pipelines._TINY_TEXT_LENGTH
+    text_tokens = tiny_pipelines._TINY_TEXT_LENGTH
     assert len(run.manifest["schedule"]) == 2 and 0.0 not in run.manifest["schedule"]
     for _, row in channels.iterrows():
         expected = (
