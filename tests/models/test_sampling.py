@@ -176,3 +176,35 @@ def test_two_unnamed_calls_at_one_timestep_in_a_run_cannot_be_keyed():
             assert keyed(loaded, tracker, timestep=500.0).branches == ("cond",)
     finally:
         tracker.detach()
+
+
+def test_per_frame_timesteps_are_keyed_by_the_step_and_expanded_to_tokens():
+    """SkyReels-V2 diffusion forcing gives each latent frame its timestep, (B, frames): the
+    call is keyed by the largest, and each frame's tokens carry their frame's timestep."""
+    from qvd_bench.models.families import family_by_name
+    from qvd_bench.models.sampling import other_level_rows
+
+    family = family_by_name("skyreels-v2")
+    torch.manual_seed(0)
+    denoiser = family.build(family.tiny_config()).eval()
+    frames, height, width = 3, 4, 4
+    latents = torch.randn(family.latent_shape(denoiser, 1, frames, height, width))
+    text = torch.randn(1, 4, denoiser.config.text_dim)
+    per_frame = torch.tensor([[0.0, 500.0, 500.0]])
+    tracker = CallTracker(denoiser).attach()
+    calls = []
+    handle = denoiser.register_forward_hook(lambda *_: calls.append(tracker.current))
+    try:
+        with tracker.batch([0]), torch.no_grad():
+            denoiser(latents, per_frame, text, enable_diffusion_forcing=True, return_dict=False)
+    finally:
+        handle.remove()
+        tracker.detach()
+    (call,) = calls
+    tokens_per_frame = (height // 2) * (width // 2)  # patch (1, 2, 2)
+    assert call.timestep == 500.0 and call.branches == ("cond",)
+    expected = per_frame.double().repeat_interleave(tokens_per_frame, dim=1)
+    assert torch.equal(call.token_timesteps, expected)
+    other = other_level_rows(call, frames * tokens_per_frame)
+    assert other.sum() == tokens_per_frame and bool(other[0, :tokens_per_frame].all())
+    assert other_level_rows(call, 7) is None  # rows that are not the video tokens
