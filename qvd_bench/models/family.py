@@ -6,8 +6,9 @@ knowledge is kept declarative (role tables, outlier targets, tiny configs); core
 never branches on a model's name, only calls these methods.
 
 Tensor layouts: ``latents`` are in the family's own layout, "BCFHW" (UNet3D, Motion,
-I2VGenXL, Latte, Wan, LTX-Video, HunyuanVideo, Mochi) or "BFCHW" (SVD, CogVideoX), and hold only the channels the
-denoiser predicts (extra conditioning channels such as SVD's image latents are added
+I2VGenXL, Latte, Wan, LTX-Video, LTX-2, HunyuanVideo, HunyuanVideo-1.5, Mochi, Allegro,
+SkyReels-V2) or "BFCHW" (SVD, CogVideoX), and hold only the channels the denoiser
+predicts (extra conditioning channels such as SVD's image latents are added
 inside ``forward``).
 """
 
