@@ -5,6 +5,11 @@ to the text, an FFN, and attention between the two streams (audio-to-video and
 video-to-audio). Both streams are quantized alike; the audio layers are named
 ``audio_*``. The latents here are the video's, (B, C, F, H, W); ``forward`` packs them as
 ``ltx.pack_tokens`` does and supplies audio latents from ``conditioning``.
+
+LTX2Pipeline adds spatio-temporal and modality-isolation guidance passes by default
+(denoiser calls in ``cache_context("uncond_stg")`` and ``("uncond_modality")``). They are
+not CFG branches, so the tracker refuses them; a run turns them off through the call's
+``stg_scale``, ``audio_stg_scale`` (0) and ``modality_scale``, ``audio_modality_scale`` (1).
 """
 
 from __future__ import annotations
