@@ -333,6 +333,44 @@ class AttentionStats:
         self.moments: dict[AttentionKey, ChannelMoments] = {}
         self.histograms: dict[AttentionKey, Histogram] = {}
         self.processors: dict[str, ExplicitAttnProcessor] = {}
+        # (module, tensor) -> rows of the call's batch already seen, for processors
+        # that run the attention one sample at a time.
+        self._offsets: dict[tuple[str, str], int] = {}
+        self._offsets_call: Any = None
+
+    def _branch_chunks(
+        self, call: Any, module: str, tensor: str, x: Tensor
+    ) -> list[tuple[str, Tensor]]:
+        """(branch, part of ``x``) pairs of one observed operand.
+
+        The whole batch of the call (branches × samples, frames or pixels folded in after
+        it) is split into its branches. A processor that runs the attention on less than
+        the batch at a time (Mochi's,
+        one sample per call: its samples keep different numbers of text tokens) hands
+        the slices in batch order; each is placed by how many rows of the call this
+        module's operand has already seen.
+        """
+        branches = call.branches
+        total = len(branches) * len(call.sample_ids)
+        if x.shape[0] >= total:
+            # The whole batch, frames or pixels folded in after it (batch outermost).
+            return list(zip(branches, x.chunk(len(branches), dim=0)))
+        if call is not self._offsets_call:
+            self._offsets, self._offsets_call = {}, call
+        start = self._offsets.get((module, tensor), 0)
+        stop = start + x.shape[0]
+        if stop > total:
+            raise RuntimeError(
+                f"attention {module} read {tensor} for {stop} rows of a batch of {total}"
+            )
+        self._offsets[(module, tensor)] = stop % total
+        per_branch = total // len(branches)
+        parts = []
+        for index, branch in enumerate(branches):
+            low, high = max(start, index * per_branch), min(stop, (index + 1) * per_branch)
+            if low < high:
+                parts.append((branch, x[low - start : high - start]))
+        return parts
 
     def attach(self) -> AttentionStats:
         if not self.processors:
@@ -361,9 +399,7 @@ class AttentionStats:
         if call is None:
             return
         x = x.detach()
-        branches = call.branches
-        chunks = x.chunk(len(branches), dim=0) if len(branches) > 1 else (x,)
-        for branch, chunk in zip(branches, chunks):
+        for branch, chunk in self._branch_chunks(call, module, tensor, x):
             key = (module, tensor, call.timestep, branch)
             moments = self.moments.get(key)
             if moments is None:

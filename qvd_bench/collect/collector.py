@@ -122,7 +122,13 @@ def run_sample(
     if use_pipeline:
         from qvd_bench.models.pipelines import run_pipeline
 
-        return run_pipeline(loaded, [prompt], **common)
+        return run_pipeline(
+            loaded,
+            [prompt],
+            **common,
+            negative_prompt=config.extra.get("negative_prompt"),
+            pipeline_kwargs=config.extra.get("pipeline_kwargs"),
+        )
     cond, uncond = sampling.text_states_for_prompts(loaded, [prompt])
     return sampling.sample_denoiser(loaded, cond, uncond, **common)
 
@@ -286,7 +292,9 @@ def collect(
     if rank != 0:
         return None  # type: ignore[return-value]
 
-    manifest = build_manifest(loaded, config, infos, moments, edges, world)
+    manifest = build_manifest(
+        loaded, config, infos, moments, edges, world, excluded_rows=collector.excluded_rows
+    )
     measured = {
         "moments": state_bytes(moments),
         "histograms": state_bytes(histograms),
@@ -439,8 +447,14 @@ def build_manifest(
     moments: dict,
     edges: SignedLogEdges | None,
     world: int,
+    excluded_rows: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Run metadata: model, config, schedule, seeds, versions, layers, subsampling."""
+    """Run metadata: model, config, schedule, seeds, versions, layers, subsampling, and how
+    denoiser calls were keyed (``keying``).
+
+    Args:
+        excluded_rows: input rows left out per layer (``StatsCollector.excluded_rows``).
+    """
     schedule = sorted({key[2] for key in moments}, reverse=True)
     manifest = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -474,6 +488,17 @@ def build_manifest(
             "grid": f"range(0, {NUM_TRAIN_TIMESTEPS}, {config.temporal_stride})"
             if config.temporal_stride
             else None,
+        },
+        "keying": {
+            "branches": "the denoiser's cache_context ('cond', 'uncond', 'cond_uncond') where "
+            "the pipeline sets one; else a doubled batch at one timestep is [uncond, cond] "
+            "and a single batch 'cond' (one call per step); any other call stops the run",
+            "timestep": "the scheduler step's; a call with one timestep per frame or token "
+            "is keyed by the largest (the step's noise level)",
+            "other_noise_levels": "excluded: rows of tokens at another noise level than "
+            "their step's (e.g. an image-to-video conditioning frame) are left out of the "
+            "layers whose rows are the video tokens",
+            "excluded_rows": dict(sorted((excluded_rows or {}).items())),
         },
         "world_size": world,
         "packages": package_versions(),

@@ -5,7 +5,10 @@ outputs) on every selected leaf Linear/Conv. Each hook reads the current
 ``DenoiserCall`` from the ``CallTracker`` (timestep value, CFG branches, sample ids),
 splits a batched [uncond, cond] input along dim 0 and updates the accumulators keyed by
 (tensor, layer, timestep value, branch). Calls made while no sampling call is being
-tracked (probe forwards) are ignored.
+tracked (probe forwards) are ignored. In a call whose tokens are at different noise levels
+(an image-to-video conditioning frame), the rows of tokens at another level than the
+step's are left out of the layers whose rows are the video tokens and counted in
+``excluded_rows``.
 
 ``capture_temporal_features`` runs the probe forwards that record the full input
 vectors of timestep-embedding layers on a timestep grid.
@@ -24,7 +27,7 @@ from qvd_bench.collect.moments import ChannelMoments, fold_many
 from qvd_bench.collect.reservoir import Reservoir
 from qvd_bench.collect.temporal import TemporalFeatures
 from qvd_bench.models.family import LoadedModel
-from qvd_bench.models.sampling import BRANCHES, CallTracker
+from qvd_bench.models.sampling import BRANCHES, CallTracker, other_level_rows
 from qvd_bench.numerics.edges import SignedLogEdges
 from qvd_bench.numerics.moments import batch_moments
 
@@ -89,6 +92,11 @@ def channel_last_rows(x: torch.Tensor, num_samples: int, channel_dim: int) -> to
     return x.reshape(num_samples, -1, x.shape[-1])
 
 
+def _rows_per_sample(x: torch.Tensor, num_samples: int, channel_dim: int) -> int:
+    """Rows per sample of ``channel_last_rows(x, num_samples, channel_dim)``."""
+    return x.numel() // (num_samples * x.shape[channel_dim]) if x.numel() else 0
+
+
 class StatsCollector:
     """Hooks a set of layers and accumulates statistics of their inputs (and outputs).
 
@@ -129,6 +137,9 @@ class StatsCollector:
         self.moments: dict[StatsKey, ChannelMoments] = {}
         self.histograms: dict[StatsKey, Histogram] = {}
         self.reservoirs: dict[str, Reservoir] = {}
+        # Input rows left out per layer: tokens at another noise level than their call's
+        # step (``sampling.other_level_rows``).
+        self.excluded_rows: dict[str, int] = {}
         self._handles: list = []
         # (tensor, version, channel_dim, branches, per-branch batch moments) of the last
         # observed tensor: consecutive layers often read the same one (the q/k/v
@@ -193,6 +204,18 @@ class StatsCollector:
         info = self.infos[name]
         channel_dim = info.channel_dim
         chunks = x.chunk(len(call.branches), dim=0) if len(call.branches) > 1 else (x,)
+        num_samples = len(call.sample_ids)
+        other = other_level_rows(call, _rows_per_sample(chunks[0], num_samples, channel_dim))
+        if other is not None:
+            # Tokens at another noise level than the step's (a conditioning frame): left
+            # out, so that the step's statistics hold only tokens at its level.
+            keep = ~other.to(chunks[0].device)
+            chunks = tuple(channel_last_rows(c, num_samples, channel_dim)[keep] for c in chunks)
+            channel_dim = -1
+            if tensor == "input":
+                excluded = int(other.sum()) * len(chunks)
+                self.excluded_rows[name] = self.excluded_rows.get(name, 0) + excluded
+            source = None  # the cached moments are of whole tensors
         batches = self._batch_moments(source, chunks, channel_dim) if self.collect_moments else ()
         if call is not self._pending_call:
             self.flush()
@@ -221,9 +244,18 @@ class StatsCollector:
                         seed=self.seed,
                         device=chunk.device,
                     )
-                rows = channel_last_rows(chunk, len(call.sample_ids), channel_dim)
-                # The ids as host ints: the row keys are hashed from them on the host.
-                reservoir.update(rows, call.sample_ids, call.timestep, BRANCHES.index(branch))
+                if other is None:
+                    groups = [(channel_last_rows(chunk, num_samples, channel_dim), call.sample_ids)]
+                else:  # kept rows are sample-major; samples may keep different counts
+                    counts = (~other).sum(dim=1).tolist()
+                    groups = [
+                        (rows.unsqueeze(0), (sample_id,))
+                        for rows, sample_id in zip(chunk.split(counts), call.sample_ids)
+                    ]
+                branch_index = BRANCHES.index(branch)
+                for rows, sample_ids in groups:
+                    # The ids as host ints: the row keys are hashed from them on the host.
+                    reservoir.update(rows, sample_ids, call.timestep, branch_index)
 
     def _batch_moments(
         self, x: torch.Tensor, chunks: Sequence[torch.Tensor], channel_dim: int
@@ -231,7 +263,8 @@ class StatsCollector:
         """``batch_moments`` of each chunk of ``x``, reused when ``x`` was just seen.
 
         Args:
-            x: the tensor as the layer received it (its identity is the cache key).
+            x: the tensor as the layer received it (its identity is the cache key), or
+                None when ``chunks`` are not all of it (not cached).
             chunks: its per-branch chunks (detached views).
             channel_dim: the channel axis.
 
@@ -240,7 +273,8 @@ class StatsCollector:
         """
         last = self._last_moments
         if (
-            last is not None
+            x is not None
+            and last is not None
             and last[0] is x
             and last[1] == x._version
             and last[2] == channel_dim
@@ -248,7 +282,8 @@ class StatsCollector:
         ):
             return last[4]
         batches = [batch_moments(chunk, channel_dim) for chunk in chunks]
-        self._last_moments = (x, x._version, channel_dim, len(chunks), batches)
+        if x is not None:
+            self._last_moments = (x, x._version, channel_dim, len(chunks), batches)
         return batches
 
 
@@ -275,7 +310,9 @@ def capture_temporal_features(
         text_states: (1, L, D) text states for the probe; zeros when None.
 
     Returns:
-        layer name -> TemporalFeatures holding one (D,) vector per grid timestep.
+        layer name -> TemporalFeatures holding one (D,) vector per grid timestep, labelled
+        by the timestep the denoiser received (the statistics' key; ``family.forward`` may
+        convert the grid value, as Mochi's does to 1000 - t).
     """
     denoiser, family = loaded.denoiser, loaded.family
     modules = dict(denoiser.named_modules())
@@ -290,10 +327,19 @@ def capture_temporal_features(
 
         return hook
 
+    received: list[torch.Tensor] = []
+
+    def timestep_recorder(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        received.append(torch.as_tensor(timestep).detach().reshape(-1).to("cpu", torch.float64))
+
     handles = [
         modules[name].register_forward_pre_hook(recorder(name), with_kwargs=True)
         for name in layer_names
     ]
+    # Features are labelled by the timestep the denoiser receives, as the statistics are
+    # keyed: a family's forward may convert it (Mochi counts time backwards, 1000 - t).
+    handles.append(denoiser.register_forward_pre_hook(timestep_recorder, with_kwargs=True))
     frames, height, width = family.probe_size(denoiser)
     length, dim = family.text_embedding_shape(denoiser)
     grid = torch.as_tensor(list(timesteps), dtype=torch.float64)
@@ -316,15 +362,17 @@ def capture_temporal_features(
                 ).items()
             }
             current.clear()
+            received.clear()
             family.forward(
                 denoiser, latents, values.to(device, torch.float32), states, conditioning
             )
+            labels = received[0] if len(received[0]) == batch else received[0].expand(batch)
             for name in layer_names:
                 if name not in current:
                     raise RuntimeError(f"timestep-embedding layer {name} was not called")
                 x = current[name]
                 vectors = x.reshape(batch, -1, x.shape[-1])[:, 0]
-                features[name].update(vectors.to(torch.float32), values)
+                features[name].update(vectors.to(torch.float32), labels)
     finally:
         for handle in handles:
             handle.remove()

@@ -6,16 +6,18 @@ knowledge is kept declarative (role tables, outlier targets, tiny configs); core
 never branches on a model's name, only calls these methods.
 
 Tensor layouts: ``latents`` are in the family's own layout, "BCFHW" (UNet3D, Motion,
-I2VGenXL, Latte, Wan, LTX-Video, HunyuanVideo, Mochi) or "BFCHW" (SVD, CogVideoX), and hold only the channels the
-denoiser predicts (extra conditioning channels such as SVD's image latents are added
+I2VGenXL, Latte, Wan, LTX-Video, LTX-2, HunyuanVideo, HunyuanVideo-1.5, Mochi, Allegro,
+SkyReels-V2) or "BFCHW" (SVD, CogVideoX), and hold only the channels the denoiser
+predicts (extra conditioning channels such as SVD's image latents are added
 inside ``forward``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -49,6 +51,9 @@ class Family:
         outlier_targets: (regex, kind) pairs naming where the ``disparity`` /
             ``asymmetry`` knobs act; kind is one of "norm", "time_mlp", "ffn_in",
             "attn_out".
+        pipeline_call_defaults: keyword arguments the family's pipelines need besides
+            those derived from their call signature (``pipelines.call_arguments``),
+            applied where the signature has them.
     """
 
     name: ClassVar[str]
@@ -58,6 +63,7 @@ class Family:
     prediction_type: ClassVar[str] = "epsilon"
     role_table: ClassVar[tuple[tuple[str, str], ...]] = ()
     outlier_targets: ClassVar[tuple[tuple[str, str], ...]] = ()
+    pipeline_call_defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({})
 
     def tiny_config(self) -> dict[str, Any]:
         """Config dict of the tiny preset (random weights, builds offline)."""
@@ -111,6 +117,18 @@ class Family:
         Returns tensors with the batch as leading dimension, or an empty dict.
         """
         return {}
+
+    def pipeline_latents(
+        self, denoiser: nn.Module, latents: torch.Tensor, frames: int, height: int, width: int
+    ) -> torch.Tensor:
+        """The final latents a pipeline returns with ``output_type="latent"``, in this
+        family's 5-D layout (by default they already are).
+
+        Args:
+            latents: the pipeline's output ``frames``.
+            frames, height, width: the latent size.
+        """
+        return latents
 
     def forward(
         self,

@@ -31,18 +31,88 @@ class DenoiserCall:
     """What one denoiser call computes.
 
     Attributes:
-        timestep: the timestep value of the call (of its first sample).
+        timestep: the timestep value of the call: the scheduler step's. When the call
+            carries one timestep per frame or per token (image-to-video conditioning
+            frames, Wan 2.2 TI2V's ``expand_timesteps``, diffusion forcing), the largest of
+            them, the step's noise level.
         branches: one CFG branch name per equal chunk along dim 0 of every layer
             input: ("uncond", "cond") for a batched CFG call, ("cond",) otherwise.
         sample_ids: global ids of the samples in each chunk (the same for every chunk).
         expert: which denoiser ran the call: its pipeline attribute ("transformer_2")
             when the tracker hooks several experts, "" for a single denoiser.
+        token_timesteps: (samples, tokens) timestep of every video token of a chunk when
+            they are not all ``timestep``, else None. Layer hooks leave out the rows of
+            tokens at another noise level (``other_level_rows``).
     """
 
     timestep: float
     branches: tuple[str, ...]
     sample_ids: tuple[int, ...]
     expert: str = ""
+    token_timesteps: torch.Tensor | None = None
+
+
+def other_level_rows(call: Any, rows: int) -> torch.Tensor | None:
+    """Which rows of a layer input belong to tokens at another noise level than the step's.
+
+    Args:
+        call: the current ``DenoiserCall`` (or any object with a ``timestep``).
+        rows: rows per sample of the layer input (``hooks.channel_last_rows``).
+
+    Returns:
+        (samples, rows) bool, True where the token is at another level, when the call has
+        per-token timesteps and the layer's rows are the video tokens; else None (the
+        whole input belongs to the step).
+    """
+    tokens = getattr(call, "token_timesteps", None)
+    if tokens is None or tokens.shape[1] != rows:
+        return None
+    return tokens != call.timestep
+
+
+# diffusers' ``cache_context`` names of a denoiser call and the CFG branches of its batch:
+# one branch, or [uncond, cond] for a doubled batch ("cond_uncond"). Pipelines driven by a
+# diffusers guider (HunyuanVideo-1.5) name the calls by the guider's predictions.
+CACHE_CONTEXT_BRANCHES: dict[str, tuple[str, ...]] = {
+    "cond": ("cond",),
+    "uncond": ("uncond",),
+    "cond_uncond": BRANCHES,
+    "pred_cond": ("cond",),
+    "pred_uncond": ("uncond",),
+}
+
+
+@functools.cache
+def _cache_context_hook_class() -> type:
+    """A stateful diffusers ``ModelHook`` that only remembers the current cache context.
+
+    diffusers pipelines wrap each denoiser call in ``model.cache_context(name)``, which
+    hands the context to every stateful hook registered on the model (its cache hooks);
+    registering this one is how the tracker learns the name (diffusers' own hook API).
+    """
+    from diffusers.hooks import ModelHook
+    from diffusers.hooks.hooks import StateManager
+
+    class ContextState:
+        def reset(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    class CacheContextHook(ModelHook):
+        _is_stateful = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.state = StateManager(ContextState)
+
+        @property
+        def name(self) -> str | None:
+            context = self.state._context
+            return None if context is None else context.name
+
+        def reset_state(self, module: nn.Module) -> nn.Module:
+            return module
+
+    return CacheContextHook
 
 
 class CallTracker:
@@ -50,8 +120,14 @@ class CallTracker:
 
     The sampler announces the samples of the current batch with ``batch(ids)`` and,
     when it runs the CFG branches as separate forwards, the branch with ``branch(name)``.
-    A call whose batch is twice the number of samples is a batched [uncond, cond] call
-    (diffusers pipelines do this); it is split into two chunks.
+    A diffusers pipeline names the branch of each call with the denoiser's
+    ``cache_context("cond" / "uncond" / "cond_uncond")`` where it uses one; otherwise its
+    calls are recognised: a doubled batch with one timestep is [uncond, cond], a single
+    batch is "cond" (one call per step: CFG off, or a guidance-distilled model). A call
+    that none of these keys (a batch of another size, an unknown context name, a second
+    unnamed call at the same timestep in one ``batch`` block: two calls per step that only their order would
+    tell apart, a doubled batch at two timesteps) raises ``UserError`` saying why: no
+    call goes unrecorded.
 
     Args:
         denoiser: the denoiser, or expert name -> denoiser for a pipeline with several
@@ -69,7 +145,13 @@ class CallTracker:
         self.current: DenoiserCall | None = None
         self._sample_ids: tuple[int, ...] = (0,)
         self._branch = "cond"
+        self._announced = False
         self._handle = None
+        self._context_hooks: dict[str, Any] = {}
+        # Depth of ``batch`` blocks: unnamed calls are checked only inside a sampling run.
+        self._batches = 0
+        # (expert, timestep tensor) of the last unnamed single-batch call of this batch.
+        self._last_unnamed: tuple[str, torch.Tensor] | None = None
 
     def attach(self) -> CallTracker:
         if self._handle is None:
@@ -79,6 +161,7 @@ class CallTracker:
                 )
                 for expert, module in self.experts.items()
             ]
+            self._attach_context_hooks()
         return self
 
     def detach(self) -> None:
@@ -86,7 +169,38 @@ class CallTracker:
             for handle in self._handle:
                 handle.remove()
             self._handle = None
+            self._detach_context_hooks()
         self.current = None
+
+    def _attach_context_hooks(self) -> None:
+        from diffusers.hooks import HookRegistry
+
+        hook_class = _cache_context_hook_class()
+        for expert, module in self.experts.items():
+            if not callable(getattr(module, "cache_context", None)):
+                continue  # a model without diffusers' CacheMixin has no cache context
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            hook = hook_class()
+            registry.register_hook(hook, self._hook_name)
+            self._context_hooks[expert] = hook
+
+    def _detach_context_hooks(self) -> None:
+        for expert in self._context_hooks:
+            module = self.experts[expert]
+            module._diffusers_hook.remove_hook(self._hook_name, recurse=False)
+            # With its last hook removed diffusers leaves the module's own bound forward
+            # as an instance attribute: drop it, so that the module is as it was.
+            forward = vars(module).get("forward")
+            if (
+                getattr(forward, "__func__", None) is type(module).forward
+                and forward.__self__ is module
+            ):
+                del vars(module)["forward"]
+        self._context_hooks = {}
+
+    @property
+    def _hook_name(self) -> str:
+        return f"qvd_bench_cache_context_{id(self)}"
 
     def hooks(self, module: nn.Module) -> bool:
         """Whether ``module`` is one of the denoisers this tracker hooks."""
@@ -97,40 +211,139 @@ class CallTracker:
         """Announces the global ids of the samples the next calls compute."""
         previous = self._sample_ids
         self._sample_ids = tuple(int(i) for i in sample_ids)
+        self._last_unnamed = None
+        self._batches += 1
         try:
             yield
         finally:
             self._sample_ids = previous
+            self._last_unnamed = None
+            self._batches -= 1
 
     @contextlib.contextmanager
     def branch(self, name: str) -> Iterator[None]:
         """Announces the CFG branch of the next (unbatched) calls."""
         if name not in BRANCHES:
             raise ValueError(f"branch must be one of {BRANCHES}, got {name!r}")
-        previous = self._branch
-        self._branch = name
+        previous = self._branch, self._announced
+        self._branch, self._announced = name, True
         try:
             yield
         finally:
-            self._branch = previous
+            self._branch, self._announced = previous
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict, *, expert: str = "") -> None:
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if timestep is None:
-            raise RuntimeError("the denoiser was called without a timestep")
-        value = float(torch.as_tensor(timestep).reshape(-1)[0])
-        n = len(self._sample_ids)
-        batch = sample.shape[0]
-        if batch == 2 * n:
-            branches = BRANCHES
-        elif batch == n:
-            branches = (self._branch,)
-        else:
-            raise RuntimeError(
-                f"denoiser batch {batch} matches neither {n} samples nor 2 x {n} (CFG)"
+            raise UserError(
+                f"a call of {type(module).__name__} cannot be keyed: it has no timestep argument"
             )
-        self.current = DenoiserCall(value, branches, self._sample_ids, expert)
+        batch = sample.shape[0]
+        n = len(self._sample_ids)
+        entries = _timestep_entries(timestep, batch)
+        hook = self._context_hooks.get(expert)
+        context = hook.name if hook is not None else None
+        branches = self._branches(context, batch, n, entries, expert)
+        chunk = entries[:n]
+        step = float(chunk.max())
+        token_timesteps = None
+        if entries.shape[1] > 1 and not bool((entries == step).all()):
+            token_timesteps = _token_timesteps(module, sample, chunk)
+        self.current = DenoiserCall(step, branches, self._sample_ids, expert, token_timesteps)
+
+    def _branches(
+        self, context: str | None, batch: int, n: int, entries: torch.Tensor, expert: str
+    ) -> tuple[str, ...]:
+        """The CFG branches of a call's batch (see the class docstring)."""
+        where = f"a denoiser call of batch {batch} for {n} sample(s)"
+        if context is not None:
+            if context not in CACHE_CONTEXT_BRANCHES:
+                raise UserError(
+                    f"{where} in cache_context {context!r} cannot be keyed: qvd-bench keys "
+                    f"the CFG branches {', '.join(CACHE_CONTEXT_BRANCHES)}"
+                )
+            branches = CACHE_CONTEXT_BRANCHES[context]
+            if context == "cond_uncond" and batch == n:
+                return ("cond",)  # CFG off: the conditional batch alone
+            if batch != len(branches) * n:
+                raise UserError(f"{where} in cache_context {context!r} cannot be keyed")
+            if len(branches) == 2:
+                _check_one_timestep(entries, n, where)
+            return branches
+        if batch == 2 * n:
+            _check_one_timestep(entries, n, where)
+            return BRANCHES
+        if batch != n:
+            raise UserError(f"{where} cannot be keyed: neither one nor two (CFG) per sample")
+        if self._announced or not self._batches:
+            # Announced by the sampler, or a direct call outside any sampling run.
+            return (self._branch,)
+        last = self._last_unnamed
+        if last is not None and last[0] == expert and torch.equal(last[1], entries):
+            raise UserError(
+                f"two denoiser calls at timestep {float(entries.max()):g} without a "
+                "cache_context cannot be keyed: a pipeline running the CFG branches as two "
+                "calls per step must name them with the denoiser's cache_context"
+            )
+        self._last_unnamed = (expert, entries)
+        return ("cond",)
+
+
+def _timestep_entries(timestep: Any, batch: int) -> torch.Tensor:
+    """The timestep argument of a call as (batch, entries) float64 on the CPU: one entry
+    per sample, or one per frame or token."""
+    values = torch.as_tensor(timestep).detach().to("cpu", torch.float64)
+    if values.dim() == 0:
+        return values.reshape(1, 1).expand(batch, 1)
+    values = values.reshape(values.shape[0], -1)
+    if values.shape[0] == 1 and batch > 1:
+        values = values.expand(batch, -1)
+    if values.shape[0] != batch:
+        raise UserError(
+            f"a denoiser call cannot be keyed: {values.shape[0]} timesteps for a batch of {batch}"
+        )
+    return values
+
+
+def _check_one_timestep(entries: torch.Tensor, n: int, where: str) -> None:
+    if not torch.equal(entries[:n], entries[n:]):
+        raise UserError(
+            f"{where} cannot be keyed: its two halves (CFG branches) are at different timesteps"
+        )
+
+
+def _token_timesteps(
+    module: nn.Module, sample: torch.Tensor, entries: torch.Tensor
+) -> torch.Tensor:
+    """Per-video-token timesteps (samples, tokens) of a call whose timestep has one entry
+    per token, or per latent frame (expanded to the frame's tokens, frame-major as the
+    transformers patchify).
+
+    Raises:
+        UserError: entries that match neither the frames nor the tokens of the input.
+    """
+    per_sample = entries.shape[1]
+    if sample.dim() == 3 and sample.shape[1] == per_sample:
+        return entries  # packed tokens (LTX-Video): one timestep per token
+    if sample.dim() == 5:
+        config = getattr(module, "config", None)
+        patch = getattr(config, "patch_size", 1) or 1
+        patch_t, patch_h, patch_w = (
+            tuple(patch) if isinstance(patch, (tuple, list)) else (1, patch, patch)
+        )
+        patch_t = getattr(config, "patch_size_t", None) or patch_t
+        _, _, frames, height, width = sample.shape
+        grid = (frames // patch_t, height // patch_h, width // patch_w)
+        tokens = grid[0] * grid[1] * grid[2]
+        if per_sample == tokens:
+            return entries
+        if per_sample in (frames, grid[0]):
+            return entries.repeat_interleave(tokens // per_sample, dim=1)
+    raise UserError(
+        f"a denoiser call cannot be keyed: {per_sample} timesteps per sample match neither "
+        f"the frames nor the tokens of its input of shape {tuple(sample.shape)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -57,12 +57,20 @@ class ModelSpec:
         family: short family name ("unet3d").
         config: returns the config dict the family builds the denoiser from.
         description: one line for ``qvd-bench models``.
+        experts: for a preset of several experts (Wan 2.2), the pipeline attribute of each
+            ("transformer", "transformer_2"): each gets its own weights (seed
+            ``weight_seed + index``) and the preset comes with its pipeline, which decides
+            which expert runs each step. Empty for a single denoiser.
+        pipeline_config: the pipeline's own settings of a multi-expert preset
+            (``boundary_ratio``).
     """
 
     name: str
     family: str
     config: Callable[[], dict[str, Any]]
     description: str
+    experts: tuple[str, ...] = ()
+    pipeline_config: tuple[tuple[str, Any], ...] = ()
 
 
 class ModelRow(NamedTuple):
@@ -127,6 +135,19 @@ for _name, _family, _description in (
     MODELS.register(_name, ModelSpec(_name, _family, _tiny_config(_family), _description))
 
 MODELS.register(
+    "tiny-wan22",
+    ModelSpec(
+        "tiny-wan22",
+        "wan",
+        _tiny_config("wan"),
+        "two WanTransformer3DModel experts (Wan 2.2 A14B: high noise, then low noise), tiny",
+        experts=("transformer", "transformer_2"),
+        # Wan 2.2 T2V-A14B switches experts at t = 0.875 * 1000.
+        pipeline_config=(("boundary_ratio", 0.875),),
+    ),
+)
+
+MODELS.register(
     "modelscope-t2v-arch",
     ModelSpec(
         "modelscope-t2v-arch",
@@ -174,21 +195,31 @@ def load_model(
     if name_or_path in MODELS:
         spec = MODELS.get(name_or_path)
         family = family_by_name(spec.family)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(weight_seed)
-            denoiser = family.build(spec.config())
-            reinit_zero_layers(denoiser)
         knobs = _knobs(disparity, asymmetry, DEFAULT_DISPARITY, DEFAULT_ASYMMETRY)
-        inject_outliers(denoiser, family, seed=weight_seed, **knobs)
-        _move(denoiser, device, dtype)
-        return LoadedModel(
+        denoisers = []
+        for index in range(max(1, len(spec.experts))):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(weight_seed + index)
+                denoiser = family.build(spec.config())
+                reinit_zero_layers(denoiser)
+            inject_outliers(denoiser, family, seed=weight_seed + index, **knobs)
+            _move(denoiser, device, dtype)
+            denoisers.append(denoiser)
+        loaded = LoadedModel(
             name=spec.name,
             family=family,
-            denoiser=denoiser,
+            denoiser=denoisers[0],
             random_weights=True,
             weight_seed=weight_seed,
             knobs=knobs,
+            denoisers=dict(zip(spec.experts, denoisers)) if spec.experts else {},
         )
+        if spec.experts:
+            # Only the pipeline knows which expert runs each step.
+            from qvd_bench.models.tiny_pipelines import attach_tiny_pipeline
+
+            attach_tiny_pipeline(loaded, dict(spec.pipeline_config), weight_seed)
+        return loaded
     loaded = _load_pretrained(name_or_path)
     knobs = _knobs(disparity, asymmetry, 0.0, 0.0)
     # Each expert draws its own gains and offsets (the first from the seed itself).
@@ -295,7 +326,16 @@ def pipeline_denoisers(pipeline: Any) -> dict[str, nn.Module]:
 
 def _load_pipeline(location: str, source: str) -> LoadedModel:
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    # No loading progress bars (diffusers' components, transformers' weights): an error
+    # after loading stays one line. Restored afterwards.
+    bars = [
+        log for log in (diffusers_logging, transformers_logging) if log.is_progress_bar_enabled()
+    ]
+    for log in bars:
+        log.disable_progress_bar()
     try:
         pipeline = DiffusionPipeline.from_pretrained(location, local_files_only=True)
     except Exception as error:  # diffusers raises many types for a missing model
@@ -303,6 +343,9 @@ def _load_pipeline(location: str, source: str) -> LoadedModel:
         raise UserError(
             f"could not load {source} offline ({reason}); download it and pass the local directory"
         ) from None
+    finally:
+        for log in bars:
+            log.enable_progress_bar()
     return pipeline_model(pipeline, source)
 
 

@@ -1,5 +1,6 @@
 """Layer hooks: CFG splitting, keys, untracked calls, temporal-feature probes."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -209,3 +210,27 @@ def test_shared_inputs_and_repeated_layers_equal_direct_updates():
     torch.testing.assert_close(after, 2.0 * q + 1.0)
     # The twice-called layer holds both of its inputs per call: 2 calls × 2 inputs × 4 rows.
     assert collector.moments[("input", "twice", 900.0, "uncond")].count.tolist() == [16] * 6
+
+
+def test_mochi_temporal_features_are_labelled_by_the_timestep_the_transformer_receives():
+    """Mochi's forward turns the grid's t into 1000 - t: the labels follow the transformer,
+    as the statistics keys do."""
+    loaded = zoo.load_model("tiny-mochi")
+    family, denoiser = loaded.family, loaded.denoiser.eval()
+    name = "time_embed.timestep_embedder.linear_1"
+    features = capture_temporal_features(loaded, [name], [0.0, 250.0, 999.0])
+    timesteps, vectors = features[name].as_matrix()
+    assert timesteps.tolist() == [1.0, 750.0, 1000.0]
+    seen = []
+    module = dict(denoiser.named_modules())[name]
+    handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    frames, height, width = family.probe_size(denoiser)
+    latents = torch.randn(family.latent_shape(denoiser, 1, frames, height, width))
+    text = torch.zeros(1, *family.text_embedding_shape(denoiser))
+    with torch.no_grad():
+        # The transformer itself at its own timestep 750.
+        denoiser(
+            latents, text, torch.tensor([750.0]), torch.ones(text.shape[:2]), return_dict=False
+        )
+    handle.remove()
+    np.testing.assert_array_equal(vectors[1], seen[0][0].double().numpy())

@@ -15,6 +15,7 @@ from qvd_bench.errors import UserError
 from qvd_bench.models import device as D
 from qvd_bench.models.zoo import MODELS
 
+# evaluate generates with the minimal sampler, which drives a single denoiser: the
 PRESETS = [name for name in MODELS if name.startswith("tiny-")]
 HALF = ["bfloat16", "float16"]
 # The smallest sampling: one prompt, one step with CFG, two 8x8 latent frames.

@@ -1,4 +1,5 @@
-"""What is particular to the LTX-Video, HunyuanVideo and Mochi families."""
+"""What is particular to the LTX-Video, HunyuanVideo and Mochi families, and what every
+family conforms to."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import re
 import pytest
 import torch
 
+from qvd_bench.models.families import family_names
 from qvd_bench.models.families._common import COMMON_OUTLIER_TARGETS
 from qvd_bench.models.families.hunyuan_video import DEFAULT_GUIDANCE_SCALE
 from qvd_bench.models.families.ltx import pack_tokens, unpack_tokens
+from qvd_bench.models.family import ROLES
 from qvd_bench.models.roles import LayerInputCapture, classify, detect_time_emb, leaf_layers
 from qvd_bench.models.zoo import load_model
 
@@ -169,3 +172,60 @@ def test_mochi_forward_follows_the_flow_convention_of_the_minimal_sampler():
             b = mochi.step(own, t_mochi, b, return_dict=False)[0]
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(a, latents)
+
+
+# --------------------------------------------------------------------------- every family
+
+
+# Families whose role table names only layers of their tiny config (the others' tables
+# also cover layers of config variants, e.g. CogVideoX 1.5's ofs_embedding).
+TABLES_OF_ONE_CONFIG = (
+    "ltx",
+    "hunyuan-video",
+    "mochi",
+    "ltx2",
+    "hunyuan-video-1.5",
+    "allegro",
+    "skyreels-v2",
+)
+
+
+@functools.cache
+def family_model(name: str):
+    """The family's tiny denoiser from its tiny config (a family needs no preset)."""
+    from qvd_bench.models.families import family_by_name
+    from qvd_bench.models.family import LoadedModel
+
+    family = family_by_name(name)
+    torch.manual_seed(0)
+    return LoadedModel(name, family, family.build(family.tiny_config()).eval())
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_every_family_conforms(name):
+    """Its tiny config builds; its table gives every leaf layer a role and every pattern
+    matches a layer; its outlier targets match modules; ``forward`` predicts the shape of
+    its latents at the probe size and at two frames."""
+    loaded = family_model(name)
+    family, denoiser = loaded.family, loaded.denoiser
+    assert type(denoiser).__name__ == family.denoiser_class
+    decisions = classify(loaded)
+    assert list(decisions) == list(leaf_layers(denoiser))
+    assert all(d.role in ROLES and d.decided_by.startswith("table:") for d in decisions.values())
+    if name in TABLES_OF_ONE_CONFIG:
+        layers = list(decisions)
+        dead = [p for p, _ in family.role_table if not any(re.fullmatch(p, n) for n in layers)]
+        assert dead == []
+        modules = [n for n, _ in denoiser.named_modules()]
+        own = [t for t in family.outlier_targets if t not in COMMON_OUTLIER_TARGETS]
+        assert [p for p, _ in own if not any(re.fullmatch(p, n) for n in modules)] == []
+    frames, height, width = family.probe_size(denoiser)
+    for size in [(frames, height, width), (2 * frames, 2 * height, 2 * width)]:
+        generator = torch.Generator().manual_seed(0)
+        latents = torch.randn(family.latent_shape(denoiser, 1, *size), generator=generator)
+        text = torch.randn((1, *family.text_embedding_shape(denoiser)), generator=generator)
+        conditioning = family.conditioning(denoiser, 1, *size, generator=generator)
+        with torch.no_grad():
+            out = family.forward(denoiser, latents, torch.tensor([500.0]), text, conditioning)
+        assert out.shape == latents.shape
+        assert torch.isfinite(out).all()

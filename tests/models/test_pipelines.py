@@ -42,11 +42,20 @@ def run(loaded, prompts=PROMPTS[:1], sample_ids=(0,), seed=0, **kwargs):
 
 
 def record_calls(loaded):
-    """A tracker on the denoiser and the list of DenoiserCalls it publishes."""
-    tracker = CallTracker(loaded.denoiser)
+    """A tracker on the denoiser(s) and the list of DenoiserCalls it publishes."""
+    tracker = CallTracker(loaded.experts)
     calls = []
-    handle = loaded.denoiser.register_forward_hook(lambda m, a, o: calls.append(tracker.current))
-    return tracker, calls, handle
+    handles = [
+        expert.register_forward_hook(lambda m, a, o: calls.append(tracker.current))
+        for expert in loaded.experts.values()
+    ]
+
+    class Handles:
+        def remove(self):
+            for handle in handles:
+                handle.remove()
+
+    return tracker, calls, Handles()
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -68,7 +77,7 @@ def test_pipeline_runs_with_cfg_and_tracks_every_call(preset):
     assert tracker._handle is None, "run_pipeline detaches a tracker it attached"
 
     timesteps = [float(t) for t in loaded.pipeline.scheduler.timesteps]
-    if preset == "tiny-wan":
+    if preset in ("tiny-wan", "tiny-wan22"):
         # WanPipeline runs the branches as two calls per step, conditional first.
         expected = [
             (t, (branch,), (sample,))
@@ -76,6 +85,9 @@ def test_pipeline_runs_with_cfg_and_tracks_every_call(preset):
             for t in timesteps
             for branch in ("cond", "uncond")
         ]
+    elif preset == "tiny-hunyuan":
+        # Guidance-distilled: one conditional call per step, the scale as an embedding.
+        expected = [(t, ("cond",), (sample,)) for sample in (5, 9) for t in timesteps]
     else:
         expected = [(t, ("uncond", "cond"), (sample,)) for sample in (5, 9) for t in timesteps]
     got = [(c.timestep, c.branches, c.sample_ids) for c in calls]
@@ -175,17 +187,29 @@ def test_sample_seed_depends_on_seed_and_sample():
     assert pipelines.sample_seed(2, 3) == pipelines.sample_seed(2, 3)
 
 
-def test_unsupported_pipeline_class_is_a_user_error():
-    loaded = tiny("tiny-latte")
+def test_a_pipeline_call_needing_an_argument_qvd_bench_cannot_supply_is_a_user_error():
+    from diffusers import LucyEditPipeline
 
-    class OtherPipeline:
+    loaded = tiny("tiny-wan")
+    # A video editing pipeline needs an input video: nothing qvd-bench has.
+    video_to_video = LucyEditPipeline(**loaded.pipeline.components)
+    other = LoadedModel(
+        name="v2v", family=loaded.family, denoiser=loaded.denoiser, pipeline=video_to_video
+    )
+    calls = []
+    handle = loaded.denoiser.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(UserError, match="LucyEditPipeline's call needs argument 'video'"):
+            run(other)
+    finally:
+        handle.remove()
+    assert calls == []  # refused before any denoiser call
+
+    class NotAPipeline:
         pass
 
-    other = LoadedModel(
-        name="x", family=loaded.family, denoiser=loaded.denoiser, pipeline=OtherPipeline()
-    )
-    with pytest.raises(UserError, match="OtherPipeline.*LattePipeline.*WanPipeline"):
-        run(other)
+    with pytest.raises(UserError, match="NotAPipeline is not a diffusers pipeline"):
+        run(LoadedModel("x", loaded.family, loaded.denoiser, pipeline=NotAPipeline()))
     bare = LoadedModel(name="bare", family=loaded.family, denoiser=loaded.denoiser)
     with pytest.raises(UserError, match="no diffusers pipeline"):
         run(bare)

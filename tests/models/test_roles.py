@@ -23,7 +23,8 @@ from qvd_bench.models.roles import (
 )
 from qvd_bench.models.zoo import MODELS, load_model
 
-PRESETS = [name for name in MODELS if name.startswith("tiny-")]
+# Single-denoiser presets (tiny-wan22's two experts are Wan's layers twice: below).
+PRESETS = [name for name in MODELS if name.startswith("tiny-") and not MODELS.get(name).experts]
 
 # Timestep-embedding layers per tiny preset, by the table (REFERENCE.md for the first seven).
 TIME_EMB_COUNTS = {
@@ -77,6 +78,10 @@ def test_families_are_registered_by_class_and_short_name():
         "LTXVideoTransformer3DModel",
         "HunyuanVideoTransformer3DModel",
         "MochiTransformer3DModel",
+        "LTX2VideoTransformer3DModel",
+        "HunyuanVideo15Transformer3DModel",
+        "AllegroTransformer3DModel",
+        "SkyReelsV2Transformer3DModel",
     }
     for short_name in family_names():
         family = family_by_name(short_name)
@@ -210,3 +215,13 @@ def test_format_roles_lists_layers_and_counts():
     assert lines[0].split() == ["layer", "role", "decided", "by"]
     assert "time_embedding.linear_1" in text and "heuristic:io-name" in text
     assert lines[-1] == "2 layers: time_emb 1, io 1"
+
+
+def test_two_expert_preset_classifies_both_experts_layers_as_the_single_one():
+    single, double = classify(preset("tiny-wan")), classify(preset("tiny-wan22"))
+    assert list(preset("tiny-wan22").experts) == ["transformer", "transformer_2"]
+    assert {n: (d.role, d.decided_by) for n, d in double.items()} == {
+        f"{expert}.{n}": (d.role, d.decided_by)
+        for expert in ("transformer", "transformer_2")
+        for n, d in single.items()
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -112,3 +113,98 @@ def test_pseudo_text_states_are_deterministic_per_prompt():
     assert torch.equal(uncond[1], empty[0])
     again, _ = text_states_for_prompts(loaded, ["a dog"])
     assert torch.equal(again[0], cond[1])
+
+
+# --------------------------------------------------------------------------- call keying
+
+
+def wan_call(loaded, batch=1, timestep=500.0, context=None):
+    """One call of the tiny Wan transformer, in a cache_context when named."""
+    generator = torch.Generator().manual_seed(0)
+    family, denoiser = loaded.family, loaded.denoiser
+    latents = torch.randn(family.latent_shape(denoiser, batch, 1, 2, 2), generator=generator)
+    text = torch.randn((batch, 4, denoiser.config.text_dim), generator=generator)
+    timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch)
+    scope = denoiser.cache_context(context) if context else contextlib.nullcontext()
+    with scope, torch.no_grad():
+        family.forward(denoiser, latents, timestep, text, {})
+
+
+def keyed(loaded, tracker, **kwargs):
+    calls = []
+    handle = loaded.denoiser.register_forward_hook(lambda *_: calls.append(tracker.current))
+    try:
+        wan_call(loaded, **kwargs)
+    finally:
+        handle.remove()
+    return calls[0]
+
+
+def test_cache_context_names_the_branch_and_unknown_names_stop_the_run():
+    loaded = model("tiny-wan")
+    tracker = CallTracker(loaded.denoiser).attach()
+    try:
+        with tracker.batch([3]):
+            assert keyed(loaded, tracker, context="uncond").branches == ("uncond",)
+            assert keyed(loaded, tracker, context="cond").branches == ("cond",)
+            both = keyed(loaded, tracker, batch=2, context="cond_uncond")
+            assert both.branches == ("uncond", "cond") and both.sample_ids == (3,)
+            with pytest.raises(UserError, match="cache_context 'uncond_stg' cannot be keyed"):
+                wan_call(loaded, context="uncond_stg")
+            with pytest.raises(UserError, match="halves .* at different timesteps"):
+                wan_call(loaded, batch=2, timestep=[500.0, 400.0])
+            with pytest.raises(UserError, match="batch 3 for 1 sample"):
+                wan_call(loaded, batch=3)
+    finally:
+        tracker.detach()
+    # Detached, the denoiser is as before: no hook, no instance forward left behind.
+    assert "forward" not in vars(loaded.denoiser)
+    assert loaded.denoiser._diffusers_hook.hooks == {}
+
+
+def test_two_unnamed_calls_at_one_timestep_in_a_run_cannot_be_keyed():
+    loaded = model("tiny-wan")
+    tracker = CallTracker(loaded.denoiser).attach()
+    try:
+        with tracker.batch([0]):
+            assert keyed(loaded, tracker, timestep=900.0).branches == ("cond",)
+            assert keyed(loaded, tracker, timestep=500.0).branches == ("cond",)
+            with pytest.raises(UserError, match="two denoiser calls at timestep 500"):
+                wan_call(loaded, timestep=500.0)
+        # Outside a sampling run (a probe forward), repeated calls stay "cond".
+        for _ in range(2):
+            assert keyed(loaded, tracker, timestep=500.0).branches == ("cond",)
+    finally:
+        tracker.detach()
+
+
+def test_per_frame_timesteps_are_keyed_by_the_step_and_expanded_to_tokens():
+    """SkyReels-V2 diffusion forcing gives each latent frame its timestep, (B, frames): the
+    call is keyed by the largest, and each frame's tokens carry their frame's timestep."""
+    from qvd_bench.models.families import family_by_name
+    from qvd_bench.models.sampling import other_level_rows
+
+    family = family_by_name("skyreels-v2")
+    torch.manual_seed(0)
+    denoiser = family.build(family.tiny_config()).eval()
+    frames, height, width = 3, 4, 4
+    latents = torch.randn(family.latent_shape(denoiser, 1, frames, height, width))
+    text = torch.randn(1, 4, denoiser.config.text_dim)
+    per_frame = torch.tensor([[0.0, 500.0, 500.0]])
+    tracker = CallTracker(denoiser).attach()
+    calls = []
+    handle = denoiser.register_forward_hook(lambda *_: calls.append(tracker.current))
+    try:
+        with tracker.batch([0]), torch.no_grad():
+            denoiser(latents, per_frame, text, enable_diffusion_forcing=True, return_dict=False)
+    finally:
+        handle.remove()
+        tracker.detach()
+    (call,) = calls
+    tokens_per_frame = (height // 2) * (width // 2)  # patch (1, 2, 2)
+    assert call.timestep == 500.0 and call.branches == ("cond",)
+    expected = per_frame.double().repeat_interleave(tokens_per_frame, dim=1)
+    assert torch.equal(call.token_timesteps, expected)
+    other = other_level_rows(call, frames * tokens_per_frame)
+    assert other.sum() == tokens_per_frame and bool(other[0, :tokens_per_frame].all())
+    assert other_level_rows(call, 7) is None  # rows that are not the video tokens

@@ -50,6 +50,7 @@ def test_all_presets_are_registered():
         "tiny-ltx",
         "tiny-hunyuan",
         "tiny-mochi",
+        "tiny-wan22",
     }
 
 

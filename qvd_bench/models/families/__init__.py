@@ -6,13 +6,17 @@
 
 from __future__ import annotations
 
+from qvd_bench.models.families.allegro import AllegroFamily
 from qvd_bench.models.families.cogvideox import CogVideoXFamily
 from qvd_bench.models.families.hunyuan_video import HunyuanVideoFamily
+from qvd_bench.models.families.hunyuan_video15 import HunyuanVideo15Family
 from qvd_bench.models.families.i2vgenxl import I2VGenXLFamily
 from qvd_bench.models.families.latte import LatteFamily
 from qvd_bench.models.families.ltx import LTXVideoFamily
+from qvd_bench.models.families.ltx2 import LTX2Family
 from qvd_bench.models.families.mochi import MochiFamily
 from qvd_bench.models.families.motion import MotionFamily
+from qvd_bench.models.families.skyreels_v2 import SkyReelsV2Family
 from qvd_bench.models.families.svd import SVDFamily
 from qvd_bench.models.families.unet3d import UNet3DFamily
 from qvd_bench.models.families.wan import WanFamily
@@ -33,6 +37,10 @@ for _family_class in (
     LTXVideoFamily,
     HunyuanVideoFamily,
     MochiFamily,
+    LTX2Family,
+    HunyuanVideo15Family,
+    AllegroFamily,
+    SkyReelsV2Family,
 ):
     _family = _family_class()
     FAMILIES.register(_family.denoiser_class, _family)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -24,6 +25,9 @@ class I2VGenXLFamily(TextUNetFamily):
     denoiser_class = "I2VGenXLUNet"
     pipeline_classes = ("I2VGenXLPipeline",)
     prediction_type = "v_prediction"
+    # The default clip_skip=1 reaches ``text_encoder.text_model``, which transformers 5's
+    # CLIPTextModel no longer has: use the last layer's states.
+    pipeline_call_defaults = MappingProxyType({"clip_skip": None})
     role_table = (
         *UNET_HEAD_ROLES,
         # Conditioning encoders: fps embedding (added to the time embedding but independent

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -22,6 +23,8 @@ class LatteFamily(Family):
     pipeline_classes = ("LattePipeline",)
     layout = "BCFHW"
     prediction_type = "epsilon"
+    # Caption cleaning needs bs4 and ftfy and is meant for real captions only.
+    pipeline_call_defaults = MappingProxyType({"clean_caption": False})
     role_table = (
         # PixArt-style adaLN-single: timestep MLP and the shared modulation Linear.
         (r"adaln_single\..*", "time_emb"),

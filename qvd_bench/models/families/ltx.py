@@ -102,6 +102,13 @@ class LTXVideoFamily(Family):
     def text_embedding_shape(self, denoiser):
         return (T5_SEQUENCE_LENGTH, denoiser.config.caption_channels)
 
+    def pipeline_latents(self, denoiser, latents, frames, height, width):
+        """The LTX pipelines return packed tokens with ``output_type="latent"``: unpacked."""
+        if latents.dim() != 3:
+            return latents
+        p, pt = denoiser.config.patch_size, denoiser.config.patch_size_t
+        return unpack_tokens(latents, frames // pt, height // p, width // p, p, pt)
+
     def forward(self, denoiser, latents, timestep, text_states, conditioning):
         """Packs the latents, calls the transformer as LTXPipeline does, unpacks.
 

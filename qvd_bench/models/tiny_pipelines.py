@@ -1,0 +1,512 @@
+"""Tiny diffusers pipelines around the denoisers of the tiny presets.
+
+Each builder wraps a preset's denoiser in the diffusers pipeline its family ships with,
+next to a tiny VAE, a tiny text encoder, a tokenizer built in memory from a small
+vocabulary, and the family's usual scheduler. Nothing is downloaded. ``zoo`` builds the
+pipeline of a multi-expert preset with ``attach_tiny_pipeline`` (only the pipeline decides
+which expert runs each step); ``pipelines.tiny_pipeline_model`` does it for the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from qvd_bench.models.family import LoadedModel
+
+# The diffusers pipeline class each tiny preset is wrapped in.
+PRESET_PIPELINES: dict[str, str] = {
+    "tiny-unet3d": "TextToVideoSDPipeline",
+    "tiny-animatediff": "AnimateDiffPipeline",
+    "tiny-svd": "StableVideoDiffusionPipeline",
+    "tiny-i2vgenxl": "I2VGenXLPipeline",
+    "tiny-latte": "LattePipeline",
+    "tiny-cogvideox": "CogVideoXPipeline",
+    "tiny-wan": "WanPipeline",
+    "tiny-ltx": "LTXPipeline",
+    "tiny-hunyuan": "HunyuanVideoPipeline",
+    "tiny-mochi": "MochiPipeline",
+    "tiny-wan22": "WanPipeline",
+}
+
+
+# Tiny text encoder / VAE sizes (the denoiser's dims come from its own config).
+_TEXT_LAYERS = 2
+_TEXT_HEADS = 2
+_T5_HEAD_DIM = 8
+_CLIP_MAX_LENGTH = 77
+# CLIP vision tower for the image-to-video pipelines: 224 px is what their preprocessing
+# resizes PIL images to; 32 px patches keep it to 49 tokens.
+_IMAGE_SIZE = 224
+_IMAGE_PATCH = 32
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary over printable ASCII, with a few merges."""
+    tokens = ["<|startoftext|>", "<|endoftext|>"]
+    chars = [chr(c) for c in range(33, 127)]
+    tokens += chars + [c + "</w>" for c in chars]
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("i", "n"), ("e", "r")]
+    tokens += ["th", "the</w>", "an", "and</w>", "in", "er"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=_CLIP_MAX_LENGTH)
+
+
+def _t5_vocab() -> list[tuple[str, float]]:
+    """A unigram vocabulary: specials, word-start and inner letters, digits, a few words."""
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pieces += [("▁" + c, -3.0) for c in letters]
+    pieces += [(c, -4.0) for c in letters + "0123456789.,'-"]
+    pieces += [("▁" + w, -1.0) for w in ("a", "the", "of", "in", "on", "and", "is", "with")]
+    return pieces
+
+
+def _t5_tokenizer(max_length: int):
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=_t5_vocab(), extra_ids=0, model_max_length=max_length)
+
+
+# --------------------------------------------------------------------------- components
+
+
+def _heads(dim: int) -> int:
+    return _TEXT_HEADS if dim % _TEXT_HEADS == 0 else 1
+
+
+def _clip_text_encoder(dim: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab, _ = _clip_vocab()
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=dim,
+        intermediate_size=2 * dim,
+        projection_dim=dim,
+        num_hidden_layers=_TEXT_LAYERS,
+        num_attention_heads=_heads(dim),
+        max_position_embeddings=_CLIP_MAX_LENGTH,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+    return CLIPTextModel(config).eval()
+
+
+def _t5_text_encoder(dim: int, umt5: bool = False):
+    """A T5 encoder (or UMT5, Wan's text encoder class) with ``dim`` output features."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    config_class, model_class = (
+        (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    )
+    config = config_class(
+        vocab_size=len(_t5_vocab()),
+        d_model=dim,
+        d_kv=_T5_HEAD_DIM,
+        d_ff=2 * dim,
+        num_layers=_TEXT_LAYERS,
+        num_heads=_TEXT_HEADS,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return model_class(config).eval()
+
+
+def _clip_image_encoder(dim: int):
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    config = CLIPVisionConfig(
+        hidden_size=dim,
+        intermediate_size=2 * dim,
+        projection_dim=dim,
+        num_hidden_layers=_TEXT_LAYERS,
+        num_attention_heads=_heads(dim),
+        image_size=_IMAGE_SIZE,
+        patch_size=_IMAGE_PATCH,
+    )
+    processor = CLIPImageProcessor(crop_size=_IMAGE_SIZE, size=_IMAGE_SIZE)
+    return CLIPVisionModelWithProjection(config).eval(), processor
+
+
+def _autoencoder_kl(latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    # Two blocks: 2x spatial compression.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=2,
+        sample_size=32,
+    ).eval()
+
+
+def _ddim(**overrides: Any):
+    from diffusers import DDIMScheduler
+
+    config: dict[str, Any] = {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
+    config.update(overrides)
+    return DDIMScheduler(**config)
+
+
+def _denoiser_prediction(loaded: LoadedModel) -> str:
+    prediction = getattr(loaded.family, "prediction_type", "epsilon")
+    return prediction if prediction in ("epsilon", "v_prediction", "sample") else "epsilon"
+
+
+def _build_text_to_video_sd(loaded: LoadedModel):
+    from diffusers import TextToVideoSDPipeline
+
+    unet = loaded.denoiser
+    dim = unet.config.cross_attention_dim
+    return TextToVideoSDPipeline(
+        vae=_autoencoder_kl(unet.config.in_channels),
+        text_encoder=_clip_text_encoder(dim),
+        tokenizer=_clip_tokenizer(),
+        unet=unet,
+        # ModelScope T2V: DDIM on the SD scaled-linear betas.
+        scheduler=_ddim(prediction_type=_denoiser_prediction(loaded)),
+    )
+
+
+def _build_animatediff(loaded: LoadedModel):
+    from diffusers import AnimateDiffPipeline
+
+    unet = loaded.denoiser
+    dim = unet.config.cross_attention_dim
+    return AnimateDiffPipeline(
+        vae=_autoencoder_kl(unet.config.in_channels),
+        text_encoder=_clip_text_encoder(dim),
+        tokenizer=_clip_tokenizer(),
+        unet=unet,
+        # The motion adapter's weights are already inside the UNetMotionModel.
+        motion_adapter=None,
+        # AnimateDiff's published setting: linear betas, linspace spacing.
+        scheduler=_ddim(
+            beta_schedule="linear",
+            timestep_spacing="linspace",
+            set_alpha_to_one=True,
+            prediction_type=_denoiser_prediction(loaded),
+        ),
+    )
+
+
+def _build_svd(loaded: LoadedModel):
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        StableVideoDiffusionPipeline,
+    )
+
+    unet = loaded.denoiser
+    image_encoder, processor = _clip_image_encoder(unet.config.cross_attention_dim)
+    # The UNet's input is the noisy latent concatenated with the image latent.
+    latent_channels = unet.config.out_channels
+    vae = AutoencoderKLTemporalDecoder(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        sample_size=32,
+    ).eval()
+    # SVD's published scheduler: continuous-time Euler with Karras sigmas, v-prediction.
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        interpolation_type="linear",
+        num_train_timesteps=1000,
+        prediction_type="v_prediction",
+        sigma_max=700.0,
+        sigma_min=0.002,
+        steps_offset=1,
+        timestep_spacing="leading",
+        timestep_type="continuous",
+        use_karras_sigmas=True,
+    )
+    return StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=unet,
+        scheduler=scheduler,
+        feature_extractor=processor,
+    )
+
+
+def _build_i2vgenxl(loaded: LoadedModel):
+    from diffusers import I2VGenXLPipeline
+
+    unet = loaded.denoiser
+    dim = unet.config.cross_attention_dim
+    image_encoder, processor = _clip_image_encoder(dim)
+    return I2VGenXLPipeline(
+        vae=_autoencoder_kl(unet.config.in_channels),
+        text_encoder=_clip_text_encoder(dim),
+        tokenizer=_clip_tokenizer(),
+        image_encoder=image_encoder,
+        feature_extractor=processor,
+        unet=unet,
+        scheduler=_ddim(prediction_type=_denoiser_prediction(loaded)),
+    )
+
+
+def _build_latte(loaded: LoadedModel):
+    from diffusers import LattePipeline
+
+    transformer = loaded.denoiser
+    # Latte pads prompts to 120 tokens.
+    return LattePipeline(
+        tokenizer=_t5_tokenizer(120),
+        text_encoder=_t5_text_encoder(transformer.config.caption_channels),
+        vae=_autoencoder_kl(transformer.config.in_channels),
+        transformer=transformer,
+        # Latte: DDIM on linear betas; DDIM has no learned variance, so the pipeline drops
+        # the variance half of the transformer's output.
+        scheduler=_ddim(beta_start=0.0001, beta_end=0.02, beta_schedule="linear"),
+    )
+
+
+def _build_cogvideox(loaded: LoadedModel):
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    transformer = loaded.denoiser
+    config = transformer.config
+    # Four blocks: 8x spatial compression; time is compressed as the transformer expects.
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=config.in_channels,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=config.temporal_compression_ratio,
+    ).eval()
+    # CogVideoX-2b's scheduler: zero-terminal-SNR v-prediction DDIM, trailing spacing.
+    scheduler = CogVideoXDDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        set_alpha_to_one=True,
+        snr_shift_scale=3.0,
+        timestep_spacing="trailing",
+    )
+    return CogVideoXPipeline(
+        tokenizer=_t5_tokenizer(config.max_text_seq_length),
+        text_encoder=_t5_text_encoder(config.text_embed_dim),
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+
+
+def _build_wan(loaded: LoadedModel):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    transformer = loaded.denoiser
+    channels = transformer.config.in_channels
+    # 8x spatial, 4x temporal compression, as Wan 2.1's VAE.
+    vae = AutoencoderKLWan(
+        base_dim=3,
+        z_dim=channels,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * channels,
+        latents_std=[1.0] * channels,
+    ).eval()
+    return WanPipeline(
+        tokenizer=_t5_tokenizer(_WAN_TEXT_LENGTH),
+        text_encoder=_t5_text_encoder(transformer.config.text_dim, umt5=True),
+        vae=vae,
+        # Wan 2.1 samples flow matching with a shifted schedule (shift 3 at 480p).
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer,
+    )
+
+
+# Wan pads prompts to ``max_sequence_length``; its real default (512) is wasteful here.
+_WAN_TEXT_LENGTH = 16
+
+
+def _build_ltx(loaded: LoadedModel):
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
+
+    transformer = loaded.denoiser
+    config = transformer.config
+    # Two scaling blocks: 4x spatial and temporal compression (LTX-Video's VAE: 32x, 8x).
+    vae = AutoencoderKLLTXVideo(
+        latent_channels=config.in_channels,
+        block_out_channels=(8, 8, 8, 8),
+        spatio_temporal_scaling=(True, True, False, False),
+        layers_per_block=(1, 1, 1, 1, 1),
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    ).eval()
+    # LTX-Video's scheduler: resolution-dependent shift, stretched to a terminal sigma.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
+        shift_terminal=0.1,
+    )
+    return LTXPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=_t5_text_encoder(config.caption_channels),
+        tokenizer=_t5_tokenizer(_TINY_TEXT_LENGTH),
+        transformer=transformer,
+    )
+
+
+def _build_hunyuan(loaded: LoadedModel):
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+    )
+    from transformers import LlamaConfig, LlamaModel
+
+    transformer = loaded.denoiser
+    config = transformer.config
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=config.in_channels,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+    ).eval()
+    # The Llama text encoder: its states (two layers before the last, as the pipeline
+    # reads them) are the transformer's text states.
+    llama = LlamaModel(
+        LlamaConfig(
+            vocab_size=len(_t5_vocab()),
+            hidden_size=config.text_embed_dim,
+            intermediate_size=2 * config.text_embed_dim,
+            num_hidden_layers=_TEXT_LAYERS + 1,
+            num_attention_heads=_heads(config.text_embed_dim),
+            num_key_value_heads=_heads(config.text_embed_dim),
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=1,
+        )
+    ).eval()
+    return HunyuanVideoPipeline(
+        text_encoder=llama,
+        tokenizer=_t5_tokenizer(_TINY_TEXT_LENGTH),
+        transformer=transformer,
+        vae=vae,
+        # HunyuanVideo samples flow matching with shift 7.
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        # The CLIP encoder's pooled states are the transformer's pooled_projections.
+        text_encoder_2=_clip_text_encoder(config.pooled_projection_dim),
+        tokenizer_2=_clip_tokenizer(),
+    )
+
+
+def _build_mochi(loaded: LoadedModel):
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline
+
+    transformer = loaded.denoiser
+    config = transformer.config
+    vae = AutoencoderKLMochi(
+        latent_channels=config.in_channels,
+        out_channels=3,
+        encoder_block_out_channels=(32, 32, 32, 32),
+        decoder_block_out_channels=(32, 32, 32, 32),
+        layers_per_block=(1, 1, 1, 1, 1),
+    ).eval()
+    return MochiPipeline(
+        # Mochi's scheduler counts time backwards (see families/mochi.py).
+        scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
+        vae=vae,
+        text_encoder=_t5_text_encoder(config.text_embed_dim),
+        # Mochi pads prompts to the transformer's max_sequence_length.
+        tokenizer=_t5_tokenizer(config.max_sequence_length),
+        transformer=transformer,
+    )
+
+
+# Prompt length of the tiny LTX and HunyuanVideo pipelines (their real ones: 128, 256).
+_TINY_TEXT_LENGTH = 16
+
+
+_BUILDERS: dict[str, Callable[[LoadedModel], Any]] = {
+    "TextToVideoSDPipeline": _build_text_to_video_sd,
+    "AnimateDiffPipeline": _build_animatediff,
+    "StableVideoDiffusionPipeline": _build_svd,
+    "I2VGenXLPipeline": _build_i2vgenxl,
+    "LattePipeline": _build_latte,
+    "CogVideoXPipeline": _build_cogvideox,
+    "WanPipeline": _build_wan,
+    "LTXPipeline": _build_ltx,
+    "HunyuanVideoPipeline": _build_hunyuan,
+    "MochiPipeline": _build_mochi,
+}
+
+
+def attach_tiny_pipeline(loaded: LoadedModel, config: dict[str, Any], weight_seed: int) -> None:
+    """Builds the tiny pipeline of a preset around its denoiser(s) and sets
+    ``loaded.pipeline``.
+
+    Args:
+        loaded: a zoo preset (``PRESET_PIPELINES`` names its pipeline class).
+        config: the pipeline's own settings (Wan 2.2's ``boundary_ratio``).
+        weight_seed: seed of the other components' weights.
+    """
+    # The other components get their own seeded weights, without touching the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(weight_seed)
+        pipeline = _BUILDERS[PRESET_PIPELINES[loaded.name]](loaded)
+    if loaded.multi_expert or config:
+        pipeline = type(pipeline)(**{**pipeline.components, **loaded.denoisers}, **config)
+    # The other components follow the denoiser (``load_model`` may have moved or cast it).
+    reference = next(loaded.denoiser.parameters())
+    pipeline.to(device=reference.device, dtype=reference.dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    loaded.pipeline = pipeline
