@@ -65,8 +65,11 @@ def ensure_stats(
             frames=s.frames,
             height=s.height,
             width=s.width,
-            # The pipeline where the model has one (a path), as the videos are sampled.
-            sampler="denoiser" if config.model in MODELS else "auto",
+            # The pipeline where the videos are sampled with one: a path, or a preset of
+            # several experts (which only its pipeline can switch).
+            sampler="denoiser"
+            if config.model in MODELS and not MODELS.get(config.model).experts
+            else "auto",
             temporal_stride=STATS_TEMPORAL_STRIDE,
             reservoir_capacity=STATS_RESERVOIR,
             device=config.device,
