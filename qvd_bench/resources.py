@@ -145,3 +145,27 @@ class measure_stage:  # noqa: N801 (a context manager used like a function)
         cost.wall_s = time.perf_counter() - cost._started
         _fold_peaks()
         _open.remove(cost)
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> "1.5 KiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def describe_stages(stages: list[dict]) -> str:
+    """One line of stage costs (``StageCost.to_dict()`` each): "load 1.2 s (host 2.0 GiB),
+    quantize 3.4 s (host 2.1 GiB, device 1.5 GiB)"."""
+    parts = []
+    for stage in stages:
+        peaks = []
+        if stage.get("peak_host_bytes") is not None:
+            peaks.append(f"host {format_bytes(stage['peak_host_bytes'])}")
+        if stage.get("peak_device_bytes") is not None:
+            peaks.append(f"device {format_bytes(stage['peak_device_bytes'])}")
+        peak = f" (peak {', '.join(peaks)})" if peaks else ""
+        parts.append(f"{stage['stage']} {stage['wall_s']:.1f} s{peak}")
+    return ", ".join(parts)

@@ -15,7 +15,7 @@ import platform
 import re
 import subprocess
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -48,6 +48,7 @@ from qvd_bench.models.pipelines import resolve_sampler, sampling_record
 from qvd_bench.models.sampling import BRANCHES, CallTracker
 from qvd_bench.numerics.edges import SignedLogEdges
 from qvd_bench.numerics.moments import weight_channel_stats
+from qvd_bench.resources import measure_stage
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NUM_TRAIN_TIMESTEPS = 1000
@@ -67,6 +68,7 @@ class CollectSummary:
     resumed: int
     bytes_on_disk: int
     raw_activation_bytes: int
+    stages: list[dict] = field(default_factory=list)  # StageCost.to_dict() of each stage
 
 
 def select_layers(
@@ -157,14 +159,17 @@ def collect(
     if rank == 0:
         store.check_writable(run_dir, overwrite=overwrite)
     torch.manual_seed(config.seed)
-    loaded = zoo.load_model(
-        config.model,
-        weight_seed=config.weight_seed,
-        disparity=config.disparity,
-        asymmetry=config.asymmetry,
-        device=config.device,
-        dtype=DTYPES[config.dtype],
-    )
+    stages = []  # what each stage cost, for the manifest
+    with measure_stage("load", config.device) as stage:
+        loaded = zoo.load_model(
+            config.model,
+            weight_seed=config.weight_seed,
+            disparity=config.disparity,
+            asymmetry=config.asymmetry,
+            device=config.device,
+            dtype=DTYPES[config.dtype],
+        )
+    stages.append(stage)
     for denoiser in loaded.experts.values():
         denoiser.eval()
     layers, infos = select_layers(loaded, config)
@@ -236,7 +241,12 @@ def collect(
         saved=done,
     )
     try:
-        with collector, attention or contextlib.nullcontext(), torch.no_grad():
+        with (
+            measure_stage("sample", config.device) as stage,
+            collector,
+            attention or contextlib.nullcontext(),
+            torch.no_grad(),
+        ):
             for sample_id in todo:
                 run_sample(
                     loaded,
@@ -254,22 +264,27 @@ def collect(
     finally:
         bar.close()
         tracker.detach()
+    stages.append(stage)
 
-    temporal_layers = [name for name, info in infos.items() if info.role == "time_emb"]
-    temporal: dict[str, TemporalFeatures] = {}
-    if config.temporal_stride and temporal_layers and rank == 0:
-        temporal = temporal_features(loaded, temporal_layers, timestep_grid(config.temporal_stride))
-    weights = {
-        name: weight_channel_stats(module.weight.detach().reshape(module.weight.shape[0], -1))
-        for name, module in layers.items()
-    }
-    moments = distributed.merge_across_processes(collector.moments)
-    histograms = distributed.merge_across_processes(collector.histograms)
-    reservoirs = distributed.merge_across_processes(collector.reservoirs)
-    attention_moments = attention_histograms = None
-    if attention is not None:
-        attention_moments = distributed.merge_across_processes(attention.moments)
-        attention_histograms = distributed.merge_across_processes(attention.histograms)
+    with measure_stage("finish", config.device) as stage:
+        temporal_layers = [name for name, info in infos.items() if info.role == "time_emb"]
+        temporal: dict[str, TemporalFeatures] = {}
+        if config.temporal_stride and temporal_layers and rank == 0:
+            temporal = temporal_features(
+                loaded, temporal_layers, timestep_grid(config.temporal_stride)
+            )
+        weights = {
+            name: weight_channel_stats(module.weight.detach().reshape(module.weight.shape[0], -1))
+            for name, module in layers.items()
+        }
+        moments = distributed.merge_across_processes(collector.moments)
+        histograms = distributed.merge_across_processes(collector.histograms)
+        reservoirs = distributed.merge_across_processes(collector.reservoirs)
+        attention_moments = attention_histograms = None
+        if attention is not None:
+            attention_moments = distributed.merge_across_processes(attention.moments)
+            attention_histograms = distributed.merge_across_processes(attention.histograms)
+    stages.append(stage)
     if rank != 0:
         return None  # type: ignore[return-value]
 
@@ -284,6 +299,8 @@ def collect(
     manifest["cost"] = {
         "estimate": estimate.to_dict(),
         "measured": {"accumulator_bytes": sum(measured.values()), "accumulator_parts": measured},
+        # Wall time and peak memory of this process's stages (a resumed run: this part).
+        "stages": [cost.to_dict() for cost in stages],
     }
     if attention is not None:
         manifest["attention"] = {
@@ -317,6 +334,7 @@ def collect(
         resumed=len(mine) - len(todo),
         bytes_on_disk=sum(p.stat().st_size for p in run_dir.iterdir() if p.is_file()),
         raw_activation_bytes=raw_activation_bytes(moments, DTYPES[config.dtype].itemsize),
+        stages=manifest["cost"]["stages"],
     )
 
 

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 
 from qvd_bench.collect.attention import ATTENTION_TENSORS
 from qvd_bench.collect.hooks import LayerInfo
+from qvd_bench.resources import format_bytes
 
 # Accumulator state, bytes.
 MOMENT_BYTES_PER_CHANNEL = 9 * 8
@@ -198,12 +199,3 @@ def state_bytes(accumulators: Mapping) -> int:
     """Bytes of the live state tensors of a dict of accumulators (what the estimate
     predicts)."""
     return sum(getattr(acc, name).nbytes for acc in accumulators.values() for name in acc.STATE)
-
-
-def format_bytes(n: float) -> str:
-    """1536 -> "1.5 KiB"."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from qvd_bench.collect.collector import collect
     from qvd_bench.collect.cost import format_bytes
     from qvd_bench.config import CollectConfig
+    from qvd_bench.resources import describe_stages
 
     device_and_dtype(args)  # a missing device or kernel fails before any work
     if args.num_prompts is not None and args.num_prompts < 1:
@@ -142,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         f"  on disk     {format_bytes(summary.bytes_on_disk)} "
         f"(raw inputs would take {format_bytes(summary.raw_activation_bytes)}, {ratio:,.0f}x more)"
     )
+    print(f"  cost        {describe_stages(summary.stages)}")
     return 0
 
 

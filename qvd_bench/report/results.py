@@ -23,6 +23,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from qvd_bench.report import cost as report_cost
 from qvd_bench.report import render
 from qvd_bench.report.render import FigureBlock, Heading, Notice, Paragraph, Table
 
@@ -185,6 +186,7 @@ def results_blocks(
             "teacher-forced over all steps; final: free-running final latents.",
         )
     )
+    blocks += report_cost.evaluation_blocks(timings, headline)
     figures = [
         ("fidelity_vs_bits.png", fidelity_vs_bits(results),
          "Teacher-forced SQNR and final PSNR against bit-width per method (bands: sd over seeds)."),

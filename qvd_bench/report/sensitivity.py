@@ -8,13 +8,15 @@ nothing from evaluation.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from qvd_bench.report import cost as report_cost
 from qvd_bench.report.render import FigureBlock, Heading, Paragraph, Table, write_report
 from qvd_bench.report.results import figure_png
-from qvd_bench.store import atomic_write
+from qvd_bench.store import atomic_write, write_json
 
 
 def sensitivity_figure(table: pd.DataFrame, top: int = 20):
@@ -48,9 +50,15 @@ def _short(name: str, keep: int = 44) -> str:
 
 
 def write_sensitivity_report(
-    table: pd.DataFrame, out_dir: str | Path, title: str, top: int = 20
+    table: pd.DataFrame,
+    out_dir: str | Path,
+    title: str,
+    top: int = 20,
+    *,
+    cost: Sequence[Mapping] = (),
 ) -> Path:
-    """``sensitivity.parquet`` and a report (ranked tables, figure) in ``out_dir``."""
+    """``sensitivity.parquet`` and a report (ranked tables, figure) in ``out_dir``; with
+    ``cost`` (``StageCost.to_dict()`` per stage) also ``cost.json`` and its table."""
     out_dir = Path(out_dir)
     blocks: list = [
         Heading(title, level=1),
@@ -69,6 +77,9 @@ def write_sensitivity_report(
         part = table[table["kind"] == kind]
         if len(part):
             blocks.append(Table(f"By {kind}", part, collapsed=kind == "layer"))
+    blocks += report_cost.stage_blocks(cost)
     index = write_report(blocks, title, out_dir)
     atomic_write(out_dir / "sensitivity.parquet", lambda p: table.to_parquet(p, index=False))
+    if cost:
+        write_json(out_dir / "cost.json", {"stages": list(cost)})
     return index

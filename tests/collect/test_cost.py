@@ -24,6 +24,9 @@ def test_estimate_is_within_ten_percent_of_the_measured_collection(tmp_path, mod
     for part in ("moments", "histograms", "temporal"):
         assert estimate["accumulator_parts"][part] == measured["accumulator_parts"][part]
     assert estimate["accumulator_bytes"] == pytest.approx(measured["accumulator_bytes"], rel=0.1)
+    stages = manifest["cost"]["stages"]
+    assert [s["stage"] for s in stages] == ["load", "sample", "finish"]
+    assert all(s["wall_s"] > 0 and s["peak_host_bytes"] > 0 for s in stages)
     on_disk = sum(p.stat().st_size for p in (tmp_path / "run").iterdir())
     assert estimate["store_bytes"] == pytest.approx(on_disk, rel=0.1)
 
