@@ -28,7 +28,7 @@ from qvd_bench import store
 from qvd_bench.collect import distributed
 from qvd_bench.collect.attention import ATTENTION_TENSORS, AttentionStats
 from qvd_bench.collect.checkpoint import CollectCheckpoints
-from qvd_bench.collect.cost import CostEstimate, estimate_cost, state_bytes
+from qvd_bench.collect.cost import CostEstimate, estimate_cost, rows_per_call, state_bytes
 from qvd_bench.collect.histogram import Histogram
 from qvd_bench.collect.hooks import (
     LayerInfo,
@@ -367,6 +367,7 @@ def collection_cost(
             steps[split_layer_name(name, loaded.experts)[0]]
             for name in (attention.modules if attention is not None else ())
         ],
+        rows_per_call=rows_per_call(loaded, layers, config.frames, config.height, config.width),
     )
 
 

@@ -8,9 +8,14 @@ number of statistics keys, so it is computed exactly, not guessed:
   (twice with outputs: once for the input, once for the output channels);
 - ``Histogram``: one int64 count per bin of the shared grid per key, plus 48 bytes
   (grid parameters, NaN and Inf counts) — the stride thins the counting, not the bins;
-- ``Reservoir``: per layer ``capacity`` rows of float32 channels and 40 bytes of row ids;
-  a ``time_emb`` layer sees one row (DiTs) or one per latent frame (UNet3D) per sample
-  per call, so it may keep fewer: counted as at most one per frame (an upper bound);
+- ``Reservoir``: per layer the rows it keeps, of float32 channels and 40 bytes of row
+  ids: ``capacity``, or all the distinct rows the layer sees when they are fewer (a
+  ``time_emb`` layer sees one row per sample and call in a DiT, a deep UNet block a few
+  latent positions). The rows a layer sees in one call are found by one forward of the
+  denoiser's twin on the meta device (``rows_per_call``: shapes only, no memory, no
+  arithmetic), so the reservoirs are exact too; where that forward fails the estimate
+  falls back to ``capacity`` rows (one per frame per call for ``time_emb`` layers), an
+  upper bound, and says so (``reservoir_rows``);
 - ``TemporalFeatures``: per ``time_emb`` layer one float64 vector per grid timestep;
 - attention (``AttentionStats``): a one-channel ``ChannelMoments`` and a histogram per
   (module, tensor q/k/v/softmax, timestep, branch).
@@ -30,8 +35,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+import torch
+
 from qvd_bench.collect.attention import ATTENTION_TENSORS
 from qvd_bench.collect.hooks import LayerInfo
+from qvd_bench.models.family import LoadedModel, expert_layer_name
+from qvd_bench.models.roles import leaf_layers
 from qvd_bench.resources import format_bytes
 
 # Accumulator state, bytes.
@@ -70,6 +79,8 @@ class CostEstimate:
         accumulator_bytes: the accumulators' state at the end of the collection (the
             peak: state only grows), by accumulator in ``accumulator_parts``.
         store_bytes: estimated size of the run directory, by file in ``store_parts``.
+        reservoir_rows: "probe" when the reservoirs' rows come from the rows each layer
+            sees (exact), "bound" when they are counted at capacity (an upper bound).
     """
 
     keys: int
@@ -79,6 +90,7 @@ class CostEstimate:
     store_bytes: int
     accumulator_parts: dict[str, int]
     store_parts: dict[str, int]
+    reservoir_rows: str = "probe"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +108,7 @@ def estimate_cost(
     reservoir_capacity: int = 0,
     temporal_grid: int = 0,
     attention_timesteps: Sequence[int] = (),
+    rows_per_call: Mapping[str, int] | None = None,
 ) -> CostEstimate:
     """The accumulator state and store size of a collection, from layer shapes.
 
@@ -112,32 +125,40 @@ def estimate_cost(
         temporal_grid: timesteps on the temporal-features grid; 0 when off.
         attention_timesteps: per observed attention module, the distinct timesteps at
             which it runs; empty when attention is off.
+        rows_per_call: layer name -> distinct rows one sample's denoiser call shows it
+            (``rows_per_call``); a layer at 0 is never called and holds nothing. None
+            counts every layer as called and every reservoir full (an upper bound).
 
     Returns:
         The estimate.
     """
-    keys = channels = channel_rows = 0
-    moments = histograms = reservoirs = temporal = weights_rows = reservoir_tensors = 0
+    keys = channels = channel_rows = reservoir_count = 0
+    moments = histograms = reservoirs = temporal = weights_rows = 0
     for info in layers:
+        channels += info.in_channels
+        weights_rows += info.out_channels
+        if temporal_grid and info.role == "time_emb":
+            temporal += temporal_grid * (info.in_channels + 1) * TEMPORAL_BYTES_PER_VALUE
+        if rows_per_call is not None and not rows_per_call.get(info.name):
+            continue  # never called: no statistics are made for it
         layer_keys = layer_timesteps[info.name] * branches
         keys += layer_keys
-        channels += info.in_channels
         rows = layer_keys * (info.in_channels + (info.out_channels if outputs else 0))
         channel_rows += rows
         moments += rows * MOMENT_BYTES_PER_CHANNEL
         if histogram_bins:
             histograms += layer_keys * (histogram_bins * 8 + HISTOGRAM_FIXED_BYTES)
         if reservoir_capacity:
-            kept = reservoir_capacity
-            if info.role == "time_emb":  # at most one row per frame per sample per call
-                kept = min(kept, samples * layer_keys * frames)
+            if rows_per_call is not None:  # the rows seen are distinct: kept up to capacity
+                kept = min(reservoir_capacity, samples * layer_keys * rows_per_call[info.name])
+            elif info.role == "time_emb":  # at most one row per frame per sample per call
+                kept = min(reservoir_capacity, samples * layer_keys * frames)
+            else:
+                kept = reservoir_capacity
             reservoirs += RESERVOIR_CONFIG_BYTES + kept * (
                 info.in_channels * 4 + RESERVOIR_ID_BYTES_PER_ROW
             )
-            reservoir_tensors += 7
-        if temporal_grid and info.role == "time_emb":
-            temporal += temporal_grid * (info.in_channels + 1) * TEMPORAL_BYTES_PER_VALUE
-        weights_rows += info.out_channels
+            reservoir_count += 1
     attention_keys = len(ATTENTION_TENSORS) * sum(attention_timesteps) * branches
     attention = attention_keys * MOMENT_BYTES_PER_CHANNEL
     if histogram_bins:
@@ -158,9 +179,9 @@ def estimate_cost(
         "histograms.parquet": HISTOGRAM_BIN_BYTES * keys * occupied_bins,
         "temporal.parquet": TEMPORAL_VALUE_BYTES * temporal_values,
         "weights.parquet": WEIGHT_ROW_BYTES * weights_rows,
+        # The state itself, 7 tensors a reservoir (config, rows, the 5 id fields).
         "reservoir.safetensors": reservoirs
-        - RESERVOIR_CONFIG_BYTES * len(layers) * bool(reservoir_capacity)
-        + SAFETENSORS_HEADER_BYTES_PER_TENSOR * reservoir_tensors,
+        + SAFETENSORS_HEADER_BYTES_PER_TENSOR * 7 * reservoir_count,
     }
     store_parts["manifest.json"] = MANIFEST_BYTES + MANIFEST_BYTES_PER_LAYER * len(layers)
     if attention_timesteps:
@@ -180,6 +201,7 @@ def estimate_cost(
         store_bytes=sum(store_parts.values()),
         accumulator_parts=accumulator_parts,
         store_parts=store_parts,
+        reservoir_rows="probe" if rows_per_call is not None else "bound",
     )
 
 
@@ -199,3 +221,70 @@ def state_bytes(accumulators: Mapping) -> int:
     """Bytes of the live state tensors of a dict of accumulators (what the estimate
     predicts)."""
     return sum(getattr(acc, name).nbytes for acc in accumulators.values() for name in acc.STATE)
+
+
+def rows_per_call(
+    loaded: LoadedModel, layers: Sequence[LayerInfo], frames: int, height: int, width: int
+) -> dict[str, int] | None:
+    """The distinct rows (tokens, positions) one sample's denoiser call shows each layer.
+
+    Runs one forward of a twin of each expert built on the meta device from its config
+    (shapes only: no memory, no arithmetic) on a (1, frames, height, width) latent, and
+    records each hooked layer's input rows as the collection's hooks split them
+    (``channel_last_rows``). A layer called more than once per call sees the same row
+    indices again, which the reservoir counts once: its rows are the most of one call.
+
+    Args:
+        loaded: the model.
+        layers: the hooked layers.
+        frames, height, width: the latent size of the collection.
+
+    Returns:
+        Layer name -> rows (0 for a layer the forward does not call), or None when a
+        twin cannot be built or run on the meta device.
+    """
+    wanted = {info.name: info for info in layers}
+    rows = dict.fromkeys(wanted, 0)
+    family = loaded.family
+    for expert, denoiser in loaded.experts.items():
+        try:
+            with torch.device("meta"):
+                twin = type(denoiser).from_config(denoiser.config)
+            handles = []
+            for inner, module in leaf_layers(twin).items():
+                name = expert_layer_name(expert, inner)
+                if name in wanted:
+                    handles.append(
+                        module.register_forward_pre_hook(
+                            _row_counter(rows, name, wanted[name].channel_dim), with_kwargs=True
+                        )
+                    )
+            generator = torch.Generator().manual_seed(0)
+            conditioning = {
+                key: value.to("meta") if isinstance(value, torch.Tensor) else value
+                for key, value in family.conditioning(
+                    twin, 1, frames, height, width, generator=generator
+                ).items()
+            }
+            latents = torch.empty(
+                family.latent_shape(twin, 1, frames, height, width), device="meta"
+            )
+            text = torch.empty((1, *family.text_embedding_shape(twin)), device="meta")
+            timestep = torch.full((1,), 500.0, device="meta")
+            try:
+                with torch.no_grad():
+                    family.forward(twin, latents, timestep, text, conditioning)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        except Exception:  # noqa: BLE001 (any failure of the meta forward: fall back)
+            return None
+    return rows
+
+
+def _row_counter(rows: dict[str, int], name: str, channel_dim: int):
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs["input"]
+        rows[name] = max(rows[name], x.numel() // x.shape[channel_dim])
+
+    return hook
