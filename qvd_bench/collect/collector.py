@@ -137,6 +137,7 @@ def collect(
     progress: bool = True,
     checkpoint_every: float = 60.0,
     on_estimate: Callable[[CostEstimate], None] | None = None,
+    loaded: LoadedModel | None = None,
 ) -> CollectSummary:
     """Collects statistics of a model's layer inputs while it samples, and stores them.
 
@@ -150,6 +151,8 @@ def collect(
             finished samples (``CollectCheckpoints``) and is raised again as
             ``Interrupted``, which says what was saved.
         on_estimate: called with the ``CostEstimate`` of the run before any sampling.
+        loaded: the model to collect on, already loaded (e.g. a pipeline with offloading
+            enabled), instead of loading ``config.model``; ``config`` still names it.
 
     Returns:
         A summary of what was written.
@@ -161,14 +164,15 @@ def collect(
     torch.manual_seed(config.seed)
     stages = []  # what each stage cost, for the manifest
     with measure_stage("load", config.device) as stage:
-        loaded = zoo.load_model(
-            config.model,
-            weight_seed=config.weight_seed,
-            disparity=config.disparity,
-            asymmetry=config.asymmetry,
-            device=config.device,
-            dtype=DTYPES[config.dtype],
-        )
+        if loaded is None:
+            loaded = zoo.load_model(
+                config.model,
+                weight_seed=config.weight_seed,
+                disparity=config.disparity,
+                asymmetry=config.asymmetry,
+                device=config.device,
+                dtype=DTYPES[config.dtype],
+            )
     stages.append(stage)
     for denoiser in loaded.experts.values():
         denoiser.eval()

@@ -85,7 +85,11 @@ def test_rows_per_call_match_the_hooks_and_fall_back_where_meta_fails():
     latents = torch.zeros(family.latent_shape(denoiser, 1, 2, 8, 8))
     with LayerInputCapture(denoiser) as inputs, torch.no_grad():
         family.forward(
-            denoiser, latents, torch.tensor([500.0]), cond, family.conditioning(denoiser, 1, 2, 8, 8)
+            denoiser,
+            latents,
+            torch.tensor([500.0]),
+            cond,
+            family.conditioning(denoiser, 1, 2, 8, 8),
         )
     expected = {
         name: max(channel_last_rows(x, 1, infos[name].channel_dim).shape[1] for x in calls)
