@@ -28,7 +28,17 @@ from qvd_bench import store
 from qvd_bench.collect import distributed
 from qvd_bench.collect.attention import ATTENTION_TENSORS, AttentionStats
 from qvd_bench.collect.checkpoint import CollectCheckpoints
-from qvd_bench.collect.cost import CostEstimate, estimate_cost, rows_per_call, state_bytes
+from qvd_bench.collect.cost import (
+    DEFAULT_TIMESTEP_GROUPS,
+    DEVICE_STATE_BYTES,
+    LARGE_STATE_BYTES,
+    CostEstimate,
+    StepFolder,
+    estimate_cost,
+    grouped_timesteps,
+    rows_per_call,
+    state_bytes,
+)
 from qvd_bench.collect.histogram import Histogram
 from qvd_bench.collect.hooks import (
     LayerInfo,
@@ -138,6 +148,7 @@ def collect(
     checkpoint_every: float = 60.0,
     on_estimate: Callable[[CostEstimate], None] | None = None,
     loaded: LoadedModel | None = None,
+    device_state_limit: int = DEVICE_STATE_BYTES,
 ) -> CollectSummary:
     """Collects statistics of a model's layer inputs while it samples, and stores them.
 
@@ -153,6 +164,8 @@ def collect(
         on_estimate: called with the ``CostEstimate`` of the run before any sampling.
         loaded: the model to collect on, already loaded (e.g. a pipeline with offloading
             enabled), instead of loading ``config.model``; ``config`` still names it.
+        device_state_limit: bytes of per-key statistics kept on an accelerator between
+            sampling steps; above it they move to host memory (``cost.StepFolder``).
 
     Returns:
         A summary of what was written.
@@ -201,9 +214,31 @@ def collect(
             histogram_edges=edges,
             histogram_stride=config.histogram_stride,
         )
-    estimate = collection_cost(loaded, config, list(infos.values()), attention)
+    groups = config.timestep_groups
+    estimate = collection_cost(loaded, config, list(infos.values()), attention, groups or 0)
+    if groups is None:  # by default, per timestep unless that state is too large
+        groups = 0
+        if estimate.accumulator_bytes > LARGE_STATE_BYTES:
+            groups = min(DEFAULT_TIMESTEP_GROUPS, config.steps)
+            estimate = collection_cost(
+                loaded, config, list(infos.values()), attention, groups, by_default=True
+            )
     if on_estimate is not None and rank == 0:
         on_estimate(estimate)
+    folder = StepFolder(
+        config.steps,
+        groups if groups < config.steps else 0,
+        None if torch.device(config.device).type == "cpu" else device_state_limit,
+    )
+
+    def after_step() -> None:
+        bar.update(1)
+        collector.flush()
+        folder.after_step(
+            [collector.moments, collector.histograms]
+            + ([attention.moments, attention.histograms] if attention is not None else [])
+        )
+
     fingerprint = {**config.to_dict(), "rank": rank, "world": world}
     factories = {
         "moments": ChannelMoments.from_state_dict,
@@ -258,7 +293,7 @@ def collect(
                     sample_id,
                     config,
                     tracker,
-                    lambda: bar.update(1),
+                    after_step,
                 )
                 done.add(sample_id)
                 collector.flush()
@@ -293,6 +328,13 @@ def collect(
         return None  # type: ignore[return-value]
 
     manifest = build_manifest(loaded, config, infos, moments, edges, world)
+    if folder.groups:
+        # The timesteps whose statistics each stored timestep holds.
+        manifest["timestep_groups"] = {
+            "groups": folder.groups,
+            "by_default": config.timestep_groups is None,
+            "members": {str(t): members for t, members in folder.members.items()},
+        }
     measured = {
         "moments": state_bytes(moments),
         "histograms": state_bytes(histograms),
@@ -347,9 +389,22 @@ def collection_cost(
     config: CollectConfig,
     layers: list[LayerInfo],
     attention: AttentionStats | None,
+    groups: int = 0,
+    *,
+    by_default: bool = False,
 ) -> CostEstimate:
-    """``estimate_cost`` of a collection with ``config`` on the hooked ``layers``."""
+    """``estimate_cost`` of a collection with ``config`` on the hooked ``layers``, per
+    timestep or, with ``groups``, per timestep group (``by_default``: chosen by collect)."""
     steps = expert_steps(loaded, config.steps)
+    if groups and groups < config.steps:
+        # The first expert runs the first steps (``expert_steps``).
+        first, indices = 0, {}
+        for expert, count in steps.items():
+            indices[expert] = range(first, first + count)
+            first += count if len(steps) > 1 else 0
+        steps = {
+            expert: grouped_timesteps(indices[expert], config.steps, groups) for expert in steps
+        }
     layer_timesteps = {
         info.name: steps[split_layer_name(info.name, loaded.experts)[0]] for info in layers
     }
@@ -372,6 +427,8 @@ def collection_cost(
             for name in (attention.modules if attention is not None else ())
         ],
         rows_per_call=rows_per_call(loaded, layers, config.frames, config.height, config.width),
+        timestep_groups=groups if groups < config.steps else 0,
+        grouped_by_default=by_default,
     )
 
 

@@ -81,6 +81,11 @@ class CostEstimate:
         store_bytes: estimated size of the run directory, by file in ``store_parts``.
         reservoir_rows: "probe" when the reservoirs' rows come from the rows each layer
             sees (exact), "bound" when they are counted at capacity (an upper bound).
+        timestep_groups: statistics per this many timestep groups (``layer_timesteps``
+            counts groups); 0: per timestep. The state at the end is the estimate's;
+            while sampling, one step's keys more are in flight.
+        grouped_by_default: the groups were chosen because per-timestep state would be
+            above ``LARGE_STATE_BYTES``.
     """
 
     keys: int
@@ -91,6 +96,8 @@ class CostEstimate:
     accumulator_parts: dict[str, int]
     store_parts: dict[str, int]
     reservoir_rows: str = "probe"
+    timestep_groups: int = 0
+    grouped_by_default: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +116,8 @@ def estimate_cost(
     temporal_grid: int = 0,
     attention_timesteps: Sequence[int] = (),
     rows_per_call: Mapping[str, int] | None = None,
+    timestep_groups: int = 0,
+    grouped_by_default: bool = False,
 ) -> CostEstimate:
     """The accumulator state and store size of a collection, from layer shapes.
 
@@ -128,6 +137,7 @@ def estimate_cost(
         rows_per_call: layer name -> distinct rows one sample's denoiser call shows it
             (``rows_per_call``); a layer at 0 is never called and holds nothing. None
             counts every layer as called and every reservoir full (an upper bound).
+        timestep_groups, grouped_by_default: recorded in the estimate (``CostEstimate``).
 
     Returns:
         The estimate.
@@ -202,11 +212,20 @@ def estimate_cost(
         accumulator_parts=accumulator_parts,
         store_parts=store_parts,
         reservoir_rows="probe" if rows_per_call is not None else "bound",
+        timestep_groups=timestep_groups,
+        grouped_by_default=grouped_by_default,
     )
 
 
 def advice(estimate: CostEstimate) -> str:
-    """A line on how to bound a large collection; "" below ``LARGE_STATE_BYTES``."""
+    """A line on how the collection was bounded, or on how to bound it when it is above
+    ``LARGE_STATE_BYTES``; "" otherwise."""
+    if estimate.grouped_by_default:
+        return (
+            f"per-timestep statistics would take more than {format_bytes(LARGE_STATE_BYTES)} "
+            f"of state: collecting per {estimate.timestep_groups} timestep groups instead "
+            "(timestep_groups=0 keeps every timestep)"
+        )
     if estimate.accumulator_bytes <= LARGE_STATE_BYTES:
         return ""
     return (
@@ -288,3 +307,93 @@ def _row_counter(rows: dict[str, int], name: str, channel_dim: int):
         rows[name] = max(rows[name], x.numel() // x.shape[channel_dim])
 
     return hook
+
+
+# ------------------------------------------------------------- bounding the state
+
+
+# Groups a collection defaults to when per-timestep state would exceed LARGE_STATE_BYTES.
+DEFAULT_TIMESTEP_GROUPS = 8
+# Per-key state (moments, histograms) kept on an accelerator between sampling steps; above
+# it, the keys of finished steps go to host memory (they return when next updated).
+DEVICE_STATE_BYTES = 2 * GIB
+
+
+def group_of_step(step: int, steps: int, groups: int) -> int:
+    """The contiguous group of sampling step ``step`` (0-based) of ``steps``."""
+    return step * groups // steps
+
+
+def grouped_timesteps(steps: Sequence[int], total_steps: int, groups: int) -> int:
+    """How many groups the step indices ``steps`` (of ``total_steps``) fall into."""
+    return len({group_of_step(step, total_steps, groups) for step in steps})
+
+
+class StepFolder:
+    """What a collection does after each sampling step to bound its state.
+
+    With ``groups``, the statistics of the step just finished are merged into those of its
+    timestep group (contiguous groups of the ``steps`` sampling steps, as quantizers'
+    timestep groups are), stored at the group's first timestep; merges are exact, so a
+    group's statistics are those of all its steps' inputs. The state then holds ``groups``
+    keys per layer and branch, plus one step's in flight.
+
+    With ``device_limit``, once the per-key state on an accelerator exceeds it, every key
+    (all of finished steps) moves to host memory; a key returns to the device when it is
+    next updated (accumulators follow their inputs), so the device holds at most the
+    limit and one step's keys.
+
+    Args:
+        steps: sampling steps per prompt (``after_step`` counts them).
+        groups: timestep groups; 0 keeps every timestep.
+        device_limit: bytes of per-key state allowed on an accelerator; None: no limit.
+    """
+
+    def __init__(self, steps: int, groups: int = 0, device_limit: int | None = None):
+        self.steps, self.groups, self.device_limit = steps, groups, device_limit
+        self.calls = 0
+        self.group_timestep: dict[int, float] = {}  # group -> the timestep it is stored at
+        self.members: dict[float, list[float]] = {}  # that timestep -> the group's timesteps
+        self._stored_at: dict[float, float] = {}  # a timestep -> where it is stored
+
+    def after_step(self, accumulator_groups: Sequence[dict]) -> None:
+        """Folds and moves the keys of the step just finished.
+
+        Args:
+            accumulator_groups: dicts (tensor, layer, timestep, branch) -> accumulator
+                (moments, histograms, attention), with every pending update folded in.
+        """
+        step = self.calls % self.steps
+        self.calls += 1
+        if self.groups:
+            group = group_of_step(step, self.steps, self.groups)
+            for accumulators in accumulator_groups:
+                self._fold(accumulators, group)
+        if self.device_limit is not None:
+            on_device = [
+                acc
+                for accumulators in accumulator_groups
+                for acc in accumulators.values()
+                if acc.device.type != "cpu"
+            ]
+            if state_bytes(dict(enumerate(on_device))) > self.device_limit:
+                for acc in on_device:
+                    acc.to("cpu")
+
+    def _fold(self, accumulators: dict, group: int) -> None:
+        fresh = {key[2] for key in accumulators} - set(self.members)
+        for timestep in fresh:
+            if timestep not in self._stored_at:  # first seen: in this step's group
+                target = self.group_timestep.setdefault(group, timestep)
+                self._stored_at[timestep] = target
+                self.members.setdefault(target, []).append(timestep)
+            target = self._stored_at[timestep]
+            if target == timestep:
+                continue
+            for key in [k for k in accumulators if k[2] == timestep]:
+                into = (key[0], key[1], target, *key[3:])
+                acc = accumulators.pop(key)
+                if into in accumulators:
+                    accumulators[into].merge(acc)
+                else:
+                    accumulators[into] = acc

@@ -64,6 +64,14 @@ def add_parser(subparsers) -> None:
         help="stride of the timestep grid for temporal features; 0 disables (default: 1)",
     )
     parser.add_argument(
+        "--timestep-groups",
+        type=int,
+        default=None,
+        metavar="N",
+        help="statistics per N contiguous groups of steps; 0: per timestep (default: per "
+        "timestep, or 8 groups when that state would exceed 8 GiB)",
+    )
+    parser.add_argument(
         "--attention",
         action="store_true",
         help="also collect q, k, v and softmax statistics of every attention module "
@@ -109,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         reservoir_capacity=args.reservoir,
         temporal_stride=args.temporal_stride,
         attention=args.attention,
+        timestep_groups=args.timestep_groups,
         device=args.device,
         dtype=args.dtype,
     )
@@ -150,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
 def print_estimate(estimate) -> None:
     """The cost of the collection about to run (``collect.cost``), and advice when large."""
     from qvd_bench.collect.cost import advice, format_bytes
+    from qvd_bench.commands._args import with_flags
 
     print(
         f"estimate: {estimate.keys:,} (layer, timestep, branch) keys over "
@@ -158,6 +168,6 @@ def print_estimate(estimate) -> None:
         f"{format_bytes(estimate.store_bytes)}",
         flush=True,
     )
-    line = advice(estimate)
+    line = with_flags(advice(estimate))
     if line:
-        print(f"warning: {line}", flush=True)
+        print(f"{'note' if estimate.grouped_by_default else 'warning'}: {line}", flush=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -97,3 +99,98 @@ def test_rows_per_call_match_the_hooks_and_fall_back_where_meta_fails():
     }
     assert rows == expected
     assert rows_per_call(zoo.load_model("tiny-mochi"), [], 2, 8, 8) is None  # autocast on meta
+
+
+def _channels(run_dir) -> pd.DataFrame:
+    from qvd_bench.store import StatsRun
+
+    frame = StatsRun(run_dir).channels
+    frame = frame[frame["tensor"] == "input"].astype({"layer": str, "branch": str})
+    return frame
+
+
+def test_timestep_groups_hold_the_merged_statistics_of_their_steps(tmp_path):
+    base = dict(model="tiny-unet3d", steps=4, prompts=("a red fox", "a boat at sea"))
+    base.update(temporal_stride=0, reservoir_capacity=0)
+    collect(CollectConfig(**base, timestep_groups=0), tmp_path / "steps", progress=False)
+    estimates = []
+    config = CollectConfig(**base, timestep_groups=2)
+    collect(config, tmp_path / "groups", progress=False, on_estimate=estimates.append)
+    manifest = json.loads((tmp_path / "groups" / "manifest.json").read_text())
+    per_step = _channels(tmp_path / "steps")
+    grouped = _channels(tmp_path / "groups")
+    # Steps (0, 1) and (2, 3), each stored at its first timestep.
+    schedule = sorted(set(per_step["timestep"]), reverse=True)
+    assert manifest["schedule"] == [schedule[0], schedule[2]]
+    members = {float(k): v for k, v in manifest["timestep_groups"]["members"].items()}
+    assert members == {schedule[0]: schedule[:2], schedule[2]: schedule[2:]}
+    # The reference: the per-step moments merged by hand (counts add, extremes combine,
+    # means weight by counts).
+    per_step["timestep"] = per_step["timestep"].map(
+        {t: stored for stored, ts in members.items() for t in ts}
+    )
+    per_step["weighted"] = per_step["mean"] * per_step["count"]
+    keys = ["layer", "timestep", "branch", "channel"]
+    expected = per_step.groupby(keys).agg(
+        count=("count", "sum"), min=("min", "min"), max=("max", "max"), weighted=("weighted", "sum")
+    )
+    actual = grouped.set_index(keys).sort_index()
+    expected = expected.sort_index()
+    assert actual.index.equals(expected.index)
+    np.testing.assert_array_equal(actual["count"], expected["count"])
+    np.testing.assert_array_equal(actual["min"], expected["min"])
+    np.testing.assert_array_equal(actual["max"], expected["max"])
+    np.testing.assert_allclose(
+        actual["mean"], expected["weighted"] / expected["count"], rtol=1e-9, atol=1e-12
+    )
+    # The estimate counts the groups: exact again.
+    estimate, measured = manifest["cost"]["estimate"], manifest["cost"]["measured"]
+    assert estimates[0].timestep_groups == 2 and not estimates[0].grouped_by_default
+    assert estimate["accumulator_parts"] == measured["accumulator_parts"]
+
+
+def test_large_state_defaults_to_timestep_groups_and_says_so(tmp_path, monkeypatch, capsys):
+    from qvd_bench.collect import collector
+    from qvd_bench.commands.main import main
+
+    monkeypatch.setattr(collector, "LARGE_STATE_BYTES", 1000)
+    out = tmp_path / "run"
+    argv = ["collect", "--steps", "10", "--num-prompts", "1", "--temporal-stride", "0"]
+    assert main([*argv, "--reservoir", "0", "--out", str(out), "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["timestep_groups"]["groups"] == 8 and manifest["timestep_groups"]["by_default"]
+    assert len(manifest["schedule"]) == 8
+    printed = capsys.readouterr().out
+    assert "note: per-timestep statistics would take more than" in printed
+    assert "--timestep-groups 0" not in printed and "--timestep-groups=0 keeps" in printed
+
+
+class _FakeAccumulator:
+    """An accumulator on a pretend accelerator: what ``StepFolder`` reads and moves."""
+
+    STATE = ("state",)
+
+    def __init__(self, nbytes: int):
+        self.state = torch.zeros(nbytes, dtype=torch.uint8)
+        self.where = "cuda"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.where)
+
+    def to(self, device):
+        self.where = str(device)
+        return self
+
+
+def test_step_folder_moves_finished_keys_to_the_host_above_the_limit():
+    from qvd_bench.collect.cost import StepFolder
+
+    folder = StepFolder(steps=4, device_limit=250)
+    moments = {("input", "a", 999.0, "cond"): _FakeAccumulator(100)}
+    folder.after_step([moments])
+    assert moments[("input", "a", 999.0, "cond")].where == "cuda"  # 100 B: under the limit
+    moments[("input", "a", 749.0, "cond")] = _FakeAccumulator(100)
+    moments[("input", "b", 749.0, "cond")] = _FakeAccumulator(100)
+    folder.after_step([moments])  # 300 B on the device: everything goes to the host
+    assert {acc.where for acc in moments.values()} == {"cpu"}
