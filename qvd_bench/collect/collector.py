@@ -236,7 +236,8 @@ def collect(
         collector.flush()
         folder.after_step(
             [collector.moments, collector.histograms]
-            + ([attention.moments, attention.histograms] if attention is not None else [])
+            + ([attention.moments, attention.histograms] if attention is not None else []),
+            tracker.current.timestep,
         )
 
     fingerprint = {**config.to_dict(), "rank": rank, "world": world}

@@ -354,21 +354,27 @@ class StepFolder:
         self.calls = 0
         self.group_timestep: dict[int, float] = {}  # group -> the timestep it is stored at
         self.members: dict[float, list[float]] = {}  # that timestep -> the group's timesteps
-        self._stored_at: dict[float, float] = {}  # a timestep -> where it is stored
 
-    def after_step(self, accumulator_groups: Sequence[dict]) -> None:
+    def after_step(self, accumulator_groups: Sequence[dict], timestep: float) -> None:
         """Folds and moves the keys of the step just finished.
 
         Args:
             accumulator_groups: dicts (tensor, layer, timestep, branch) -> accumulator
                 (moments, histograms, attention), with every pending update folded in.
+            timestep: the timestep of the step (every prompt samples the same schedule,
+                so a step's group and the timestep it is stored at never change).
         """
         step = self.calls % self.steps
         self.calls += 1
         if self.groups:
             group = group_of_step(step, self.steps, self.groups)
-            for accumulators in accumulator_groups:
-                self._fold(accumulators, group)
+            target = self.group_timestep.setdefault(group, timestep)
+            members = self.members.setdefault(target, [])
+            if timestep not in members:
+                members.append(timestep)
+            if target != timestep:
+                for accumulators in accumulator_groups:
+                    fold_into(accumulators, timestep, target)
         if self.device_limit is not None:
             on_device = [
                 acc
@@ -380,20 +386,14 @@ class StepFolder:
                 for acc in on_device:
                     acc.to("cpu")
 
-    def _fold(self, accumulators: dict, group: int) -> None:
-        fresh = {key[2] for key in accumulators} - set(self.members)
-        for timestep in fresh:
-            if timestep not in self._stored_at:  # first seen: in this step's group
-                target = self.group_timestep.setdefault(group, timestep)
-                self._stored_at[timestep] = target
-                self.members.setdefault(target, []).append(timestep)
-            target = self._stored_at[timestep]
-            if target == timestep:
-                continue
-            for key in [k for k in accumulators if k[2] == timestep]:
-                into = (key[0], key[1], target, *key[3:])
-                acc = accumulators.pop(key)
-                if into in accumulators:
-                    accumulators[into].merge(acc)
-                else:
-                    accumulators[into] = acc
+
+def fold_into(accumulators: dict, timestep: float, target: float) -> None:
+    """Merges every key (..., ..., ``timestep``, branch) into (..., ..., ``target``, branch)
+    and removes it (the key takes its place where ``target`` has none yet)."""
+    for key in [k for k in accumulators if k[2] == timestep]:
+        into = (key[0], key[1], target, *key[3:])
+        acc = accumulators.pop(key)
+        if into in accumulators:
+            accumulators[into].merge(acc)
+        else:
+            accumulators[into] = acc

@@ -8,11 +8,22 @@ manifest (``cost.stages``), ``quantize`` to ``record.json`` (``cost``), ``sensit
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from qvd_bench.resources import format_bytes
+
+
+class CostTable(NamedTuple):
+    """A table for a report: ``render.Table(*cost_table)`` (render imports this module)."""
+
+    title: str
+    frame: pd.DataFrame
+    caption: str = ""
+    collapsed: bool = False
+
 
 PEAK_NOTE = (
     "Peak host: the process's resident-set peak during the stage (its peak so far where "
@@ -40,22 +51,18 @@ def stage_table(stages: Sequence[Mapping]) -> pd.DataFrame:
     )
 
 
-def stage_blocks(stages: Sequence[Mapping], title: str = "Cost per stage") -> list:
-    """A table block of ``stage_table``; none when no stage was recorded."""
-    from qvd_bench.report.render import Table  # render calls this module
-
+def stage_tables(stages: Sequence[Mapping], title: str = "Cost per stage") -> list[CostTable]:
+    """The ``stage_table``; none when no stage was recorded."""
     if not stages:
         return []
-    return [Table(title, stage_table(stages), STAGE_CAPTION)]
+    return [CostTable(title, stage_table(stages), STAGE_CAPTION)]
 
 
-def collection_blocks(manifest: Mapping) -> list:
+def collection_tables(manifest: Mapping) -> list[CostTable]:
     """The collection's stages and its estimated against measured accumulator state, for
     the report of a statistics run (none for runs that recorded no cost)."""
-    from qvd_bench.report.render import Table
-
     cost = manifest.get("cost") or {}
-    blocks = stage_blocks(cost.get("stages", []), "Collection cost")
+    blocks = stage_tables(cost.get("stages", []), "Collection cost")
     estimate, measured = cost.get("estimate"), cost.get("measured")
     if estimate and measured:
         parts = estimate["accumulator_parts"]
@@ -75,7 +82,7 @@ def collection_blocks(manifest: Mapping) -> list:
             }
         )
         blocks.append(
-            Table(
+            CostTable(
                 "Accumulator state",
                 pd.DataFrame(rows),
                 "Estimated before the collection from layer shapes (collect.cost), and "
@@ -129,14 +136,12 @@ def evaluation_cost_table(timings: pd.DataFrame, headline: pd.DataFrame) -> pd.D
     return pd.DataFrame(rows)
 
 
-def evaluation_blocks(timings: pd.DataFrame, headline: pd.DataFrame) -> list:
-    """The ``evaluation_cost_table`` block of an evaluation report; none without timings."""
-    from qvd_bench.report.render import Table
-
+def evaluation_tables(timings: pd.DataFrame, headline: pd.DataFrame) -> list[CostTable]:
+    """The ``evaluation_cost_table`` of an evaluation report; none without timings."""
     if timings.empty:
         return []
     return [
-        Table(
+        CostTable(
             "Cost and quality",
             evaluation_cost_table(timings, headline),
             "Seconds spent quantizing (calibration from the statistics; for the statistics "

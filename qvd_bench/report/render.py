@@ -378,7 +378,7 @@ def run_blocks(data: RunData, *, level: int, prefix: str) -> list[Block]:
             "coverage of a per-tensor min-max quantizer; the temporal-features row is "
             "measured across the timestep grid.",
         ),
-        *cost.collection_blocks(run.manifest),
+        *(Table(*table) for table in cost.collection_tables(run.manifest)),
         Heading("Figures", level + 1),
     ]
     figures, notices = run_figures(run)

@@ -186,7 +186,7 @@ def results_blocks(
             "teacher-forced over all steps; final: free-running final latents.",
         )
     )
-    blocks += report_cost.evaluation_blocks(timings, headline)
+    blocks += [Table(*table) for table in report_cost.evaluation_tables(timings, headline)]
     figures = [
         ("fidelity_vs_bits.png", fidelity_vs_bits(results),
          "Teacher-forced SQNR and final PSNR against bit-width per method (bands: sd over seeds)."),

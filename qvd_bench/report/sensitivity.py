@@ -77,7 +77,7 @@ def write_sensitivity_report(
         part = table[table["kind"] == kind]
         if len(part):
             blocks.append(Table(f"By {kind}", part, collapsed=kind == "layer"))
-    blocks += report_cost.stage_blocks(cost)
+    blocks += [Table(*table) for table in report_cost.stage_tables(cost)]
     index = write_report(blocks, title, out_dir)
     atomic_write(out_dir / "sensitivity.parquet", lambda p: table.to_parquet(p, index=False))
     if cost:

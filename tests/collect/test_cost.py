@@ -188,9 +188,9 @@ def test_step_folder_moves_finished_keys_to_the_host_above_the_limit():
 
     folder = StepFolder(steps=4, device_limit=250)
     moments = {("input", "a", 999.0, "cond"): _FakeAccumulator(100)}
-    folder.after_step([moments])
+    folder.after_step([moments], 999.0)
     assert moments[("input", "a", 999.0, "cond")].where == "cuda"  # 100 B: under the limit
     moments[("input", "a", 749.0, "cond")] = _FakeAccumulator(100)
     moments[("input", "b", 749.0, "cond")] = _FakeAccumulator(100)
-    folder.after_step([moments])  # 300 B on the device: everything goes to the host
+    folder.after_step([moments], 749.0)  # 300 B on the device: everything goes to the host
     assert {acc.where for acc in moments.values()} == {"cpu"}

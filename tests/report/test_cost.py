@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from qvd_bench.report.cost import collection_blocks, evaluation_cost_table, stage_table
+from qvd_bench.report.cost import collection_tables, evaluation_cost_table, stage_table
 
 GIB = 1 << 30
 
@@ -59,8 +59,8 @@ def test_timings_written_before_peaks_were_recorded():
     assert table.loc[0, "peak host"] == table.loc[0, "peak device"] == "–"
 
 
-def test_collection_blocks_of_a_manifest_with_and_without_cost():
-    assert collection_blocks({}) == []
+def test_collection_tables_of_a_manifest_with_and_without_cost():
+    assert collection_tables({}) == []
     manifest = {
         "cost": {
             "stages": [{"stage": "sample", "wall_s": 2.0, "peak_host_bytes": GIB}],
@@ -68,7 +68,7 @@ def test_collection_blocks_of_a_manifest_with_and_without_cost():
             "measured": {"accumulator_bytes": 290, "accumulator_parts": {"moments": 290}},
         }
     }
-    stages, state = collection_blocks(manifest)
+    stages, state = collection_tables(manifest)
     assert stages.title == "Collection cost" and stages.frame.loc[0, "peak host"] == "1.0 GiB"
     assert state.frame.to_dict("records")[-1] == {
         "accumulator": "in all",
