@@ -7,14 +7,26 @@ rows per layer, temporal features at every training timestep). The configs are t
 diffusers ``config.json`` fields of the published checkpoints.
 
     python benchmarks/collect_cost.py
+
+With ``--measure MODEL`` it runs a collection of a zoo model instead (the collection
+defaults, two prompts) and prints the estimate against the accumulator state and the
+store it measured:
+
+    python benchmarks/collect_cost.py --measure modelscope-t2v-arch --steps 2 \
+        --frames 4 --height 16 --width 16
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
 import diffusers
 import torch
 
-from qvd_bench.collect.collector import timestep_grid
+from qvd_bench.collect.collector import collect, timestep_grid
 from qvd_bench.collect.cost import estimate_cost, format_bytes
 from qvd_bench.collect.hooks import describe_layer
 from qvd_bench.models.families import FAMILIES
@@ -112,7 +124,58 @@ def estimate(class_name: str, config: dict, *, steps: int = 50, samples: int = 1
     )
 
 
+def measure(model: str, *, steps: int, frames: int, height: int, width: int) -> None:
+    """Collects ``model`` and prints the estimate against what the collection measured."""
+    from qvd_bench.config import CollectConfig
+
+    config = CollectConfig(
+        model=model,
+        prompts=("a red fox running through snow", "a sailing boat on a calm sea at sunset"),
+        steps=steps,
+        frames=frames,
+        height=height,
+        width=width,
+    )
+    run_dir = Path(tempfile.mkdtemp(prefix="collect-cost-")) / "run"
+    collect(config, run_dir, progress=False)
+    cost = json.loads((run_dir / "manifest.json").read_text())["cost"]
+    estimate, measured = cost["estimate"], cost["measured"]
+    on_disk = {p.name: p.stat().st_size for p in run_dir.iterdir() if p.is_file()}
+    print(f"{model}, {steps} steps, latent {frames}x{height}x{width}, 2 prompts, CFG")
+    print(f"reservoir rows: {estimate['reservoir_rows']}")
+    print("| part | estimated | measured | estimate / measured |")
+    print("|---|---:|---:|---:|")
+    rows = [
+        (name, estimate["accumulator_parts"][name], measured["accumulator_parts"][name])
+        for name in estimate["accumulator_parts"]
+    ]
+    rows.append(
+        ("accumulators in all", estimate["accumulator_bytes"], measured["accumulator_bytes"])
+    )
+    rows += [(name, size, on_disk.get(name, 0)) for name, size in estimate["store_parts"].items()]
+    rows.append(("store in all", estimate["store_bytes"], sum(on_disk.values())))
+    for name, guess, real in rows:
+        ratio = f"{guess / real:.3f}" if real else "–"
+        print(f"| {name} | {guess:,} | {real:,} | {ratio} |")
+    for stage in cost["stages"]:
+        print(
+            f"stage {stage['stage']}: {stage['wall_s']:.1f} s, peak host {format_bytes(stage['peak_host_bytes'])}"
+        )
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--measure", metavar="MODEL", help="collect a zoo model and compare")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--height", type=int, default=16)
+    parser.add_argument("--width", type=int, default=16)
+    args = parser.parse_args()
+    if args.measure:
+        measure(
+            args.measure, steps=args.steps, frames=args.frames, height=args.height, width=args.width
+        )
+        return
     print(
         "| model | layers hooked | input channels | keys | moments | histograms | "
         "accumulators in all | store (est.) |"

@@ -67,6 +67,10 @@ class CollectConfig:
             quantization calibrates on).
         device: torch device string.
         dtype: model dtype, one of DTYPES.
+        timestep_groups: statistics per contiguous groups of sampling steps instead of per
+            timestep (each group stored at its first timestep); 0 keeps every timestep;
+            None (the default) groups in ``collect.cost.DEFAULT_TIMESTEP_GROUPS`` only when
+            per-timestep state would exceed ``collect.cost.LARGE_STATE_BYTES``.
     """
 
     model: str = "tiny-unet3d"
@@ -94,8 +98,11 @@ class CollectConfig:
     device: str = "cpu"
     dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
+    timestep_groups: int | None = None
 
     def __post_init__(self) -> None:
+        if self.timestep_groups is not None and self.timestep_groups < 0:
+            raise UserError(f"timestep_groups must not be negative, got {self.timestep_groups}")
         if self.steps < 1:
             raise UserError(f"steps must be at least 1, got {self.steps}")
         if not self.prompts:

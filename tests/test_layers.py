@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "qvd_bench.prompts",
             "qvd_bench.numerics",
             "qvd_bench.datasets",
+            "qvd_bench.resources",
         ),
     ),
     ("store", ("qvd_bench.store",)),

@@ -15,7 +15,7 @@ import platform
 import re
 import subprocess
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -28,7 +28,17 @@ from qvd_bench import store
 from qvd_bench.collect import distributed
 from qvd_bench.collect.attention import ATTENTION_TENSORS, AttentionStats
 from qvd_bench.collect.checkpoint import CollectCheckpoints
-from qvd_bench.collect.cost import CostEstimate, estimate_cost, state_bytes
+from qvd_bench.collect.cost import (
+    DEFAULT_TIMESTEP_GROUPS,
+    DEVICE_STATE_BYTES,
+    LARGE_STATE_BYTES,
+    CostEstimate,
+    StepFolder,
+    estimate_cost,
+    grouped_timesteps,
+    rows_per_call,
+    state_bytes,
+)
 from qvd_bench.collect.histogram import Histogram
 from qvd_bench.collect.hooks import (
     LayerInfo,
@@ -48,6 +58,7 @@ from qvd_bench.models.pipelines import resolve_sampler, sampling_record
 from qvd_bench.models.sampling import BRANCHES, CallTracker
 from qvd_bench.numerics.edges import SignedLogEdges
 from qvd_bench.numerics.moments import weight_channel_stats
+from qvd_bench.resources import measure_stage
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NUM_TRAIN_TIMESTEPS = 1000
@@ -67,6 +78,7 @@ class CollectSummary:
     resumed: int
     bytes_on_disk: int
     raw_activation_bytes: int
+    stages: list[dict] = field(default_factory=list)  # StageCost.to_dict() of each stage
 
 
 def select_layers(
@@ -142,6 +154,7 @@ def collect(
     checkpoint_every: float = 60.0,
     on_estimate: Callable[[CostEstimate], None] | None = None,
     loaded: LoadedModel | None = None,
+    device_state_limit: int = DEVICE_STATE_BYTES,
 ) -> CollectSummary:
     """Collects statistics of a model's layer inputs while it samples, and stores them.
 
@@ -157,8 +170,11 @@ def collect(
             ``Interrupted``, which says what was saved.
         on_estimate: called with the ``CostEstimate`` of the run before any sampling.
         loaded: the model, already in memory (e.g. ``zoo.pipeline_model`` of a pipeline
-            object), used as it is instead of loading ``config.model``, which then only
-            names it; its device and dtype are its own.
+            object, or a pipeline with offloading enabled), used as it is instead of
+            loading ``config.model``, which then only names it; its device and dtype are
+            its own.
+        device_state_limit: bytes of per-key statistics kept on an accelerator between
+            sampling steps; above it they move to host memory (``cost.StepFolder``).
 
     Returns:
         A summary of what was written.
@@ -168,15 +184,18 @@ def collect(
     if rank == 0:
         store.check_writable(run_dir, overwrite=overwrite)
     torch.manual_seed(config.seed)
-    if loaded is None:
-        loaded = zoo.load_model(
-            config.model,
-            weight_seed=config.weight_seed,
-            disparity=config.disparity,
-            asymmetry=config.asymmetry,
-            device=config.device,
-            dtype=DTYPES[config.dtype],
-        )
+    stages = []  # what each stage cost, for the manifest
+    with measure_stage("load", config.device) as stage:
+        if loaded is None:
+            loaded = zoo.load_model(
+                config.model,
+                weight_seed=config.weight_seed,
+                disparity=config.disparity,
+                asymmetry=config.asymmetry,
+                device=config.device,
+                dtype=DTYPES[config.dtype],
+            )
+    stages.append(stage)
     for denoiser in loaded.experts.values():
         denoiser.eval()
     layers, infos = select_layers(loaded, config)
@@ -204,9 +223,32 @@ def collect(
             histogram_edges=edges,
             histogram_stride=config.histogram_stride,
         )
-    estimate = collection_cost(loaded, config, list(infos.values()), attention)
+    groups = config.timestep_groups
+    estimate = collection_cost(loaded, config, list(infos.values()), attention, groups or 0)
+    if groups is None:  # by default, per timestep unless that state is too large
+        groups = 0
+        if estimate.accumulator_bytes > LARGE_STATE_BYTES:
+            groups = min(DEFAULT_TIMESTEP_GROUPS, config.steps)
+            estimate = collection_cost(
+                loaded, config, list(infos.values()), attention, groups, by_default=True
+            )
     if on_estimate is not None and rank == 0:
         on_estimate(estimate)
+    folder = StepFolder(
+        config.steps,
+        groups if groups < config.steps else 0,
+        None if torch.device(config.device).type == "cpu" else device_state_limit,
+    )
+
+    def after_step() -> None:
+        bar.update(1)
+        collector.flush()
+        folder.after_step(
+            [collector.moments, collector.histograms]
+            + ([attention.moments, attention.histograms] if attention is not None else []),
+            tracker.current.timestep,
+        )
+
     fingerprint = {**config.to_dict(), "rank": rank, "world": world}
     factories = {
         "moments": ChannelMoments.from_state_dict,
@@ -254,7 +296,12 @@ def collect(
         saved=done,
     )
     try:
-        with collector, attention or contextlib.nullcontext(), torch.no_grad():
+        with (
+            measure_stage("sample", config.device) as stage,
+            collector,
+            attention or contextlib.nullcontext(),
+            torch.no_grad(),
+        ):
             for sample_id in todo:
                 run_sample(
                     loaded,
@@ -262,7 +309,7 @@ def collect(
                     sample_id,
                     config,
                     tracker,
-                    lambda: bar.update(1),
+                    after_step,
                 )
                 done.add(sample_id)
                 collector.flush()
@@ -273,28 +320,40 @@ def collect(
         if isinstance(progress, bool):
             bar.close()
         tracker.detach()
+    stages.append(stage)
 
-    temporal_layers = [name for name, info in infos.items() if info.role == "time_emb"]
-    temporal: dict[str, TemporalFeatures] = {}
-    if config.temporal_stride and temporal_layers and rank == 0:
-        temporal = temporal_features(loaded, temporal_layers, timestep_grid(config.temporal_stride))
-    weights = {
-        name: weight_channel_stats(module.weight.detach().reshape(module.weight.shape[0], -1))
-        for name, module in layers.items()
-    }
-    moments = distributed.merge_across_processes(collector.moments)
-    histograms = distributed.merge_across_processes(collector.histograms)
-    reservoirs = distributed.merge_across_processes(collector.reservoirs)
-    attention_moments = attention_histograms = None
-    if attention is not None:
-        attention_moments = distributed.merge_across_processes(attention.moments)
-        attention_histograms = distributed.merge_across_processes(attention.histograms)
+    with measure_stage("finish", config.device) as stage:
+        temporal_layers = [name for name, info in infos.items() if info.role == "time_emb"]
+        temporal: dict[str, TemporalFeatures] = {}
+        if config.temporal_stride and temporal_layers and rank == 0:
+            temporal = temporal_features(
+                loaded, temporal_layers, timestep_grid(config.temporal_stride)
+            )
+        weights = {
+            name: weight_channel_stats(module.weight.detach().reshape(module.weight.shape[0], -1))
+            for name, module in layers.items()
+        }
+        moments = distributed.merge_across_processes(collector.moments)
+        histograms = distributed.merge_across_processes(collector.histograms)
+        reservoirs = distributed.merge_across_processes(collector.reservoirs)
+        attention_moments = attention_histograms = None
+        if attention is not None:
+            attention_moments = distributed.merge_across_processes(attention.moments)
+            attention_histograms = distributed.merge_across_processes(attention.histograms)
+    stages.append(stage)
     if rank != 0:
         return None  # type: ignore[return-value]
 
     manifest = build_manifest(
         loaded, config, infos, moments, edges, world, excluded_rows=collector.excluded_rows
     )
+    if folder.groups:
+        # The timesteps whose statistics each stored timestep holds.
+        manifest["timestep_groups"] = {
+            "groups": folder.groups,
+            "by_default": config.timestep_groups is None,
+            "members": {str(t): members for t, members in folder.members.items()},
+        }
     measured = {
         "moments": state_bytes(moments),
         "histograms": state_bytes(histograms),
@@ -305,6 +364,8 @@ def collect(
     manifest["cost"] = {
         "estimate": estimate.to_dict(),
         "measured": {"accumulator_bytes": sum(measured.values()), "accumulator_parts": measured},
+        # Wall time and peak memory of this process's stages (a resumed run: this part).
+        "stages": [cost.to_dict() for cost in stages],
     }
     if attention is not None:
         manifest["attention"] = {
@@ -338,6 +399,7 @@ def collect(
         resumed=len(mine) - len(todo),
         bytes_on_disk=sum(p.stat().st_size for p in run_dir.iterdir() if p.is_file()),
         raw_activation_bytes=raw_activation_bytes(moments, DTYPES[config.dtype].itemsize),
+        stages=manifest["cost"]["stages"],
     )
 
 
@@ -346,9 +408,22 @@ def collection_cost(
     config: CollectConfig,
     layers: list[LayerInfo],
     attention: AttentionStats | None,
+    groups: int = 0,
+    *,
+    by_default: bool = False,
 ) -> CostEstimate:
-    """``estimate_cost`` of a collection with ``config`` on the hooked ``layers``."""
+    """``estimate_cost`` of a collection with ``config`` on the hooked ``layers``, per
+    timestep or, with ``groups``, per timestep group (``by_default``: chosen by collect)."""
     steps = expert_steps(loaded, config.steps)
+    if groups and groups < config.steps:
+        # The first expert runs the first steps (``expert_steps``).
+        first, indices = 0, {}
+        for expert, count in steps.items():
+            indices[expert] = range(first, first + count)
+            first += count if len(steps) > 1 else 0
+        steps = {
+            expert: grouped_timesteps(indices[expert], config.steps, groups) for expert in steps
+        }
     layer_timesteps = {
         info.name: steps[split_layer_name(info.name, loaded.experts)[0]] for info in layers
     }
@@ -370,6 +445,9 @@ def collection_cost(
             steps[split_layer_name(name, loaded.experts)[0]]
             for name in (attention.modules if attention is not None else ())
         ],
+        rows_per_call=rows_per_call(loaded, layers, config.frames, config.height, config.width),
+        timestep_groups=groups if groups < config.steps else 0,
+        grouped_by_default=by_default,
     )
 
 

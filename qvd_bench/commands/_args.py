@@ -16,6 +16,7 @@ from qvd_bench.errors import UserError
 # Library texts name parameters; printed by a command they name the flags that set them.
 PARAMETER_FLAGS = {
     "temporal_stride": "--temporal-stride",
+    "timestep_groups": "--timestep-groups",
     "weights['fvd']": "--fvd-weights",
     "weights['fvd-cd']": "--fvd-cd-weights",
     "weights['fid']": "--fid-weights",

@@ -64,6 +64,14 @@ def add_parser(subparsers) -> None:
         help="stride of the timestep grid for temporal features; 0 disables (default: 1)",
     )
     parser.add_argument(
+        "--timestep-groups",
+        type=int,
+        default=None,
+        metavar="N",
+        help="statistics per N contiguous groups of steps; 0: per timestep (default: per "
+        "timestep, or 8 groups when that state would exceed 8 GiB)",
+    )
+    parser.add_argument(
         "--attention",
         action="store_true",
         help="also collect q, k, v and softmax statistics of every attention module "
@@ -87,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from qvd_bench.collect.collector import collect
     from qvd_bench.collect.cost import format_bytes
     from qvd_bench.config import CollectConfig
+    from qvd_bench.resources import describe_stages
 
     device_and_dtype(args)  # a missing device or kernel fails before any work
     if args.num_prompts is not None and args.num_prompts < 1:
@@ -108,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         reservoir_capacity=args.reservoir,
         temporal_stride=args.temporal_stride,
         attention=args.attention,
+        timestep_groups=args.timestep_groups,
         device=args.device,
         dtype=args.dtype,
     )
@@ -142,12 +152,14 @@ def run(args: argparse.Namespace) -> int:
         f"  on disk     {format_bytes(summary.bytes_on_disk)} "
         f"(raw inputs would take {format_bytes(summary.raw_activation_bytes)}, {ratio:,.0f}x more)"
     )
+    print(f"  cost        {describe_stages(summary.stages)}")
     return 0
 
 
 def print_estimate(estimate) -> None:
     """The cost of the collection about to run (``collect.cost``), and advice when large."""
     from qvd_bench.collect.cost import advice, format_bytes
+    from qvd_bench.commands._args import with_flags
 
     print(
         f"estimate: {estimate.keys:,} (layer, timestep, branch) keys over "
@@ -156,6 +168,6 @@ def print_estimate(estimate) -> None:
         f"{format_bytes(estimate.store_bytes)}",
         flush=True,
     )
-    line = advice(estimate)
+    line = with_flags(advice(estimate))
     if line:
-        print(f"warning: {line}", flush=True)
+        print(f"{'note' if estimate.grouped_by_default else 'warning'}: {line}", flush=True)

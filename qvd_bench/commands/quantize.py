@@ -71,6 +71,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qvd_bench.resources import describe_stages
+
     device, dtype = device_and_dtype(args)
     with working(f"quantizing with {args.method} at {args.bits} (calibration from the statistics)"):
         summary = quantize_from_stats(
@@ -124,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
             f"  mixed precision {mixed['budget']}: mean {mixed['mean_bits']:.2f} bits ({counts}); "
             "decisions in mixed.json"
         )
+    print(f"  cost: {describe_stages(summary['cost'])}")
     print(f"record written to {summary['out_dir']}")
     return 0
 
@@ -184,6 +187,7 @@ def quantize_from_stats(
     from qvd_bench.quant.config import QuantConfig, parse_bits
     from qvd_bench.quant.measure import coverage_report, temporal_report
     from qvd_bench.quant.methods import get_method
+    from qvd_bench.resources import measure_stage
     from qvd_bench.store import StatsRun, check_output_directory
 
     w_bits, a_bits = parse_bits(bits_spec)
@@ -201,11 +205,14 @@ def quantize_from_stats(
     check_device(device, dtype)
     plan = QuantPlan.load(plan_path) if plan_path is not None else None
     check_output_directory(out_dir)
-    loaded = (
-        load_run_model(run, device=device, dtype=dtype)
-        if model is None
-        else load_model(model, device=device, dtype=dtype)
-    )
+    stages = []
+    with measure_stage("load", device) as stage:
+        loaded = (
+            load_run_model(run, device=device, dtype=dtype)
+            if model is None
+            else load_model(model, device=device, dtype=dtype)
+        )
+    stages.append(stage)
     layers = dict(leaf_layers(loaded.denoiser))
     decisions = None
     if mixed is not None:
@@ -213,11 +220,16 @@ def quantize_from_stats(
 
         budget = Budget.parse(mixed)
         check_config_names(config, {n: run.roles.get(n, "") for n in layers})
-        probe = probe_for_run(loaded, run, seed=probe_seed)
-        config, decisions = mixed_config(
-            loaded, run, config, budget, probe, candidates=mixed_bits, plan=plan, progress=True
-        )
-    record = quantize_(loaded, config, stats=run, plan=plan)
+        with measure_stage("sensitivity", device) as stage:
+            probe = probe_for_run(loaded, run, seed=probe_seed)
+            config, decisions = mixed_config(
+                loaded, run, config, budget, probe, candidates=mixed_bits, plan=plan, progress=True
+            )
+        stages.append(stage)
+    with measure_stage("quantize", device) as stage:
+        record = quantize_(loaded, config, stats=run, plan=plan)
+    stages.append(stage)
+    record.cost = [cost.to_dict() for cost in stages]
     record.save(out_dir)
     summary = record.summary()
     if decisions is not None:
@@ -225,6 +237,7 @@ def quantize_from_stats(
 
         summary["mixed"] = write_mixed(out_dir, budget, config, decisions, probe)
     summary["out_dir"] = str(out_dir)
+    summary["cost"] = record.cost
     summary["coverage"] = coverage_report(run, record)
     summary["temporal"] = temporal_report(run, record, layers)
     return summary

@@ -110,6 +110,7 @@ def sensitivity_report(
     from qvd_bench.quant.config import QuantConfig, parse_bits
     from qvd_bench.quant.methods import get_method
     from qvd_bench.report.sensitivity import write_sensitivity_report
+    from qvd_bench.resources import measure_stage
     from qvd_bench.store import StatsRun, check_output_directory
 
     w_bits, a_bits = parse_bits(bits_spec)
@@ -127,15 +128,18 @@ def sensitivity_report(
     if out_dir is None:
         out_dir = Path("reports") / f"{run.path.name}-sensitivity-{config.bits}"
     check_output_directory(out_dir)
-    loaded = (
-        load_run_model(run, device=device, dtype=dtype)
-        if model is None
-        else load_model(model, device=device, dtype=dtype)
-    )
-    probe = probe_for_run(loaded, run, seed=seed, num_prompts=num_prompts, steps=steps)
-    table = sensitivity(loaded, run, config, probe, by=by, progress=progress)
+    with measure_stage("load", device) as load:
+        loaded = (
+            load_run_model(run, device=device, dtype=dtype)
+            if model is None
+            else load_model(model, device=device, dtype=dtype)
+        )
+    with measure_stage("sensitivity", device) as measure:
+        probe = probe_for_run(loaded, run, seed=seed, num_prompts=num_prompts, steps=steps)
+        table = sensitivity(loaded, run, config, probe, by=by, progress=progress)
     title = f"Sensitivity of {run.path.name}: {method} {config.bits}"
     random_weights = bool((run.manifest.get("model") or {}).get("random_weights"))
+    cost = [load.to_dict(), measure.to_dict()]
     return table, write_sensitivity_report(
-        table, out_dir, title, top, random_weights=random_weights
+        table, out_dir, title, top, random_weights=random_weights, cost=cost
     )

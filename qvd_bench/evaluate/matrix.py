@@ -37,7 +37,6 @@ The report of an evaluation is built from its results by ``report.results``.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +76,7 @@ from qvd_bench.evaluate.videos import (
 )
 from qvd_bench.models.families._common import model_device_dtype
 from qvd_bench.quant.measure import transform_figures
+from qvd_bench.resources import StageCost, measure_stage
 
 # Before → after figures of each configuration's transforms (``transform_figures`` rows
 # with weight_seed, method and bits).
@@ -192,11 +192,11 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
     try:
         for weight_seed in config.weight_seeds:
             at = f"the statistics of weight seed {weight_seed}"
-            started = time.perf_counter()
             collects = bar if progress and shard.main else False
-            run = StatsRun(ensure_stats(config, weight_seed, out_dir, collects, shard))
+            with measure_stage("statistics", config.device) as cost:
+                run = StatsRun(ensure_stats(config, weight_seed, out_dir, collects, shard))
             stats_dirs[weight_seed] = run.path
-            timings.append(_timing(weight_seed, "statistics", "", time.perf_counter() - started))
+            timings.append(_timing(weight_seed, "statistics", "", cost.wall_s, cost=cost))
             fp_model = zoo.load_run_model(run, device=config.device, dtype=config.dtype)
             scheduler = gen.scheduler_for(fp_model, settings)
             # Videos come from the model's pipeline where it has one, else from the
@@ -207,11 +207,11 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
             sampler = gen.sampler_name(fp_model)
             layout = fp_model.family.layout
             at = f"the FP videos of weight seed {weight_seed}"
-            started = time.perf_counter()
-            reference_local = reference_videos(videos, fp_model, settings, mine)
-            reference = shard.gather(reference_local, prompts)
+            with measure_stage("reference", config.device) as cost:
+                reference_local = reference_videos(videos, fp_model, settings, mine)
+                reference = shard.gather(reference_local, prompts)
             timings.append(
-                _timing(weight_seed, REFERENCE_METHOD, FP_BITS, 0.0, time.perf_counter() - started)
+                _timing(weight_seed, REFERENCE_METHOD, FP_BITS, 0.0, cost.wall_s, cost=cost)
             )
             if model_device_dtype(fp_model.denoiser)[1] != torch.float32:
                 float32_model = zoo.load_run_model(run, device=config.device, dtype="float32")
@@ -242,29 +242,30 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
                     if mixed:
                         context["mixed"] = bits
                     at = f"weight seed {weight_seed}, {method} {bits}"
-                    started = time.perf_counter()
-                    try:
-                        forced_local, free_local = quantized_videos(
-                            videos, fp_model, reference_local, quantized, context
-                        )
-                    finally:
-                        quantized.close()
-                    if quantized.record is not None and shard.main:
-                        requantized.add((weight_seed, method, bits))
-                        changes += [
-                            {"weight_seed": weight_seed, "method": method, "bits": bits, **row}
-                            for row in transform_figures(quantized.record)
-                        ]
-                    forced = shard.gather(forced_local, prompts)
-                    free = shard.gather(free_local, prompts)
-                    elapsed = time.perf_counter() - started
+                    with measure_stage(f"{method} {bits}", config.device) as cost:
+                        try:
+                            forced_local, free_local = quantized_videos(
+                                videos, fp_model, reference_local, quantized, context
+                            )
+                        finally:
+                            quantized.close()
+                        if quantized.record is not None and shard.main:
+                            requantized.add((weight_seed, method, bits))
+                            changes += [
+                                {"weight_seed": weight_seed, "method": method, "bits": bits}
+                                | row
+                                for row in transform_figures(quantized.record)
+                            ]
+                        forced = shard.gather(forced_local, prompts)
+                        free = shard.gather(free_local, prompts)
                     timings.append(
                         _timing(
                             weight_seed,
                             method,
                             bits,
                             quantized.seconds,
-                            elapsed - quantized.seconds,
+                            cost.wall_s - quantized.seconds,
+                            cost=cost,
                         )
                     )
                     if not shard.main:
@@ -402,14 +403,19 @@ def _merged_changes(
     return frame if kept.empty else pd.concat([kept, frame], ignore_index=True)
 
 
-def _timing(weight_seed, method, bits, quantize_s, generate_s=0.0) -> dict[str, Any]:
-    # For "statistics" rows quantize_s holds the collection + analysis time.
+def _timing(
+    weight_seed, method, bits, quantize_s, generate_s=0.0, *, cost: StageCost
+) -> dict[str, Any]:
+    # For "statistics" rows quantize_s holds the collection + analysis time. The peaks
+    # are those of the whole row's stage (quantizing and generating; None: not on CUDA).
     return {
         "weight_seed": weight_seed,
         "method": method,
         "bits": bits,
         "quantize_s": float(quantize_s),
         "generate_s": float(generate_s),
+        "peak_host_bytes": cost.peak_host_bytes,
+        "peak_device_bytes": cost.peak_device_bytes,
     }
 
 

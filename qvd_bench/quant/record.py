@@ -122,6 +122,8 @@ class QuantRecord:
             name (in memory, not saved): what ``unquantize_`` writes back.
         owns_tracker: True when ``tracker`` was made by ``quantize_`` / ``apply_record``
             (``unquantize_`` then detaches it).
+        cost: what making the record cost, one ``resources.StageCost.to_dict()`` per
+            stage (wall time, peak host and device memory), when the caller measured it.
     """
 
     config: QuantConfig
@@ -131,6 +133,7 @@ class QuantRecord:
     attention: list[AttentionRecord] = field(default_factory=list)
     originals: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
     owns_tracker: bool = field(default=False, repr=False, compare=False)
+    cost: list[dict[str, Any]] = field(default_factory=list, compare=False)
 
     def __getitem__(self, layer: str) -> LayerRecord:
         for record in self.layers:
@@ -151,6 +154,7 @@ class QuantRecord:
             "model": self.model,
             "layers": [json_safe(r.meta()) for r in self.layers],
             "attention": [json_safe(r.meta()) for r in self.attention],
+            **({"cost": self.cost} if self.cost else {}),
         }
 
     def tensors(self) -> dict[str, Tensor]:
@@ -245,7 +249,11 @@ def load_record(directory: str | Path) -> QuantRecord:
         for meta in data.get("attention", [])
     ]
     return QuantRecord(
-        QuantConfig.from_dict(data["config"]), data["model"], layers, attention=attention_layers
+        QuantConfig.from_dict(data["config"]),
+        data["model"],
+        layers,
+        attention=attention_layers,
+        cost=data.get("cost", []),
     )
 
 

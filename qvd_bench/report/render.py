@@ -47,6 +47,7 @@ import pandas as pd
 from qvd_bench.analysis.plan import QuantPlan, make_plan
 from qvd_bench.analysis.summary import PLAN_FILE, role_summary, stored_layer_summary
 from qvd_bench.errors import UserError
+from qvd_bench.report import cost
 from qvd_bench.report import figures as F
 from qvd_bench.store import StatsRun, replace_directory, umask_mode
 
@@ -386,6 +387,7 @@ def run_blocks(data: RunData, *, level: int, prefix: str, progress: bool = False
             "coverage of a per-tensor min-max quantizer; the temporal-features row is "
             "measured across the timestep grid.",
         ),
+        *(Table(*table) for table in cost.collection_tables(run.manifest)),
         Heading("Figures", level + 1),
     ]
     figures, notices = run_figures(run, progress=progress)

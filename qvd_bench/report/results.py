@@ -23,6 +23,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from qvd_bench.report import cost as report_cost
 from qvd_bench.report import render
 from qvd_bench.report.render import FigureBlock, Heading, Notice, Paragraph, Table
 from qvd_bench.report.verdict import (
@@ -260,6 +261,7 @@ def results_blocks(
             "teacher-forced over all steps; final: free-running final latents.",
         )
     )
+    blocks += [Table(*table) for table in report_cost.evaluation_tables(timings, headline)]
     spread, same = _spread_caption(results), _identical_caption(results)
     figures = [
         ("fidelity_vs_bits.png", fidelity_vs_bits(results),

@@ -8,10 +8,12 @@ nothing from evaluation.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from qvd_bench.report import cost as report_cost
 from qvd_bench.report.render import (
     TINY_NOTE,
     FigureBlock,
@@ -22,7 +24,7 @@ from qvd_bench.report.render import (
     write_report,
 )
 from qvd_bench.report.results import figure_png
-from qvd_bench.store import atomic_write
+from qvd_bench.store import atomic_write, write_json
 
 RANDOM_WEIGHTS_NOTE = (
     "This model has random weights: the ranking shows which units this initialisation "
@@ -74,6 +76,7 @@ def write_sensitivity_report(
     top: int = 20,
     *,
     random_weights: bool | None = None,
+    cost: Sequence[Mapping] = (),
 ) -> Path:
     """``sensitivity.parquet`` and a report (ranked tables, figure) in ``out_dir``.
 
@@ -84,6 +87,8 @@ def write_sensitivity_report(
         top: how many layers the figure shows.
         random_weights: whether the model had random weights (a notice says what that
             means for the ranking); None reads the table's ``random_weights`` column.
+        cost: ``StageCost.to_dict()`` per stage; written to ``cost.json`` and shown as a
+            table.
     """
     out_dir = Path(out_dir)
     if random_weights is None:
@@ -107,6 +112,9 @@ def write_sensitivity_report(
         part = table[table["kind"] == kind]
         if len(part):
             blocks.append(Table(f"By {kind}", part, collapsed=kind == "layer"))
+    blocks += [Table(*table) for table in report_cost.stage_tables(cost)]
     index = write_report(blocks, title, out_dir)
     atomic_write(out_dir / "sensitivity.parquet", lambda p: table.to_parquet(p, index=False))
+    if cost:
+        write_json(out_dir / "cost.json", {"stages": list(cost)})
     return index

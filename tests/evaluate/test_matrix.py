@@ -67,6 +67,11 @@ def test_results_table_rows_and_outputs(evaluated):
     assert set(tf["branch"]) == {"cfg", "uncond", "cond"}
     assert (out / "reports" / "tiny-unet3d" / "index.html").is_file()
     assert (out / "stats" / "tiny-unet3d-w0" / "analysis.parquet").is_file()
+    # Time and peak memory per stage (statistics, FP reference, each configuration).
+    timings = result.timings
+    assert list(timings["method"]) == ["statistics", "reference", "fp", "minmax"]
+    assert (timings["peak_host_bytes"] > 0).all() and timings["peak_device_bytes"].isna().all()
+    assert "Cost and quality" in (out / "reports" / "tiny-unet3d" / "report.md").read_text()
     # FVD weights are absent: skipped with a notice naming the parameter, which the
     # command line prints as its flag.
     (notice,) = [n for n in result.notices if "fvd skipped" in n]

@@ -269,6 +269,10 @@ def test_cli_sensitivity_writes_a_ranked_report(run, tmp_path, capsys):
     assert set(roles["unit"]) == {run.roles.get(n, "") for n in run.roles} - {""}
     assert (out / "index.html").exists() and any((out / "figures").iterdir())
     assert "temporal" in capsys.readouterr().out
+    stages = json.loads((out / "cost.json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["load", "sensitivity"]
+    assert all(s["wall_s"] > 0 and s["peak_host_bytes"] > 0 for s in stages)
+    assert "Cost per stage" in (out / "report.md").read_text()
 
 
 def test_cli_quantize_mixed_writes_the_assignment(wan_run, tmp_path):
@@ -284,6 +288,7 @@ def test_cli_quantize_mixed_writes_the_assignment(wan_run, tmp_path):
     chosen = {row["layer"]: row["bits"] for row in document["layers"]}
     assert {r.layer: r.a_bits for r in record.layers} == chosen
     assert set(chosen.values()) <= {4, 8}
+    assert [s["stage"] for s in record.cost] == ["load", "sensitivity", "quantize"]
 
 
 @pytest.mark.parametrize(

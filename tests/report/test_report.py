@@ -108,7 +108,14 @@ def test_single_report_has_every_figure_with_its_caption(single):
 def test_single_report_tables_and_header(single, runs):
     page = single.read_text()
     markdown = (single.parent / "report.md").read_text()
-    titles = ["Run", "Measurements by role", "Plan by role", "Plan per layer"]
+    titles = [
+        "Run",
+        "Measurements by role",
+        "Collection cost",
+        "Accumulator state",
+        "Plan by role",
+        "Plan per layer",
+    ]
     assert _md_tables(markdown) == titles
     assert _html_tables(page) == titles
     assert page.count("<table>") == len(titles)
