@@ -46,7 +46,7 @@ from qvd_bench.evaluate.generate import GenerationSettings, generate, scheduler_
 from qvd_bench.evaluate.sensitivity import probe_for_run, quantized
 from qvd_bench.models import zoo
 from qvd_bench.models.device import check_device
-from qvd_bench.models.pipelines import pipeline_around
+from qvd_bench.models.tiny_pipelines import pipeline_around
 from qvd_bench.quant.config import QuantConfig
 from qvd_bench.resources import StageCost, format_bytes, measure_stage
 from qvd_bench.store import StatsRun

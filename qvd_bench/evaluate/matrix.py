@@ -252,8 +252,7 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
                         if quantized.record is not None and shard.main:
                             requantized.add((weight_seed, method, bits))
                             changes += [
-                                {"weight_seed": weight_seed, "method": method, "bits": bits}
-                                | row
+                                {"weight_seed": weight_seed, "method": method, "bits": bits} | row
                                 for row in transform_figures(quantized.record)
                             ]
                         forced = shard.gather(forced_local, prompts)

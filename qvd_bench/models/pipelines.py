@@ -68,31 +68,6 @@ def tiny_pipeline_model(preset: str, weight_seed: int = 0, **load_kwargs: Any) -
     return loaded
 
 
-def pipeline_around(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
-    """Wraps a loaded model's denoiser in its family's diffusers pipeline, next to the tiny
-    VAE, text encoder and tokenizer of ``tiny_pipeline_model`` (any size of denoiser: the
-    full-size architectures get a pipeline too, for offloading and pipeline sampling).
-
-    Args:
-        loaded: a model without a pipeline, whose family has a builder here.
-        seed: seed of the other components' random weights.
-
-    Returns:
-        ``loaded``, with ``pipeline`` set (components on the denoiser's device and dtype).
-    """
-    builder = next((c for c in loaded.family.pipeline_classes if c in _BUILDERS), None)
-    if builder is None:
-        raise UserError(f"no pipeline can be built around a {type(loaded.denoiser).__name__}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        pipeline = _BUILDERS[builder](loaded)
-    reference = next(loaded.denoiser.parameters())
-    pipeline.to(device=reference.device, dtype=reference.dtype)
-    pipeline.set_progress_bar_config(disable=True)
-    loaded.pipeline = pipeline
-    return loaded
-
-
 def build_tiny_pipeline(preset: str, weight_seed: int = 0, **load_kwargs: Any):
     """Builds the diffusers pipeline of a tiny preset, offline and deterministically.
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from qvd_bench.errors import UserError
 from qvd_bench.models.family import LoadedModel
 
 # The diffusers pipeline class each tiny preset is wrapped in.
@@ -499,10 +500,33 @@ def attach_tiny_pipeline(loaded: LoadedModel, config: dict[str, Any], weight_see
         config: the pipeline's own settings (Wan 2.2's ``boundary_ratio``).
         weight_seed: seed of the other components' weights.
     """
+    _attach(loaded, PRESET_PIPELINES[loaded.name], config, weight_seed)
+
+
+def pipeline_around(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
+    """Wraps a loaded model's denoiser in its family's diffusers pipeline, next to the tiny
+    VAE, text encoder and tokenizer of ``tiny_pipeline_model`` (any size of denoiser: the
+    full-size architectures get a pipeline too, for offloading and pipeline sampling).
+
+    Args:
+        loaded: a model without a pipeline, whose family has a builder here.
+        seed: seed of the other components' random weights.
+
+    Returns:
+        ``loaded``, with ``pipeline`` set (components on the denoiser's device and dtype).
+    """
+    builder = next((c for c in loaded.family.pipeline_classes if c in _BUILDERS), None)
+    if builder is None:
+        raise UserError(f"no pipeline can be built around a {type(loaded.denoiser).__name__}")
+    _attach(loaded, builder, {}, seed)
+    return loaded
+
+
+def _attach(loaded: LoadedModel, builder: str, config: dict[str, Any], seed: int) -> None:
     # The other components get their own seeded weights, without touching the caller's RNG.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(weight_seed)
-        pipeline = _BUILDERS[PRESET_PIPELINES[loaded.name]](loaded)
+        torch.manual_seed(seed)
+        pipeline = _BUILDERS[builder](loaded)
     if loaded.multi_expert or config:
         pipeline = type(pipeline)(**{**pipeline.components, **loaded.denoisers}, **config)
     # The other components follow the denoiser (``load_model`` may have moved or cast it).
