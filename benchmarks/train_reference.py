@@ -353,12 +353,26 @@ def direction_probe(pipeline, seed: int, count: int = 96) -> dict[str, list[floa
     return result
 
 
+def confusion(clips, captions) -> dict[str, dict[str, dict[str, int]]]:
+    """Per attribute ("shape", "motion"): caption value -> detected value -> count, over
+    every caption object (detected "erratic" / "none" included)."""
+    counts: dict[str, dict[str, dict[str, int]]] = {"shape": {}, "motion": {}}
+    for found, caption in zip(detect(clips, captions), captions):
+        for spec, obj in zip(shapes.parse_caption(caption), found.objects):
+            for attribute in counts:
+                row = counts[attribute].setdefault(getattr(spec, attribute), {})
+                seen = str(getattr(obj, attribute))
+                row[seen] = row.get(seen, 0) + 1
+    return counts
+
+
 def evaluate(args, pipeline, caption_sets=("seen",), probe: bool = True) -> dict:
     """Ground-truth scores of the EMA pipeline's samples, per caption set and guidance.
 
     Returns:
         {"cfg3": scores} for the "seen" set alone (the training log's format), else
-        {"seen/cfg3": scores, "unseen/cfg3": ...}; plus "direction_probe" when ``probe``.
+        {"seen/cfg3": scores with their "confusion", "unseen/cfg3": ...}; plus
+        "direction_probe" when ``probe``.
     """
     scores = {}
     for caption_set in caption_sets:
@@ -371,6 +385,8 @@ def evaluate(args, pipeline, caption_sets=("seen",), probe: bool = True) -> dict
                 else (f"{caption_set}/cfg{guidance:g}")
             )
             scores[key] = score_clips(clips, captions)
+            if not probe:
+                scores[key]["confusion"] = confusion(clips, captions)
     if probe:
         scores["direction_probe"] = direction_probe(pipeline, args.eval_seed)
     return scores
