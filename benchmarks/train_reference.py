@@ -29,12 +29,18 @@ the pipeline assumes ×4 temporal and ×8 spatial compression, so it is asked fo
 ``qvd_bench.evaluate.groundtruth.score_clips`` scores the clips; ``direction_probe`` also
 logs whether the model reads the caption's direction word at all. The EMA pipeline is also
 saved (safetensors, ``pipeline/`` under the output folder, loadable with
-``WanPipeline.from_pretrained``).
+``WanPipeline.from_pretrained(folder, vae=None, transformer_2=None)``).
+
+``--score seen,unseen,two-object`` scores the checkpoint's EMA model on those held-out
+caption sets (with shape and motion confusions) and ``--export DIR`` writes it as the
+files of the ``shapes-wan`` zoo model (``qvd_bench.models.shapes_wan.save_weights``), printing
+their SHA-256; both take the model flags of the run and do not train.
 
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/train_reference.py --out runs/shapes-wan \\
-        [--steps 20000] [--resume] [--eval-every 2000] [--guidance 1,3]
+        [--steps 20000] [--resume] [--eval-every 2000] [--guidance 1,3] \\
+        [--decay-start STEP --lr-min 1e-4]
 
 Output folder: ``checkpoint.pt`` (resumption state), ``log.jsonl`` (one JSON record per
 logged step and per evaluation), ``pipeline/`` (EMA weights as a diffusers pipeline).
@@ -91,7 +97,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=16)
     # Model.
-    parser.add_argument("--patch", default="1,4,4", help="patch size (frames, height, width)")
+    parser.add_argument(
+        "--patch",
+        default="4,2,2",
+        help="patch size (frames, height, width); keep 3 x their product <= --dim, the "
+        "velocity carries every value of a patch's noise through the hidden size",
+    )
     parser.add_argument("--dim", type=int, default=64, help="hidden size")
     parser.add_argument(
         "--heads", type=int, default=2, help="attention heads (head dim = dim / heads)"

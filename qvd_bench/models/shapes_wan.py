@@ -37,7 +37,7 @@ TEXT_ENCODER_FILE = "text_encoder.safetensors"
 # Expected SHA-256 of each shipped file (written by ``save_weights``, recorded here).
 SHA256: dict[str, str] = {
     CONFIG_FILE: "5bbd72570eef374eb75effe72891351f1a4a95d15047594254b8ed170aac5eda",
-    TRANSFORMER_FILE: "2ae76d2a1897c2a6b6c69b3c7ef4a9863cc45faf7a8a0f6daaf8b41670eef1fe",
+    TRANSFORMER_FILE: "4e7b83bf7bd5e465dad4d77312c570a42aeb548e29127d8b3b884ee8a6b84dc2",
     TEXT_ENCODER_FILE: "7527175b0bc3e2639cd97c2102d87485b6be96a76e332e53ebec5e8c7001055d",
 }
 # Prompts are padded (with zero embeddings) to this many tokens, in training and sampling.
