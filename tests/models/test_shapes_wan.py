@@ -134,3 +134,17 @@ def test_listed_as_trained(capsys):
     assert cli.main(["models"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert " trained " in lines["shapes-wan"] and " random " in lines["tiny-wan"]
+
+
+def test_collect_runs_its_pipeline_and_the_manifest_says_trained(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    args = ["collect", "--model", "shapes-wan", "--steps", "2", "--num-prompts", "1"]
+    assert cli.main([*args, "--out", str(out), "--no-progress"]) == 0
+    assert "shapes-wan (trained weights)" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["trained"] is True and manifest["model"]["random_weights"] is False
+    assert manifest["model"]["knobs"] == {}
+    assert manifest["sampling"]["sampler"] == "pipeline"
+    assert manifest["sampling"]["scheduler"]["config"]["shift"] == 3.0
