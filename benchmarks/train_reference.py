@@ -29,12 +29,18 @@ the pipeline assumes ×4 temporal and ×8 spatial compression, so it is asked fo
 ``qvd_bench.evaluate.groundtruth.score_clips`` scores the clips; ``direction_probe`` also
 logs whether the model reads the caption's direction word at all. The EMA pipeline is also
 saved (safetensors, ``pipeline/`` under the output folder, loadable with
-``WanPipeline.from_pretrained``).
+``WanPipeline.from_pretrained(folder, vae=None, transformer_2=None)``).
+
+``--score seen,unseen,two-object`` scores the checkpoint's EMA model on those held-out
+caption sets (with shape and motion confusions) and ``--export DIR`` writes it as the
+files of the ``shapes-wan`` zoo model (``qvd_bench.models.shapes_wan.save_weights``), printing
+their SHA-256; both take the model flags of the run and do not train.
 
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/train_reference.py --out runs/shapes-wan \\
-        [--steps 20000] [--resume] [--eval-every 2000] [--guidance 1,3]
+        [--steps 20000] [--resume] [--eval-every 2000] [--guidance 1,3] \\
+        [--decay-start STEP --lr-min 1e-4]
 
 Output folder: ``checkpoint.pt`` (resumption state), ``log.jsonl`` (one JSON record per
 logged step and per evaluation), ``pipeline/`` (EMA weights as a diffusers pipeline).
@@ -57,12 +63,13 @@ import torch
 
 from qvd_bench.datasets import shapes
 from qvd_bench.evaluate.groundtruth import detect, score_clips
+from qvd_bench.models import shapes_wan
 
 # Pixel-space sizes as the pipeline sees them without a VAE (×4 temporal, ×8 spatial).
-PIPELINE_FRAMES = (shapes.FRAMES - 1) * 4 + 1
-PIPELINE_HEIGHT = shapes.HEIGHT * 8
-PIPELINE_WIDTH = shapes.WIDTH * 8
-TEXT_LENGTH = 16
+PIPELINE_FRAMES = shapes_wan.PIPELINE_FRAMES
+PIPELINE_HEIGHT = shapes_wan.PIPELINE_HEIGHT
+PIPELINE_WIDTH = shapes_wan.PIPELINE_WIDTH
+TEXT_LENGTH = shapes_wan.TEXT_LENGTH
 NUM_TRAIN_TIMESTEPS = 1000
 # Settings that shape the model or the data stream: a resumed run must keep them.
 _FIXED_ON_RESUME = (
@@ -90,7 +97,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=16)
     # Model.
-    parser.add_argument("--patch", default="1,4,4", help="patch size (frames, height, width)")
+    parser.add_argument(
+        "--patch",
+        default="4,2,2",
+        help="patch size (frames, height, width); keep 3 x their product <= --dim, the "
+        "velocity carries every value of a patch's noise through the hidden size",
+    )
     parser.add_argument("--dim", type=int, default=64, help="hidden size")
     parser.add_argument(
         "--heads", type=int, default=2, help="attention heads (head dim = dim / heads)"
@@ -103,6 +115,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Optimisation.
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    parser.add_argument(
+        "--decay-start",
+        type=int,
+        default=None,
+        help="step where the learning rate starts its linear decay to --lr-min (default: none)",
+    )
+    parser.add_argument("--lr-min", type=float, default=1e-4)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--ema-decay", type=float, default=0.999)
@@ -128,6 +147,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--checkpoint-every", type=int, default=500)
+    # Instead of training: score or export the checkpoint's EMA weights.
+    parser.add_argument(
+        "--score",
+        default=None,
+        help="score OUT/checkpoint.pt's EMA model on these held-out caption sets "
+        "(comma-separated: seen, unseen, two-object), log it and stop",
+    )
+    parser.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        help="write OUT/checkpoint.pt's EMA model as shipped weights to this folder and stop",
+    )
     args = parser.parse_args(argv)
     args.patch = tuple(int(p) for p in args.patch.split(","))
     args.guidance = tuple(float(g) for g in args.guidance.split(","))
@@ -142,48 +174,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_tokenizer():
-    """A word-level tokenizer over the dataset's vocabulary, T5-style: "</s>" ends every text.
-
-    Returns:
-        ``PreTrainedTokenizerFast`` with pad id 0, eos id 1, unk id 2, as UMT5 expects.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in shapes.VOCABULARY:
-        vocab[word] = len(vocab)
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", 1)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
+    """The word-level tokenizer of ``qvd_bench.models.shapes_wan`` (the shipped model's)."""
+    return shapes_wan.build_tokenizer()
 
 
 def build_text_encoder(args, vocab_size: int):
     """The frozen tiny UMT5 encoder (random weights from ``text_seed``)."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    config = UMT5Config(
-        vocab_size=vocab_size,
-        d_model=args.text_dim,
-        d_kv=args.text_dim // 4,
-        d_ff=2 * args.text_dim,
-        num_layers=args.text_layers,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    torch.manual_seed(args.text_seed)
-    encoder = UMT5EncoderModel(config).eval()
-    encoder.requires_grad_(False)
-    return encoder
+    config = shapes_wan.text_encoder_config(args.text_dim, args.text_layers, vocab_size)
+    return shapes_wan.build_text_encoder(config, seed=args.text_seed)
 
 
 def build_transformer(args):
@@ -207,15 +205,7 @@ def build_transformer(args):
 
 
 def build_pipeline(transformer, tokenizer, text_encoder, sample_shift: float):
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-
-    return WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=None,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=sample_shift),
-        transformer=transformer,
-    )
+    return shapes_wan.build_pipeline(transformer, tokenizer, text_encoder, sample_shift)
 
 
 def caption_embeddings(pipeline, captions) -> torch.Tensor:
@@ -280,7 +270,13 @@ def flow_matching_loss(model, x0, noise, sigmas, text) -> torch.Tensor:
 
 
 def learning_rate(args, step: int) -> float:
-    return args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+    """Linear warm-up, then constant; from ``decay_start`` on, linear decay to ``lr_min``
+    at the last step."""
+    rate = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+    if args.decay_start is not None and step >= args.decay_start:
+        done = (step - args.decay_start) / max(args.steps - args.decay_start, 1)
+        rate = args.lr + (args.lr_min - args.lr) * min(done, 1.0)
+    return rate
 
 
 @torch.no_grad()
@@ -368,13 +364,42 @@ def direction_probe(pipeline, seed: int, count: int = 96) -> dict[str, list[floa
     return result
 
 
-def evaluate(args, pipeline) -> dict:
-    captions = shapes.heldout_captions("seen")
+def confusion(clips, captions) -> dict[str, dict[str, dict[str, int]]]:
+    """Per attribute ("shape", "motion"): caption value -> detected value -> count, over
+    every caption object (detected "erratic" / "none" included)."""
+    counts: dict[str, dict[str, dict[str, int]]] = {"shape": {}, "motion": {}}
+    for found, caption in zip(detect(clips, captions), captions):
+        for spec, obj in zip(shapes.parse_caption(caption), found.objects):
+            for attribute in counts:
+                row = counts[attribute].setdefault(getattr(spec, attribute), {})
+                seen = str(getattr(obj, attribute))
+                row[seen] = row.get(seen, 0) + 1
+    return counts
+
+
+def evaluate(args, pipeline, caption_sets=("seen",), probe: bool = True) -> dict:
+    """Ground-truth scores of the EMA pipeline's samples, per caption set and guidance.
+
+    Returns:
+        {"cfg3": scores} for the "seen" set alone (the training log's format), else
+        {"seen/cfg3": scores with their "confusion", "unseen/cfg3": ...}; plus
+        "direction_probe" when ``probe``.
+    """
     scores = {}
-    for guidance in args.guidance:
-        clips = sample_clips(pipeline, captions, guidance, args.sample_steps, args.eval_seed)
-        scores[f"cfg{guidance:g}"] = score_clips(clips, captions)
-    scores["direction_probe"] = direction_probe(pipeline, args.eval_seed)
+    for caption_set in caption_sets:
+        captions = shapes.heldout_captions(caption_set)
+        for guidance in args.guidance:
+            clips = sample_clips(pipeline, captions, guidance, args.sample_steps, args.eval_seed)
+            key = (
+                f"cfg{guidance:g}"
+                if tuple(caption_sets) == ("seen",)
+                else (f"{caption_set}/cfg{guidance:g}")
+            )
+            scores[key] = score_clips(clips, captions)
+            if not probe:
+                scores[key]["confusion"] = confusion(clips, captions)
+    if probe:
+        scores["direction_probe"] = direction_probe(pipeline, args.eval_seed)
     return scores
 
 
@@ -429,6 +454,8 @@ def main(argv=None) -> int:
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = 0
+    if args.score or args.export:
+        args.resume = True
     if args.resume:
         state = torch.load(checkpoint_path, weights_only=True)
         for key in _FIXED_ON_RESUME:
@@ -442,17 +469,32 @@ def main(argv=None) -> int:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
-        truncate_log(log_path, start)
-        print(f"resumed at step {start}")
+        if args.export:
+            hashes = shapes_wan.save_weights(args.export, ema, text_encoder, args.sample_shift)
+            print(json.dumps({"step": start, "sha256": hashes}, indent=1))
+            return 0
+        if not args.score:
+            truncate_log(log_path, start)
+            print(f"resumed at step {start}")
     elif log_path.exists():
         log_path.unlink()
-    (args.out / "config.json").write_text(json.dumps(config_of(args), indent=1) + "\n")
+    if not args.score:
+        (args.out / "config.json").write_text(json.dumps(config_of(args), indent=1) + "\n")
 
     pipeline = build_pipeline(ema, tokenizer, text_encoder, args.sample_shift)
     pipeline.set_progress_bar_config(disable=True)
     train_captions = [""] + [spec.phrase for spec in shapes.combinations("train")]
     caption_index = {caption: i for i, caption in enumerate(train_captions)}
     table = caption_embeddings(pipeline, train_captions)
+    if args.score:
+        t0 = time.perf_counter()
+        ema.eval()
+        scores = evaluate(args, pipeline, args.score.split(","), probe=False)
+        record = {"step": start, "score": scores, "eval_s": round(time.perf_counter() - t0, 1)}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+        return 0
     params = sum(p.numel() for p in model.parameters())
     print(f"{params / 1e6:.3f} M parameters, {start} -> {args.steps} steps")
 

@@ -542,6 +542,7 @@ def build_manifest(
             "denoiser_class": type(loaded.denoiser).__name__,
             "parameters": loaded.param_count,
             "random_weights": loaded.random_weights,
+            "trained": loaded.trained,
             "weight_seed": loaded.weight_seed,
             "knobs": loaded.knobs,
         },

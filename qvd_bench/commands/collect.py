@@ -136,7 +136,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"statistics written to {summary.run_dir}")
     print(
         f"  model       {summary.model}"
-        + (f" (random weights: {summary.weights_note})" if summary.weights_note else "")
+        + (
+            f" (random weights: {summary.weights_note})"
+            if summary.weights_note
+            else " (trained weights)"
+        )
     )
     print(
         f"  layers      {summary.layers}: "

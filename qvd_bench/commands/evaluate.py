@@ -40,7 +40,8 @@ def add_parser(subparsers) -> None:
         "--metrics",
         type=csv,
         default=("fidelity",),
-        help="fidelity (always), fvd, fvd-cd, fid, clipsim (default: fidelity)",
+        help="fidelity (always), fvd, fvd-cd, fid, clipsim, groundtruth (shapes-wan with "
+        "dataset captions as prompts) (default: fidelity)",
     )
     add_sampling_args(parser, steps=10)
     parser.add_argument(

@@ -22,6 +22,8 @@ def run(args: argparse.Namespace) -> int:
     if model["random_weights"]:
         knobs = ", ".join(f"{k} {v:g}" for k, v in sorted(model["knobs"].items()))
         print(f"  random weights: seed {model['weight_seed']}" + (f", {knobs}" if knobs else ""))
+    else:
+        print("  trained weights")
     config = m["config"]
     print(
         f"  sampling: {len(m['prompts'])} prompts, {config['steps']} steps, guidance "

@@ -28,7 +28,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     rows = zoo.list_models()
     width = max(len(r.name) for r in rows)
-    print(f"{'name':<{width}}  {'parameters':>14}  {'denoiser':<36}  description")
+    print(f"{'name':<{width}}  {'parameters':>14}  {'weights':<7}  {'denoiser':<36}  description")
     for r in rows:
-        print(f"{r.name:<{width}}  {r.parameters:>14,}  {r.denoiser_class:<36}  {r.description}")
+        weights = "trained" if r.trained else "random"
+        print(
+            f"{r.name:<{width}}  {r.parameters:>14,}  {weights:<7}  {r.denoiser_class:<36}  "
+            f"{r.description}"
+        )
     return 0

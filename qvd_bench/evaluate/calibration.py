@@ -65,10 +65,10 @@ def ensure_stats(
             frames=s.frames,
             height=s.height,
             width=s.width,
-            # The pipeline where the videos are sampled with one: a path, or a preset of
-            # several experts (which only its pipeline can switch).
+            # The pipeline where the videos are sampled with one: a path, or a preset
+            # that loads with its pipeline.
             sampler="denoiser"
-            if config.model in MODELS and not MODELS.get(config.model).experts
+            if config.model in MODELS and not MODELS.get(config.model).with_pipeline
             else "auto",
             temporal_stride=STATS_TEMPORAL_STRIDE,
             reservoir_capacity=STATS_RESERVOIR,

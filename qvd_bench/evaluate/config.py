@@ -104,6 +104,19 @@ class EvalConfig:
         if self.stats is not None and len(self.weight_seeds) > 1:
             raise UserError("stats describes one model; it cannot serve several weight seeds")
         object.__setattr__(self, "metrics", check_metrics(self.metrics))
+        if "groundtruth" in self.metrics:
+            from qvd_bench.datasets.shapes import FRAMES, HEIGHT, WIDTH
+            from qvd_bench.evaluate.groundtruth import check_captions
+
+            # Scored against their captions: the prompts must be dataset captions.
+            check_captions(self.prompts)
+            sizes = (self.settings.frames, self.settings.height, self.settings.width)
+            if sizes != (FRAMES, HEIGHT, WIDTH):
+                raise UserError(
+                    f"metric groundtruth scores clips of {FRAMES}x{HEIGHT}x{WIDTH}: frames, "
+                    f"height and width must be {FRAMES}, {HEIGHT} and {WIDTH}, got "
+                    f"{', '.join(map(str, sizes))}"
+                )
         object.__setattr__(self, "methods", check_methods(self.methods))
         object.__setattr__(self, "bits", normalise_bits_specs(self.bits))
         for name, path in self.weights.items():

@@ -42,6 +42,7 @@ colour, box fill and aspect, presence), protocol ``PROTOCOL_ID``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ from qvd_bench.datasets.shapes import (
     WIDTH,
     ObjectSpec,
     caption_of,
+    make_clips,
     parse_caption,
 )
 from qvd_bench.errors import UserError
@@ -446,3 +448,74 @@ def groundtruth_fd(clips, reference_clips) -> float:
         clips, reference_clips: (N, 3, 8, 16, 16) and (M, 3, 8, 16, 16) in [0, 1].
     """
     return frechet_distance_of_features(clip_features(clips), clip_features(reference_clips))
+
+
+# --- the ``groundtruth`` metric family of ``qvd-bench evaluate`` -------------------------------
+
+# Accuracies are exact counts of detector decisions; their protocol names the detectors.
+ACCURACY_PROTOCOL_ID = "groundtruth-acc/shapes-3x8x16x16/detectors-v1"
+FD_METRIC = "gt_fd"
+# The Frechet reference: this many dataset clips of all combinations, one object, from
+# this seed (part of the protocol id, so numbers against another reference never mix).
+REFERENCE_SEED = 0
+REFERENCE_CLIPS = 1024
+FD_PROTOCOL_ID = f"{PROTOCOL_ID}/dataset-all-seed{REFERENCE_SEED}-n{REFERENCE_CLIPS}"
+RESULT_METRICS = (*METRICS, FD_METRIC)
+
+
+def clips_from_latents(latents, layout: str = "BCFHW") -> np.ndarray:
+    """The clips a pixel-space shapes model's final latents stand for.
+
+    Args:
+        latents: (N, 3, 8, 16, 16) ("BCFHW") or (N, 8, 3, 16, 16) ("BFCHW") in [−1, 1],
+            the scaling the shapes models are trained on.
+        layout: the latents' layout.
+
+    Returns:
+        (N, 3, 8, 16, 16) float32 in [0, 1] (clamped).
+
+    Raises:
+        UserError: latents of another shape (a model that does not make shapes clips).
+    """
+    if hasattr(latents, "detach"):
+        latents = latents.detach().float().cpu().numpy()
+    array = np.asarray(latents, dtype=np.float32)
+    if layout == "BFCHW" and array.ndim == 5:
+        array = array.transpose(0, 2, 1, 3, 4)
+    return as_clips((array + 1.0) / 2.0)
+
+
+@functools.cache
+def reference_features() -> np.ndarray:
+    """``clip_features`` of the Frechet reference clips (computed once per process; do not
+    modify the returned array)."""
+    clips, _ = make_clips(REFERENCE_SEED, REFERENCE_CLIPS, split="all")
+    return clip_features(clips)
+
+
+def check_captions(captions: Sequence[str]) -> None:
+    """Refuses prompts that are not dataset captions (``shapes.parse_caption``).
+
+    Raises:
+        UserError: naming the caption and the unknown word (or the grammar expected).
+    """
+    for caption in captions:
+        parse_caption(caption)
+
+
+def evaluation_scores(clips, captions: Sequence[str]) -> dict[str, float]:
+    """The ``groundtruth`` metric family of one set of generated clips.
+
+    Args:
+        clips: (N, 3, 8, 16, 16) in [0, 1], clip i generated from ``captions[i]``.
+        captions: dataset captions.
+
+    Returns:
+        ``score_clips``' accuracies (protocol ``ACCURACY_PROTOCOL_ID``) and ``FD_METRIC``,
+        the Frechet distance of the clips' features to the dataset reference
+        (``FD_PROTOCOL_ID``; with fewer than 2 × ``FEATURE_DIM`` clips it warns).
+    """
+    clips = as_clips(clips)
+    scores = score_clips(clips, captions)
+    scores[FD_METRIC] = frechet_distance_of_features(clip_features(clips), reference_features())
+    return scores

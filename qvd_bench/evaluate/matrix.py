@@ -54,7 +54,7 @@ from qvd_bench.evaluate.calibration import ensure_stats
 from qvd_bench.evaluate.config import EvalConfig, split_bits_spec
 from qvd_bench.evaluate.generate import GenerationCache
 from qvd_bench.evaluate.latents import concat, latent_range, to_uint8_videos
-from qvd_bench.evaluate.metrics import check_protocols, load_weight_metrics
+from qvd_bench.evaluate.metrics import check_protocols, groundtruth_rows, load_weight_metrics
 from qvd_bench.evaluate.reference import load_real_videos, real_reference
 from qvd_bench.evaluate.results import (
     RESULTS_FILE,
@@ -271,6 +271,10 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
                         continue
                     measured = teacher_forced_rows(reference, forced, scheduler)
                     measured += free_running_rows(reference, free, layout)
+                    if "groundtruth" in config.metrics:
+                        measured += groundtruth_rows(
+                            concat(free, "latents"), layout, config.prompts
+                        )
                     if weight_metrics:
                         test = to_uint8_videos(concat(free, "latents"), layout, value_range)
                         for metric in weight_metrics:

@@ -2,6 +2,9 @@
 
 Fidelity metrics need nothing and always run; network metrics (FVD, FID, CLIPSIM) need
 local weights, given per metric name, and are skipped with a notice when those are absent.
+The ground-truth family (``groundtruth``) needs no weights but a model that makes clips of
+the shapes dataset (``shapes-wan``) and dataset captions as prompts: it scores each
+generated clip against its caption with analytic detectors (``evaluate.groundtruth``).
 Frechet metrics carry the protocol id with the detector's SHA-256; numbers under different
 protocol ids are never put in one table (``check_protocols``).
 """
@@ -25,8 +28,9 @@ class MetricSpec:
 
     Attributes:
         name: its name (a key of ``EvalConfig.weights`` for network metrics).
-        kind: "fidelity" (always computed, needs nothing) or "weights" (needs a local
-            network: skipped with a notice when absent).
+        kind: "fidelity" (always computed, needs nothing), "weights" (needs a local
+            network: skipped with a notice when absent) or "groundtruth" (computed when
+            asked for, needs shapes clips and dataset captions).
         description: one line.
     """
 
@@ -45,6 +49,12 @@ for _spec in (
     MetricSpec("fvd-cd", "weights", "FVD, cd-fvd / TATS I3D protocol"),
     MetricSpec("fid", "weights", "per-frame FID, Inception-v3"),
     MetricSpec("clipsim", "weights", "CLIPSIM and CLIP-Temp"),
+    MetricSpec(
+        "groundtruth",
+        "groundtruth",
+        "ground truth of shapes clips: colour, shape, motion accuracy, persistence, Frechet "
+        "distance of analytic features to dataset clips",
+    ),
 ):
     METRICS.register(_spec.name, _spec)
 FIDELITY_METRICS = ("sqnr", "cosine", "psnr", "ssim")
@@ -145,3 +155,44 @@ def load_weight_metrics(
         except UserError as error:
             notices.append(f"{name} skipped: {error}; pass its path as weights[{name!r}]")
     return loaded
+
+
+def groundtruth_rows(latents: torch.Tensor, layout: str, prompts) -> list[dict]:
+    """The ``groundtruth`` family's result rows of one method's final latents.
+
+    Args:
+        latents: final latents of a shapes model, one video per prompt, in ``layout``.
+        layout: "BCFHW" or "BFCHW".
+        prompts: the dataset captions the videos were generated from.
+
+    Returns:
+        Rows (mode "free-running") of ``groundtruth.METRICS`` and, mode "distribution",
+        of ``groundtruth.FD_METRIC``; each accuracy is over the caption objects.
+
+    Raises:
+        UserError: latents that are not shapes clips.
+    """
+    from qvd_bench.evaluate import groundtruth
+
+    clips = groundtruth.clips_from_latents(latents, layout)
+    scores = groundtruth.evaluation_scores(clips, list(prompts))
+    n = clips.shape[0]
+    rows = [
+        result_row(
+            metric, "free-running", "cfg", ALL_STEPS, groundtruth.ACCURACY_PROTOCOL_ID, value, n
+        )
+        for metric, value in scores.items()
+        if metric != groundtruth.FD_METRIC
+    ]
+    rows.append(
+        result_row(
+            groundtruth.FD_METRIC,
+            "distribution",
+            "cfg",
+            ALL_STEPS,
+            groundtruth.FD_PROTOCOL_ID,
+            scores[groundtruth.FD_METRIC],
+            n,
+        )
+    )
+    return rows

@@ -139,6 +139,10 @@ def results_frame(rows: list[dict[str, Any]], metrics: Sequence[str]) -> pd.Data
     """The rows of the requested metrics, in RESULT_COLUMNS order."""
     frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
     wanted = set(metrics) | ({"clip_temp"} if "clipsim" in metrics else set())
+    if "groundtruth" in metrics:
+        from qvd_bench.evaluate.groundtruth import RESULT_METRICS
+
+        wanted |= set(RESULT_METRICS)
     frame = frame[frame["metric"].isin(wanted)].reset_index(drop=True)
     return frame.astype({"step": np.int64, "n": np.int64, "value": np.float64})
 

@@ -15,7 +15,7 @@ inside ``forward``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
@@ -174,6 +174,10 @@ class LoadedModel:
         knobs: outlier injection settings ({"disparity": float, "asymmetry": float}).
         denoisers: pipeline attribute -> denoiser, in the pipeline's order, when the model
             came from a pipeline with more than one denoiser; empty otherwise.
+        encode_prompts: for a model whose text conditioning is known (a trained zoo
+            model with its text encoder): prompts -> (cond, uncond) text states, each
+            (N, L, D); None: the minimal sampler uses pseudo embeddings
+            (``sampling.text_states_for_prompts``).
     """
 
     name: str
@@ -184,6 +188,12 @@ class LoadedModel:
     weight_seed: int | None = None
     knobs: dict[str, float] = field(default_factory=dict)
     denoisers: dict[str, nn.Module] = field(default_factory=dict)
+    encode_prompts: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def trained(self) -> bool:
+        """Whether the weights are trained ones (a shipped or loaded model), not random."""
+        return not self.random_weights
 
     @property
     def multi_expert(self) -> bool:

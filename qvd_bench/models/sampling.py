@@ -621,12 +621,16 @@ def text_states_for_prompts(
     """Deterministic pseudo text embeddings for a bare denoiser without a text encoder.
 
     Each prompt's embedding is standard normal noise from a generator seeded by the
-    CRC-32 of the prompt, so equal prompts get equal embeddings in every run.
+    CRC-32 of the prompt, so equal prompts get equal embeddings in every run. A model
+    whose conditioning is known (``loaded.encode_prompts``, a trained zoo model) gets its
+    own text encoder's states instead.
 
     Returns:
         (cond, uncond), each (N, L, D) with (L, D) = ``family.text_embedding_shape``;
         uncond is the embedding of the empty prompt, repeated.
     """
+    if loaded.encode_prompts is not None:
+        return loaded.encode_prompts(prompts)
     family, denoiser = loaded.family, loaded.denoiser
     parameter = next(denoiser.parameters())
     shape = family.text_embedding_shape(denoiser)

@@ -1,4 +1,5 @@
-"""The model zoo: named presets with random weights, and loading diffusers pipelines.
+"""The model zoo: named presets with random weights, trained models shipped with the
+package (``shapes-wan``), and loading diffusers pipelines.
 
 Presets are built from config dicts (nothing is downloaded) with weights drawn from a
 fixed seed. Random weights lack what makes trained models hard to quantize, so presets:
@@ -63,6 +64,9 @@ class ModelSpec:
             which expert runs each step. Empty for a single denoiser.
         pipeline_config: the pipeline's own settings of a multi-expert preset
             (``boundary_ratio``).
+        trained: ships trained weights (loaded by ``load``, with their pipeline) instead
+            of random ones; the outlier knobs do not apply to it.
+        load: for a trained model, ``load(device, dtype) -> LoadedModel``.
     """
 
     name: str
@@ -71,6 +75,14 @@ class ModelSpec:
     description: str
     experts: tuple[str, ...] = ()
     pipeline_config: tuple[tuple[str, Any], ...] = ()
+    trained: bool = False
+    load: Callable[[torch.device, torch.dtype], LoadedModel] | None = None
+
+    @property
+    def with_pipeline(self) -> bool:
+        """Loads with its pipeline: several experts (which only the pipeline switches) or
+        trained weights (with their own text encoder)."""
+        return bool(self.experts) or self.trained
 
 
 class ModelRow(NamedTuple):
@@ -81,6 +93,7 @@ class ModelRow(NamedTuple):
     denoiser_class: str
     parameters: int
     description: str
+    trained: bool = False
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
@@ -158,6 +171,32 @@ MODELS.register(
 )
 
 
+def _shapes_wan_config() -> dict[str, Any]:
+    from qvd_bench.models import shapes_wan
+
+    return shapes_wan.transformer_config()
+
+
+def _load_shapes_wan(device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from qvd_bench.models import shapes_wan
+
+    return shapes_wan.load_shapes_wan(device, dtype)
+
+
+MODELS.register(
+    "shapes-wan",
+    ModelSpec(
+        "shapes-wan",
+        "wan",
+        _shapes_wan_config,
+        "WanTransformer3DModel trained on the shapes dataset (pixel space, 8x16x16 RGB, "
+        "WanPipeline without VAE)",
+        trained=True,
+        load=_load_shapes_wan,
+    ),
+)
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -181,12 +220,15 @@ def load_model(
         dtype: its floating dtype, one of ``config.DTYPES`` (a name or the torch dtype).
 
     Returns:
-        The LoadedModel; ``knobs`` records the outlier settings applied.
+        The LoadedModel; ``knobs`` records the outlier settings applied. A trained zoo
+        model (``ModelSpec.trained``) comes with its pipeline, ignores ``weight_seed`` and
+        has no knobs.
 
     Raises:
         UserError: unknown name, unsupported denoiser class, a model not available offline,
             a device this machine lacks or a dtype without kernels there
-            (``device.check_device``, checked before anything is built).
+            (``device.check_device``, checked before anything is built), an outlier knob
+            given for a trained zoo model, a shipped weights file whose SHA-256 is wrong.
     """
     device, dtype = check_device(device, dtype)
     for knob_name, value in (("disparity", disparity), ("asymmetry", asymmetry)):
@@ -194,6 +236,14 @@ def load_model(
             raise UserError(f"{knob_name} must be >= 0, got {value}")
     if name_or_path in MODELS:
         spec = MODELS.get(name_or_path)
+        if spec.trained:
+            for knob_name, value in (("disparity", disparity), ("asymmetry", asymmetry)):
+                if value is not None:
+                    raise UserError(
+                        f"{spec.name} has trained weights: {knob_name} applies only to "
+                        "presets with random weights"
+                    )
+            return spec.load(device, dtype)
         family = family_by_name(spec.family)
         knobs = _knobs(disparity, asymmetry, DEFAULT_DISPARITY, DEFAULT_ASYMMETRY)
         denoisers = []
@@ -488,9 +538,12 @@ def _parameter_count(name: str) -> tuple[str, int]:
 
 
 def list_models() -> list[ModelRow]:
-    """One row per zoo model: name, family, denoiser class, parameter count, description."""
+    """One row per zoo model: name, family, denoiser class, parameter count, description,
+    whether its weights are trained."""
     rows = []
     for name, spec in MODELS.items():
         denoiser_class, parameters = _parameter_count(name)
-        rows.append(ModelRow(name, spec.family, denoiser_class, parameters, spec.description))
+        rows.append(
+            ModelRow(name, spec.family, denoiser_class, parameters, spec.description, spec.trained)
+        )
     return rows

@@ -4,6 +4,7 @@ uninterrupted one, bit for bit."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -45,3 +46,20 @@ def test_resuming_gives_the_uninterrupted_run(tmp_path):
     steps = [line for line in (split / "log.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == 4
     assert (split / "pipeline" / "transformer").is_dir()
+
+
+def test_export_writes_the_ema_weights_shapes_wan_loads(tmp_path, capsys):
+    from qvd_bench.models import shapes_wan
+
+    train = load_script()
+    out = tmp_path / "run"
+    assert train.main(["--out", str(out), "--steps", "2", "--checkpoint-every", "2", *SMALL]) == 0
+    capsys.readouterr()
+    assert train.main(["--out", str(out), "--export", str(tmp_path / "weights"), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    hashes = json.loads(printed[printed.index("{") :])["sha256"]
+    loaded = shapes_wan.load_shapes_wan(folder=tmp_path / "weights", hashes=hashes)
+    ema = torch.load(out / "checkpoint.pt", weights_only=True)["ema"]
+    state = loaded.denoiser.state_dict()
+    assert all(torch.equal(ema[k], state[k]) for k in ema)
+    assert loaded.pipeline.scheduler.config.shift == 3.0
