@@ -236,7 +236,8 @@ def x0_coefficients(scheduler, timestep: float) -> tuple[float, float]:
     ᾱ = 1/(σ² + 1). So ``to_x0``'s formulas hold with ᾱ from the step's σ where the
     scheduler has sigmas, else from ``alphas_cumprod[t]``. Flow-matching schedulers (no
     ``alphas_cumprod``): x0 = x_t − σ·v, with the step's σ (t / num_train_timesteps
-    where the scheduler keeps no sigmas).
+    where the scheduler keeps no sigmas); with ``invert_sigmas`` (Mochi) the scheduler's
+    σ is 1 − the noise level and the model predicts x0 − noise: x0 = x_t + (1 − σ)·v̂.
 
     Args:
         scheduler: the scheduler after the run (its ``timesteps`` and ``sigmas`` are those
@@ -251,6 +252,10 @@ def x0_coefficients(scheduler, timestep: float) -> tuple[float, float]:
     if not hasattr(scheduler, "alphas_cumprod"):
         if sigma is None:
             sigma = timestep / config.get("num_train_timesteps", 1000)
+        if config.get("invert_sigmas"):
+            # Mochi: the schedule runs s = 1 − σ upwards, x_t = s·x0 + (1 − s)·noise, and
+            # the model predicts dx/ds = x0 − noise, so x0 = x_t + (1 − s)·prediction.
+            return 1.0, 1.0 - float(sigma)
         return 1.0, -float(sigma)
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES or prediction_type == "flow":

@@ -1,12 +1,14 @@
 """Saved diffusers pipelines of other families by path: models --roles, collect, analyze,
-quantize; statistics against a float64 reference on the raw inputs of a plain diffusers
+quantize, sensitivity, evaluate; statistics against a float64 reference on the raw inputs of a plain diffusers
 run; branch keying without silent drops; one-line errors for what cannot be collected."""
 
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from diffusers import DiffusionPipeline
@@ -50,7 +52,7 @@ SMALL = ["--num-prompts", "1", "--steps", "2", "--frames", "2", "--height", "8",
 
 
 @pytest.mark.parametrize("preset", ["tiny-ltx", "tiny-hunyuan", "tiny-mochi", "wan22"])
-def test_saved_pipeline_goes_by_path_through_roles_collect_analyze_quantize(
+def test_saved_pipeline_goes_by_path_through_every_stage(
     preset, saved, two_expert_wan_dir, tmp_path, capsys
 ):
     path = two_expert_wan_dir if preset == "wan22" else saved(preset)
@@ -79,6 +81,22 @@ def test_saved_pipeline_goes_by_path_through_roles_collect_analyze_quantize(
     record = tmp_path / "record"
     assert run_cli("quantize", "--stats", stats, "--method", "qvd", "--out", record) == 0
     assert (record / "record.json").is_file()
+    if preset == "wan22":  # evaluate and sensitivity: tests/evaluate/test_pipelines.py
+        capsys.readouterr()
+        return
+    report = tmp_path / "sensitivity"
+    by_role = ["--method", "minmax", "--bits", "W4A8", "--by", "role", "--no-progress"]
+    assert run_cli("sensitivity", "--stats", stats, *by_role, "--out", report) == 0
+    roles = pd.read_parquet(report / "sensitivity.parquet")
+    assert len(roles) and np.isfinite(roles["sqnr_db"]).all()
+    out = tmp_path / "evaluate"
+    matrix = ["--methods", "fp,qvd", "--bits", "W8A8", "--metrics", "fidelity", "--no-progress"]
+    assert run_cli("evaluate", "--model", path, *matrix, *SMALL, "--out", out) == 0
+    results = pd.read_parquet(next(out.rglob("results.parquet")))
+    sqnr = results[(results["method"] == "qvd") & (results["metric"] == "sqnr")]
+    assert len(sqnr) and np.isfinite(sqnr["value"]).all()
+    settings = json.loads(next(out.rglob("settings.json")).read_text())
+    assert settings["sampler"].startswith("pipeline: ")
     capsys.readouterr()
 
 

@@ -149,6 +149,23 @@ def test_x0_of_a_pipeline_step_is_the_schedulers_own_estimate():
             )
 
 
+@pytest.mark.parametrize("preset", ["tiny-wan", "tiny-mochi"])
+def test_flow_x0_is_the_euler_step_straight_to_the_clean_end(preset):
+    """For flow matching, x0 is where the scheduler's Euler update x + (σ' − σ)·v̂ lands
+    at the clean end of its schedule: σ' = 0, or σ' = 1 for Mochi's inverted sigmas
+    (which count up from noise to data, so a wrong sign or end shows)."""
+    loaded = tiny_pipeline_model(preset)
+    generation = gen.generate(loaded, PROMPT, 0, settings_for(loaded, steps=3), keep_calls=True)
+    scheduler = loaded.pipeline.scheduler
+    clean = 1.0 if scheduler.config.get("invert_sigmas") else 0.0
+    x0 = generation.x0(None, "cfg")
+    for step in range(len(scheduler.timesteps)):
+        sigma = float(scheduler.sigmas[step])
+        latents = generation.inputs[step].to(torch.float64)
+        expected = latents + (clean - sigma) * generation.prediction[step].to(torch.float64)
+        torch.testing.assert_close(x0[step], expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("preset", ["tiny-unet3d", "tiny-wan"])
 def test_cfg_prediction_is_what_the_pipeline_stepped_with(preset):
     """Stepping the pipeline's scheduler with the recorded CFG-combined prediction from the
