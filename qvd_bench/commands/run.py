@@ -2,7 +2,7 @@
 
 The defaults (``RUN_DEFAULTS``): the trained reference model shapes-wan, 6 held-out seen
 dataset captions (every 25th of ``shapes.heldout_captions("seen")``, ``default_prompts``), latents of 8 frames
-of 16×16, 20 flow-Euler steps with CFG 3, metrics fidelity and groundtruth (colour, shape,
+of 16×16, 10 flow-Euler steps with CFG 3, metrics fidelity and groundtruth (colour, shape,
 motion, persistence and ``gt_fd`` against the captions), methods fp, minmax, mse,
 smoothquant, os+, qvd, qvd-htdq, qvd-scri at W8A8, W4A8, W4A4, one weight seed
 (``--seeds 3`` adds the spread). Another ``--model`` falls back to
@@ -32,7 +32,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "frames": 8,
     "height": 16,
     "width": 16,
-    "steps": 20,
+    "steps": 10,
     # The model was trained with caption dropout and is scored at CFG 3.
     "guidance_scale": 3.0,
     "scheduler": "flow-euler",
@@ -113,7 +113,7 @@ def add_parser(subparsers) -> None:
         "--steps",
         type=int,
         default=None,
-        help="sampling steps (default: 20 flow-Euler for shapes-wan, 10 DDIM otherwise)",
+        help="sampling steps (default: 10, flow-Euler for shapes-wan, DDIM otherwise)",
     )
     parser.add_argument("--frames", type=int, default=None, help="latent frames (default: 8)")
     parser.add_argument("--height", type=int, default=None, help="latent height (default: 16)")

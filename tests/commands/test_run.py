@@ -23,7 +23,7 @@ def test_defaults_are_design_section_7():
     assert RUN_DEFAULTS["model"] == "shapes-wan"
     # The trained model's clip: 8 frames of 16x16 RGB, sampled as it was scored.
     assert (RUN_DEFAULTS["frames"], RUN_DEFAULTS["height"], RUN_DEFAULTS["width"]) == (8, 16, 16)
-    assert (RUN_DEFAULTS["steps"], RUN_DEFAULTS["scheduler"]) == (20, "flow-euler")
+    assert (RUN_DEFAULTS["steps"], RUN_DEFAULTS["scheduler"]) == (10, "flow-euler")
     assert RUN_DEFAULTS["guidance_scale"] == 3.0  # CFG, as the model was trained for
     assert RUN_DEFAULTS["metrics"] == ("fidelity", "groundtruth")
     assert RUN_DEFAULTS["methods"] == (
@@ -80,7 +80,7 @@ def test_run_on_the_default_model_reports_groundtruth_per_method_and_bits(tmp_pa
     assert index.is_file() and str(index) in printed
     assert (tmp_path / "stats" / "shapes-wan-w0" / "plan.json").is_file()
     record = json.loads((tmp_path / "results" / "shapes-wan" / "run.json").read_text())
-    assert record["settings"]["steps"] == 2 and record["defaults"]["steps"] == 20
+    assert record["settings"]["steps"] == 2 and record["defaults"]["steps"] == 10
     assert record["wall_seconds"] > 0 and "minmax" in record["seconds_per_method"]
     results = pd.read_parquet(tmp_path / "results" / "shapes-wan" / "results.parquet")
     assert set(results["method"]) == {"fp", "minmax"}
