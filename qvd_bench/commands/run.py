@@ -1,8 +1,13 @@
 """``qvd-bench run``: collect → analyze → quantize → evaluate fidelity → one report.
 
-The defaults (``RUN_DEFAULTS``): tiny-unet3d, 2 prompts, 8 frames, 16×16 latents,
-10 DDIM steps with CFG, methods fp, minmax, mse, smoothquant, os+, qvd, qvd-htdq,
-qvd-scri at W8A8, W4A8, W4A4, one weight seed (``--seeds 3`` adds the spread). They are
+The defaults (``RUN_DEFAULTS``): the trained reference model shapes-wan, 6 held-out seen
+dataset captions (every 25th of ``shapes.heldout_captions("seen")``, ``default_prompts``), latents of 8 frames
+of 16×16, 10 flow-Euler steps with CFG 3, metrics fidelity and groundtruth (colour, shape,
+motion, persistence and ``gt_fd`` against the captions), methods fp, minmax, mse,
+smoothquant, os+, qvd, qvd-htdq, qvd-scri at W8A8, W4A8, W4A4, one weight seed
+(``--seeds 3`` adds the spread). Another ``--model`` falls back to
+``OTHER_MODEL_DEFAULTS`` (2 built-in prompts, 10 DDIM steps, CFG 7.5, fidelity only):
+groundtruth scores shapes-wan's clips alone. They are
 printed before anything runs, with the work they make in sampling steps (one denoiser step
 of one video, both CFG branches), the unit of the job's one progress bar, whose total is
 known before the first step; all are recorded in ``results/<model>/run.json`` with the wall
@@ -22,14 +27,16 @@ from qvd_bench.commands._args import add_device_args, csv, device_and_dtype
 from qvd_bench.errors import UserError
 
 RUN_DEFAULTS: dict[str, Any] = {
-    "model": "tiny-unet3d",
-    "num_prompts": 2,
+    "model": "shapes-wan",
+    "num_prompts": 6,
     "frames": 8,
     "height": 16,
     "width": 16,
     "steps": 10,
-    "guidance_scale": 7.5,
-    "scheduler": "ddim",
+    # The model was trained with caption dropout and is scored at CFG 3.
+    "guidance_scale": 3.0,
+    "scheduler": "flow-euler",
+    "metrics": ("fidelity", "groundtruth"),
     "methods": ("fp", "minmax", "mse", "smoothquant", "os+", "qvd", "qvd-htdq", "qvd-scri"),
     "bits": ("W8A8", "W4A8", "W4A4"),
     "seeds": 1,
@@ -38,7 +45,47 @@ RUN_DEFAULTS: dict[str, Any] = {
     "device": "cpu",
     "dtype": "float32",
 }
+# The defaults that change when ``model`` is not the default one: the built-in prompts
+# and the sampling of the random-weight presets; groundtruth needs dataset captions and
+# the shapes-wan clip, so it is dropped.
+OTHER_MODEL_DEFAULTS: dict[str, Any] = {
+    "num_prompts": 2,
+    "steps": 10,
+    "guidance_scale": 7.5,
+    "scheduler": "ddim",
+    "metrics": ("fidelity",),
+}
 RUN_RECORD = "run.json"
+
+
+def defaults_for(model: str | None) -> dict[str, Any]:
+    """``RUN_DEFAULTS`` for ``model`` (None: the default model)."""
+    defaults = dict(RUN_DEFAULTS)
+    if model is not None and model != RUN_DEFAULTS["model"]:
+        defaults.update(model=model, **OTHER_MODEL_DEFAULTS)
+    return defaults
+
+
+def default_prompts(model: str, count: int) -> tuple[str, ...]:
+    """The job's prompts: for the default model, every k-th held-out seen dataset caption,
+    k = 144 // count + 1 (the captions list motions fastest, so one past an even split
+    steps through motions as well as colours and shapes; indices wrap past 144); for any
+    other model the first ``count`` built-in prompts.
+
+    Raises:
+        UserError: ``count`` < 1.
+    """
+    from qvd_bench.prompts import select_prompts
+
+    if model != RUN_DEFAULTS["model"]:
+        return tuple(select_prompts(None, count))
+    from qvd_bench.datasets.shapes import heldout_captions
+
+    if count < 1:
+        raise UserError(f"the number of prompts must be at least 1, got {count}")
+    captions = heldout_captions("seen")
+    every = len(captions) // count + 1
+    return tuple(captions[(i * every) % len(captions)] for i in range(count))
 
 
 def add_parser(subparsers) -> None:
@@ -49,9 +96,25 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--seeds", type=int, default=1, help="weight seeds; 3 adds the spread (default: 1)"
     )
-    parser.add_argument("--model", default=None, help="model (default: tiny-unet3d)")
-    parser.add_argument("--num-prompts", type=int, default=None, help="prompts (default: 2)")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 10)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model (default: shapes-wan, scored also against its held-out dataset captions "
+        "with the groundtruth metrics; another model takes 2 built-in prompts, 10 DDIM steps, "
+        "CFG 7.5 and fidelity only)",
+    )
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        default=None,
+        help="prompts (default: 6 held-out dataset captions for shapes-wan, 2 otherwise)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="sampling steps (default: 10, flow-Euler for shapes-wan, DDIM otherwise)",
+    )
     parser.add_argument("--frames", type=int, default=None, help="latent frames (default: 8)")
     parser.add_argument("--height", type=int, default=None, help="latent height (default: 16)")
     parser.add_argument("--width", type=int, default=None, help="latent width (default: 16)")
@@ -106,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_settings(seeds: int = 1, **overrides: Any) -> dict[str, Any]:
-    """The defaults with ``overrides`` applied (None means "keep the default").
+    """The defaults of the model (``defaults_for``) with ``overrides`` applied (None means
+    "keep the default").
 
     Raises:
         UserError: an unknown setting.
@@ -114,7 +178,7 @@ def run_settings(seeds: int = 1, **overrides: Any) -> dict[str, Any]:
     unknown = sorted(set(overrides) - set(RUN_DEFAULTS))
     if unknown:
         raise UserError(f"unknown run settings: {', '.join(unknown)}")
-    settings = dict(RUN_DEFAULTS)
+    settings = defaults_for(overrides.get("model"))
     settings["seeds"] = seeds
     for key, value in overrides.items():
         if value is not None:
@@ -123,11 +187,12 @@ def run_settings(seeds: int = 1, **overrides: Any) -> dict[str, Any]:
 
 
 def format_settings(settings: dict[str, Any]) -> str:
-    """One line per setting, marking those changed from the defaults."""
+    """One line per setting, marking those changed from the model's defaults."""
+    defaults = defaults_for(settings["model"])
     lines = ["qvd-bench run settings (* = changed by a flag):"]
     for key, value in settings.items():
         shown = ",".join(value) if isinstance(value, tuple) else value
-        mark = "*" if value != RUN_DEFAULTS[key] else " "
+        mark = "*" if value != defaults[key] else " "
         lines.append(f" {mark} {key:<15} {shown}")
     return "\n".join(lines)
 
@@ -187,7 +252,6 @@ def run_job(
     from qvd_bench.evaluate.generate import GenerationSettings
     from qvd_bench.evaluate.matrix import evaluate, planned_steps
     from qvd_bench.models.device import check_device
-    from qvd_bench.prompts import select_prompts
 
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
@@ -217,7 +281,8 @@ def run_job(
         weight_seeds=tuple(range(settings["weight_seed"], settings["weight_seed"] + seeds)),
         methods=settings["methods"],
         bits=settings["bits"],
-        prompts=tuple(select_prompts(None, settings["num_prompts"])),
+        metrics=tuple(m for m in settings["metrics"] if m != "fidelity"),
+        prompts=default_prompts(settings["model"], settings["num_prompts"]),
         settings=GenerationSettings(
             steps=settings["steps"],
             guidance_scale=settings["guidance_scale"],
@@ -249,7 +314,7 @@ def run_job(
         .round(2)
     )
     record = {
-        "defaults": _jsonable(RUN_DEFAULTS),
+        "defaults": _jsonable(defaults_for(settings["model"])),
         "settings": _jsonable(settings),
         "wall_seconds": round(wall, 2),
         "statistics_seconds": round(

@@ -491,7 +491,13 @@ TINY_RUN = [
 
 def test_run_and_evaluate_commands(tmp_path, monkeypatch, capsys):
     # regress on run's results: tests/commands/test_regress.py (--config-of).
-    assert run_cli("run", "--out", tmp_path, "--methods", "fp,minmax", *TINY_RUN) == 0
+    # run defaults to shapes-wan; this checks the output layout on the tiny preset.
+    assert (
+        run_cli(
+            "run", "--out", tmp_path, "--model", "tiny-unet3d", "--methods", "fp,minmax", *TINY_RUN
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "tiny-unet3d" in printed and "index.html" in printed
 

@@ -133,7 +133,8 @@ def test_cli_perf_run(monkeypatch, tmp_path, capsys):
         ["perf", "run", "--models", "tiny-unet3d", "--repeats", "3"]
     )
     assert (args.benchmark, args.models, args.repeats) == ("run", ("tiny-unet3d",), 3)
-    assert benchmarks.BENCHMARK_DEFAULT_MODELS["run"] == ("tiny-unet3d",)
+    # The main job's default model.
+    assert benchmarks.BENCHMARK_DEFAULT_MODELS["run"] == ("shapes-wan",)
 
     # ``main`` calls each benchmark as (model, repeats); the real job takes minutes, so a
     # stand-in records the call.
@@ -146,11 +147,11 @@ def test_cli_perf_run(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(benchmarks.BENCHMARKS, "run", fake)
     out = tmp_path / "perf.json"
     assert cli.main(["perf", "run", "--repeats", "3", "--out", str(out)]) == 0
-    assert calls == [("tiny-unet3d", 3)]
+    assert calls == [("shapes-wan", 3)]
     assert "perf run: fake" in capsys.readouterr().out and out.exists()
     assert cli.main(["perf", "run", "--repeats", "0"]) == 2
     assert "--repeats must be at least 1" in capsys.readouterr().err
-    assert calls == [("tiny-unet3d", 3)]
+    assert calls == [("shapes-wan", 3)]
 
 
 def test_machine_probe_is_the_recorded_diffusers_forward():

@@ -44,7 +44,8 @@ def test_one_progress_bar_with_its_total_known_before_the_first_step(tmp_path, c
     # (fp reuses the reference's videos) makes a teacher-forced and a free-running video.
     quantized = [m for m in methods if m != "fp"]
     expected = prompts * steps * (1 + 1 + 2 * len(quantized) * len(bits))
-    run_job(tmp_path, num_prompts=prompts, frames=2, steps=steps, methods=methods, bits=bits)
+    run_job(tmp_path, model="tiny-unet3d", num_prompts=prompts, frames=2, steps=steps,
+            methods=methods, bits=bits)  # fmt: skip
     printed = capsys.readouterr()
     assert f"work: {expected} sampling steps" in printed.out
     counts = _bar_counts(printed.err)
@@ -57,7 +58,8 @@ def test_one_progress_bar_with_its_total_known_before_the_first_step(tmp_path, c
     )
 
     # A rerun collects nothing and takes every video from the cache: its total says so.
-    run_job(tmp_path, num_prompts=prompts, frames=2, steps=steps, methods=methods, bits=bits)
+    run_job(tmp_path, model="tiny-unet3d", num_prompts=prompts, frames=2, steps=steps,
+            methods=methods, bits=bits)  # fmt: skip
     printed = capsys.readouterr()
     rerun = expected - prompts * steps
     assert f"work: {rerun} sampling steps (statistics 0," in printed.out

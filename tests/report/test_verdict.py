@@ -120,8 +120,8 @@ METHODS = ["fp", "minmax", "mse", "qvd-htdq", "qvd-scri"]
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("job")
-    run_job(out, progress=False, num_prompts=1, frames=2, steps=2, methods=METHODS,
-            bits=["W8A8", "W4A4"])  # fmt: skip
+    run_job(out, progress=False, model="tiny-unet3d", num_prompts=1, frames=2, steps=2,
+            methods=METHODS, bits=["W8A8", "W4A4"])  # fmt: skip
     return out
 
 

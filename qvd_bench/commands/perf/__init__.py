@@ -29,7 +29,7 @@ def add_parser(subparsers) -> None:
         default=None,
         help="what to measure: models for collect and quant (default: tiny-unet3d,modelscope-t2v-arch), "
         "feature dimensions for frechet (default: 400,1024,2048), the model of the main job "
-        "for run (default: tiny-unet3d)",
+        "for run (default: shapes-wan)",
     )
     parser.add_argument(
         "--repeats",

@@ -603,7 +603,8 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
         raise UserError(f"perf run needs at least 1 repeat, got {repeats}")
     if "model" in overrides:
         raise UserError("perf run takes the model as its first argument (--models), not a setting")
-    settings = run_command.run_settings(**overrides)  # raises UserError on unknown settings
+    # The model's own defaults; raises UserError on unknown settings.
+    settings = run_command.run_settings(model=model_name, **overrides)
     flags = command_flags(run_command.add_parser)
     unflagged = sorted(k for k, v in overrides.items() if v is not None and k not in flags)
     if unflagged:
@@ -656,7 +657,7 @@ def bench_run(model_name: str, repeats: int, **overrides: Any) -> Table:
     changed = [
         f"{key}={','.join(value) if isinstance(value, tuple) else value}"
         for key, value in settings.items()
-        if key != "model" and value != run_command.RUN_DEFAULTS[key]
+        if key != "model" and value != run_command.defaults_for(model_name)[key]
     ]
     table = Table(
         f"perf run: qvd-bench run on {model_name}, "
@@ -721,5 +722,5 @@ BENCHMARK_DEFAULT_MODELS = {
     "collect": ("tiny-unet3d", "modelscope-t2v-arch"),
     "frechet": ("400", "1024", "2048"),
     "quant": ("tiny-unet3d", "modelscope-t2v-arch"),
-    "run": ("tiny-unet3d",),
+    "run": ("shapes-wan",),
 }
