@@ -44,7 +44,8 @@ from qvd_bench.analysis.summary import TEMPORAL_ROLE_LABEL, role_summary
 from qvd_bench.datasets.shapes import heldout_captions
 from qvd_bench.evaluate.config import EvalConfig
 from qvd_bench.evaluate.generate import GenerationSettings
-from qvd_bench.evaluate.groundtruth import FD_METRIC, METRICS as GT_METRICS
+from qvd_bench.evaluate.groundtruth import FD_METRIC
+from qvd_bench.evaluate.groundtruth import METRICS as GT_METRICS
 from qvd_bench.evaluate.matrix import evaluate
 from qvd_bench.evaluate.results import ALL_STEPS
 
@@ -318,9 +319,11 @@ def matrix_table(rows: pd.DataFrame, bits_list, *, include_fp: bool) -> list[str
 
 def write_markdown(path: Path, work: Path, args, command: str, captions) -> None:
     rows = load_cells(work)
-    seconds = float(rows.groupby(["sampling_seed", "bits"])["seconds"].first().sum()) if len(
-        rows
-    ) else 0.0
+    seconds = (
+        float(rows.groupby(["sampling_seed", "bits"])["seconds"].first().sum())
+        if len(rows)
+        else 0.0
+    )
     lines = [
         "# The paper's claims on the trained reference model `shapes-wan`",
         "",
