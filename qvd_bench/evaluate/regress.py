@@ -77,7 +77,27 @@ REGRESS_CONFIG: dict[str, Any] = {
     "methods": ("mse", "qvd", "qvd-htdq", "qvd-scri"),
     "bits": ("W8A8", "W4A4"),
     "dtype": "float32",
+    # None: the built-in prompts (``prompts.select_prompts``); "shapes-seen": captions of
+    # the shapes dataset (``PROMPT_SETS``).
+    "prompts": None,
 }
+# Per model, the settings its baseline configuration changes: a trained model is measured
+# where it was trained (its prompts, latent size, CFG scale and scheduler), with enough
+# prompts and steps that its fidelity figures settle.
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    "shapes-wan": {
+        "prompts": "shapes-seen",
+        "num_prompts": 12,
+        "frames": 8,
+        "height": 16,
+        "width": 16,
+        "steps": 10,
+        "guidance_scale": 3.0,
+        "scheduler": "flow-euler",
+    },
+}
+# Named prompt sources of a configuration's "prompts" setting.
+PROMPT_SETS = ("shapes-seen",)
 # Statistics collection settings of a measurement (the temporal grid every 10 timesteps,
 # 64 reservoir rows per layer: what ``evaluate`` collects with).
 TEMPORAL_STRIDE = 10
@@ -127,15 +147,20 @@ ROUNDING_CHANGES: dict[str, Rounding] = {
 
 
 def configuration(**overrides: Any) -> dict[str, Any]:
-    """``REGRESS_CONFIG`` with ``overrides`` (None keeps the default).
+    """``REGRESS_CONFIG`` with ``MODEL_CONFIGS`` of the model, then ``overrides`` (None
+    keeps the default).
 
     Raises:
-        UserError: an unknown setting.
+        UserError: an unknown setting or prompt set.
     """
     unknown = sorted(set(overrides) - set(REGRESS_CONFIG))
     if unknown:
         raise UserError(f"unknown regression settings: {', '.join(unknown)}")
-    config = dict(REGRESS_CONFIG)
+    prompt_set = overrides.get("prompts")
+    if prompt_set is not None and prompt_set not in PROMPT_SETS:
+        raise UserError(f"unknown prompt set {prompt_set!r}; known: {', '.join(PROMPT_SETS)}")
+    model = overrides.get("model") or REGRESS_CONFIG["model"]
+    config = {**REGRESS_CONFIG, **MODEL_CONFIGS.get(model, {})}
     for key, value in overrides.items():
         if value is not None:
             config[key] = tuple(value) if isinstance(value, (list, tuple)) else value
@@ -184,9 +209,27 @@ class Measurement:
 
     @property
     def prompts(self) -> list[str]:
-        from qvd_bench.prompts import select_prompts
+        return configuration_prompts(self.config)
 
-        return select_prompts(None, self.config["num_prompts"])
+
+def configuration_prompts(config: dict[str, Any]) -> list[str]:
+    """The ``num_prompts`` prompts of a configuration: the first built-in prompts, or
+    for "shapes-seen" captions spread evenly over the dataset's seen combinations (so
+    that colours, shapes and motions all occur)."""
+    from qvd_bench.prompts import select_prompts
+
+    count = config["num_prompts"]
+    if config.get("prompts") is None:
+        return select_prompts(None, count)
+    from qvd_bench.datasets.shapes import heldout_captions
+
+    captions = heldout_captions("seen")
+    if count < 1:
+        raise UserError(f"the number of prompts must be at least 1, got {count}")
+    # Evenly spaced (the captions run colour-major), shifted by one more each time so
+    # that shapes and motions vary as well.
+    stride = max(1, len(captions) // count)
+    return [captions[(i * stride + i) % len(captions)] for i in range(count)]
 
 
 @contextlib.contextmanager
@@ -264,12 +307,21 @@ def reference_stage(m: Measurement) -> list[Any]:
     dtype = m.rounding.reference_dtype
     loaded = _fp_model(m, dtype)
     with _threads(m.rounding.threads):
-        videos = [gen.generate(loaded, p, i, m.settings) for i, p in enumerate(m.prompts)]
+        # A pipeline's video keeps its denoiser calls: teacher forcing replays them.
+        videos = [
+            gen.generate(loaded, p, i, m.settings, keep_calls=loaded.pipeline is not None)
+            for i, p in enumerate(m.prompts)
+        ]
     if dtype is not None:
         target = getattr(torch, m.config["dtype"])
+        keep = ("timesteps", "x0_coefficients")
         videos = [
             gen.Generation.from_tensors(
-                {k: v if k == "timesteps" else v.to(target) for k, v in g.tensors().items()}
+                {
+                    k: v.to(target) if v.is_floating_point() and k not in keep else v
+                    for k, v in g.tensors().items()
+                },
+                g.metadata(),
             )
             for g in videos
         ]
