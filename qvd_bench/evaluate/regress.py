@@ -21,7 +21,8 @@ Figures (names ``kind/...``):
   of the HTDQ level sets) and ``scri_coverage`` (mean level coverage SCRI reached);
 - teacher-forced fidelity, per (method, bits): ``sqnr_tf`` (dB, from the energies over
   every step and prompt) and ``cosine_tf`` (mean over steps and prompts) of the
-  CFG-combined output in x0-space.
+  CFG-combined output in x0-space, and ``sqnr_tf_gain`` / ``cosine_tf_gain``: the same
+  minus the configuration's first method's (``paired_figures``).
 
 Tolerances come from measured spread: ``write_baseline`` measures the configuration
 once as stated and once under each of ``ROUNDING_CHANGES`` (changes that must not count
@@ -111,7 +112,19 @@ DISTINCT_MULTIPLE = 3.0
 FLOOR_REL = 1e-6
 FLOOR_ABS = 1e-9
 # Figure kinds compared across methods (the acceptance pairs of the README).
-METHOD_KINDS = ("sqnr_tf", "cosine_tf", "weight_sqnr", "tdscore", "scri_coverage")
+METHOD_KINDS = (
+    "sqnr_tf",
+    "cosine_tf",
+    "weight_sqnr",
+    "tdscore",
+    "scri_coverage",
+    "sqnr_tf_gain",
+    "cosine_tf_gain",
+)
+# Teacher-forced figures also compared pairwise with the configuration's first method
+# (``paired_figures``): another sampling seed moves every method's figure alike, so the
+# difference settles where the figures themselves do not.
+PAIRED_KINDS = {"sqnr_tf": "sqnr_tf_gain", "cosine_tf": "cosine_tf_gain"}
 
 
 @dataclass(frozen=True)
@@ -492,7 +505,24 @@ def measure(
     figures = statistics_figures(m.run_dir)
     reference_stage(m)
     figures.update(method_figures(m))
+    figures.update(paired_figures(figures, config))
     return figures, m
+
+
+def paired_figures(figures: dict[str, float], config: dict[str, Any]) -> dict[str, float]:
+    """``<kind>_gain/<method>/<bits>``: a teacher-forced figure (``PAIRED_KINDS``) of each
+    method minus that of the configuration's first method at the same bits, measured on
+    the same prompts, noise and reference."""
+    first = config["methods"][0]
+    out = {}
+    for kind, gain in PAIRED_KINDS.items():
+        for spec in config["bits"]:
+            base = figures.get(f"{kind}/{first}/{spec}")
+            for method in config["methods"][1:]:
+                value = figures.get(f"{kind}/{method}/{spec}")
+                if base is not None and value is not None:
+                    out[f"{gain}/{method}/{spec}"] = value - base
+    return out
 
 
 # --------------------------------------------------------------------------- files
@@ -802,7 +832,8 @@ def _measure_once(config: dict[str, Any], work_dir: Path, rounding: Rounding) ->
     if done.is_file():
         data = json.loads(done.read_text())
         if data.get("key") == json.loads(json.dumps(key)):
-            return {k: _from_json(v) for k, v in data["figures"].items()}
+            figures = {k: _from_json(v) for k, v in data["figures"].items()}
+            return {**figures, **paired_figures(figures, config)}
     figures, _ = measure(config, work_dir, rounding)
     store.write_json(done, {"key": key, "figures": {k: _to_json(v) for k, v in figures.items()}})
     return figures
