@@ -31,8 +31,9 @@ def add_parser(subparsers) -> None:
         "--new",
         metavar="MODEL",
         default=None,
-        help="write the first baseline of MODEL (the baseline configuration on it, "
-        "measured as stated and under each rounding change) to --baseline "
+        help="write the first baseline of MODEL (the baseline configuration on it, with "
+        "the prompts, latent size and CFG a trained model such as shapes-wan was trained "
+        "for, measured as stated and under each rounding change) to --baseline "
         "(default: stats/baselines/MODEL.json)",
     )
     parser.add_argument(

@@ -21,7 +21,8 @@ Figures (names ``kind/...``):
   of the HTDQ level sets) and ``scri_coverage`` (mean level coverage SCRI reached);
 - teacher-forced fidelity, per (method, bits): ``sqnr_tf`` (dB, from the energies over
   every step and prompt) and ``cosine_tf`` (mean over steps and prompts) of the
-  CFG-combined output in x0-space.
+  CFG-combined output in x0-space, and ``sqnr_tf_gain`` / ``cosine_tf_gain``: the same
+  minus the configuration's first method's (``paired_figures``).
 
 Tolerances come from measured spread: ``write_baseline`` measures the configuration
 once as stated and once under each of ``ROUNDING_CHANGES`` (changes that must not count
@@ -77,7 +78,27 @@ REGRESS_CONFIG: dict[str, Any] = {
     "methods": ("mse", "qvd", "qvd-htdq", "qvd-scri"),
     "bits": ("W8A8", "W4A4"),
     "dtype": "float32",
+    # None: the built-in prompts (``prompts.select_prompts``); "shapes-seen": captions of
+    # the shapes dataset (``PROMPT_SETS``).
+    "prompts": None,
 }
+# Per model, the settings its baseline configuration changes: a trained model is measured
+# where it was trained (its prompts, latent size, CFG scale and scheduler), with enough
+# prompts and steps that its fidelity figures settle.
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    "shapes-wan": {
+        "prompts": "shapes-seen",
+        "num_prompts": 12,
+        "frames": 8,
+        "height": 16,
+        "width": 16,
+        "steps": 10,
+        "guidance_scale": 3.0,
+        "scheduler": "flow-euler",
+    },
+}
+# Named prompt sources of a configuration's "prompts" setting.
+PROMPT_SETS = ("shapes-seen",)
 # Statistics collection settings of a measurement (the temporal grid every 10 timesteps,
 # 64 reservoir rows per layer: what ``evaluate`` collects with).
 TEMPORAL_STRIDE = 10
@@ -91,7 +112,19 @@ DISTINCT_MULTIPLE = 3.0
 FLOOR_REL = 1e-6
 FLOOR_ABS = 1e-9
 # Figure kinds compared across methods (the acceptance pairs of the README).
-METHOD_KINDS = ("sqnr_tf", "cosine_tf", "weight_sqnr", "tdscore", "scri_coverage")
+METHOD_KINDS = (
+    "sqnr_tf",
+    "cosine_tf",
+    "weight_sqnr",
+    "tdscore",
+    "scri_coverage",
+    "sqnr_tf_gain",
+    "cosine_tf_gain",
+)
+# Teacher-forced figures also compared pairwise with the configuration's first method
+# (``paired_figures``): another sampling seed moves every method's figure alike, so the
+# difference settles where the figures themselves do not.
+PAIRED_KINDS = {"sqnr_tf": "sqnr_tf_gain", "cosine_tf": "cosine_tf_gain"}
 
 
 @dataclass(frozen=True)
@@ -127,15 +160,20 @@ ROUNDING_CHANGES: dict[str, Rounding] = {
 
 
 def configuration(**overrides: Any) -> dict[str, Any]:
-    """``REGRESS_CONFIG`` with ``overrides`` (None keeps the default).
+    """``REGRESS_CONFIG`` with ``MODEL_CONFIGS`` of the model, then ``overrides`` (None
+    keeps the default).
 
     Raises:
-        UserError: an unknown setting.
+        UserError: an unknown setting or prompt set.
     """
     unknown = sorted(set(overrides) - set(REGRESS_CONFIG))
     if unknown:
         raise UserError(f"unknown regression settings: {', '.join(unknown)}")
-    config = dict(REGRESS_CONFIG)
+    prompt_set = overrides.get("prompts")
+    if prompt_set is not None and prompt_set not in PROMPT_SETS:
+        raise UserError(f"unknown prompt set {prompt_set!r}; known: {', '.join(PROMPT_SETS)}")
+    model = overrides.get("model") or REGRESS_CONFIG["model"]
+    config = {**REGRESS_CONFIG, **MODEL_CONFIGS.get(model, {})}
     for key, value in overrides.items():
         if value is not None:
             config[key] = tuple(value) if isinstance(value, (list, tuple)) else value
@@ -184,9 +222,27 @@ class Measurement:
 
     @property
     def prompts(self) -> list[str]:
-        from qvd_bench.prompts import select_prompts
+        return configuration_prompts(self.config)
 
-        return select_prompts(None, self.config["num_prompts"])
+
+def configuration_prompts(config: dict[str, Any]) -> list[str]:
+    """The ``num_prompts`` prompts of a configuration: the first built-in prompts, or
+    for "shapes-seen" captions spread evenly over the dataset's seen combinations (so
+    that colours, shapes and motions all occur)."""
+    from qvd_bench.prompts import select_prompts
+
+    count = config["num_prompts"]
+    if config.get("prompts") is None:
+        return select_prompts(None, count)
+    from qvd_bench.datasets.shapes import heldout_captions
+
+    captions = heldout_captions("seen")
+    if count < 1:
+        raise UserError(f"the number of prompts must be at least 1, got {count}")
+    # Evenly spaced (the captions run colour-major), shifted by one more each time so
+    # that shapes and motions vary as well.
+    stride = max(1, len(captions) // count)
+    return [captions[(i * stride + i) % len(captions)] for i in range(count)]
 
 
 @contextlib.contextmanager
@@ -264,12 +320,21 @@ def reference_stage(m: Measurement) -> list[Any]:
     dtype = m.rounding.reference_dtype
     loaded = _fp_model(m, dtype)
     with _threads(m.rounding.threads):
-        videos = [gen.generate(loaded, p, i, m.settings) for i, p in enumerate(m.prompts)]
+        # A pipeline's video keeps its denoiser calls: teacher forcing replays them.
+        videos = [
+            gen.generate(loaded, p, i, m.settings, keep_calls=loaded.pipeline is not None)
+            for i, p in enumerate(m.prompts)
+        ]
     if dtype is not None:
         target = getattr(torch, m.config["dtype"])
+        keep = ("timesteps", "x0_coefficients")
         videos = [
             gen.Generation.from_tensors(
-                {k: v if k == "timesteps" else v.to(target) for k, v in g.tensors().items()}
+                {
+                    k: v.to(target) if v.is_floating_point() and k not in keep else v
+                    for k, v in g.tensors().items()
+                },
+                g.metadata(),
             )
             for g in videos
         ]
@@ -440,7 +505,24 @@ def measure(
     figures = statistics_figures(m.run_dir)
     reference_stage(m)
     figures.update(method_figures(m))
+    figures.update(paired_figures(figures, config))
     return figures, m
+
+
+def paired_figures(figures: dict[str, float], config: dict[str, Any]) -> dict[str, float]:
+    """``<kind>_gain/<method>/<bits>``: a teacher-forced figure (``PAIRED_KINDS``) of each
+    method minus that of the configuration's first method at the same bits, measured on
+    the same prompts, noise and reference."""
+    first = config["methods"][0]
+    out = {}
+    for kind, gain in PAIRED_KINDS.items():
+        for spec in config["bits"]:
+            base = figures.get(f"{kind}/{first}/{spec}")
+            for method in config["methods"][1:]:
+                value = figures.get(f"{kind}/{method}/{spec}")
+                if base is not None and value is not None:
+                    out[f"{gain}/{method}/{spec}"] = value - base
+    return out
 
 
 # --------------------------------------------------------------------------- files
@@ -750,7 +832,8 @@ def _measure_once(config: dict[str, Any], work_dir: Path, rounding: Rounding) ->
     if done.is_file():
         data = json.loads(done.read_text())
         if data.get("key") == json.loads(json.dumps(key)):
-            return {k: _from_json(v) for k, v in data["figures"].items()}
+            figures = {k: _from_json(v) for k, v in data["figures"].items()}
+            return {**figures, **paired_figures(figures, config)}
     figures, _ = measure(config, work_dir, rounding)
     store.write_json(done, {"key": key, "figures": {k: _to_json(v) for k, v in figures.items()}})
     return figures

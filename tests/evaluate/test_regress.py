@@ -189,3 +189,18 @@ def test_separate_cfg_forwards_give_the_batched_values_up_to_rounding():
     for name in ("prediction", "latents"):
         a, b = getattr(separate, name), getattr(batched, name)
         assert float((a - b).norm() / b.norm()) < 1e-4
+
+
+def test_paired_figures_are_differences_to_the_first_method():
+    config = regress.configuration(methods=("mse", "qvd"), bits=("W8A8",))
+    figures = {
+        "sqnr_tf/mse/W8A8": 20.0,
+        "sqnr_tf/qvd/W8A8": 21.5,
+        "cosine_tf/mse/W8A8": 0.9,
+        "cosine_tf/qvd/W8A8": 0.95,
+    }
+    paired = regress.paired_figures(figures, config)
+    assert paired == pytest.approx({"sqnr_tf_gain/qvd/W8A8": 1.5, "cosine_tf_gain/qvd/W8A8": 0.05})
+    # A figure a method lacks gives no pair.
+    del figures["cosine_tf/qvd/W8A8"]
+    assert set(regress.paired_figures(figures, config)) == {"sqnr_tf_gain/qvd/W8A8"}
