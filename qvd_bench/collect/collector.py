@@ -198,6 +198,7 @@ def collect(
     stages.append(stage)
     for denoiser in loaded.experts.values():
         denoiser.eval()
+        loaded.family.check_latent_size(denoiser, config.frames, config.height, config.width)
     layers, infos = select_layers(loaded, config)
     tracker = CallTracker(loaded.experts).attach()
     edges = (

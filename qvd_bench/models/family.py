@@ -23,6 +23,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from qvd_bench.errors import UserError
+
 Layout = Literal["BCFHW", "BFCHW"]
 
 # The roles every leaf Linear/Conv gets exactly one of.
@@ -98,6 +100,24 @@ class Family:
         """
         config = denoiser.config
         return (getattr(config, "patch_size_t", None) or 1, config.patch_size, config.patch_size)
+
+    def check_latent_size(self, denoiser: nn.Module, frames: int, height: int, width: int):
+        """Refuses a latent that is not a whole number of patches (a DiT's patch
+        embedding would fail on it); denoisers without ``patch_size`` take any size.
+
+        Raises:
+            UserError: frames, height or width not a multiple of the patch.
+        """
+        if getattr(denoiser.config, "patch_size", None) is None:
+            return
+        patch = tuple(int(p) for p in self.probe_size(denoiser))
+        size = (frames, height, width)
+        if any(n % p for n, p in zip(size, patch)):
+            raise UserError(
+                "latent frames, height and width must be multiples of the patch "
+                f"{'x'.join(map(str, patch))} of {type(denoiser).__name__}, "
+                f"got {'x'.join(map(str, size))}"
+            )
 
     def text_embedding_shape(self, denoiser: nn.Module) -> tuple[int, int]:
         """(sequence length, dim) of the text (or image) states the denoiser attends to."""

@@ -241,6 +241,8 @@ def run_pipeline(
         )
     if not callable(pipeline):
         raise UserError(f"{type(pipeline).__name__} is not a diffusers pipeline: not callable")
+    for expert in loaded.experts.values():
+        loaded.family.check_latent_size(expert, frames, height, width)
     if len(prompts) != len(sample_ids):
         raise ValueError(f"{len(prompts)} prompts but {len(sample_ids)} sample ids")
     parameters = inspect.signature(pipeline.__call__).parameters

@@ -482,6 +482,7 @@ def sample_denoiser(
     """
     if steps < 1:
         raise UserError(f"steps must be >= 1, got {steps}")
+    loaded.family.check_latent_size(loaded.denoiser, frames, height, width)
     if loaded.multi_expert:
         # Each expert runs only its own timesteps, which the pipeline decides.
         raise UserError(

@@ -148,3 +148,20 @@ def test_collect_runs_its_pipeline_and_the_manifest_says_trained(tmp_path, capsy
     assert manifest["model"]["knobs"] == {}
     assert manifest["sampling"]["sampler"] == "pipeline"
     assert manifest["sampling"]["scheduler"]["config"]["shift"] == 3.0
+
+
+@pytest.mark.parametrize("size", [["--frames", "2"], ["--height", "15"]], ids=["frames", "height"])
+def test_a_latent_that_is_not_whole_patches_is_one_line_exit_2(size, tmp_path, capsys):
+    out = tmp_path / "stats"
+    args = ["collect", "--model", "shapes-wan", "--steps", "1", "--num-prompts", "1", *size]
+    assert cli.main([*args, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "multiples of the patch 4x2x2" in err, err
+    assert not out.exists()
+    # The library refuses it before sampling too.
+    loaded = load_model("shapes-wan")
+    with pytest.raises(UserError, match="multiples of the patch"):
+        run_pipeline(
+            loaded, ["a red disc moving left"], steps=1, guidance_scale=3.0, seed=0,
+            sample_ids=[0], frames=8, height=16, width=15,
+        )  # fmt: skip
