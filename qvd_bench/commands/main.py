@@ -129,7 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _quiet_libraries()
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command].run(args)
+        code = COMMANDS[args.command].run(args)
+        # Output to a pipe is block-buffered: a reader that has gone shows here, not in
+        # the interpreter's flush at exit (which could only print "Exception ignored").
+        sys.stdout.flush()
+        return code
     except UserError as error:
         print(f"qvd-bench: error: {with_flags(str(error))}", file=sys.stderr)
         return 2
