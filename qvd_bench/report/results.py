@@ -188,27 +188,13 @@ def headline_table(results: pd.DataFrame) -> pd.DataFrame:
         "SSIM final": ("ssim", "free-running"),
     }
     sel = results[(results["step"] == ALL_STEPS) & (results["branch"] == "cfg")]
-    order = {m: i for i, m in enumerate(dict.fromkeys(results["method"]))}
-    bit_order = {b: i for i, b in enumerate(dict.fromkeys(results["bits"]))}
-    out = []
-    for (method, bits), group in sel.groupby(["method", "bits"], sort=False):
-        row: dict[str, Any] = {
-            "method": method,
-            "bits": bits,
-            "seeds": group["weight_seed"].nunique(),
-        }
-        for label, (metric, mode) in figures.items():
-            values = group[(group["metric"] == metric) & (group["mode"] == mode)]["value"]
-            row[label] = _mean(values)
-            if row["seeds"] > 1:
-                row[f"{label} sd"] = _sd(values)
-        out.append(row)
-    frame = pd.DataFrame(out)
-    if frame.empty:
-        return frame
-    frame["_m"] = frame["method"].map(order)
-    frame["_b"] = frame["bits"].map(bit_order)
-    return frame.sort_values(["_b", "_m"]).drop(columns=["_m", "_b"]).reset_index(drop=True)
+    masks = {
+        label: lambda group, metric=metric, mode=mode: (
+            (group["metric"] == metric) & (group["mode"] == mode)
+        )
+        for label, (metric, mode) in figures.items()
+    }
+    return _per_configuration(sel, results, masks)
 
 
 # Labels of the ground-truth metrics (``evaluate.groundtruth``; the report reads them from
@@ -235,6 +221,21 @@ def groundtruth_table(results: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     metrics = [m for m in GROUNDTRUTH_LABELS if m in set(sel["metric"])]
     metrics += [m for m in dict.fromkeys(sel["metric"]) if m not in GROUNDTRUTH_LABELS]
+    masks = {
+        GROUNDTRUTH_LABELS.get(metric, metric): lambda group, metric=metric: (
+            group["metric"] == metric
+        )
+        for metric in metrics
+    }
+    return _per_configuration(sel, results, masks)
+
+
+def _per_configuration(
+    sel: pd.DataFrame, results: pd.DataFrame, masks: dict[str, Any]
+) -> pd.DataFrame:
+    """One row per (method, bits) of ``sel``: seeds, then per label the mean (and, with
+    several seeds, ``<label> sd``) of the values its mask picks from the group; ordered by
+    bits, then method, as they first appear in ``results``."""
     bit_order = {b: i for i, b in enumerate(dict.fromkeys(results["bits"]))}
     method_order = {m: i for i, m in enumerate(dict.fromkeys(results["method"]))}
     out = []
@@ -244,14 +245,15 @@ def groundtruth_table(results: pd.DataFrame) -> pd.DataFrame:
             "bits": bits,
             "seeds": group["weight_seed"].nunique(),
         }
-        for metric in metrics:
-            label = GROUNDTRUTH_LABELS.get(metric, metric)
-            values = group.loc[group["metric"] == metric, "value"]
+        for label, mask in masks.items():
+            values = group.loc[mask(group), "value"]
             row[label] = _mean(values)
             if row["seeds"] > 1:
                 row[f"{label} sd"] = _sd(values)
         out.append(row)
     frame = pd.DataFrame(out)
+    if frame.empty:
+        return frame
     frame["_b"] = frame["bits"].map(bit_order)
     frame["_m"] = frame["method"].map(method_order)
     return frame.sort_values(["_b", "_m"]).drop(columns=["_b", "_m"]).reset_index(drop=True)
