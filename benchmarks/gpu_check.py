@@ -8,7 +8,12 @@ phase of a full-size run costs there.
    relative error of the per-channel mean and of the per-channel standard deviation is at
    most 1e-2, and the SQNR of the device model's x0 predictions (CFG-combined, every
    step, teacher-forced on the float32 trajectory) against the float32 model's is at
-   least 30 dB (``agreement``, a pure function of the two runs' figures).
+   least 30 dB or, when the dtype's own rounding on the CPU cannot reach that, at least
+   that CPU figure less 3 dB (``agreement``, a pure function of the runs' figures). The
+   second bar exists because bfloat16 keeps 8 significant bits: on ``tiny-unet3d`` its
+   x0 is about 24 dB from float32 on the CPU itself, so a fixed 30 dB would fail every
+   correct bfloat16 device; what a device must not do is round worse than the dtype
+   does (3 dB: twice the CPU's error power).
 2. **Phases** at ``--size`` (full: ``modelscope-t2v-arch`` and a random DiT of Wan
    2.1-1.3B's size): collect ``--prompts`` x ``--steps``, analyze, quantize ``qvd`` at
    W8A8 and W4A8 and measure each one's fidelity against the FP model; wall time and peak
@@ -77,6 +82,8 @@ AGREEMENT_MODELS = (("tiny-unet3d", (4, 8, 8)), ("tiny-wan", (2, 8, 8)))
 AGREEMENT_STEPS = 4
 MAX_MEDIAN_RELATIVE_ERROR = 1e-2
 MIN_X0_SQNR_DB = 30.0
+# How far below the dtype's own CPU rounding a device's x0 SQNR may fall.
+DTYPE_FLOOR_MARGIN_DB = 3.0
 BITS = ("W8A8", "W4A8")
 PROMPTS = ("a red fox running through snow", "a sailing boat on a calm sea at sunset")
 
@@ -106,12 +113,14 @@ class Agreement:
         std_error: median over channels of |std_dev − std_cpu| / std_cpu (a channel
             constant in both runs: 0).
         x0_sqnr_db: SQNR of the device model's x0 predictions against the CPU model's.
+        min_sqnr_db: the x0 SQNR it had to reach.
         failures: one line per criterion missed; empty when it passes.
     """
 
     mean_error: float
     std_error: float
     x0_sqnr_db: float
+    min_sqnr_db: float
     failures: tuple[str, ...]
 
     @property
@@ -146,6 +155,8 @@ def agreement(
     *,
     max_error: float = MAX_MEDIAN_RELATIVE_ERROR,
     min_sqnr_db: float = MIN_X0_SQNR_DB,
+    dtype_floor_db: float | None = None,
+    margin_db: float = DTYPE_FLOOR_MARGIN_DB,
 ) -> Agreement:
     """Whether a run (``test``) agrees with the float32 CPU run (``reference``).
 
@@ -154,6 +165,9 @@ def agreement(
         x0_sqnr_db: SQNR (dB) of the test model's x0 predictions against the reference's.
         max_error: the largest median relative error of the means and of the stds.
         min_sqnr_db: the smallest x0 SQNR.
+        dtype_floor_db: the x0 SQNR of the test dtype on the CPU against float32, when
+            known; the bar is then min(min_sqnr_db, dtype_floor_db − margin_db).
+        margin_db: how far below ``dtype_floor_db`` the test run may fall.
 
     Returns:
         The errors and the criteria missed (keys present in one run only miss one).
@@ -177,9 +191,13 @@ def agreement(
         failures.append(f"per-channel mean: median relative error {mean_error:.2e} > {max_error:g}")
     if not std_error <= max_error:
         failures.append(f"per-channel std: median relative error {std_error:.2e} > {max_error:g}")
-    if not x0_sqnr_db >= min_sqnr_db:
-        failures.append(f"FP x0 SQNR {x0_sqnr_db:.1f} dB < {min_sqnr_db:g} dB")
-    return Agreement(mean_error, std_error, float(x0_sqnr_db), tuple(failures))
+    bar = min_sqnr_db
+    if dtype_floor_db is not None and dtype_floor_db - margin_db < bar:
+        bar = dtype_floor_db - margin_db
+    if not x0_sqnr_db >= bar:
+        why = "" if bar == min_sqnr_db else f" (the dtype's CPU rounding less {margin_db:g} dB)"
+        failures.append(f"FP x0 SQNR {x0_sqnr_db:.1f} dB < {bar:.1f} dB{why}")
+    return Agreement(mean_error, std_error, float(x0_sqnr_db), float(bar), tuple(failures))
 
 
 # ----------------------------------------------------------------------------- running
@@ -222,7 +240,9 @@ def check_agreement(
     """Collects ``model`` small on the CPU in float32 and on ``device`` in ``dtype``.
 
     Returns:
-        The ``agreement`` (``thresholds``: its keywords) and the x0 SQNR of each step.
+        The ``agreement`` (``thresholds``: its keywords; its dtype floor is the x0 SQNR
+        of ``dtype`` on the CPU, from the same weights and trajectory) and the x0 SQNR of
+        each step.
     """
     runs = {}
     for name, (where, kind) in {"cpu": ("cpu", "float32"), "test": (device, dtype)}.items():
@@ -241,10 +261,16 @@ def check_agreement(
     texts = PROMPTS[:prompts]
     ref_x0, teacher = x0_predictions(reference, settings, texts)
     test_x0, _ = x0_predictions(test, settings, texts, teacher=teacher)
+    if torch.device(device).type == "cpu":
+        floor_x0 = test_x0
+    else:
+        same_dtype = zoo.load_run_model(runs["cpu"], device="cpu", dtype=dtype)
+        floor_x0, _ = x0_predictions(same_dtype, settings, texts, teacher=teacher)
     result = agreement(
         channel_mean_std(runs["cpu"].channels),
         channel_mean_std(runs["test"].channels),
         float(fidelity.sqnr(ref_x0, test_x0)),
+        dtype_floor_db=float(fidelity.sqnr(ref_x0, floor_x0.to(ref_x0.device))),
         **thresholds,
     )
     return result, [float(fidelity.sqnr(r, t)) for r, t in zip(ref_x0, test_x0)]
@@ -333,7 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--min-sqnr-db",
         type=float,
         default=MIN_X0_SQNR_DB,
-        help="smallest FP x0 SQNR against float32 (default: 30)",
+        help="smallest FP x0 SQNR against float32, lowered to the dtype's own CPU "
+        "figure less 3 dB where that is below it (default: 30)",
     )
     args = parser.parse_args(argv)
     check_device(args.device, args.dtype)
@@ -349,8 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps = ", ".join(f"{value:.1f}" for value in per_step)
         print(
             f"  {model}: mean error {result.mean_error:.2e}, std error {result.std_error:.2e}, "
-            f"x0 SQNR {result.x0_sqnr_db:.1f} dB (by step: {steps}): "
-            + ("pass" if result.passed else "FAIL"),
+            f"x0 SQNR {result.x0_sqnr_db:.1f} dB (by step: {steps}; bar "
+            f"{result.min_sqnr_db:.1f} dB): " + ("pass" if result.passed else "FAIL"),
             flush=True,
         )
         for failure in result.failures:

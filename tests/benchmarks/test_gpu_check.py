@@ -70,7 +70,7 @@ def test_identical_runs_pass(gpu_check):
     [
         ({"mean_shift": 0.05}, "per-channel mean"),
         ({"std_scale": 0.9}, "per-channel std"),
-        ({"sqnr": 25.0}, "FP x0 SQNR 25.0 dB < 30 dB"),
+        ({"sqnr": 25.0}, "FP x0 SQNR 25.0 dB < 30.0 dB"),
         ({"drop": 3}, "different statistics keys"),
     ],
 )
@@ -88,6 +88,32 @@ def test_deliberately_wrong_runs_fail(gpu_check, wrong, failure):
     result = gpu_check.agreement(reference, test, x0_sqnr_db=wrong.get("sqnr", 45.0))
     assert not result.passed
     assert any(failure in line for line in result.failures), result.failures
+
+
+@pytest.mark.parametrize(
+    "x0_sqnr_db, floor_db, bar_db, passed",
+    [
+        (22.0, 24.5, 21.5, True),  # bfloat16-like: within 3 dB of the dtype's CPU rounding
+        (20.0, 24.5, 21.5, False),  # rounds worse than the dtype does on the CPU
+        (31.0, 45.0, 30.0, True),  # a dtype that reaches 30 dB keeps the fixed bar
+        (29.0, 45.0, 30.0, False),
+        (29.0, None, 30.0, False),  # no floor known: the fixed bar
+    ],
+)
+def test_the_sqnr_bar_is_lowered_only_to_the_dtypes_own_rounding(
+    gpu_check, x0_sqnr_db, floor_db, bar_db, passed
+):
+    reference = _frame(np.linspace(-1, 1, 50), np.linspace(0.5, 2, 50))
+    result = gpu_check.agreement(
+        reference, reference.copy(), x0_sqnr_db=x0_sqnr_db, dtype_floor_db=floor_db
+    )
+    assert result.min_sqnr_db == pytest.approx(bar_db)
+    assert result.passed is passed
+    if not passed:
+        assert result.failures == (
+            f"FP x0 SQNR {x0_sqnr_db:.1f} dB < {bar_db:.1f} dB"
+            + (" (the dtype's CPU rounding less 3 dB)" if bar_db < 30 else ""),
+        )
 
 
 def test_a_collected_run_with_perturbed_statistics_fails(gpu_check, tmp_path):
