@@ -512,3 +512,10 @@ def _call_counter(denoisers: Sequence[nn.Module], callback: Callable[[], Any]) -
     finally:
         for handle in handles:
             handle.remove()
+
+
+def pixel_size(pipeline: Any, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """(frames, height, width) in pixels of a latent size, by the pipeline's VAE
+    compression factors (as ``run_pipeline`` calls the pipeline)."""
+    spatial, temporal = _compression(pipeline)
+    return (frames - 1) * temporal + 1, height * spatial, width * spatial
