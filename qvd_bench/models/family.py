@@ -15,7 +15,7 @@ inside ``forward``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from qvd_bench.errors import UserError
+from qvd_bench.store import split_layer_name  # noqa: F401  (models and collect import it here)
 
 Layout = Literal["BCFHW", "BFCHW"]
 
@@ -288,14 +289,6 @@ class LoadedModel:
 def expert_layer_name(expert: str, name: str) -> str:
     """The layer name of ``name`` inside ``expert`` ("" for a single denoiser)."""
     return f"{expert}.{name}" if expert else name
-
-
-def split_layer_name(name: str, experts: Iterable[str]) -> tuple[str, str]:
-    """(expert, name inside it) of a layer name; ("", name) for a single denoiser."""
-    head, _, rest = name.partition(".")
-    if rest and head in experts and head:
-        return head, rest
-    return "", name
 
 
 def call_default(pipeline: Any, name: str, family_defaults: Mapping[str, Any]) -> Any:

@@ -374,11 +374,12 @@ def call_arguments(
 
 
 def _pipeline_denoiser(pipeline: Any) -> nn.Module:
-    for name in ("transformer", "unet"):
-        module = getattr(pipeline, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise UserError(f"pipeline {type(pipeline).__name__} has neither a unet nor a transformer")
+    """The pipeline's first denoiser that is not None (a Wan 2.2 pipeline may hold
+    ``transformer_2`` alone)."""
+    denoisers = pipeline_denoisers(pipeline)
+    if not denoisers:
+        raise UserError(f"pipeline {type(pipeline).__name__} has neither a unet nor a transformer")
+    return next(iter(denoisers.values()))
 
 
 def _check_tracked(pipeline: Any, tracker: CallTracker) -> None:
