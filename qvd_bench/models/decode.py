@@ -46,8 +46,11 @@ def decode_frames(
     vae = pipeline_vae(loaded)
     if vae is None:
         raise ValueError(f"the pipeline of {loaded.name} has no VAE to decode with")
-    # The dtype stays: each family casts where its pipeline does.
-    latents = latents.to(next(vae.parameters()).device)
+    from diffusers.utils.torch_utils import get_module_execution_device
+
+    # Where the VAE runs (its hook's device under CPU offload); the dtype stays: each
+    # family casts where its pipeline does.
+    latents = latents.to(get_module_execution_device(vae))
     video = loaded.family.decode_video(
         pipeline, latents, *pixel_size(pipeline, frames, height, width)
     )

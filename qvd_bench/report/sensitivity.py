@@ -57,9 +57,10 @@ def sensitivity_figure(table: pd.DataFrame, top: int = 20):
         colour = [colours.get(e, BAR_COLOUR) for e in part.get("expert", [""] * len(part))]
         ax.barh(labels[::-1], part["sqnr_db"].to_numpy()[::-1], color=colour[::-1])
         if kind == "layer" and experts:  # one colour per expert, its name in the legend
-            for expert in experts:
-                ax.barh([], [], color=colours[expert], label=expert)
-            ax.legend(title="expert", fontsize=7, loc="lower right")
+            from matplotlib.patches import Patch
+
+            handles = [Patch(color=colours[e], label=e) for e in experts]
+            ax.legend(handles=handles, title="expert", fontsize=7, loc="best")
         # Two short lines: one long line is cut at the figure's edge.
         ax.set_xlabel("SQNR, only this unit quantized (dB)\nlower = more sensitive")
         ax.set_title(f"most sensitive {kind}s")

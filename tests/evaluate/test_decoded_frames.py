@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from qvd_bench.commands.evaluate import write_report
 from qvd_bench.evaluate import generate as gen
 from qvd_bench.evaluate.config import EvalConfig
 from qvd_bench.evaluate.fvd import to_uint8_videos
@@ -147,6 +148,11 @@ def test_evaluate_scores_decoded_frames_of_a_saved_pipeline(tmp_path):
     assert result.frames == DECODED_BY_VAE
     recorded = json.loads((result.results_dir / SETTINGS_FILE).read_text())
     assert recorded["frames"] == {"decoded_by": DECODED_BY_VAE}
+    index = write_report(result, config, tmp_path / "out", "ltx")
+    assert (
+        "PSNR / SSIM compare the frames decoded by the pipeline's own VAE"
+        in (index.parent / "report.md").read_text()
+    )
     results = result.results
     final = results[
         (results["mode"] == "free-running") & (results["metric"].isin(["psnr", "ssim"]))
