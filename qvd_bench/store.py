@@ -498,6 +498,18 @@ def load_checkpoint(
 # ----------------------------------------------------------------------------- loading
 
 
+def split_layer_name(name: str, experts: Iterable[str]) -> tuple[str, str]:
+    """(expert, name inside it) of a layer name; ("", name) for a single denoiser.
+
+    With several denoisers (Wan 2.2's ``transformer`` and ``transformer_2``) a layer's
+    name starts with its expert's pipeline attribute: ``transformer_2.blocks.0.attn1.to_q``.
+    """
+    head, _, rest = name.partition(".")
+    if rest and head in experts and head:
+        return head, rest
+    return "", name
+
+
 class StatsRun:
     """A stored statistics run, loaded lazily and checked on the way in.
 
@@ -556,6 +568,12 @@ class StatsRun:
     def roles(self) -> dict[str, str]:
         """Hooked layer name -> role."""
         return {layer["name"]: layer["role"] for layer in self.manifest["layers"]}
+
+    @property
+    def experts(self) -> list[str]:
+        """The experts of a multi-expert model (``["transformer", "transformer_2"]``),
+        whose names prefix their layers' (``split_layer_name``); empty for one denoiser."""
+        return list((self.manifest.get("model") or {}).get("experts") or {})
 
     @cached_property
     def histogram_edges(self):

@@ -167,6 +167,8 @@ def print_summary(result, out: Path, name: str, report_dir=None) -> None:
         print(f"note: {with_flags(notice)}")
     if result.sampler:
         print(f"sampler: {result.sampler}")
+    if result.frames:
+        print(f"frames (PSNR, SSIM, FVD, FID, CLIPSIM): {result.frames}")
     print(format_table(headline_table(result.results)))
     for weight_seed, values in result.fp_against_float32.items():
         shown = ", ".join(f"{metric} {value:.4g}" for metric, value in values.items())

@@ -16,6 +16,7 @@ from qvd_bench.evaluate.generate import (
     sampler_name,
     scheduler_for,
 )
+from qvd_bench.evaluate.latents import video_frames
 from qvd_bench.evaluate.metrics import FIDELITY_METRICS
 from qvd_bench.evaluate.results import free_running_rows, results_frame, teacher_forced_rows
 from qvd_bench.models.family import LoadedModel
@@ -38,7 +39,9 @@ def fidelity(
 ) -> pd.DataFrame:
     """Fidelity of a quantized model against its full-precision self, as ``evaluate``
     measures it: teacher-forced SQNR and cosine of the x0-space predictions per step and
-    branch, and the free-running final latents' SQNR, cosine, PSNR and SSIM.
+    branch, the free-running final latents' SQNR and cosine, and the PSNR and SSIM of the
+    videos' frames: decoded by the pipeline's own VAE where it has one, else the latents
+    mapped to [0, 1] (``evaluate.latents``).
 
     The FP reference is the same model with the record taken back (``unquantize_``),
     sampled, and the record applied again (``apply_record``): the model is left quantized
@@ -55,7 +58,9 @@ def fidelity(
 
     Returns:
         The rows of ``results.parquet`` (``evaluate.results``) for this one configuration;
-        its ``sampler`` attribute (``frame.attrs``) says which sampler ran.
+        its ``sampler`` attribute (``frame.attrs``) says which sampler ran, its
+        ``frames`` attribute what PSNR and SSIM compare ("pipeline VAE" or "latents
+        mapped to [0, 1]").
 
     Raises:
         UserError: no prompts, bad settings, or a model not quantized (with this record).
@@ -101,7 +106,8 @@ def fidelity(
     free = [pair[0] for pair in pairs]
     forced = [pair[1] for pair in pairs]
     rows = teacher_forced_rows(reference, forced, scheduler_for(loaded, settings))
-    rows += free_running_rows(reference, free, loaded.family.layout)
+    frames = video_frames(loaded, settings, reference)
+    rows += free_running_rows(reference, free, loaded.family.layout, frames)
     ident = {
         "model": loaded.name,
         "weight_seed": loaded.weight_seed,
@@ -111,4 +117,5 @@ def fidelity(
     }
     frame = results_frame([{**ident, **row} for row in rows], FIDELITY_METRICS)
     frame.attrs["sampler"] = sampler_name(loaded)
+    frame.attrs["frames"] = frames.decoded_by
     return frame

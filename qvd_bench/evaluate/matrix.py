@@ -53,7 +53,7 @@ from qvd_bench.evaluate import generate as gen
 from qvd_bench.evaluate.calibration import ensure_stats
 from qvd_bench.evaluate.config import EvalConfig, split_bits_spec
 from qvd_bench.evaluate.generate import GenerationCache
-from qvd_bench.evaluate.latents import concat, latent_range, to_uint8_videos
+from qvd_bench.evaluate.latents import concat, video_frames
 from qvd_bench.evaluate.metrics import check_protocols, groundtruth_rows, load_weight_metrics
 from qvd_bench.evaluate.reference import load_real_videos, real_reference
 from qvd_bench.evaluate.results import (
@@ -103,6 +103,10 @@ class EvalResult:
             float32.
         sampler: which sampler made the videos ("pipeline: WanPipeline" or
             "minimal sampler", ``generate.sampler_name``).
+        frames: what free-running PSNR / SSIM and the network metrics see: "pipeline VAE"
+            (the final latents decoded as the pipeline decodes them) or "latents mapped
+            to [0, 1]" (no VAE; ``latents.VideoFrames``). ``settings.json`` records it
+            as ``frames.decoded_by``.
     """
 
     results_dir: Path
@@ -114,6 +118,7 @@ class EvalResult:
     cached: int = 0
     fp_against_float32: dict[int, dict[str, float]] = field(default_factory=dict)
     sampler: str = ""
+    frames: str = ""
 
 
 def evaluate(
@@ -188,6 +193,7 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
     changes: list[dict[str, Any]] = []  # transforms.parquet's rows
     requantized: set[tuple] = set()  # (weight_seed, method, bits) quantized by this run
     at = ""  # what is being made, for the message of an interruption
+    decoded_by = ""  # what the decoded metrics see (``latents.VideoFrames.decoded_by``)
     against_float32: dict[int, dict[str, float]] = {}
     try:
         for weight_seed in config.weight_seeds:
@@ -225,12 +231,14 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
                         for row in free_running_rows(float32_reference, reference, layout)
                     }
             if shard.main:
-                value_range = latent_range(reference)
-                ref_uint8 = (
-                    real_videos
-                    if real_videos is not None
-                    else to_uint8_videos(concat(reference, "latents"), layout, value_range)
-                )
+                # Decoded by the pipeline's VAE where it has one, else latents as frames.
+                frames = video_frames(fp_model, settings, reference)
+                decoded_by = frames.decoded_by
+                ref_uint8 = None
+                if weight_metrics:
+                    ref_uint8 = (
+                        real_videos if real_videos is not None else frames.uint8_videos(reference)
+                    )
             stats_context = {"stats": run.manifest["config"], "settings": settings.to_dict()}
             plans: dict[str, Any] = {}
             for bits in config.bits:
@@ -270,13 +278,13 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
                     if not shard.main:
                         continue
                     measured = teacher_forced_rows(reference, forced, scheduler)
-                    measured += free_running_rows(reference, free, layout)
+                    measured += free_running_rows(reference, free, layout, frames)
                     if "groundtruth" in config.metrics:
                         measured += groundtruth_rows(
                             concat(free, "latents"), layout, config.prompts
                         )
                     if weight_metrics:
-                        test = to_uint8_videos(concat(free, "latents"), layout, value_range)
+                        test = frames.uint8_videos(free)
                         for metric in weight_metrics:
                             measured += [
                                 {**row, "reference": reference_id}
@@ -315,6 +323,7 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
             "reference": {"id": reference_id, **reference_record},
             "sampler": sampler,
             "sampling": sampling,
+            "frames": {"decoded_by": decoded_by},
             "processes": shard.world,
             "notices": notices,
             "fp_against_float32": {str(k): v for k, v in against_float32.items()},
@@ -330,6 +339,7 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
         cached,
         against_float32,
         sampler,
+        decoded_by,
     )
 
 

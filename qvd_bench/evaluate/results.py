@@ -9,9 +9,11 @@ rows:
   the mean over steps and videos), for branch "cfg" (the combined output the sampler
   uses), "uncond" and "cond"; protocol ``fidelity/x0``;
 - mode "free-running", step -1: SQNR and cosine of the final latents (protocol
-  ``fidelity/latents``), PSNR and SSIM of the final latents mapped to [0, 1] by the FP
-  reference's min and max over all its videos (data range 1; protocol
-  ``fidelity/latents-minmax``): bare denoisers have no VAE to decode frames with.
+  ``fidelity/latents``), PSNR and SSIM of the videos' frames (data range 1,
+  ``latents.VideoFrames``): decoded by the pipeline's own VAE where the model's pipeline
+  has one (protocol ``fidelity/frames-pipeline-vae``), else the final latents mapped to
+  [0, 1] by the FP reference's min and max over all its videos (protocol
+  ``fidelity/latents-minmax``: a bare denoiser, or a pipeline without a VAE).
 
 Identical tensors give SQNR = PSNR = +inf (the fp method): kept as inf, not capped.
 Frechet metrics (mode "distribution") carry the protocol id with the detector's SHA-256
@@ -30,7 +32,7 @@ import torch
 
 from qvd_bench.evaluate import fidelity
 from qvd_bench.evaluate.generate import Generation
-from qvd_bench.evaluate.latents import concat, latent_frames, latent_range, latents_to_unit
+from qvd_bench.evaluate.latents import VideoFrames, concat, latent_video_frames
 
 RESULTS_FILE = "results.parquet"
 TIMINGS_FILE = "timings.parquet"
@@ -97,28 +99,65 @@ def _sqnr_cosine(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float
 
 
 def free_running_rows(
-    reference: Sequence[Generation], free: Sequence[Generation], layout: str
+    reference: Sequence[Generation],
+    free: Sequence[Generation],
+    layout: str,
+    frames: VideoFrames | None = None,
 ) -> list[dict[str, Any]]:
-    """SQNR and cosine of the final latents; PSNR and SSIM of them mapped to [0, 1]."""
+    """SQNR and cosine of the final latents; PSNR and SSIM of the videos' frames.
+
+    Args:
+        reference: the FP free-running generations, one per prompt.
+        free: the quantized model's free-running generations, same order.
+        layout: the family's latent layout.
+        frames: how latents become frames (``latents.video_frames``); None: the latents
+            mapped to [0, 1] by the reference's range.
+
+    Returns:
+        Row dicts (metric, mode, branch, step, protocol, value, n).
+    """
     n = len(reference)
     ref, test = concat(reference, "latents"), concat(free, "latents")
     rows = [
         result_row(m, "free-running", "cfg", ALL_STEPS, "fidelity/latents", v, n)
         for m, v in _sqnr_cosine(ref, test).items()
     ]
-    value_range = latent_range(reference)
-    ref_frames = latent_frames(latents_to_unit(ref, value_range), layout)
-    test_frames = latent_frames(latents_to_unit(test, value_range), layout)
-    psnr = float(fidelity.psnr(ref_frames, test_frames, data_range=1.0))
-    rows.append(
-        result_row("psnr", "free-running", "cfg", ALL_STEPS, "fidelity/latents-minmax", psnr, n)
-    )
-    if min(ref_frames.shape[-2:]) >= 11:
-        ssim = float(fidelity.ssim(ref_frames, test_frames, data_range=1.0))
-        rows.append(
-            result_row("ssim", "free-running", "cfg", ALL_STEPS, "fidelity/latents-minmax", ssim, n)
-        )
+    frames = frames if frames is not None else latent_video_frames(reference, layout)
+    if frames.decoded:
+        psnr, ssim = _decoded_psnr_ssim(reference, free, frames)
+    else:
+        ref_frames, test_frames = frames.frames(ref), frames.frames(test)
+        psnr = float(fidelity.psnr(ref_frames, test_frames, data_range=1.0))
+        ssim = None
+        if min(ref_frames.shape[-2:]) >= SSIM_WINDOW:
+            ssim = float(fidelity.ssim(ref_frames, test_frames, data_range=1.0))
+    rows.append(result_row("psnr", "free-running", "cfg", ALL_STEPS, frames.protocol, psnr, n))
+    if ssim is not None:
+        rows.append(result_row("ssim", "free-running", "cfg", ALL_STEPS, frames.protocol, ssim, n))
     return rows
+
+
+# SSIM's Gaussian window: frames smaller than it have no SSIM.
+SSIM_WINDOW = 11
+
+
+def _decoded_psnr_ssim(
+    reference: Sequence[Generation], free: Sequence[Generation], frames: VideoFrames
+) -> tuple[float, float | None]:
+    """PSNR and SSIM over all videos, decoding one pair of videos at a time.
+
+    The same aggregates as over all frames at once: PSNR from the mean squared error over
+    every value (the videos have one size), SSIM the mean over every frame.
+    """
+    errors, ssims = [], []
+    for ref, test in zip(reference, free):
+        ref_frames, test_frames = frames.frames(ref.latents), frames.frames(test.latents)
+        difference = ref_frames.to(torch.float64) - test_frames.to(torch.float64)
+        errors.append(difference.square().mean())
+        if min(ref_frames.shape[-2:]) >= SSIM_WINDOW:
+            ssims.append(fidelity.ssim(ref_frames, test_frames, per_sample=True).flatten())
+    psnr = float(10.0 * torch.log10(1.0 / torch.stack(errors).mean()))
+    return psnr, (float(torch.cat(ssims).mean()) if ssims else None)
 
 
 def result_row(metric, mode, branch, step, protocol, value, n) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate import fidelity
 from qvd_bench.evaluate.generate import Generation, GenerationSettings, generate, scheduler_for
-from qvd_bench.models.family import LoadedModel
+from qvd_bench.models.family import LoadedModel, split_layer_name
 from qvd_bench.numerics.grid import check_bits
 from qvd_bench.quant.apply import quantize_
 from qvd_bench.quant.config import QuantConfig
@@ -216,7 +216,9 @@ def sensitivity(
 
     Returns:
         One row per unit (``SENSITIVITY_COLUMNS``) plus one ``kind="model"`` row with every
-        layer quantized; ``rank`` 1 is the most sensitive unit of its kind.
+        layer quantized; ``rank`` 1 is the most sensitive unit of its kind. With several
+        experts (``loaded.multi_expert``) an ``expert`` column after ``unit`` names each
+        layer's expert ("" for roles and the model, which span them all).
     """
     for unit in by:
         if unit not in UNITS:
@@ -253,7 +255,18 @@ def sensitivity(
         bar.close()
     frame = pd.DataFrame(rows, columns=SENSITIVITY_COLUMNS)
     frame["rank"] = frame.groupby("kind")["noise"].rank(ascending=False, method="first").astype(int)
+    if loaded.multi_expert:
+        # Which expert a layer unit is in, so that reports show the experts side by side
+        # (roles and the whole model span every expert: "").
+        frame.insert(
+            1, "expert", [_unit_expert(u, k, loaded) for u, k in zip(frame["unit"], frame["kind"])]
+        )
     return frame.sort_values(["kind", "rank"], kind="stable").reset_index(drop=True)
+
+
+def _unit_expert(unit: str, kind: str, loaded: LoadedModel) -> str:
+    """The expert of a layer unit of a multi-expert model; "" for the other units."""
+    return split_layer_name(unit, loaded.experts)[0] if kind == "layer" else ""
 
 
 def _row(unit, kind, role, layers, config, sqnr_db, w_bits=None, a_bits=None) -> dict:

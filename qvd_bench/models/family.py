@@ -15,7 +15,7 @@ inside ``forward``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from qvd_bench.errors import UserError
+from qvd_bench.store import split_layer_name  # noqa: F401  (models and collect import it here)
 
 Layout = Literal["BCFHW", "BFCHW"]
 
@@ -150,6 +151,45 @@ class Family:
         """
         return latents
 
+    def decode_video(
+        self, pipeline: Any, latents: torch.Tensor, frames: int, height: int, width: int
+    ) -> torch.Tensor:
+        """The final latents decoded by the pipeline's VAE, as the pipeline's call decodes
+        them before its ``video_processor`` (``models.decode.decode_frames``).
+
+        By default the pipeline's own ``decode_latents`` (TextToVideoSD, AnimateDiff, SVD,
+        I2VGenXL, Latte, CogVideoX), given the frame count and ``decode_chunk_size`` as
+        its call gives them (the call's default, or the family's
+        ``pipeline_call_defaults``; None means all frames at once, SVD's rule). Families
+        whose pipelines decode inline (un-normalising the latents first) override this.
+
+        Args:
+            pipeline: the diffusers pipeline, with a ``vae``.
+            latents: final latents as ``pipeline_latents`` returns them (family layout,
+                on the VAE's device).
+            frames, height, width: the pixel sizes the pipeline was called with.
+
+        Returns:
+            The VAE's video, (B, C, T, H, W) in about [-1, 1].
+        """
+        import inspect
+
+        decode = getattr(pipeline, "decode_latents", None)
+        if decode is None:
+            raise UserError(
+                f"{type(pipeline).__name__} has no decode_latents and family {self.name!r} "
+                "does not say how its pipelines decode latents"
+            )
+        arguments: dict[str, Any] = {}
+        parameters = inspect.signature(decode).parameters
+        for name in ("num_frames", "video_length"):
+            if name in parameters:
+                arguments[name] = frames
+        if "decode_chunk_size" in parameters:
+            chunk = call_default(pipeline, "decode_chunk_size", self.pipeline_call_defaults)
+            arguments["decode_chunk_size"] = frames if chunk is None else chunk
+        return decode(latents.to(pipeline.vae.dtype), **arguments)
+
     def forward(
         self,
         denoiser: nn.Module,
@@ -251,9 +291,15 @@ def expert_layer_name(expert: str, name: str) -> str:
     return f"{expert}.{name}" if expert else name
 
 
-def split_layer_name(name: str, experts: Iterable[str]) -> tuple[str, str]:
-    """(expert, name inside it) of a layer name; ("", name) for a single denoiser."""
-    head, _, rest = name.partition(".")
-    if rest and head in experts and head:
-        return head, rest
-    return "", name
+def call_default(pipeline: Any, name: str, family_defaults: Mapping[str, Any]) -> Any:
+    """The value of argument ``name`` in a pipeline call that does not give it: the
+    family's ``pipeline_call_defaults``, else the default of the pipeline's ``__call__``
+    (None when it has neither)."""
+    import inspect
+
+    if name in family_defaults:
+        return family_defaults[name]
+    parameter = inspect.signature(pipeline.__call__).parameters.get(name)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return parameter.default

@@ -374,11 +374,12 @@ def call_arguments(
 
 
 def _pipeline_denoiser(pipeline: Any) -> nn.Module:
-    for name in ("transformer", "unet"):
-        module = getattr(pipeline, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise UserError(f"pipeline {type(pipeline).__name__} has neither a unet nor a transformer")
+    """The pipeline's first denoiser that is not None (a Wan 2.2 pipeline may hold
+    ``transformer_2`` alone)."""
+    denoisers = pipeline_denoisers(pipeline)
+    if not denoisers:
+        raise UserError(f"pipeline {type(pipeline).__name__} has neither a unet nor a transformer")
+    return next(iter(denoisers.values()))
 
 
 def _check_tracked(pipeline: Any, tracker: CallTracker) -> None:
@@ -512,3 +513,10 @@ def _call_counter(denoisers: Sequence[nn.Module], callback: Callable[[], Any]) -
     finally:
         for handle in handles:
             handle.remove()
+
+
+def pixel_size(pipeline: Any, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """(frames, height, width) in pixels of a latent size, by the pipeline's VAE
+    compression factors (as ``run_pipeline`` calls the pipeline)."""
+    spatial, temporal = _compression(pipeline)
+    return (frames - 1) * temporal + 1, height * spatial, width * spatial

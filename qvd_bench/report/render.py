@@ -35,7 +35,7 @@ import io
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -49,7 +49,7 @@ from qvd_bench.analysis.summary import PLAN_FILE, role_summary, stored_layer_sum
 from qvd_bench.errors import UserError
 from qvd_bench.report import cost
 from qvd_bench.report import figures as F
-from qvd_bench.store import StatsRun, replace_directory, umask_mode
+from qvd_bench.store import StatsRun, replace_directory, split_layer_name, umask_mode
 
 COVERAGE_BITS = (8, 4)
 FIGURE_DPI = 100
@@ -256,6 +256,47 @@ def role_table(layer_table: pd.DataFrame) -> pd.DataFrame:
     return roles[[c for c in names if c in roles]].rename(columns=names)
 
 
+def experts_side_by_side(parts: Mapping[str, pd.DataFrame], key: Sequence[str]) -> pd.DataFrame:
+    """Tables of the same columns, one per expert, as one table with the experts side by side.
+
+    Args:
+        parts: expert name -> its table (the same columns, ``key`` among them).
+        key: the columns that identify a row (e.g. ``["role", "level"]``).
+
+    Returns:
+        The key columns, then every other column once per expert (``"<column> ·
+        <expert>"``), the experts' columns next to each other; one row per key in order of
+        first appearance, empty (NaN) where an expert has no such row.
+    """
+    key = list(key)
+    indexed = {expert: frame.set_index(key) for expert, frame in parts.items()}
+    rows = list(dict.fromkeys(k for frame in indexed.values() for k in frame.index))
+    columns = list(dict.fromkeys(c for frame in indexed.values() for c in frame.columns))
+    index = (
+        pd.MultiIndex.from_tuples(rows, names=key) if len(key) > 1 else pd.Index(rows, name=key[0])
+    )
+    wide = pd.DataFrame(index=index)
+    for column in columns:
+        for expert, frame in indexed.items():
+            if column in frame.columns:
+                wide[f"{column} · {expert}"] = frame[column].reindex(index)
+    return wide.reset_index()
+
+
+def expert_parts(
+    frame: pd.DataFrame, column: str, experts: Sequence[str]
+) -> dict[str, pd.DataFrame]:
+    """Rows of ``frame`` per expert, by the layer names in ``column``; each part's names
+    are the names inside its expert (``transformer_2.blocks.0`` -> ``blocks.0``)."""
+    split = [split_layer_name(name, experts) for name in frame[column]]
+    owners = pd.Series([owner for owner, _ in split], index=frame.index)
+    inner = pd.Series([name for _, name in split], index=frame.index)
+    return {
+        expert: frame[owners == expert].assign(**{column: inner[owners == expert]})
+        for expert in experts
+    }
+
+
 def plan_tables(plan: QuantPlan) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The plan per role (counts) and per layer (every choice with its reasons)."""
     layers = pd.DataFrame(
@@ -273,6 +314,11 @@ def plan_tables(plan: QuantPlan) -> tuple[pd.DataFrame, pd.DataFrame]:
             "why clipping": [p.clipping_reason.reason for p in plan.layers],
         }
     )
+    return plan_by_role(layers), layers
+
+
+def plan_by_role(layers: pd.DataFrame) -> pd.DataFrame:
+    """Counts per role of the choices in a per-layer plan table (``plan_tables``)."""
     flags = layers.assign(
         mse=layers["clipping"] == "mse", groups=layers["granularity"] == "timestep_group"
     )
@@ -288,7 +334,7 @@ def plan_tables(plan: QuantPlan) -> tuple[pd.DataFrame, pd.DataFrame]:
         .reset_index()
         .rename(columns={"mse_clipping": "mse clipping", "timestep_groups": "timestep groups"})
     )
-    return by_role, layers
+    return by_role
 
 
 def _median_abs(values: pd.Series) -> float:
@@ -387,6 +433,21 @@ def run_blocks(data: RunData, *, level: int, prefix: str, progress: bool = False
             "coverage of a per-tensor min-max quantizer; the temporal-features row is "
             "measured across the timestep grid.",
         ),
+    ]
+    experts = run.experts
+    if experts:
+        per_expert = expert_parts(data.layer_table, "layer", experts)
+        blocks.append(
+            Table(
+                "Measurements by role, experts side by side",
+                experts_side_by_side(
+                    {e: role_table(part) for e, part in per_expert.items()}, ["role", "level"]
+                ),
+                f"The same medians over each expert's own layers ({', '.join(experts)}); "
+                "each expert ran its own timesteps.",
+            )
+        )
+    blocks += [
         *(Table(*table) for table in cost.collection_tables(run.manifest)),
         Heading("Figures", level + 1),
     ]
@@ -400,6 +461,23 @@ def run_blocks(data: RunData, *, level: int, prefix: str, progress: bool = False
         Heading(f"Quantization plan (W{data.plan.w_bits}A{data.plan.a_bits})", level + 1),
         Paragraph(f"Plan: {data.plan_source}."),
         Table("Plan by role", by_role, "Number of layers per role that get each choice."),
+        *(
+            [
+                Table(
+                    "Plan by role, experts side by side",
+                    experts_side_by_side(
+                        {
+                            e: plan_by_role(part)
+                            for e, part in expert_parts(layers, "layer", experts).items()
+                        },
+                        ["role"],
+                    ),
+                    "The counts over each expert's own layers.",
+                )
+            ]
+            if experts
+            else []
+        ),
         Table(
             "Plan per layer",
             layers,

@@ -111,7 +111,7 @@ def fidelity_vs_bits(results: pd.DataFrame) -> Figure:
     sel = results[(results["step"] == ALL_STEPS) & (results["branch"] == "cfg")]
     panels = [
         ("sqnr", "teacher-forced", "SQNR teacher-forced (dB)"),
-        ("psnr", "free-running", "PSNR final latents (dB)"),
+        ("psnr", "free-running", "PSNR final (dB)"),
     ]
     bits_order = list(dict.fromkeys(results["bits"]))
     methods = list(dict.fromkeys(results["method"]))
@@ -275,6 +275,21 @@ def _sd(values: pd.Series) -> float:
     return float(values.std(ddof=1))
 
 
+# What the free-running PSNR and SSIM rows compare, by their protocol id
+# (``evaluate.latents``: decoded by the pipeline's VAE, or latents standing for frames).
+FRAMES_BY_PROTOCOL = {
+    "fidelity/frames-pipeline-vae": "the frames decoded by the pipeline's own VAE",
+    "fidelity/latents-minmax": "the final latents mapped by the FP latents' range to [0, 1] "
+    "(no VAE to decode with)",
+}
+
+
+def frames_text(results: pd.DataFrame) -> str:
+    """What the free-running PSNR / SSIM of a results table compare, in words."""
+    protocols = results.loc[results["metric"] == "psnr", "protocol"].unique()
+    return " and ".join(FRAMES_BY_PROTOCOL.get(p, p) for p in sorted(protocols)) or "frames"
+
+
 def results_blocks(
     results: pd.DataFrame, timings: pd.DataFrame, config: Mapping[str, Any], notices=()
 ) -> list:
@@ -294,8 +309,8 @@ def results_blocks(
             f"{', '.join(str(s) for s in config['weight_seeds'])}. SQNR and cosine compare the "
             "denoiser's CFG-combined prediction in x0-space with the FP model's, fed the FP "
             "trajectory's inputs (teacher-forced); the final latents of each model's own "
-            "trajectory are compared free-running (PSNR / SSIM after mapping by the FP "
-            "latents' range to [0, 1])."
+            f"trajectory are compared free-running (SQNR), and PSNR / SSIM compare "
+            f"{frames_text(results)}."
         ),
     ]
     for notice in notices:
@@ -306,7 +321,8 @@ def results_blocks(
             "Headline figures",
             headline,
             "Mean over weight seeds (sd: sample standard deviation across them); tf: "
-            "teacher-forced over all steps; final: free-running final latents.",
+            "teacher-forced over all steps; final: free-running final latents (SQNR) and "
+            "their frames (PSNR, SSIM).",
         )
     )
     groundtruth = groundtruth_table(results)

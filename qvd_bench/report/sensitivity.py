@@ -3,7 +3,8 @@
 It reads the table ``evaluate.sensitivity.sensitivity`` returns (one row per unit:
 ``unit``, ``kind`` ("model", "role" or "layer"), ``role``, ``layers``, ``method``,
 ``w_bits``, ``a_bits``, ``sqnr_db``, ``noise``, ``rank``) — plain data, so reports need
-nothing from evaluation.
+nothing from evaluation. A multi-expert model's table has an ``expert`` column: its
+layers are then also shown with the experts side by side, and coloured by expert.
 """
 
 from __future__ import annotations
@@ -21,11 +22,16 @@ from qvd_bench.report.render import (
     Notice,
     Paragraph,
     Table,
+    expert_parts,
+    experts_side_by_side,
     write_report,
 )
 from qvd_bench.report.results import figure_png
 from qvd_bench.store import atomic_write, write_json
 
+BAR_COLOUR = "#4c72b0"
+# Bar colours of the experts of a multi-expert model, in order.
+EXPERT_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52")
 RANDOM_WEIGHTS_NOTE = (
     "This model has random weights: the ranking shows which units this initialisation "
     "makes sensitive, not which are sensitive in a trained model. " + TINY_NOTE
@@ -43,10 +49,18 @@ def sensitivity_figure(table: pd.DataFrame, top: int = 20):
     fig, axes = plt.subplots(
         1, len(kinds), figsize=(6.5 * len(kinds), 0.32 * top + 1.5), squeeze=False
     )
+    experts = table_experts(table)
+    colours = dict(zip(experts, EXPERT_COLOURS))
     for ax, kind in zip(axes[0], kinds):
         part = table[table["kind"] == kind].sort_values("rank").head(top)
         labels = [_short(u) for u in part["unit"]]
-        ax.barh(labels[::-1], part["sqnr_db"].to_numpy()[::-1], color="#4c72b0")
+        colour = [colours.get(e, BAR_COLOUR) for e in part.get("expert", [""] * len(part))]
+        ax.barh(labels[::-1], part["sqnr_db"].to_numpy()[::-1], color=colour[::-1])
+        if kind == "layer" and experts:  # one colour per expert, its name in the legend
+            from matplotlib.patches import Patch
+
+            handles = [Patch(color=colours[e], label=e) for e in experts]
+            ax.legend(handles=handles, title="expert", fontsize=7, loc="best")
         # Two short lines: one long line is cut at the figure's edge.
         ax.set_xlabel("SQNR, only this unit quantized (dB)\nlower = more sensitive")
         ax.set_title(f"most sensitive {kind}s")
@@ -57,6 +71,24 @@ def sensitivity_figure(table: pd.DataFrame, top: int = 20):
         fig.suptitle(f"{title}: every layer quantized {model['sqnr_db'].iloc[0]:.1f} dB")
     fig.tight_layout()
     return fig
+
+
+def table_experts(table: pd.DataFrame) -> list[str]:
+    """The experts of a multi-expert model's sensitivity table (its ``expert`` column);
+    empty for one denoiser. Sorted: the pipeline attributes sort in the pipeline's order
+    (``transformer``, ``transformer_2``), whereas the rows are in order of sensitivity."""
+    if "expert" not in table.columns:
+        return []
+    return sorted(e for e in set(table["expert"]) if e)
+
+
+def experts_layer_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The layer units with the experts side by side: one row per layer name inside an
+    expert and role, each expert's SQNR and rank next to each other."""
+    layers = table[table["kind"] == "layer"][["unit", "role", "sqnr_db", "rank"]]
+    experts = table_experts(table)
+    parts = expert_parts(layers.rename(columns={"unit": "layer"}), "layer", experts)
+    return experts_side_by_side(parts, ["layer", "role"])
 
 
 def _random_weights(table: pd.DataFrame) -> bool:
@@ -112,6 +144,15 @@ def write_sensitivity_report(
         part = table[table["kind"] == kind]
         if len(part):
             blocks.append(Table(f"By {kind}", part, collapsed=kind == "layer"))
+    if table_experts(table):
+        blocks.append(
+            Table(
+                "By layer, experts side by side",
+                experts_layer_table(table),
+                "Each layer of each expert quantized alone: the same layer of the two "
+                "experts on one row (rank among all layers). Roles span every expert.",
+            )
+        )
     blocks += [Table(*table) for table in report_cost.stage_tables(cost)]
     index = write_report(blocks, title, out_dir)
     atomic_write(out_dir / "sensitivity.parquet", lambda p: table.to_parquet(p, index=False))

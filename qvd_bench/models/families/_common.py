@@ -105,3 +105,22 @@ def randn(
     device, dtype = model_device_dtype(denoiser)
     values = torch.randn(shape, generator=generator_or_default(generator))
     return values.to(device=device, dtype=dtype)
+
+
+def decode_scaled(pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Latents divided by the VAE's ``scaling_factor``, decoded (HunyuanVideo's pipelines)."""
+    vae = pipeline.vae
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor
+    return vae.decode(latents, return_dict=False)[0]
+
+
+def decode_mean_std(pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Latents un-normalised by the VAE's per-channel ``latents_mean`` and ``latents_std``
+    (x / (1 / std) + mean, as WanPipeline and SkyReelsV2Pipeline compute it), decoded."""
+    vae = pipeline.vae
+    latents = latents.to(dtype=vae.dtype)
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+    latents = latents / std + mean
+    return vae.decode(latents, return_dict=False)[0]

@@ -60,6 +60,11 @@ class AllegroFamily(Family):
     def text_embedding_shape(self, denoiser):
         return (T5_SEQUENCE_LENGTH, denoiser.config.caption_channels)
 
+    def decode_video(self, pipeline, latents, frames, height, width):
+        """AllegroPipeline's ``decode_latents``, cropped to the requested pixel size."""
+        video = pipeline.decode_latents(latents.to(pipeline.vae.dtype))
+        return video[:, :, :frames, :height, :width]
+
     def forward(self, denoiser, latents, timestep, text_states, conditioning):
         """One call as AllegroPipeline makes it, with its rotary embedding of the patch
         grid; every text token is attended to (``encoder_attention_mask`` of ones: the

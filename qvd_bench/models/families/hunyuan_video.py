@@ -17,6 +17,7 @@ import torch
 from qvd_bench.models.families._common import (
     COMMON_OUTLIER_TARGETS,
     N,
+    decode_scaled,
     model_device_dtype,
     randn,
 )
@@ -109,6 +110,9 @@ class HunyuanVideoFamily(Family):
             value = DEFAULT_GUIDANCE_SCALE * GUIDANCE_EMBEDDING_FACTOR
             conditioning["guidance"] = torch.full((batch,), value, device=device, dtype=dtype)
         return conditioning
+
+    def decode_video(self, pipeline, latents, frames, height, width):
+        return decode_scaled(pipeline, latents)
 
     def forward(self, denoiser, latents, timestep, text_states, conditioning):
         """One call as HunyuanVideoPipeline makes it; every text token is attended to

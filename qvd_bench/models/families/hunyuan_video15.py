@@ -15,7 +15,12 @@ from typing import Any
 
 import torch
 
-from qvd_bench.models.families._common import COMMON_OUTLIER_TARGETS, N, randn
+from qvd_bench.models.families._common import (
+    COMMON_OUTLIER_TARGETS,
+    N,
+    decode_scaled,
+    randn,
+)
 from qvd_bench.models.family import Family
 
 # HunyuanVideo15Pipeline: Qwen prompts padded to 1000 tokens, ByT5 glyph prompts to 256,
@@ -88,6 +93,9 @@ class HunyuanVideo15Family(Family):
         ByT5 encoder)."""
         shape = (batch, BYT5_SEQUENCE_LENGTH, denoiser.config.text_embed_2_dim)
         return {"encoder_hidden_states_2": randn(shape, generator, denoiser)}
+
+    def decode_video(self, pipeline, latents, frames, height, width):
+        return decode_scaled(pipeline, latents)
 
     def forward(self, denoiser, latents, timestep, text_states, conditioning):
         """One text-to-video call as HunyuanVideo15Pipeline makes it: zero conditioning

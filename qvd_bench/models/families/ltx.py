@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
+from qvd_bench.errors import UserError
 from qvd_bench.models.families._common import COMMON_OUTLIER_TARGETS, N
-from qvd_bench.models.family import Family
+from qvd_bench.models.family import Family, call_default
 
 # The LTX pipelines pad T5 prompts to 128 tokens.
 T5_SEQUENCE_LENGTH = 128
@@ -59,6 +60,33 @@ def unpack_tokens(
     p, pt = patch_size, patch_size_t
     video = tokens.reshape(batch, frames, height, width, -1, pt, p, p)
     return video.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def decode_timestep(pipeline, call_defaults, latents: torch.Tensor) -> torch.Tensor | None:
+    """The timestep the LTX pipelines decode at: None for a VAE without timestep
+    conditioning, else the call's ``decode_timestep`` per sample.
+
+    The pipelines also mix ``decode_noise_scale`` of fresh noise into the latents first
+    (by default the decode timestep); that noise is drawn from the call's generator after
+    sampling, which decoding afterwards cannot reproduce, so only a noise scale of 0 is
+    decoded.
+
+    Raises:
+        UserError: a timestep-conditioned VAE with a non-zero decode noise scale.
+    """
+    if not pipeline.vae.config.timestep_conditioning:
+        return None
+    timestep = call_default(pipeline, "decode_timestep", call_defaults)
+    noise_scale = call_default(pipeline, "decode_noise_scale", call_defaults)
+    noise_scale = timestep if noise_scale is None else noise_scale
+    if noise_scale != 0:
+        raise UserError(
+            f"{type(pipeline).__name__} decodes with decode_noise_scale {noise_scale}: "
+            "fresh noise that decoding the final latents cannot reproduce"
+        )
+    return torch.full(
+        (latents.shape[0],), float(timestep), dtype=latents.dtype, device=latents.device
+    )
 
 
 class LTXVideoFamily(Family):
@@ -108,6 +136,17 @@ class LTXVideoFamily(Family):
             return latents
         p, pt = denoiser.config.patch_size, denoiser.config.patch_size_t
         return unpack_tokens(latents, frames // pt, height // p, width // p, p, pt)
+
+    def decode_video(self, pipeline, latents, frames, height, width):
+        """As LTXPipeline: de-normalised (``_denormalize_latents``: the VAE's mean, std and
+        scaling factor), decoded at the call's ``decode_timestep`` where the decoder is
+        timestep-conditioned."""
+        vae = pipeline.vae
+        latents = pipeline._denormalize_latents(
+            latents, vae.latents_mean, vae.latents_std, vae.config.scaling_factor
+        )
+        timestep = decode_timestep(pipeline, self.pipeline_call_defaults, latents)
+        return vae.decode(latents.to(vae.dtype), timestep, return_dict=False)[0]
 
     def forward(self, denoiser, latents, timestep, text_states, conditioning):
         """Packs the latents, calls the transformer as LTXPipeline does, unpacks.

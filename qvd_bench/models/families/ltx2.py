@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from qvd_bench.models.families._common import COMMON_OUTLIER_TARGETS, N, randn
-from qvd_bench.models.families.ltx import pack_tokens, unpack_tokens
+from qvd_bench.models.families.ltx import decode_timestep, pack_tokens, unpack_tokens
 from qvd_bench.models.family import Family
 
 # LTX2Pipeline pads Gemma prompts to 1024 tokens; the tiny preset's audio has 4 frames.
@@ -86,6 +86,13 @@ class LTX2Family(Family):
             return latents
         p, pt = denoiser.config.patch_size, denoiser.config.patch_size_t
         return unpack_tokens(latents, frames // pt, height // p, width // p, p, pt)
+
+    def decode_video(self, pipeline, latents, frames, height, width):
+        """As LTX2Pipeline: its latent output is already de-normalised, so decoded as it
+        is (at the call's ``decode_timestep`` where the decoder is timestep-conditioned)."""
+        vae = pipeline.vae
+        timestep = decode_timestep(pipeline, self.pipeline_call_defaults, latents)
+        return vae.decode(latents.to(vae.dtype), timestep, return_dict=False)[0]
 
     def forward(self, denoiser, latents, timestep, text_states, conditioning):
         """Packs the video latents, calls the transformer with the same text for both

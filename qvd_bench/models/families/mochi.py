@@ -65,6 +65,24 @@ class MochiFamily(Family):
         # MochiPipeline pads T5 prompts to the transformer's max_sequence_length (256).
         return (denoiser.config.max_sequence_length, denoiser.config.text_embed_dim)
 
+    def decode_video(self, pipeline, latents, frames, height, width):
+        """As MochiPipeline: un-normalised by the VAE's mean and std where it has them
+        (x · std / scaling_factor + mean), else divided by its scaling factor."""
+        config = pipeline.vae.config
+        latents = latents.to(pipeline.vae.dtype)
+        if (
+            getattr(config, "latents_mean", None) is None
+            or getattr(config, "latents_std", None) is None
+        ):
+            latents = latents / config.scaling_factor
+        else:
+            mean = torch.tensor(config.latents_mean).view(1, 12, 1, 1, 1)
+            std = torch.tensor(config.latents_std).view(1, 12, 1, 1, 1)
+            mean = mean.to(latents.device, latents.dtype)
+            std = std.to(latents.device, latents.dtype)
+            latents = latents * std / config.scaling_factor + mean
+        return pipeline.vae.decode(latents, return_dict=False)[0]
+
     def forward(self, denoiser, latents, timestep, text_states, conditioning):
         """One call as MochiPipeline makes it, in the usual flow convention (see the
         module docstring); every text token is attended to (``encoder_attention_mask``

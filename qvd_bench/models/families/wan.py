@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qvd_bench.models.families._common import COMMON_OUTLIER_TARGETS, N
+from qvd_bench.models.families._common import COMMON_OUTLIER_TARGETS, N, decode_mean_std
 from qvd_bench.models.family import Family
 
 # The Wan pipeline pads UMT5 prompts to 512 tokens.
@@ -52,6 +52,9 @@ class WanFamily(Family):
 
     def text_embedding_shape(self, denoiser):
         return (UMT5_SEQUENCE_LENGTH, denoiser.config.text_dim)
+
+    def decode_video(self, pipeline, latents, frames, height, width):
+        return decode_mean_std(pipeline, latents)
 
     def forward(self, denoiser, latents, timestep, text_states, conditioning):
         return denoiser(
