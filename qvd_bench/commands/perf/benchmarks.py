@@ -54,6 +54,10 @@ class Row:
     ratio: float
     bytes: int | None = None
     note: str = ""
+    # Spread of the per-repeat ratios (each repeat's time over the same repeat's base),
+    # where the benchmark states it.
+    ratio_min: float | None = None
+    ratio_max: float | None = None
 
 
 @dataclass
@@ -64,16 +68,18 @@ class Table:
     def render(self) -> str:
         # Wider than 34 characters only when a variant's name is (perf run's phases).
         width = max([34, *(len(r.variant) for r in self.rows)])
-        lines = [
-            self.title,
-            f"  {'variant':<{width}} {'median':>10} {'ratio':>8} {'memory':>12}  note",
-        ]
+        spread = any(r.ratio_min is not None for r in self.rows)
+        header = f"  {'variant':<{width}} {'median':>10} {'ratio':>8}"
+        if spread:
+            header += f" {'ratio min-max':>14}"
+        lines = [self.title, f"{header} {'memory':>12}  note"]
         for r in self.rows:
             memory = f"{r.bytes / 2**20:,.2f} MiB" if r.bytes is not None else ""
-            lines.append(
-                f"  {r.variant:<{width}} {r.median_s * 1e3:>8.1f}ms {r.ratio:>7.2f}x "
-                f"{memory:>12}  {r.note}".rstrip()
-            )
+            line = f"  {r.variant:<{width}} {r.median_s * 1e3:>8.1f}ms {r.ratio:>7.2f}x"
+            if spread:
+                span = f"{r.ratio_min:.2f}-{r.ratio_max:.2f}x" if r.ratio_min is not None else ""
+                line += f" {span:>14}"
+            lines.append(f"{line} {memory:>12}  {r.note}".rstrip())
         return "\n".join(lines)
 
 
@@ -113,29 +119,36 @@ def _state_bytes(accumulators) -> int:
 
 
 class _RawKeeper:
-    """Keeps every layer input, as Q-Diffusion-style calibration tools do."""
+    """Copies every layer input, as Q-Diffusion-style calibration tools keep them.
 
-    def __init__(self, layers: dict[str, nn.Module]):
+    The copies are timed and their bytes counted, then dropped at once (``keep=False``)
+    so that a large latent fits in memory: a tool that keeps them needs that much more.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], keep: bool = False):
         self.layers = layers
+        self.keep = keep
         self.kept: list[torch.Tensor] = []
+        self.bytes = 0
         self.handles: list = []
 
     def __enter__(self):
+        self.kept.clear()
+        self.bytes = 0
         for module in self.layers.values():
             self.handles.append(module.register_forward_pre_hook(self._hook, with_kwargs=True))
         return self
 
     def _hook(self, module, args, kwargs):
-        self.kept.append((args[0] if args else kwargs["input"]).detach().clone())
+        copy = (args[0] if args else kwargs["input"]).detach().clone()
+        self.bytes += copy.numel() * copy.element_size()
+        if self.keep:
+            self.kept.append(copy)
 
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
         self.handles.clear()
-
-    @property
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.kept)
 
 
 class _TorchAoObservers:
@@ -177,16 +190,56 @@ class _TorchAoObservers:
         self.handles.clear()
 
 
-def bench_collect(model_name: str, repeats: int) -> Table:
-    """Collection overhead on one model: each accumulator alone, all of them, and peers."""
+# Short names of bench_collect's variants (the plain forward always runs).
+COLLECT_VARIANTS = {
+    "moments": "moments",
+    "histogram": "histogram",
+    "reservoir": "reservoir",
+    "all": "all (moments+histogram+reservoir)",
+    "raw": "keep raw inputs (Q-Diffusion style)",
+    "torch.ao": "torch.ao PerChannelMinMax+Histogram",
+}
+
+
+def bench_collect(
+    model_name: str,
+    repeats: int,
+    latent: tuple[int, int, int] | None = None,
+    variants: tuple[str, ...] | None = None,
+) -> Table:
+    """Collection overhead on one model: each accumulator alone, all of them, and peers.
+
+    Args:
+        model_name: the model preset.
+        repeats: interleaved repeats (after one warm-up round).
+        latent: (frames, height, width) of the latent; ``PERF_LATENTS`` or
+            ``DEFAULT_LATENT`` when None.
+        variants: short names (``COLLECT_VARIANTS``) of the variants to time beside the
+            plain forward; all when None. The raw inputs' bytes are counted in any case.
+
+    Returns:
+        The table: per variant the median time, its ratio to the plain forward and the
+        spread of the per-repeat ratios; statistics state bytes beside the bytes of the
+        raw inputs of one forward.
+    """
     from qvd_bench.collect.hooks import StatsCollector, describe_layer
     from qvd_bench.models import roles, zoo
     from qvd_bench.models.sampling import CallTracker, DenoiserCall
     from qvd_bench.numerics.edges import SignedLogEdges
 
+    if latent is not None and (len(latent) != 3 or min(latent) < 1):
+        raise UserError(
+            f"latent must be three positive sizes (frames, height, width), got {latent}"
+        )
+    unknown = sorted(set(variants or ()) - set(COLLECT_VARIANTS))
+    if unknown:
+        raise UserError(
+            f"unknown collect variants {', '.join(unknown)}; known: {', '.join(COLLECT_VARIANTS)}"
+        )
+    chosen = {COLLECT_VARIANTS[v] for v in (variants or COLLECT_VARIANTS)}
     loaded = zoo.load_model(model_name)
     denoiser = loaded.denoiser.eval()
-    frames, height, width = PERF_LATENTS.get(model_name, DEFAULT_LATENT)
+    frames, height, width = latent or PERF_LATENTS.get(model_name, DEFAULT_LATENT)
     forward = denoiser_call(loaded, 1, frames, height, width)
     decisions = roles.classify(loaded)
     layers = roles.leaf_layers(denoiser)
@@ -216,37 +269,40 @@ def bench_collect(model_name: str, repeats: int) -> Table:
     raw = _RawKeeper(layers)
 
     def keep_raw():
-        raw.kept.clear()
         with raw:
             forward()
 
     channel_dims = {n: i.channel_dim for n, i in infos.items()}
     ao = _TorchAoObservers(layers, channel_dims)
-    variants: dict[str, Callable[[], None]] = {"plain forward": forward}
-    variants.update({name: with_hooks(lambda c=c: c) for name, c in collectors.items()})
-    variants["keep raw inputs (Q-Diffusion style)"] = keep_raw
-    variants["torch.ao PerChannelMinMax+Histogram"] = with_hooks(lambda: ao)
-    times = interleaved(variants, repeats)
+    runs: dict[str, Callable[[], None]] = {"plain forward": forward}
+    runs.update({name: with_hooks(lambda c=c: c) for name, c in collectors.items()})
+    runs[COLLECT_VARIANTS["raw"]] = keep_raw
+    runs[COLLECT_VARIANTS["torch.ao"]] = with_hooks(lambda: ao)
+    runs = {name: run for name, run in runs.items() if name == "plain forward" or name in chosen}
+    times = interleaved(runs, repeats)
+    if COLLECT_VARIANTS["raw"] not in chosen:
+        keep_raw()  # once, untimed: the bytes of one forward's raw inputs
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     base = medians["plain forward"]
     table = Table(
         f"perf collect: {model_name}, latent {frames}x{height}x{width}, {len(layers)} layers, "
-        f"{loaded.param_count / 1e6:,.1f} M parameters, {repeats} interleaved repeats, medians"
+        f"{loaded.param_count / 1e6:,.1f} M parameters, {repeats} interleaved repeats, "
+        "medians; ratio min-max: each repeat over the same repeat's plain forward"
     )
     per_forward_raw = raw.bytes
     for name, median in medians.items():
-        row = Row(name, median, median / base)
+        ratios = [t / b for t, b in zip(times[name], times["plain forward"], strict=True)]
+        row = Row(name, median, median / base, ratio_min=min(ratios), ratio_max=max(ratios))
         if name in collectors:
             acc = collectors[name]
             groups = [acc.moments.values(), acc.histograms.values(), acc.reservoirs.values()]
             row.bytes = sum(_state_bytes(g) for g in groups)
-            if name.startswith("moments"):
-                row.note = (
-                    f"raw inputs / moments state = {per_forward_raw / max(row.bytes, 1):,.0f}x"
-                )
+            row.note = (
+                f"raw inputs of one forward / state = {per_forward_raw / max(row.bytes, 1):,.0f}x"
+            )
         elif name.startswith("keep raw"):
             row.bytes = per_forward_raw
-            row.note = "per forward; grows with every call"
+            row.note = "per forward (copied, counted, dropped); grows with every call"
         table.rows.append(row)
     return table
 
