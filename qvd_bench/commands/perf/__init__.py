@@ -50,7 +50,7 @@ def add_parser(subparsers) -> None:
         type=csv,
         default=None,
         help="collect only: variants to time beside the plain forward (default: all of "
-        "moments,histogram,reservoir,all,raw,torch.ao)",
+        "moments,histogram,reservoir,all,all-stride,raw,torch.ao)",
     )
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
 

@@ -10,6 +10,7 @@ Benchmarks run on one thread.
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -190,12 +191,16 @@ class _TorchAoObservers:
         self.handles.clear()
 
 
+# The token stride of the subsampled variant: histograms count 1 row in this many.
+SUBSAMPLED_HISTOGRAM_STRIDE = 8
+
 # Short names of bench_collect's variants (the plain forward always runs).
 COLLECT_VARIANTS = {
     "moments": "moments",
     "histogram": "histogram",
     "reservoir": "reservoir",
     "all": "all (moments+histogram+reservoir)",
+    "all-stride": f"all, histogram stride {SUBSAMPLED_HISTOGRAM_STRIDE}",
     "raw": "keep raw inputs (Q-Diffusion style)",
     "torch.ao": "torch.ao PerChannelMinMax+Histogram",
 }
@@ -223,6 +228,7 @@ def bench_collect(
         raw inputs of one forward.
     """
     from qvd_bench.collect.hooks import StatsCollector, describe_layer
+    from qvd_bench.config import CollectConfig
     from qvd_bench.models import roles, zoo
     from qvd_bench.models.sampling import CallTracker, DenoiserCall
     from qvd_bench.numerics.edges import SignedLogEdges
@@ -248,22 +254,37 @@ def bench_collect(
         for n, m in layers.items()
     }
     tracker = CallTracker(denoiser)
-    tracker.current = DenoiserCall(500.0, ("cond",), (0,))  # one conditional call, no sampler
+    samples = itertools.count()
 
     def with_hooks(make):
         def run():
+            # One conditional call at t=500, no sampler. Each forward is another sample, as
+            # in a collection: the moments keys stay the same, and the reservoir sees new
+            # rows (a row seen again would be a duplicate, which no collection offers).
+            tracker.current = DenoiserCall(500.0, ("cond",), (next(samples),))
             with make():
                 forward()
 
         return run
 
-    edges = SignedLogEdges()
+    # As a collection configures them by default (CollectConfig's field defaults).
+    edges = SignedLogEdges(relative_error=CollectConfig.histogram_relative_error)
+    stride, capacity = CollectConfig.histogram_stride, CollectConfig.reservoir_capacity
+    histogram = {"histogram_edges": edges, "histogram_stride": stride}
+    subsampled = {"histogram_edges": edges, "histogram_stride": SUBSAMPLED_HISTOGRAM_STRIDE}
     collectors = {
-        "moments": StatsCollector(layers, infos, tracker),
-        "histogram": StatsCollector(layers, infos, tracker, moments=False, histogram_edges=edges),
-        "reservoir": StatsCollector(layers, infos, tracker, moments=False, reservoir_capacity=256),
-        "all (moments+histogram+reservoir)": StatsCollector(
-            layers, infos, tracker, histogram_edges=edges, reservoir_capacity=256
+        COLLECT_VARIANTS["moments"]: StatsCollector(layers, infos, tracker),
+        COLLECT_VARIANTS["histogram"]: StatsCollector(
+            layers, infos, tracker, moments=False, **histogram
+        ),
+        COLLECT_VARIANTS["reservoir"]: StatsCollector(
+            layers, infos, tracker, moments=False, reservoir_capacity=capacity
+        ),
+        COLLECT_VARIANTS["all"]: StatsCollector(
+            layers, infos, tracker, reservoir_capacity=capacity, **histogram
+        ),
+        COLLECT_VARIANTS["all-stride"]: StatsCollector(
+            layers, infos, tracker, reservoir_capacity=capacity, **subsampled
         ),
     }
     raw = _RawKeeper(layers)
@@ -287,7 +308,8 @@ def bench_collect(
     table = Table(
         f"perf collect: {model_name}, latent {frames}x{height}x{width}, {len(layers)} layers, "
         f"{loaded.param_count / 1e6:,.1f} M parameters, {repeats} interleaved repeats, "
-        "medians; ratio min-max: each repeat over the same repeat's plain forward"
+        "medians; ratio min-max: each repeat over the same repeat's plain forward; "
+        f"collection defaults: histogram stride {stride}, reservoir {capacity} rows a layer"
     )
     per_forward_raw = raw.bytes
     for name, median in medians.items():
