@@ -92,6 +92,24 @@ def channel_last_rows(x: torch.Tensor, num_samples: int, channel_dim: int) -> to
     return x.reshape(num_samples, -1, x.shape[-1])
 
 
+def channel_last_view(x: torch.Tensor, num_samples: int, channel_dim: int) -> torch.Tensor:
+    """``channel_last_rows`` as a view, without the copy a conv input's rearrangement
+    needs: (num_samples, ..., C), its middle axes (in order) the rows of a sample.
+
+    Args:
+        x: a layer input, channels on ``channel_dim``.
+        num_samples: samples in this input.
+        channel_dim: 1 (conv) or -1 (linear).
+
+    Returns:
+        (num_samples, B / num_samples, ..., C), a view of ``x``; flattening its middle
+        axes gives ``channel_last_rows``.
+    """
+    if channel_dim != -1:
+        x = x.movedim(channel_dim, -1)
+    return x.reshape(num_samples, x.shape[0] // num_samples, *x.shape[1:])
+
+
 def _rows_per_sample(x: torch.Tensor, num_samples: int, channel_dim: int) -> int:
     """Rows per sample of ``channel_last_rows(x, num_samples, channel_dim)``."""
     return x.numel() // (num_samples * x.shape[channel_dim]) if x.numel() else 0
@@ -245,7 +263,7 @@ class StatsCollector:
                         device=chunk.device,
                     )
                 if other is None:
-                    groups = [(channel_last_rows(chunk, num_samples, channel_dim), call.sample_ids)]
+                    groups = [(channel_last_view(chunk, num_samples, channel_dim), call.sample_ids)]
                 else:  # kept rows are sample-major; samples may keep different counts
                     counts = (~other).sum(dim=1).tolist()
                     groups = [

@@ -9,6 +9,7 @@ seen.
 from __future__ import annotations
 
 import functools
+import math
 import struct
 from collections.abc import Sequence
 
@@ -241,17 +242,20 @@ class Reservoir(Accumulator):
         """Offers the rows of one call.
 
         Args:
-            rows: (n, R, C): R rows (tokens, positions) of each of n samples.
+            rows: (n, R, C): R rows (tokens, positions) of each of n samples; or
+                (n, ..., C), any view, whose middle axes flattened (in order) are the R
+                rows: only the rows kept are gathered (a conv input's channel-last view
+                is never copied whole).
             sample_ids: (n,) global sample ids, ints or an int64 tensor. The keys are
                 hashed from them on the host, so a device tensor costs a host sync.
             timestep: the timestep value of the call.
             branch: the CFG branch index.
         """
-        if rows.ndim != 3 or rows.shape[2] != self.channels:
+        if rows.ndim < 3 or rows.shape[-1] != self.channels:
             raise ValueError(f"expected rows (n, R, {self.channels}), got {tuple(rows.shape)}")
         if rows.device != self.device:
             self.to(rows.device)
-        n, r = rows.shape[:2]
+        n, r = rows.shape[0], math.prod(rows.shape[1:-1])
         device = rows.device
         ids = torch.as_tensor(sample_ids, dtype=I64)
         if ids.shape != (n,):
@@ -272,11 +276,17 @@ class Reservoir(Accumulator):
         elif picked.numel() == 0:
             return
         m = picked.numel()
+        sample_index = picked // r
+        if rows.ndim == 3 or rows.is_contiguous():
+            kept = rows.detach().reshape(n, r, self.channels)[sample_index, picked % r]
+        else:
+            position = torch.unravel_index(picked % r, rows.shape[1:-1])
+            kept = rows.detach()[(sample_index, *position)]
         self._insert(
             {
-                "rows": rows.detach().reshape(n * r, self.channels)[picked].to(torch.float32),
+                "rows": kept.to(torch.float32),
                 "keys": keys[picked],
-                "sample_ids": ids.to(device)[picked // r],
+                "sample_ids": ids.to(device)[sample_index],
                 "timesteps": torch.full((m,), float(timestep), dtype=F64, device=device),
                 "branches": torch.full((m,), int(branch), dtype=I64, device=device),
                 "row_indices": picked % r,

@@ -22,15 +22,16 @@ M_2 = 0 (constant data).
 inputs take two compiled passes (numba) that read the data twice and keep everything else
 in registers:
 
-1. per channel: the float64 sum (its mean is the centre c);
+1. per channel: the float64 sum (its mean is the centre c), and for rows of channels
+   (Linear inputs) the minimum and maximum;
 2. per channel: d = x − c in float64 and Σd, Σd², Σd³, Σd⁴.
 
 Composed of PyTorch operations the same takes about ten passes over a float64 copy of the
 data, which on a full-size video UNet's layer inputs (millions of elements per call) is
-the cost of collecting moments. The minimum and maximum come from PyTorch's vectorised
-reductions. The kernel's sums run in float64 in a different order than PyTorch's (numba
-may split them into vector lanes), so its results agree with the PyTorch path to float64
-rounding, not bit for bit.
+the cost of collecting moments. For channels outermost (conv inputs) the minimum and
+maximum come from PyTorch's vectorised reductions. The kernel's sums run in float64 in a
+different order than PyTorch's (numba may split them into vector lanes), so its results
+agree with the PyTorch path to float64 rounding, not bit for bit.
 
 Everything else takes the one PyTorch path (``torch_moments``): other dtypes, other
 devices, ``QVD_BENCH_KERNELS=torch`` (``numerics.kernels``), and the inputs the kernel
@@ -382,16 +383,24 @@ def _kernels() -> tuple[Any, Any, Any]:
             out[4, c] = s4
 
     @jit
-    def rows(x, out):  # pragma: no cover - compiled
-        # x: (R, C) float32; out: (5, C) as in planes. Channels are innermost, so each row
-        # updates every channel's running sums (rows of out) in one vector pass.
+    def rows(x, out, extrema):  # pragma: no cover - compiled
+        # x: (R, C) float32; out: (5, C) as in planes; extrema: (2, C) float32 min, max.
+        # Channels are innermost, so each row updates every channel's running sums (rows
+        # of out) and extrema in one vector pass. NaN is skipped by the comparisons but
+        # reaches the sums, so the caller still sees it.
         count, channels = x.shape
         center, s1, s2, s3, s4 = out[0], out[1], out[2], out[3], out[4]
+        lo, hi = extrema[0], extrema[1]
         out[:] = 0.0
+        lo[:] = x[0]
+        hi[:] = x[0]
         for r in range(count):
             row = x[r]
             for c in range(channels):
-                center[c] += np.float64(row[c])
+                v = row[c]
+                center[c] += np.float64(v)
+                lo[c] = min(lo[c], v)
+                hi[c] = max(hi[c], v)
         for c in range(channels):
             center[c] /= count
         for r in range(count):
@@ -449,15 +458,22 @@ def power_sums(x3: Tensor) -> np.ndarray:
         (5, C) float64: the centre c (the float64 mean) and S_1..S_4 = Σ(x − c)^p.
         Channels holding NaN or ±Inf get non-finite entries.
     """
+    return _power_sums(x3)[0]
+
+
+def _power_sums(x3: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    """``power_sums``, and the (2, C) float32 per-channel min and max where the kernel
+    finds them in the same pass (L = 1: channels innermost), else None."""
     rows, planes, _ = _kernels()
     outer, channels, inner = x3.shape
     sums = np.empty((5, channels), dtype=np.float64)
     data = x3.detach().numpy()
     if inner == 1:
-        rows(data[:, :, 0], sums)
-    else:
-        planes(data, sums)
-    return sums
+        extrema = np.empty((2, channels), dtype=np.float32)
+        rows(data[:, :, 0], sums, extrema)
+        return sums, extrema
+    planes(data, sums)
+    return sums, None
 
 
 def kernel_moments(x3: Tensor) -> dict[str, Tensor] | None:
@@ -475,22 +491,25 @@ def kernel_moments(x3: Tensor) -> dict[str, Tensor] | None:
     _, _, finish = _kernels()
     outer, channels, inner = x3.shape
     count = outer * inner
-    sums = power_sums(x3)
+    sums, extrema = _power_sums(x3)
     moments = np.empty((4, channels), dtype=np.float64)
     if not finish(sums, count, CENTER_SPREAD, moments):
         return None
-    # Extrema by PyTorch: its vectorised min/max reductions are several times faster than
-    # a compiled loop (which does not vectorise a min/max that must keep NaN).
-    dims = 0 if inner == 1 else (0, 2)
-    source = x3[:, :, 0] if inner == 1 else x3
+    if extrema is not None:  # found by the rows kernel in its first pass
+        lo, hi = torch.from_numpy(extrema.astype(np.float64))
+    else:
+        # Channels outermost: PyTorch's vectorised min/max reductions along L are several
+        # times faster than a compiled loop (which does not vectorise a min/max that
+        # must keep NaN); along rows (L = 1) PyTorch's are slower than the kernel's.
+        lo, hi = x3.amin((0, 2)).to(F64), x3.amax((0, 2)).to(F64)
     full = torch.full((channels,), count, dtype=I64)
     mean, m2, m3, m4 = torch.from_numpy(moments)
     return {
         "count": full,
         "nan_count": torch.zeros_like(full),
         "inf_count": torch.zeros_like(full),
-        "min": source.amin(dims).to(F64),
-        "max": source.amax(dims).to(F64),
+        "min": lo,
+        "max": hi,
         "mean": mean,
         "m2": m2,
         "m3": m3,

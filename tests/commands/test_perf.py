@@ -183,3 +183,38 @@ def test_machine_probe_is_the_recorded_diffusers_forward():
     # Same weights, same inputs, PyTorch's own kernels (no fast kernels installed): equal.
     assert torch.equal(out, expected)
     assert torch.equal(probe(), out)
+
+
+def test_perf_collect_at_a_chosen_latent_with_chosen_variants(monkeypatch, capsys):
+    table = benchmarks.bench_collect(
+        "tiny-unet3d", 2, latent=(2, 8, 8), variants=("moments", "all-stride")
+    )
+    rows = {row.variant: row for row in table.rows}
+    stride = benchmarks.SUBSAMPLED_HISTOGRAM_STRIDE
+    assert list(rows) == ["plain forward", "moments", f"all, histogram stride {stride}"]
+    assert "latent 2x8x8" in table.title and "2 interleaved repeats" in table.title
+    for row in table.rows:
+        # The median ratio lies within the spread of the per-repeat ratios.
+        assert row.ratio_min <= row.ratio + 1e-12 and row.ratio <= row.ratio_max + 1e-12
+    # The moments state: 9 statistics of 8 bytes per input channel of every hooked layer.
+    from qvd_bench.models import roles, zoo
+
+    layers = roles.leaf_layers(zoo.load_model("tiny-unet3d").denoiser)
+    channels = sum(
+        m.in_features if isinstance(m, torch.nn.Linear) else m.in_channels for m in layers.values()
+    )
+    assert rows["moments"].bytes == channels * 9 * 8
+    assert rows["moments"].note.startswith("raw inputs of one forward / state = ")
+    assert "ratio min-max" in table.render()
+
+    # Bad input: one line, exit code 2, before any model is loaded.
+    for argv, message in [
+        (["--latent", "2,8"], "--latent takes three positive sizes"),
+        (["--latent", "2,x,8"], "--latent takes comma-separated integers"),
+        (["--variants", "moments,nope"], "unknown collect variants nope"),
+    ]:
+        assert cli.main(["perf", "collect", "--models", "tiny-unet3d", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert cli.main(["perf", "frechet", "--latent", "2,8,8"]) == 2
+    assert "--latent applies to perf collect only" in capsys.readouterr().err

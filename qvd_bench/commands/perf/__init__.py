@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from qvd_bench.commands._args import csv
+from qvd_bench.commands._args import csv, int_list
 from qvd_bench.errors import UserError
 
 
@@ -38,6 +38,20 @@ def add_parser(subparsers) -> None:
         help="interleaved repeats; medians are reported (run: FP forwards timed before the "
         "job and again after it)",
     )
+    parser.add_argument(
+        "--latent",
+        type=csv,
+        default=None,
+        help="collect only: latent size FRAMES,HEIGHT,WIDTH (default: 4,16,16 for "
+        "modelscope-t2v-arch, 8,32,32 otherwise)",
+    )
+    parser.add_argument(
+        "--variants",
+        type=csv,
+        default=None,
+        help="collect only: variants to time beside the plain forward (default: all of "
+        "moments,histogram,reservoir,all,all-stride,raw,torch.ao)",
+    )
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
 
 
@@ -46,6 +60,20 @@ def run(args: argparse.Namespace) -> int:
     ``--out``, writes them as JSON."""
     if args.repeats < 1:
         raise UserError("--repeats must be at least 1")
+    options = {}
+    if args.latent is not None:
+        if args.benchmark != "collect":
+            raise UserError("--latent applies to perf collect only")
+        latent = int_list(args.latent, "--latent")
+        if len(latent) != 3 or min(latent) < 1:
+            raise UserError(
+                f"--latent takes three positive sizes FRAMES,HEIGHT,WIDTH, got {','.join(args.latent)}"
+            )
+        options["latent"] = latent
+    if args.variants is not None:
+        if args.benchmark != "collect":
+            raise UserError("--variants applies to perf collect only")
+        options["variants"] = args.variants
     import torch
 
     from qvd_bench.commands.perf import benchmarks
@@ -61,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     tables = []
     for model in models:
-        table = benchmarks.BENCHMARKS[args.benchmark](model, args.repeats)
+        table = benchmarks.BENCHMARKS[args.benchmark](model, args.repeats, **options)
         print(table.render(), flush=True)
         print()
         tables.append(table)

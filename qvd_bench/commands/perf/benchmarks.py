@@ -10,6 +10,7 @@ Benchmarks run on one thread.
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -54,6 +55,10 @@ class Row:
     ratio: float
     bytes: int | None = None
     note: str = ""
+    # Spread of the per-repeat ratios (each repeat's time over the same repeat's base),
+    # where the benchmark states it.
+    ratio_min: float | None = None
+    ratio_max: float | None = None
 
 
 @dataclass
@@ -64,16 +69,18 @@ class Table:
     def render(self) -> str:
         # Wider than 34 characters only when a variant's name is (perf run's phases).
         width = max([34, *(len(r.variant) for r in self.rows)])
-        lines = [
-            self.title,
-            f"  {'variant':<{width}} {'median':>10} {'ratio':>8} {'memory':>12}  note",
-        ]
+        spread = any(r.ratio_min is not None for r in self.rows)
+        header = f"  {'variant':<{width}} {'median':>10} {'ratio':>8}"
+        if spread:
+            header += f" {'ratio min-max':>14}"
+        lines = [self.title, f"{header} {'memory':>12}  note"]
         for r in self.rows:
             memory = f"{r.bytes / 2**20:,.2f} MiB" if r.bytes is not None else ""
-            lines.append(
-                f"  {r.variant:<{width}} {r.median_s * 1e3:>8.1f}ms {r.ratio:>7.2f}x "
-                f"{memory:>12}  {r.note}".rstrip()
-            )
+            line = f"  {r.variant:<{width}} {r.median_s * 1e3:>8.1f}ms {r.ratio:>7.2f}x"
+            if spread:
+                span = f"{r.ratio_min:.2f}-{r.ratio_max:.2f}x" if r.ratio_min is not None else ""
+                line += f" {span:>14}"
+            lines.append(f"{line} {memory:>12}  {r.note}".rstrip())
         return "\n".join(lines)
 
 
@@ -113,29 +120,36 @@ def _state_bytes(accumulators) -> int:
 
 
 class _RawKeeper:
-    """Keeps every layer input, as Q-Diffusion-style calibration tools do."""
+    """Copies every layer input, as Q-Diffusion-style calibration tools keep them.
 
-    def __init__(self, layers: dict[str, nn.Module]):
+    The copies are timed and their bytes counted, then dropped at once (``keep=False``)
+    so that a large latent fits in memory: a tool that keeps them needs that much more.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], keep: bool = False):
         self.layers = layers
+        self.keep = keep
         self.kept: list[torch.Tensor] = []
+        self.bytes = 0
         self.handles: list = []
 
     def __enter__(self):
+        self.kept.clear()
+        self.bytes = 0
         for module in self.layers.values():
             self.handles.append(module.register_forward_pre_hook(self._hook, with_kwargs=True))
         return self
 
     def _hook(self, module, args, kwargs):
-        self.kept.append((args[0] if args else kwargs["input"]).detach().clone())
+        copy = (args[0] if args else kwargs["input"]).detach().clone()
+        self.bytes += copy.numel() * copy.element_size()
+        if self.keep:
+            self.kept.append(copy)
 
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
         self.handles.clear()
-
-    @property
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.kept)
 
 
 class _TorchAoObservers:
@@ -177,16 +191,61 @@ class _TorchAoObservers:
         self.handles.clear()
 
 
-def bench_collect(model_name: str, repeats: int) -> Table:
-    """Collection overhead on one model: each accumulator alone, all of them, and peers."""
+# The token stride of the subsampled variant: histograms count 1 row in this many.
+SUBSAMPLED_HISTOGRAM_STRIDE = 8
+
+# Short names of bench_collect's variants (the plain forward always runs).
+COLLECT_VARIANTS = {
+    "moments": "moments",
+    "histogram": "histogram",
+    "reservoir": "reservoir",
+    "all": "all (moments+histogram+reservoir)",
+    "all-stride": f"all, histogram stride {SUBSAMPLED_HISTOGRAM_STRIDE}",
+    "raw": "keep raw inputs (Q-Diffusion style)",
+    "torch.ao": "torch.ao PerChannelMinMax+Histogram",
+}
+
+
+def bench_collect(
+    model_name: str,
+    repeats: int,
+    latent: tuple[int, int, int] | None = None,
+    variants: tuple[str, ...] | None = None,
+) -> Table:
+    """Collection overhead on one model: each accumulator alone, all of them, and peers.
+
+    Args:
+        model_name: the model preset.
+        repeats: interleaved repeats (after one warm-up round).
+        latent: (frames, height, width) of the latent; ``PERF_LATENTS`` or
+            ``DEFAULT_LATENT`` when None.
+        variants: short names (``COLLECT_VARIANTS``) of the variants to time beside the
+            plain forward; all when None. The raw inputs' bytes are counted in any case.
+
+    Returns:
+        The table: per variant the median time, its ratio to the plain forward and the
+        spread of the per-repeat ratios; statistics state bytes beside the bytes of the
+        raw inputs of one forward.
+    """
     from qvd_bench.collect.hooks import StatsCollector, describe_layer
+    from qvd_bench.config import CollectConfig
     from qvd_bench.models import roles, zoo
     from qvd_bench.models.sampling import CallTracker, DenoiserCall
     from qvd_bench.numerics.edges import SignedLogEdges
 
+    if latent is not None and (len(latent) != 3 or min(latent) < 1):
+        raise UserError(
+            f"latent must be three positive sizes (frames, height, width), got {latent}"
+        )
+    unknown = sorted(set(variants or ()) - set(COLLECT_VARIANTS))
+    if unknown:
+        raise UserError(
+            f"unknown collect variants {', '.join(unknown)}; known: {', '.join(COLLECT_VARIANTS)}"
+        )
+    chosen = {COLLECT_VARIANTS[v] for v in (variants or COLLECT_VARIANTS)}
     loaded = zoo.load_model(model_name)
     denoiser = loaded.denoiser.eval()
-    frames, height, width = PERF_LATENTS.get(model_name, DEFAULT_LATENT)
+    frames, height, width = latent or PERF_LATENTS.get(model_name, DEFAULT_LATENT)
     forward = denoiser_call(loaded, 1, frames, height, width)
     decisions = roles.classify(loaded)
     layers = roles.leaf_layers(denoiser)
@@ -195,58 +254,77 @@ def bench_collect(model_name: str, repeats: int) -> Table:
         for n, m in layers.items()
     }
     tracker = CallTracker(denoiser)
-    tracker.current = DenoiserCall(500.0, ("cond",), (0,))  # one conditional call, no sampler
+    samples = itertools.count()
 
     def with_hooks(make):
         def run():
+            # One conditional call at t=500, no sampler. Each forward is another sample, as
+            # in a collection: the moments keys stay the same, and the reservoir sees new
+            # rows (a row seen again would be a duplicate, which no collection offers).
+            tracker.current = DenoiserCall(500.0, ("cond",), (next(samples),))
             with make():
                 forward()
 
         return run
 
-    edges = SignedLogEdges()
+    # As a collection configures them by default (CollectConfig's field defaults).
+    edges = SignedLogEdges(relative_error=CollectConfig.histogram_relative_error)
+    stride, capacity = CollectConfig.histogram_stride, CollectConfig.reservoir_capacity
+    histogram = {"histogram_edges": edges, "histogram_stride": stride}
+    subsampled = {"histogram_edges": edges, "histogram_stride": SUBSAMPLED_HISTOGRAM_STRIDE}
     collectors = {
-        "moments": StatsCollector(layers, infos, tracker),
-        "histogram": StatsCollector(layers, infos, tracker, moments=False, histogram_edges=edges),
-        "reservoir": StatsCollector(layers, infos, tracker, moments=False, reservoir_capacity=256),
-        "all (moments+histogram+reservoir)": StatsCollector(
-            layers, infos, tracker, histogram_edges=edges, reservoir_capacity=256
+        COLLECT_VARIANTS["moments"]: StatsCollector(layers, infos, tracker),
+        COLLECT_VARIANTS["histogram"]: StatsCollector(
+            layers, infos, tracker, moments=False, **histogram
+        ),
+        COLLECT_VARIANTS["reservoir"]: StatsCollector(
+            layers, infos, tracker, moments=False, reservoir_capacity=capacity
+        ),
+        COLLECT_VARIANTS["all"]: StatsCollector(
+            layers, infos, tracker, reservoir_capacity=capacity, **histogram
+        ),
+        COLLECT_VARIANTS["all-stride"]: StatsCollector(
+            layers, infos, tracker, reservoir_capacity=capacity, **subsampled
         ),
     }
     raw = _RawKeeper(layers)
 
     def keep_raw():
-        raw.kept.clear()
         with raw:
             forward()
 
     channel_dims = {n: i.channel_dim for n, i in infos.items()}
     ao = _TorchAoObservers(layers, channel_dims)
-    variants: dict[str, Callable[[], None]] = {"plain forward": forward}
-    variants.update({name: with_hooks(lambda c=c: c) for name, c in collectors.items()})
-    variants["keep raw inputs (Q-Diffusion style)"] = keep_raw
-    variants["torch.ao PerChannelMinMax+Histogram"] = with_hooks(lambda: ao)
-    times = interleaved(variants, repeats)
+    runs: dict[str, Callable[[], None]] = {"plain forward": forward}
+    runs.update({name: with_hooks(lambda c=c: c) for name, c in collectors.items()})
+    runs[COLLECT_VARIANTS["raw"]] = keep_raw
+    runs[COLLECT_VARIANTS["torch.ao"]] = with_hooks(lambda: ao)
+    runs = {name: run for name, run in runs.items() if name == "plain forward" or name in chosen}
+    times = interleaved(runs, repeats)
+    if COLLECT_VARIANTS["raw"] not in chosen:
+        keep_raw()  # once, untimed: the bytes of one forward's raw inputs
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     base = medians["plain forward"]
     table = Table(
         f"perf collect: {model_name}, latent {frames}x{height}x{width}, {len(layers)} layers, "
-        f"{loaded.param_count / 1e6:,.1f} M parameters, {repeats} interleaved repeats, medians"
+        f"{loaded.param_count / 1e6:,.1f} M parameters, {repeats} interleaved repeats, "
+        "medians; ratio min-max: each repeat over the same repeat's plain forward; "
+        f"collection defaults: histogram stride {stride}, reservoir {capacity} rows a layer"
     )
     per_forward_raw = raw.bytes
     for name, median in medians.items():
-        row = Row(name, median, median / base)
+        ratios = [t / b for t, b in zip(times[name], times["plain forward"], strict=True)]
+        row = Row(name, median, median / base, ratio_min=min(ratios), ratio_max=max(ratios))
         if name in collectors:
             acc = collectors[name]
             groups = [acc.moments.values(), acc.histograms.values(), acc.reservoirs.values()]
             row.bytes = sum(_state_bytes(g) for g in groups)
-            if name.startswith("moments"):
-                row.note = (
-                    f"raw inputs / moments state = {per_forward_raw / max(row.bytes, 1):,.0f}x"
-                )
+            row.note = (
+                f"raw inputs of one forward / state = {per_forward_raw / max(row.bytes, 1):,.0f}x"
+            )
         elif name.startswith("keep raw"):
             row.bytes = per_forward_raw
-            row.note = "per forward; grows with every call"
+            row.note = "per forward (copied, counted, dropped); grows with every call"
         table.rows.append(row)
     return table
 
