@@ -362,6 +362,7 @@ def call_arguments(
                 f"pipeline {class_name}'s call needs argument {name!r}, which qvd-bench "
                 "cannot supply"
             )
+    _check_pipeline_modules(loaded)
     if frames_arg is None:
         raise UserError(
             f"pipeline {class_name}'s call takes no frame count ({' or '.join(_FRAME_ARGUMENTS)}): "
@@ -379,6 +380,18 @@ def _pipeline_denoiser(pipeline: Any) -> nn.Module:
         if isinstance(module, nn.Module):
             return module
     raise UserError(f"pipeline {type(pipeline).__name__} has neither a unet nor a transformer")
+
+
+def _check_pipeline_modules(loaded: LoadedModel) -> None:
+    """The modules the family's pipelines call must have been imported by the pipeline's
+    module (diffusers imports optional ones only when they are installed)."""
+    module = inspect.getmodule(type(loaded.pipeline))
+    for name in loaded.family.pipeline_modules:
+        if module is not None and not hasattr(module, name):
+            raise UserError(
+                f"pipeline {type(loaded.pipeline).__name__} needs the {name} package, which "
+                f"is not installed (pip install {name})"
+            )
 
 
 def _check_tracked(pipeline: Any, tracker: CallTracker) -> None:

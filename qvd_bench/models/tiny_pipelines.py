@@ -534,3 +534,110 @@ def _attach(loaded: LoadedModel, builder: str, config: dict[str, Any], seed: int
     pipeline.to(device=reference.device, dtype=reference.dtype)
     pipeline.set_progress_bar_config(disable=True)
     loaded.pipeline = pipeline
+
+
+# --------------------------------------------------------------------------- family pipelines
+# Tiny pipelines of families without a preset (LTX-2, HunyuanVideo-1.5, Allegro,
+# SkyReels-V2), built around the family's tiny config: ``tiny_family_pipeline``.
+
+
+def _init_arguments(pipeline_class: type, components: dict[str, Any]) -> dict[str, Any]:
+    """The components a pipeline class's constructor takes."""
+    import inspect
+
+    names = inspect.signature(pipeline_class.__init__).parameters
+    return {name: value for name, value in components.items() if name in names}
+
+
+def _skyreels_scheduler():
+    from diffusers import UniPCMultistepScheduler
+
+    # SkyReels-V2's scheduler: UniPC on flow sigmas with shift 8 (its text-to-video models).
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0
+    )
+
+
+def _skyreels_builder(pipeline_class: str) -> Callable[[LoadedModel], Any]:
+    def build(loaded: LoadedModel):
+        import diffusers
+
+        # Wan's tiny components: SkyReels-V2 is a Wan architecture with Wan's VAE and UMT5.
+        components = {**_build_wan(loaded).components, "scheduler": _skyreels_scheduler()}
+        cls = getattr(diffusers, pipeline_class)
+        return cls(**_init_arguments(cls, components))
+
+    return build
+
+
+def _build_allegro(loaded: LoadedModel):
+    from diffusers import AllegroPipeline, AutoencoderKLAllegro, EulerAncestralDiscreteScheduler
+
+    transformer = loaded.denoiser
+    config = transformer.config
+    # Four blocks: 8x spatial and 4x temporal compression, as Allegro's VAE.
+    vae = AutoencoderKLAllegro(
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=config.in_channels,
+        layers_per_block=1,
+        norm_num_groups=2,
+    ).eval()
+    # Allegro's scheduler: ancestral Euler on linear betas.
+    scheduler = EulerAncestralDiscreteScheduler(
+        beta_start=0.0001, beta_end=0.02, beta_schedule="linear", timestep_spacing="linspace"
+    )
+    return AllegroPipeline(
+        tokenizer=_t5_tokenizer(_TINY_TEXT_LENGTH),
+        text_encoder=_t5_text_encoder(config.caption_channels),
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+
+
+_BUILDERS.update(
+    {
+        "AllegroPipeline": _build_allegro,
+        "SkyReelsV2Pipeline": _skyreels_builder("SkyReelsV2Pipeline"),
+        "SkyReelsV2DiffusionForcingPipeline": _skyreels_builder(
+            "SkyReelsV2DiffusionForcingPipeline"
+        ),
+    }
+)
+
+
+def tiny_family_pipeline(family: str, pipeline_class: str | None = None, weight_seed: int = 0):
+    """A family's tiny denoiser (its ``tiny_config``) in one of its diffusers pipelines,
+    next to tiny components; nothing is downloaded.
+
+    Args:
+        family: short family name ("allegro", "skyreels-v2", ...).
+        pipeline_class: one of the family's pipeline classes with a builder here; None:
+            the first of them.
+        weight_seed: seed of all random weights.
+
+    Returns:
+        The diffusers pipeline (saves with ``save_pretrained``).
+
+    Raises:
+        UserError: a family or pipeline class without a tiny builder.
+    """
+    from qvd_bench.models.families import family_by_name
+    from qvd_bench.models.zoo import reinit_zero_layers
+
+    spec = family_by_name(family)
+    built = [c for c in spec.pipeline_classes if c in _BUILDERS]
+    if pipeline_class is None and built:
+        pipeline_class = built[0]
+    if pipeline_class not in built:
+        raise UserError(
+            f"no tiny {pipeline_class or 'pipeline'} for family {family!r}; "
+            f"built: {', '.join(built) or 'none'}"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(weight_seed)
+        denoiser = spec.build(spec.tiny_config()).eval()
+        reinit_zero_layers(denoiser)
+    loaded = LoadedModel(family, spec, denoiser, random_weights=True, weight_seed=weight_seed)
+    _attach(loaded, pipeline_class, {}, weight_seed)
+    return loaded.pipeline

@@ -1,0 +1,139 @@
+"""Saved pipelines of the families without a tiny preset (Allegro, SkyReels-V2, ...), built
+from the family's tiny config: by path through models --roles, collect, analyze, quantize
+and evaluate, with every sampled timestep stored and no denoiser call dropped; SkyReels-V2's
+diffusion forcing with frames at different noise levels."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qvd_bench import store
+from qvd_bench.models import tiny_pipelines
+from tests.collect.test_any_pipeline import SIZE, SMALL, collect_layers, error_line, run_cli
+
+# (family, pipeline class) of each tiny family pipeline.
+FAMILY_PIPELINES = [
+    ("allegro", "AllegroPipeline"),
+    ("skyreels-v2", "SkyReelsV2Pipeline"),
+    ("skyreels-v2", "SkyReelsV2DiffusionForcingPipeline"),
+]
+
+# The diffusers modules of SkyReels-V2's pipelines, which call ``ftfy.fix_text`` on every
+# prompt but import ftfy only where it is installed.
+_SKYREELS_MODULES = (
+    "diffusers.pipelines.skyreels_v2.pipeline_skyreels_v2",
+    "diffusers.pipelines.skyreels_v2.pipeline_skyreels_v2_diffusion_forcing",
+)
+
+
+@pytest.fixture
+def ftfy(monkeypatch):
+    """ftfy where it is not installed: a stand-in whose ``fix_text`` returns the text (what
+    ftfy does to the plain ASCII prompts of these tests)."""
+    stand_in = types.SimpleNamespace(fix_text=lambda text: text)
+    for name in _SKYREELS_MODULES:
+        module = importlib.import_module(name)
+        if not hasattr(module, "ftfy"):
+            monkeypatch.setattr(module, "ftfy", stand_in, raising=False)
+
+
+@functools.cache
+def _saved(family: str, pipeline_class: str, root: str) -> str:
+    from pathlib import Path
+
+    directory = Path(root) / pipeline_class
+    tiny_pipelines.tiny_family_pipeline(family, pipeline_class).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("family_pipelines"))
+    return lambda family, pipeline_class: _saved(family, pipeline_class, root)
+
+
+@pytest.mark.parametrize(("family", "pipeline_class"), FAMILY_PIPELINES)
+def test_saved_family_pipeline_goes_by_path_through_every_stage(
+    family, pipeline_class, saved, ftfy, tmp_path, capsys
+):
+    path = saved(family, pipeline_class)
+    assert run_cli("models", "--roles", path) == 0
+    stats = tmp_path / "stats"
+    collect_args = ["collect", "--model", path, *SMALL, "--temporal-stride", "250"]
+    assert run_cli(*collect_args, "--out", stats, "--no-progress") == 0
+    run = store.StatsRun(stats)
+    assert run.manifest["model"]["family"] == family
+    assert run.manifest["sampling"]["sampler"] == "pipeline"
+    scheduled = run.manifest["schedule"]
+    assert len(scheduled) == 2
+    channels = run.channels[run.channels["tensor"] == "input"]
+    assert set(channels["branch"]) == {"cond", "uncond"}
+    # No silent drop: every layer at every sampled timestep, in both branches, and no
+    # tokens left out (every token of a text-to-video call is at the step's noise level).
+    for layer, rows in channels.groupby("layer", observed=True):
+        keys = set(zip(rows["timestep"], rows["branch"]))
+        assert keys == {(t, b) for t in scheduled for b in ("cond", "uncond")}, layer
+    assert run.manifest["keying"]["excluded_rows"] == {}
+    assert run_cli("analyze", stats) == 0
+    record = tmp_path / "record"
+    assert run_cli("quantize", "--stats", stats, "--method", "qvd", "--out", record) == 0
+    assert (record / "record.json").is_file()
+    out = tmp_path / "evaluate"
+    matrix = ["--methods", "fp,qvd", "--bits", "W8A8", "--metrics", "fidelity", "--no-progress"]
+    assert run_cli("evaluate", "--model", path, *matrix, *SMALL, "--out", out) == 0
+    results = pd.read_parquet(next(out.rglob("results.parquet")))
+    sqnr = results[(results["method"] == "qvd") & (results["metric"] == "sqnr")]
+    assert len(sqnr) and np.isfinite(sqnr["value"]).all()
+    settings = json.loads(next(out.rglob("settings.json")).read_text())
+    assert settings["sampler"] == f"pipeline: {pipeline_class}"
+    capsys.readouterr()
+
+
+def test_diffusion_forcing_frames_at_other_noise_levels_are_left_out_not_dropped(
+    saved, ftfy, tmp_path
+):
+    """Asynchronous diffusion forcing (``ar_step`` 1): each latent frame starts one
+    iteration after the one before, so a call's timesteps (B, frames) differ per frame and
+    there are more calls than steps. Each call is keyed by its largest timestep; the video
+    tokens of frames at another noise level are left out and counted, none dropped."""
+    path = saved("skyreels-v2", "SkyReelsV2DiffusionForcingPipeline")
+    layer = "blocks.0.attn1.to_q"
+    run = collect_layers(
+        path, [layer], tmp_path, 2, pipeline_kwargs={"ar_step": 1, "causal_block_size": 1}
+    )
+    from diffusers import DiffusionPipeline
+
+    scheduler = DiffusionPipeline.from_pretrained(path, local_files_only=True).scheduler
+    scheduler.set_timesteps(2)
+    assert run.manifest["schedule"] == [float(t) for t in scheduler.timesteps]
+    rows = run.channels[run.channels["channel"] == 0]
+    assert set(zip(rows["timestep"], rows["branch"])) == {
+        (float(t), b) for t in scheduler.timesteps for b in ("cond", "uncond")
+    }
+    # Every video token of every call, stored or left out: the frames lag one iteration
+    # each, so there are steps + frames - 1 calls per branch.
+    patch = (1, 2, 2)  # the tiny Wan config's patch size
+    tokens_per_frame = SIZE["height"] // patch[1] * (SIZE["width"] // patch[2])
+    calls = 2 * (2 + SIZE["frames"] - 1)
+    excluded = run.manifest["keying"]["excluded_rows"].get(layer, 0)
+    assert excluded > 0
+    assert rows["count"].sum() + excluded == calls * SIZE["frames"] * tokens_per_frame
+
+
+def test_skyreels_without_ftfy_is_one_line_exit_2(saved, tmp_path, capsys):
+    """SkyReels-V2's pipelines call ftfy on every prompt without checking it is there."""
+    for name in _SKYREELS_MODULES:
+        if hasattr(importlib.import_module(name), "ftfy"):
+            pytest.skip("ftfy is installed")
+    path = saved("skyreels-v2", "SkyReelsV2Pipeline")
+    out = tmp_path / "stats"
+    assert run_cli("collect", "--model", path, *SMALL, "--out", out, "--no-progress") == 2
+    assert "needs the ftfy package" in error_line(capsys)
+    assert not out.exists()
