@@ -209,7 +209,8 @@ def run_pipeline(
         loaded: a model with a diffusers ``pipeline``.
         prompts: one prompt per sample (ignored by pipelines without a text input).
         steps: number of denoising steps.
-        guidance_scale: CFG scale (the embedded guidance of guidance-distilled pipelines);
+        guidance_scale: CFG scale (the embedded guidance of guidance-distilled pipelines,
+            the guider's scale of a pipeline driven by a diffusers guider);
             <= 1 disables CFG (one "cond" call per step). A pipeline with a guidance
             range (StableVideoDiffusionPipeline) gets it as both its min and max; a
             two-expert pipeline also as ``guidance_scale_2``.
@@ -262,6 +263,7 @@ def run_pipeline(
     with contextlib.ExitStack() as stack:
         if tracker is not None:
             stack.enter_context(_attached(tracker))
+        stack.enter_context(_guider_scale(pipeline, guidance_scale, parameters))
         step_kwargs, hook_progress = _progress_kwargs(parameters, progress)
         if hook_progress is not None:
             stack.enter_context(_call_counter(denoisers, hook_progress))
@@ -499,6 +501,22 @@ def _global_rng(seed: int, module: nn.Module) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+@contextlib.contextmanager
+def _guider_scale(pipeline: Any, guidance_scale: float, parameters: Any) -> Iterator[None]:
+    """Gives a pipeline whose CFG scale is its ``guider``'s (HunyuanVideo15Pipeline: the
+    call takes no ``guidance_scale``) the run's scale for the run, then restores its guider.
+    """
+    guider = getattr(pipeline, "guider", None)
+    if "guidance_scale" in parameters or not hasattr(guider, "guidance_scale"):
+        yield
+        return
+    pipeline.guider = guider.new(guidance_scale=guidance_scale)
+    try:
+        yield
+    finally:
+        pipeline.guider = guider
 
 
 @contextlib.contextmanager

@@ -20,6 +20,14 @@ from tests.collect.test_any_pipeline import SIZE, SMALL, collect_layers, error_l
 
 # (family, pipeline class) of each tiny family pipeline.
 FAMILY_PIPELINES = [
+    pytest.param(
+        "hunyuan-video-1.5",
+        "HunyuanVideo15Pipeline",
+        # Its text-to-video x_embedder input is the latent and C + 1 zero channels, so the
+        # plan's SCRI disparity is infinite (stored as None), which the evaluation
+        # report's verdict cannot read yet (report.verdict._plan_figure).
+        marks=pytest.mark.xfail(raises=TypeError, strict=True, reason="report reads None"),
+    ),
     ("allegro", "AllegroPipeline"),
     ("skyreels-v2", "SkyReelsV2Pipeline"),
     ("skyreels-v2", "SkyReelsV2DiffusionForcingPipeline"),
@@ -125,6 +133,30 @@ def test_diffusion_forcing_frames_at_other_noise_levels_are_left_out_not_dropped
     excluded = run.manifest["keying"]["excluded_rows"].get(layer, 0)
     assert excluded > 0
     assert rows["count"].sum() + excluded == calls * SIZE["frames"] * tokens_per_frame
+
+
+def test_the_runs_guidance_scale_reaches_a_pipelines_guider(saved, tmp_path):
+    """HunyuanVideo15Pipeline takes its CFG scale from its guider, not from its call: a
+    scale of 1 runs the conditional branch alone, and the pipeline keeps its own guider."""
+    from qvd_bench.collect.collector import collect
+    from qvd_bench.config import CollectConfig
+    from qvd_bench.models import pipelines, zoo
+
+    path = saved("hunyuan-video-1.5", "HunyuanVideo15Pipeline")
+    loaded = zoo.load_model(path)
+    guider = loaded.pipeline.guider
+    calls = []
+    handle = loaded.denoiser.register_forward_hook(lambda *args: calls.append(1))
+    common = dict(steps=2, seed=0, sample_ids=[0], **SIZE)
+    for scale, calls_per_step in ((1.0, 1), (4.0, 2)):
+        calls.clear()
+        pipelines.run_pipeline(loaded, ["a cat"], guidance_scale=scale, **common)
+        assert len(calls) == 2 * calls_per_step
+        assert loaded.pipeline.guider is guider
+    handle.remove()
+    config = CollectConfig(model=path, prompts=("a cat",), steps=2, guidance_scale=1.0, **SIZE)
+    collect(config, tmp_path / "run", progress=False)
+    assert set(store.StatsRun(tmp_path / "run").channels["branch"]) == {"cond"}
 
 
 def test_skyreels_without_ftfy_is_one_line_exit_2(saved, tmp_path, capsys):
