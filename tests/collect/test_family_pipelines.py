@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 
 from qvd_bench import store
+from qvd_bench.collect.collector import collect
+from qvd_bench.config import CollectConfig
 from qvd_bench.models import tiny_pipelines
 from tests.collect.test_any_pipeline import SIZE, SMALL, collect_layers, error_line, run_cli
 
@@ -104,6 +106,44 @@ def test_saved_family_pipeline_goes_by_path_through_every_stage(
     capsys.readouterr()
 
 
+# LTX2Pipeline's spatio-temporal and modality guidance passes off (their calls are not CFG
+# branches): the CFG call alone, as one doubled batch per step.
+LTX2_CFG_ONLY = {"stg_scale": 0.0, "audio_stg_scale": 0.0}
+LTX2_CFG_ONLY |= {"modality_scale": 1.0, "audio_modality_scale": 1.0}
+
+
+def test_saved_ltx2_pipeline_collects_every_step_and_quantizes(saved, tmp_path, capsys):
+    """LTX-2 by path with its guidance passes off (``pipeline_kwargs``, which the command
+    line does not take: collected through the library), then analyze and quantize."""
+    path = saved("ltx2", "LTX2Pipeline")
+    assert run_cli("models", "--roles", path) == 0
+    config = CollectConfig(
+        model=path,
+        prompts=("a cat jumps onto a table",),
+        steps=2,
+        temporal_stride=250,
+        extra={"pipeline_kwargs": LTX2_CFG_ONLY},
+        **SIZE,
+    )
+    stats = tmp_path / "stats"
+    collect(config, stats, progress=False)
+    run = store.StatsRun(stats)
+    scheduled = run.manifest["schedule"]
+    assert len(scheduled) == 2
+    channels = run.channels[run.channels["tensor"] == "input"]
+    # Both streams' layers (video and audio) at every step, in both branches.
+    assert channels["layer"].str.contains("audio_").any()
+    for layer, rows in channels.groupby("layer", observed=True):
+        keys = set(zip(rows["timestep"], rows["branch"]))
+        assert keys == {(t, b) for t in scheduled for b in ("cond", "uncond")}, layer
+    assert run.manifest["keying"]["excluded_rows"] == {}
+    assert run_cli("analyze", stats) == 0
+    record = tmp_path / "record"
+    assert run_cli("quantize", "--stats", stats, "--method", "qvd", "--out", record) == 0
+    assert (record / "record.json").is_file()
+    capsys.readouterr()
+
+
 def test_diffusion_forcing_frames_at_other_noise_levels_are_left_out_not_dropped(
     saved, ftfy, tmp_path
 ):
@@ -138,8 +178,6 @@ def test_diffusion_forcing_frames_at_other_noise_levels_are_left_out_not_dropped
 def test_the_runs_guidance_scale_reaches_a_pipelines_guider(saved, tmp_path):
     """HunyuanVideo15Pipeline takes its CFG scale from its guider, not from its call: a
     scale of 1 runs the conditional branch alone, and the pipeline keeps its own guider."""
-    from qvd_bench.collect.collector import collect
-    from qvd_bench.config import CollectConfig
     from qvd_bench.models import pipelines, zoo
 
     path = saved("hunyuan-video-1.5", "HunyuanVideo15Pipeline")
