@@ -235,9 +235,10 @@ def x0_coefficients(scheduler, timestep: float) -> tuple[float, float]:
     and sigma-parameterized ones (Euler, Karras) feed x_t/√(σ² + 1), which is that x_t with
     ᾱ = 1/(σ² + 1). So ``to_x0``'s formulas hold with ᾱ from the step's σ where the
     scheduler has sigmas, else from ``alphas_cumprod[t]``. Flow-matching schedulers (no
-    ``alphas_cumprod``, or UniPC / DPM-Solver on flow sigmas): x0 = x_t − σ·v, with the step's σ (t / num_train_timesteps
-    where the scheduler keeps no sigmas); with ``invert_sigmas`` (Mochi) the scheduler's
-    σ is 1 − the noise level and the model predicts x0 − noise: x0 = x_t + (1 − σ)·v̂.
+    ``alphas_cumprod``, or UniPC / DPM-Solver on flow sigmas): x0 = x_t − σ·v, with the
+    step's σ (t / num_train_timesteps where the scheduler keeps no sigmas); with
+    ``invert_sigmas`` (Mochi) the scheduler's σ is 1 − the noise level and the model
+    predicts x0 − noise: x0 = x_t + (1 − σ)·v̂.
 
     Args:
         scheduler: the scheduler after the run (its ``timesteps`` and ``sigmas`` are those

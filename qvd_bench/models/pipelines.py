@@ -325,8 +325,9 @@ def call_arguments(
     ``pipeline_call_defaults``. The generator and step count are added by the caller.
 
     Raises:
-        UserError: a required argument none of these supplies (one line naming it), or a
-            pipeline with no frame count.
+        UserError: a required argument none of these supplies (one line naming it), a
+            module the family's pipelines need that is not installed
+            (``Family.pipeline_modules``), or a pipeline with no frame count.
     """
     pipeline = loaded.pipeline
     class_name = type(pipeline).__name__
