@@ -4,6 +4,8 @@
 pipeline its family ships with (``tiny_pipelines``). Nothing is downloaded, and the result
 saves with ``save_pretrained`` and reloads offline with
 ``DiffusionPipeline.from_pretrained(directory, local_files_only=True)``.
+``tiny_family_pipeline`` does the same for the families without a preset, around the
+family's tiny config.
 
 ``run_pipeline`` drives any diffusers video pipeline (tiny or real) one sample at a time
 inside ``CallTracker.batch([sample_id])``, so that layer hooks see which sample, timestep
@@ -36,10 +38,15 @@ import torch
 from torch import nn
 
 from qvd_bench.errors import UserError
+from qvd_bench.models.families import family_by_name
 from qvd_bench.models.family import LoadedModel
 from qvd_bench.models.sampling import CallTracker
-from qvd_bench.models.tiny_pipelines import PRESET_PIPELINES, attach_tiny_pipeline
-from qvd_bench.models.zoo import pipeline_denoisers
+from qvd_bench.models.tiny_pipelines import (
+    PRESET_PIPELINES,
+    attach_tiny_pipeline,
+    pipeline_around,
+)
+from qvd_bench.models.zoo import pipeline_denoisers, reinit_zero_layers
 
 # --------------------------------------------------------------------------- public API
 
@@ -96,6 +103,33 @@ def save_tiny_pipeline(preset: str, directory: str | Path, weight_seed: int = 0)
     directory = Path(directory)
     build_tiny_pipeline(preset, weight_seed).save_pretrained(directory)
     return directory
+
+
+def tiny_family_pipeline(family: str, pipeline_class: str | None = None, weight_seed: int = 0):
+    """A family's tiny denoiser (its ``tiny_config``, zero-initialised layers given a small
+    init as in the presets) in one of its diffusers pipelines, next to tiny components;
+    for the families without a preset (LTX-2, HunyuanVideo-1.5, Allegro, SkyReels-V2).
+    Nothing is downloaded.
+
+    Args:
+        family: short family name ("allegro", "skyreels-v2", ...).
+        pipeline_class: one of the family's pipeline classes with a tiny builder
+            ("SkyReelsV2DiffusionForcingPipeline"); None: the first of them.
+        weight_seed: seed of all random weights.
+
+    Returns:
+        The diffusers pipeline (saves with ``save_pretrained``).
+
+    Raises:
+        UserError: an unknown family, or no tiny builder for it or for ``pipeline_class``.
+    """
+    spec = family_by_name(family)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(weight_seed)
+        denoiser = spec.build(spec.tiny_config()).eval()
+        reinit_zero_layers(denoiser)
+    loaded = LoadedModel(family, spec, denoiser, random_weights=True, weight_seed=weight_seed)
+    return pipeline_around(loaded, weight_seed, pipeline_class).pipeline
 
 
 def sample_seed(seed: int, sample_id: int) -> int:

@@ -503,7 +503,9 @@ def attach_tiny_pipeline(loaded: LoadedModel, config: dict[str, Any], weight_see
     _attach(loaded, PRESET_PIPELINES[loaded.name], config, weight_seed)
 
 
-def pipeline_around(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
+def pipeline_around(
+    loaded: LoadedModel, seed: int = 0, pipeline_class: str | None = None
+) -> LoadedModel:
     """Wraps a loaded model's denoiser in its family's diffusers pipeline, next to the tiny
     VAE, text encoder and tokenizer of ``tiny_pipeline_model`` (any size of denoiser: the
     full-size architectures get a pipeline too, for offloading and pipeline sampling).
@@ -511,13 +513,24 @@ def pipeline_around(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
     Args:
         loaded: a model without a pipeline, whose family has a builder here.
         seed: seed of the other components' random weights.
+        pipeline_class: which of the family's pipeline classes with a builder here; None:
+            the first of them.
 
     Returns:
         ``loaded``, with ``pipeline`` set (components on the denoiser's device and dtype).
+
+    Raises:
+        UserError: no builder for the family or for ``pipeline_class``.
     """
-    builder = next((c for c in loaded.family.pipeline_classes if c in _BUILDERS), None)
-    if builder is None:
+    built = [c for c in loaded.family.pipeline_classes if c in _BUILDERS]
+    if not built:
         raise UserError(f"no pipeline can be built around a {type(loaded.denoiser).__name__}")
+    builder = pipeline_class or built[0]
+    if builder not in built:
+        raise UserError(
+            f"no tiny {builder} around a {type(loaded.denoiser).__name__}; "
+            f"built: {', '.join(built)}"
+        )
     _attach(loaded, builder, {}, seed)
     return loaded
 
@@ -538,7 +551,7 @@ def _attach(loaded: LoadedModel, builder: str, config: dict[str, Any], seed: int
 
 # --------------------------------------------------------------------------- family pipelines
 # Tiny pipelines of families without a preset (LTX-2, HunyuanVideo-1.5, Allegro,
-# SkyReels-V2), built around the family's tiny config: ``tiny_family_pipeline``.
+# SkyReels-V2), built around the family's tiny config (``pipelines.tiny_family_pipeline``).
 
 
 def _init_arguments(pipeline_class: type, components: dict[str, Any]) -> dict[str, Any]:
@@ -829,40 +842,3 @@ _BUILDERS.update(
         ),
     }
 )
-
-
-def tiny_family_pipeline(family: str, pipeline_class: str | None = None, weight_seed: int = 0):
-    """A family's tiny denoiser (its ``tiny_config``) in one of its diffusers pipelines,
-    next to tiny components; nothing is downloaded.
-
-    Args:
-        family: short family name ("allegro", "skyreels-v2", ...).
-        pipeline_class: one of the family's pipeline classes with a builder here; None:
-            the first of them.
-        weight_seed: seed of all random weights.
-
-    Returns:
-        The diffusers pipeline (saves with ``save_pretrained``).
-
-    Raises:
-        UserError: a family or pipeline class without a tiny builder.
-    """
-    from qvd_bench.models.families import family_by_name
-    from qvd_bench.models.zoo import reinit_zero_layers
-
-    spec = family_by_name(family)
-    built = [c for c in spec.pipeline_classes if c in _BUILDERS]
-    if pipeline_class is None and built:
-        pipeline_class = built[0]
-    if pipeline_class not in built:
-        raise UserError(
-            f"no tiny {pipeline_class or 'pipeline'} for family {family!r}; "
-            f"built: {', '.join(built) or 'none'}"
-        )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(weight_seed)
-        denoiser = spec.build(spec.tiny_config()).eval()
-        reinit_zero_layers(denoiser)
-    loaded = LoadedModel(family, spec, denoiser, random_weights=True, weight_seed=weight_seed)
-    _attach(loaded, pipeline_class, {}, weight_seed)
-    return loaded.pipeline

@@ -17,7 +17,7 @@ import pytest
 from qvd_bench import store
 from qvd_bench.collect.collector import collect
 from qvd_bench.config import CollectConfig
-from qvd_bench.models import tiny_pipelines
+from qvd_bench.models import pipelines
 from tests.collect.test_any_pipeline import SIZE, SMALL, collect_layers, error_line, run_cli
 
 # (family, pipeline class) of each tiny family pipeline.
@@ -59,7 +59,7 @@ def _saved(family: str, pipeline_class: str, root: str) -> str:
     from pathlib import Path
 
     directory = Path(root) / pipeline_class
-    tiny_pipelines.tiny_family_pipeline(family, pipeline_class).save_pretrained(directory)
+    pipelines.tiny_family_pipeline(family, pipeline_class).save_pretrained(directory)
     return str(directory)
 
 
@@ -178,7 +178,7 @@ def test_diffusion_forcing_frames_at_other_noise_levels_are_left_out_not_dropped
 def test_the_runs_guidance_scale_reaches_a_pipelines_guider(saved, tmp_path):
     """HunyuanVideo15Pipeline takes its CFG scale from its guider, not from its call: a
     scale of 1 runs the conditional branch alone, and the pipeline keeps its own guider."""
-    from qvd_bench.models import pipelines, zoo
+    from qvd_bench.models import zoo
 
     path = saved("hunyuan-video-1.5", "HunyuanVideo15Pipeline")
     loaded = zoo.load_model(path)
@@ -203,6 +203,7 @@ def test_skyreels_without_ftfy_is_one_line_exit_2(saved, tmp_path, capsys):
         if hasattr(importlib.import_module(name), "ftfy"):
             pytest.skip("ftfy is installed")
     path = saved("skyreels-v2", "SkyReelsV2Pipeline")
+    capsys.readouterr()  # saving's progress bar
     out = tmp_path / "stats"
     assert run_cli("collect", "--model", path, *SMALL, "--out", out, "--no-progress") == 2
     assert "needs the ftfy package" in error_line(capsys)
