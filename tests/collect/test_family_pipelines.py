@@ -192,7 +192,17 @@ def test_the_runs_guidance_scale_reaches_a_pipelines_guider(saved, tmp_path):
         assert len(calls) == 2 * calls_per_step
         assert loaded.pipeline.guider is guider
     handle.remove()
-    config = CollectConfig(model=path, prompts=("a cat",), steps=2, guidance_scale=1.0, **SIZE)
+    config = CollectConfig(
+        model=path,
+        prompts=("a cat",),
+        steps=2,
+        guidance_scale=1.0,
+        include=("^proj_out$",),
+        histograms=False,
+        reservoir_capacity=0,
+        temporal_stride=0,
+        **SIZE,
+    )
     collect(config, tmp_path / "run", progress=False)
     assert set(store.StatsRun(tmp_path / "run").channels["branch"]) == {"cond"}
 
