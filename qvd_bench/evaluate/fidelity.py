@@ -189,17 +189,17 @@ def to_x0(
             for ``"flow"``.
         scheduler: a diffusers scheduler (its ``alphas_cumprod`` or config is read).
         prediction_type: one of ``PREDICTION_TYPES``; by default the scheduler config's
-            ``prediction_type``, or ``"flow"`` for schedulers without ``alphas_cumprod``.
+            ``prediction_type``, or ``"flow"`` for flow-matching schedulers (``_is_flow``).
 
     Returns:
         x0, float64, shaped like ``prediction``.
     """
     config = getattr(scheduler, "config", {})
     if prediction_type is None:
-        if hasattr(scheduler, "alphas_cumprod"):
-            prediction_type = config.get("prediction_type", "epsilon")
-        else:
+        if _is_flow(scheduler):
             prediction_type = "flow"
+        else:
+            prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(
             f"unknown prediction_type {prediction_type!r}; known: {', '.join(PREDICTION_TYPES)}"
@@ -235,9 +235,10 @@ def x0_coefficients(scheduler, timestep: float) -> tuple[float, float]:
     and sigma-parameterized ones (Euler, Karras) feed x_t/√(σ² + 1), which is that x_t with
     ᾱ = 1/(σ² + 1). So ``to_x0``'s formulas hold with ᾱ from the step's σ where the
     scheduler has sigmas, else from ``alphas_cumprod[t]``. Flow-matching schedulers (no
-    ``alphas_cumprod``): x0 = x_t − σ·v, with the step's σ (t / num_train_timesteps
-    where the scheduler keeps no sigmas); with ``invert_sigmas`` (Mochi) the scheduler's
-    σ is 1 − the noise level and the model predicts x0 − noise: x0 = x_t + (1 − σ)·v̂.
+    ``alphas_cumprod``, or UniPC / DPM-Solver on flow sigmas): x0 = x_t − σ·v, with the
+    step's σ (t / num_train_timesteps where the scheduler keeps no sigmas); with
+    ``invert_sigmas`` (Mochi) the scheduler's σ is 1 − the noise level and the model
+    predicts x0 − noise: x0 = x_t + (1 − σ)·v̂.
 
     Args:
         scheduler: the scheduler after the run (its ``timesteps`` and ``sigmas`` are those
@@ -249,7 +250,7 @@ def x0_coefficients(scheduler, timestep: float) -> tuple[float, float]:
     """
     config = getattr(scheduler, "config", {})
     sigma = _step_sigma(scheduler, timestep)
-    if not hasattr(scheduler, "alphas_cumprod"):
+    if _is_flow(scheduler):
         if sigma is None:
             sigma = timestep / config.get("num_train_timesteps", 1000)
         if config.get("invert_sigmas"):
@@ -272,6 +273,17 @@ def x0_coefficients(scheduler, timestep: float) -> tuple[float, float]:
     if prediction_type == "epsilon":
         return 1.0 / sqrt_alpha, -sqrt_one_minus / sqrt_alpha
     return sqrt_alpha, -sqrt_one_minus
+
+
+def _is_flow(scheduler) -> bool:
+    """A flow-matching schedule: a scheduler without ``alphas_cumprod``, or a multistep
+    solver on flow sigmas (UniPC or DPM-Solver with ``prediction_type="flow_prediction"``,
+    as Wan and SkyReels-V2 ship them; they keep betas they do not use)."""
+    config = getattr(scheduler, "config", {})
+    return (
+        not hasattr(scheduler, "alphas_cumprod")
+        or config.get("prediction_type") == "flow_prediction"
+    )
 
 
 def _step_sigma(scheduler, timestep: float) -> float | None:

@@ -4,6 +4,8 @@
 pipeline its family ships with (``tiny_pipelines``). Nothing is downloaded, and the result
 saves with ``save_pretrained`` and reloads offline with
 ``DiffusionPipeline.from_pretrained(directory, local_files_only=True)``.
+``tiny_family_pipeline`` does the same for the families without a preset, around the
+family's tiny config.
 
 ``run_pipeline`` drives any diffusers video pipeline (tiny or real) one sample at a time
 inside ``CallTracker.batch([sample_id])``, so that layer hooks see which sample, timestep
@@ -36,10 +38,15 @@ import torch
 from torch import nn
 
 from qvd_bench.errors import UserError
+from qvd_bench.models.families import family_by_name
 from qvd_bench.models.family import LoadedModel
 from qvd_bench.models.sampling import CallTracker
-from qvd_bench.models.tiny_pipelines import PRESET_PIPELINES, attach_tiny_pipeline
-from qvd_bench.models.zoo import pipeline_denoisers
+from qvd_bench.models.tiny_pipelines import (
+    PRESET_PIPELINES,
+    attach_tiny_pipeline,
+    pipeline_around,
+)
+from qvd_bench.models.zoo import pipeline_denoisers, reinit_zero_layers
 
 # --------------------------------------------------------------------------- public API
 
@@ -96,6 +103,33 @@ def save_tiny_pipeline(preset: str, directory: str | Path, weight_seed: int = 0)
     directory = Path(directory)
     build_tiny_pipeline(preset, weight_seed).save_pretrained(directory)
     return directory
+
+
+def tiny_family_pipeline(family: str, pipeline_class: str | None = None, weight_seed: int = 0):
+    """A family's tiny denoiser (its ``tiny_config``, zero-initialised layers given a small
+    init as in the presets) in one of its diffusers pipelines, next to tiny components;
+    for the families without a preset (LTX-2, HunyuanVideo-1.5, Allegro, SkyReels-V2).
+    Nothing is downloaded.
+
+    Args:
+        family: short family name ("allegro", "skyreels-v2", ...).
+        pipeline_class: one of the family's pipeline classes with a tiny builder
+            ("SkyReelsV2DiffusionForcingPipeline"); None: the first of them.
+        weight_seed: seed of all random weights.
+
+    Returns:
+        The diffusers pipeline (saves with ``save_pretrained``).
+
+    Raises:
+        UserError: an unknown family, or no tiny builder for it or for ``pipeline_class``.
+    """
+    spec = family_by_name(family)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(weight_seed)
+        denoiser = spec.build(spec.tiny_config()).eval()
+        reinit_zero_layers(denoiser)
+    loaded = LoadedModel(family, spec, denoiser, random_weights=True, weight_seed=weight_seed)
+    return pipeline_around(loaded, weight_seed, pipeline_class).pipeline
 
 
 def sample_seed(seed: int, sample_id: int) -> int:
@@ -209,7 +243,8 @@ def run_pipeline(
         loaded: a model with a diffusers ``pipeline``.
         prompts: one prompt per sample (ignored by pipelines without a text input).
         steps: number of denoising steps.
-        guidance_scale: CFG scale (the embedded guidance of guidance-distilled pipelines);
+        guidance_scale: CFG scale (the embedded guidance of guidance-distilled pipelines,
+            the guider's scale of a pipeline driven by a diffusers guider);
             <= 1 disables CFG (one "cond" call per step). A pipeline with a guidance
             range (StableVideoDiffusionPipeline) gets it as both its min and max; a
             two-expert pipeline also as ``guidance_scale_2``.
@@ -262,6 +297,7 @@ def run_pipeline(
     with contextlib.ExitStack() as stack:
         if tracker is not None:
             stack.enter_context(_attached(tracker))
+        stack.enter_context(_guider_scale(pipeline, guidance_scale, parameters))
         step_kwargs, hook_progress = _progress_kwargs(parameters, progress)
         if hook_progress is not None:
             stack.enter_context(_call_counter(denoisers, hook_progress))
@@ -323,8 +359,9 @@ def call_arguments(
     ``pipeline_call_defaults``. The generator and step count are added by the caller.
 
     Raises:
-        UserError: a required argument none of these supplies (one line naming it), or a
-            pipeline with no frame count.
+        UserError: a required argument none of these supplies (one line naming it), a
+            module the family's pipelines need that is not installed
+            (``Family.pipeline_modules``), or a pipeline with no frame count.
     """
     pipeline = loaded.pipeline
     class_name = type(pipeline).__name__
@@ -362,6 +399,7 @@ def call_arguments(
                 f"pipeline {class_name}'s call needs argument {name!r}, which qvd-bench "
                 "cannot supply"
             )
+    _check_pipeline_modules(loaded)
     if frames_arg is None:
         raise UserError(
             f"pipeline {class_name}'s call takes no frame count ({' or '.join(_FRAME_ARGUMENTS)}): "
@@ -380,6 +418,18 @@ def _pipeline_denoiser(pipeline: Any) -> nn.Module:
     if not denoisers:
         raise UserError(f"pipeline {type(pipeline).__name__} has neither a unet nor a transformer")
     return next(iter(denoisers.values()))
+
+
+def _check_pipeline_modules(loaded: LoadedModel) -> None:
+    """The modules the family's pipelines call must have been imported by the pipeline's
+    module (diffusers imports optional ones only when they are installed)."""
+    module = inspect.getmodule(type(loaded.pipeline))
+    for name in loaded.family.pipeline_modules:
+        if module is not None and not hasattr(module, name):
+            raise UserError(
+                f"pipeline {type(loaded.pipeline).__name__} needs the {name} package, which "
+                f"is not installed (pip install {name})"
+            )
 
 
 def _check_tracked(pipeline: Any, tracker: CallTracker) -> None:
@@ -487,6 +537,22 @@ def _global_rng(seed: int, module: nn.Module) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+@contextlib.contextmanager
+def _guider_scale(pipeline: Any, guidance_scale: float, parameters: Any) -> Iterator[None]:
+    """Gives a pipeline whose CFG scale is its ``guider``'s (HunyuanVideo15Pipeline: the
+    call takes no ``guidance_scale``) the run's scale for the run, then restores its guider.
+    """
+    guider = getattr(pipeline, "guider", None)
+    if "guidance_scale" in parameters or not hasattr(guider, "guidance_scale"):
+        yield
+        return
+    pipeline.guider = guider.new(guidance_scale=guidance_scale)
+    try:
+        yield
+    finally:
+        pipeline.guider = guider
 
 
 @contextlib.contextmanager

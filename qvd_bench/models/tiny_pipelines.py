@@ -503,7 +503,9 @@ def attach_tiny_pipeline(loaded: LoadedModel, config: dict[str, Any], weight_see
     _attach(loaded, PRESET_PIPELINES[loaded.name], config, weight_seed)
 
 
-def pipeline_around(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
+def pipeline_around(
+    loaded: LoadedModel, seed: int = 0, pipeline_class: str | None = None
+) -> LoadedModel:
     """Wraps a loaded model's denoiser in its family's diffusers pipeline, next to the tiny
     VAE, text encoder and tokenizer of ``tiny_pipeline_model`` (any size of denoiser: the
     full-size architectures get a pipeline too, for offloading and pipeline sampling).
@@ -511,13 +513,24 @@ def pipeline_around(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
     Args:
         loaded: a model without a pipeline, whose family has a builder here.
         seed: seed of the other components' random weights.
+        pipeline_class: which of the family's pipeline classes with a builder here; None:
+            the first of them.
 
     Returns:
         ``loaded``, with ``pipeline`` set (components on the denoiser's device and dtype).
+
+    Raises:
+        UserError: no builder for the family or for ``pipeline_class``.
     """
-    builder = next((c for c in loaded.family.pipeline_classes if c in _BUILDERS), None)
-    if builder is None:
+    built = [c for c in loaded.family.pipeline_classes if c in _BUILDERS]
+    if not built:
         raise UserError(f"no pipeline can be built around a {type(loaded.denoiser).__name__}")
+    builder = pipeline_class or built[0]
+    if builder not in built:
+        raise UserError(
+            f"no tiny {builder} around a {type(loaded.denoiser).__name__}; "
+            f"built: {', '.join(built)}"
+        )
     _attach(loaded, builder, {}, seed)
     return loaded
 
@@ -534,3 +547,298 @@ def _attach(loaded: LoadedModel, builder: str, config: dict[str, Any], seed: int
     pipeline.to(device=reference.device, dtype=reference.dtype)
     pipeline.set_progress_bar_config(disable=True)
     loaded.pipeline = pipeline
+
+
+# --------------------------------------------------------------------------- family pipelines
+# Tiny pipelines of families without a preset (LTX-2, HunyuanVideo-1.5, Allegro,
+# SkyReels-V2), built around the family's tiny config (``pipelines.tiny_family_pipeline``).
+
+
+def _init_arguments(pipeline_class: type, components: dict[str, Any]) -> dict[str, Any]:
+    """The components a pipeline class's constructor takes."""
+    import inspect
+
+    names = inspect.signature(pipeline_class.__init__).parameters
+    return {name: value for name, value in components.items() if name in names}
+
+
+def _skyreels_scheduler():
+    from diffusers import UniPCMultistepScheduler
+
+    # SkyReels-V2's scheduler: UniPC on flow sigmas with shift 8 (its text-to-video models).
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0
+    )
+
+
+def _skyreels_builder(pipeline_class: str) -> Callable[[LoadedModel], Any]:
+    def build(loaded: LoadedModel):
+        import diffusers
+
+        # Wan's tiny components: SkyReels-V2 is a Wan architecture with Wan's VAE and UMT5.
+        components = {**_build_wan(loaded).components, "scheduler": _skyreels_scheduler()}
+        cls = getattr(diffusers, pipeline_class)
+        return cls(**_init_arguments(cls, components))
+
+    return build
+
+
+def _build_allegro(loaded: LoadedModel):
+    from diffusers import AllegroPipeline, AutoencoderKLAllegro, EulerAncestralDiscreteScheduler
+
+    transformer = loaded.denoiser
+    config = transformer.config
+    # Four blocks: 8x spatial and 4x temporal compression, as Allegro's VAE.
+    vae = AutoencoderKLAllegro(
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=config.in_channels,
+        layers_per_block=1,
+        norm_num_groups=2,
+    ).eval()
+    # Allegro's scheduler: ancestral Euler on linear betas.
+    scheduler = EulerAncestralDiscreteScheduler(
+        beta_start=0.0001, beta_end=0.02, beta_schedule="linear", timestep_spacing="linspace"
+    )
+    return AllegroPipeline(
+        tokenizer=_t5_tokenizer(_TINY_TEXT_LENGTH),
+        text_encoder=_t5_text_encoder(config.caption_channels),
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+
+
+# A chat template in the shape of Qwen's: the pipeline renders a system and a user message.
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _qwen_tokenizer():
+    """A byte-level BPE tokenizer of Qwen's kind: the 256 byte symbols, no merges, Qwen's
+    special tokens and a chat template."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    symbols = list(bytes_to_unicode().values())
+    tokenizer = Qwen2Tokenizer(
+        vocab={token: i for i, token in enumerate(symbols + specials)},
+        merges=[],
+        additional_special_tokens=specials[1:],
+    )
+    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _qwen_text_encoder(dim: int, tokenizer):
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    head_dim = dim // _heads(dim)
+    config = Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=dim,
+        intermediate_size=2 * dim,
+        # The pipeline reads the states two layers before the last.
+        num_hidden_layers=_TEXT_LAYERS + 1,
+        num_attention_heads=_heads(dim),
+        num_key_value_heads=_heads(dim),
+        # Multimodal rotary sections (temporal, height, width) over half a head.
+        rope_scaling={
+            "type": "mrope",
+            "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
+        },
+    )
+    return Qwen2_5_VLTextModel(config).eval()
+
+
+def _build_hunyuan15(loaded: LoadedModel):
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+    )
+    from transformers import ByT5Tokenizer
+
+    transformer = loaded.denoiser
+    config = transformer.config
+    # Five blocks: 16x spatial and 4x temporal compression, as HunyuanVideo-1.5's VAE.
+    vae = AutoencoderKLHunyuanVideo15(
+        latent_channels=config.out_channels,
+        block_out_channels=(8, 8, 8, 8, 8),
+        layers_per_block=1,
+    ).eval()
+    tokenizer = _qwen_tokenizer()
+    return HunyuanVideo15Pipeline(
+        text_encoder=_qwen_text_encoder(config.text_embed_dim, tokenizer),
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        # HunyuanVideo-1.5 (480p) samples flow matching with shift 5.
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        # The ByT5 glyph encoder: byte tokens, a T5 encoder of the transformer's width.
+        text_encoder_2=_t5_text_encoder(config.text_embed_2_dim),
+        tokenizer_2=ByT5Tokenizer(extra_ids=0),
+        guider=ClassifierFreeGuidance(guidance_scale=6.0),
+    )
+
+
+def _gemma_tokenizer():
+    """A Gemma-style BPE tokenizer: Gemma's special tokens, "▁" for spaces, printable
+    ASCII, no merges."""
+    from transformers import GemmaTokenizer
+
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "▁"]
+    tokens += [chr(c) for c in range(33, 127)]
+    return GemmaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[])
+
+
+def _gemma3_text_encoder(dim: int, tokenizer):
+    """A Gemma 3 with a tiny SigLIP tower (the class LTX2Pipeline loads; only its language
+    model runs on text)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    heads = _heads(dim)
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": dim,
+        "intermediate_size": 2 * dim,
+        "num_hidden_layers": _TEXT_LAYERS,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "head_dim": dim // heads,
+        "sliding_window": 8,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    # 28 px images in 14 px patches: 2 x 2 patches, pooled to 4 image tokens.
+    vision_config = {
+        "hidden_size": dim,
+        "intermediate_size": 2 * dim,
+        "num_hidden_layers": 1,
+        "num_attention_heads": heads,
+        "image_size": 28,
+        "patch_size": 14,
+    }
+    config = Gemma3Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        mm_tokens_per_image=4,
+        boi_token_index=tokenizer.unk_token_id,
+        eoi_token_index=tokenizer.unk_token_id,
+        image_token_index=tokenizer.convert_tokens_to_ids("<mask>"),
+    )
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
+def _build_ltx2(loaded: LoadedModel):
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        AutoencoderKLLTX2Video,
+        FlowMatchEulerDiscreteScheduler,
+        LTX2Pipeline,
+    )
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    transformer = loaded.denoiser
+    config = transformer.config
+    tokenizer = _gemma_tokenizer()
+    text_encoder = _gemma3_text_encoder(config.caption_channels, tokenizer)
+    heads = _heads(config.caption_channels)
+    # The connectors read every Gemma layer's states (and the embeddings') and give the
+    # transformer text states of its caption width for both streams.
+    connector = {
+        "num_attention_heads": heads,
+        "attention_head_dim": config.caption_channels // heads,
+        "num_layers": 1,
+        "num_learnable_registers": None,
+    }
+    connectors = LTX2TextConnectors(
+        caption_channels=config.caption_channels,
+        text_proj_in_factor=_TEXT_LAYERS + 1,
+        **{f"video_connector_{k}": v for k, v in connector.items()},
+        **{f"audio_connector_{k}": v for k, v in connector.items()},
+        connector_rope_base_seq_len=32,
+    )
+    # Two scaling blocks: 4x spatial and temporal compression (LTX-2's VAE: 32x, 8x), so
+    # that 8 latent rows are the 32 pixels LTX2Pipeline takes at least.
+    vae = AutoencoderKLLTX2Video(
+        latent_channels=config.in_channels,
+        block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1, 1),
+        spatio_temporal_scaling=(True, True),
+        decoder_spatio_temporal_scaling=(True, True),
+        decoder_inject_noise=(False, False, False),
+        downsample_type=("spatiotemporal", "spatiotemporal"),
+        upsample_residual=(False, False),
+        upsample_factor=(1, 1),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+    ).eval()
+    # The audio VAE's latent (2 channels x 8 mel bins / 4) is the transformer's audio input.
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=4,
+        output_channels=2,
+        ch_mult=(1,),
+        num_res_blocks=1,
+        attn_resolutions=None,
+        in_channels=2,
+        resolution=32,
+        latent_channels=config.audio_in_channels // 2,
+        norm_type="pixel",
+        causality_axis="height",
+        mid_block_add_attention=False,
+        mel_bins=8,
+    ).eval()
+    vocoder = LTX2Vocoder(
+        in_channels=audio_vae.config.output_channels * audio_vae.config.mel_bins,
+        hidden_channels=8,
+        out_channels=2,
+        upsample_kernel_sizes=[4, 4],
+        upsample_factors=[2, 2],
+        resnet_kernel_sizes=[3],
+        resnet_dilations=[[1, 3, 5]],
+    ).eval()
+    # LTX-2's scheduler: as LTX-Video's, resolution-dependent shift to a terminal sigma.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
+        shift_terminal=0.1,
+    )
+    return LTX2Pipeline(
+        scheduler=scheduler,
+        vae=vae,
+        audio_vae=audio_vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        connectors=connectors,
+        transformer=transformer,
+        vocoder=vocoder,
+    )
+
+
+_BUILDERS.update(
+    {
+        "LTX2Pipeline": _build_ltx2,
+        "HunyuanVideo15Pipeline": _build_hunyuan15,
+        "AllegroPipeline": _build_allegro,
+        "SkyReelsV2Pipeline": _skyreels_builder("SkyReelsV2Pipeline"),
+        "SkyReelsV2DiffusionForcingPipeline": _skyreels_builder(
+            "SkyReelsV2DiffusionForcingPipeline"
+        ),
+    }
+)

@@ -124,3 +124,26 @@ def test_to_x0_per_sample_timesteps_and_a_real_scheduler():
         to_x0(noise, x_t, torch.tensor([10.5, 900.0]), scheduler, "epsilon")
     with pytest.raises(ValueError, match="unknown prediction_type"):
         to_x0(noise, x_t, t, scheduler, "x0")
+
+
+def test_x0_of_a_multistep_solver_on_flow_sigmas_is_the_solvers_own():
+    """UniPC on flow sigmas (Wan's and SkyReels-V2's scheduler) keeps DDPM betas it does not
+    use: x0 is the flow one, x_t − σ·v, as the solver computes it at each step."""
+    from diffusers import UniPCMultistepScheduler
+
+    from qvd_bench.evaluate.fidelity import x0_coefficients
+
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0
+    )
+    scheduler.set_timesteps(3)
+    g = torch.Generator().manual_seed(0)
+    x_t, v = torch.randn(2, 4, 3, 8, 8, generator=g), torch.randn(2, 4, 3, 8, 8, generator=g)
+    for index, t in enumerate(scheduler.timesteps):
+        scheduler._step_index = index
+        own = scheduler.convert_model_output(v, sample=x_t).double()
+        a, b = x0_coefficients(scheduler, float(t))
+        torch.testing.assert_close(a * x_t.double() + b * v.double(), own, atol=1e-6, rtol=0)
+        # to_x0 knows no step: its σ is t / 1000 (UniPC rounds its timesteps to integers).
+        flow = (x_t - float(t) / 1000 * v).double()
+        torch.testing.assert_close(to_x0(v, x_t, float(t), scheduler), flow, atol=1e-6, rtol=0)

@@ -21,3 +21,5 @@ class SkyReelsV2Family(WanFamily):
         "SkyReelsV2DiffusionForcingImageToVideoPipeline",
         "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
     )
+    # Its pipelines clean every prompt with ftfy, imported only where it is installed.
+    pipeline_modules = ("ftfy",)

@@ -1,0 +1,220 @@
+"""Saved pipelines of the families without a tiny preset (Allegro, SkyReels-V2, ...), built
+from the family's tiny config: by path through models --roles, collect, analyze, quantize
+and evaluate, with every sampled timestep stored and no denoiser call dropped; SkyReels-V2's
+diffusion forcing with frames at different noise levels."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qvd_bench import store
+from qvd_bench.collect.collector import collect
+from qvd_bench.config import CollectConfig
+from qvd_bench.models import pipelines
+from tests.collect.test_any_pipeline import SIZE, SMALL, collect_layers, error_line, run_cli
+
+# (family, pipeline class) of each tiny family pipeline.
+FAMILY_PIPELINES = [
+    pytest.param(
+        "hunyuan-video-1.5",
+        "HunyuanVideo15Pipeline",
+        # Its text-to-video x_embedder input is the latent and C + 1 zero channels, so the
+        # plan's SCRI disparity is infinite (stored as None), which the evaluation
+        # report's verdict cannot read yet (report.verdict._plan_figure).
+        marks=pytest.mark.xfail(raises=TypeError, strict=True, reason="report reads None"),
+    ),
+    ("allegro", "AllegroPipeline"),
+    ("skyreels-v2", "SkyReelsV2Pipeline"),
+    ("skyreels-v2", "SkyReelsV2DiffusionForcingPipeline"),
+]
+
+# The diffusers modules of SkyReels-V2's pipelines, which call ``ftfy.fix_text`` on every
+# prompt but import ftfy only where it is installed.
+_SKYREELS_MODULES = (
+    "diffusers.pipelines.skyreels_v2.pipeline_skyreels_v2",
+    "diffusers.pipelines.skyreels_v2.pipeline_skyreels_v2_diffusion_forcing",
+)
+
+
+@pytest.fixture
+def ftfy(monkeypatch):
+    """ftfy where it is not installed: a stand-in whose ``fix_text`` returns the text (what
+    ftfy does to the plain ASCII prompts of these tests)."""
+    stand_in = types.SimpleNamespace(fix_text=lambda text: text)
+    for name in _SKYREELS_MODULES:
+        module = importlib.import_module(name)
+        if not hasattr(module, "ftfy"):
+            monkeypatch.setattr(module, "ftfy", stand_in, raising=False)
+
+
+@functools.cache
+def _saved(family: str, pipeline_class: str, root: str) -> str:
+    from pathlib import Path
+
+    directory = Path(root) / pipeline_class
+    pipelines.tiny_family_pipeline(family, pipeline_class).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("family_pipelines"))
+    return lambda family, pipeline_class: _saved(family, pipeline_class, root)
+
+
+@pytest.mark.parametrize(("family", "pipeline_class"), FAMILY_PIPELINES)
+def test_saved_family_pipeline_goes_by_path_through_every_stage(
+    family, pipeline_class, saved, ftfy, tmp_path, capsys
+):
+    path = saved(family, pipeline_class)
+    assert run_cli("models", "--roles", path) == 0
+    stats = tmp_path / "stats"
+    collect_args = ["collect", "--model", path, *SMALL, "--temporal-stride", "250"]
+    assert run_cli(*collect_args, "--out", stats, "--no-progress") == 0
+    run = store.StatsRun(stats)
+    assert run.manifest["model"]["family"] == family
+    assert run.manifest["sampling"]["sampler"] == "pipeline"
+    scheduled = run.manifest["schedule"]
+    assert len(scheduled) == 2
+    channels = run.channels[run.channels["tensor"] == "input"]
+    assert set(channels["branch"]) == {"cond", "uncond"}
+    # No silent drop: every layer at every sampled timestep, in both branches, and no
+    # tokens left out (every token of a text-to-video call is at the step's noise level).
+    for layer, rows in channels.groupby("layer", observed=True):
+        keys = set(zip(rows["timestep"], rows["branch"]))
+        assert keys == {(t, b) for t in scheduled for b in ("cond", "uncond")}, layer
+    assert run.manifest["keying"]["excluded_rows"] == {}
+    assert run_cli("analyze", stats) == 0
+    record = tmp_path / "record"
+    assert run_cli("quantize", "--stats", stats, "--method", "qvd", "--out", record) == 0
+    assert (record / "record.json").is_file()
+    out = tmp_path / "evaluate"
+    matrix = ["--methods", "fp,qvd", "--bits", "W8A8", "--metrics", "fidelity", "--no-progress"]
+    assert run_cli("evaluate", "--model", path, *matrix, *SMALL, "--out", out) == 0
+    results = pd.read_parquet(next(out.rglob("results.parquet")))
+    sqnr = results[(results["method"] == "qvd") & (results["metric"] == "sqnr")]
+    assert len(sqnr) and np.isfinite(sqnr["value"]).all()
+    settings = json.loads(next(out.rglob("settings.json")).read_text())
+    assert settings["sampler"] == f"pipeline: {pipeline_class}"
+    capsys.readouterr()
+
+
+# LTX2Pipeline's spatio-temporal and modality guidance passes off (their calls are not CFG
+# branches): the CFG call alone, as one doubled batch per step.
+LTX2_CFG_ONLY = {"stg_scale": 0.0, "audio_stg_scale": 0.0}
+LTX2_CFG_ONLY |= {"modality_scale": 1.0, "audio_modality_scale": 1.0}
+
+
+def test_saved_ltx2_pipeline_collects_every_step_and_quantizes(saved, tmp_path, capsys):
+    """LTX-2 by path with its guidance passes off (``pipeline_kwargs``, which the command
+    line does not take: collected through the library), then analyze and quantize."""
+    path = saved("ltx2", "LTX2Pipeline")
+    assert run_cli("models", "--roles", path) == 0
+    config = CollectConfig(
+        model=path,
+        prompts=("a cat jumps onto a table",),
+        steps=2,
+        temporal_stride=250,
+        extra={"pipeline_kwargs": LTX2_CFG_ONLY},
+        **SIZE,
+    )
+    stats = tmp_path / "stats"
+    collect(config, stats, progress=False)
+    run = store.StatsRun(stats)
+    scheduled = run.manifest["schedule"]
+    assert len(scheduled) == 2
+    channels = run.channels[run.channels["tensor"] == "input"]
+    # Both streams' layers (video and audio) at every step, in both branches.
+    assert channels["layer"].str.contains("audio_").any()
+    for layer, rows in channels.groupby("layer", observed=True):
+        keys = set(zip(rows["timestep"], rows["branch"]))
+        assert keys == {(t, b) for t in scheduled for b in ("cond", "uncond")}, layer
+    assert run.manifest["keying"]["excluded_rows"] == {}
+    assert run_cli("analyze", stats) == 0
+    record = tmp_path / "record"
+    assert run_cli("quantize", "--stats", stats, "--method", "qvd", "--out", record) == 0
+    assert (record / "record.json").is_file()
+    capsys.readouterr()
+
+
+def test_diffusion_forcing_frames_at_other_noise_levels_are_left_out_not_dropped(
+    saved, ftfy, tmp_path
+):
+    """Asynchronous diffusion forcing (``ar_step`` 1): each latent frame starts one
+    iteration after the one before, so a call's timesteps (B, frames) differ per frame and
+    there are more calls than steps. Each call is keyed by its largest timestep; the video
+    tokens of frames at another noise level are left out and counted, none dropped."""
+    path = saved("skyreels-v2", "SkyReelsV2DiffusionForcingPipeline")
+    layer = "blocks.0.attn1.to_q"
+    run = collect_layers(
+        path, [layer], tmp_path, 2, pipeline_kwargs={"ar_step": 1, "causal_block_size": 1}
+    )
+    from diffusers import DiffusionPipeline
+
+    scheduler = DiffusionPipeline.from_pretrained(path, local_files_only=True).scheduler
+    scheduler.set_timesteps(2)
+    assert run.manifest["schedule"] == [float(t) for t in scheduler.timesteps]
+    rows = run.channels[run.channels["channel"] == 0]
+    assert set(zip(rows["timestep"], rows["branch"])) == {
+        (float(t), b) for t in scheduler.timesteps for b in ("cond", "uncond")
+    }
+    # Every video token of every call, stored or left out: the frames lag one iteration
+    # each, so there are steps + frames - 1 calls per branch.
+    patch = (1, 2, 2)  # the tiny Wan config's patch size
+    tokens_per_frame = SIZE["height"] // patch[1] * (SIZE["width"] // patch[2])
+    calls = 2 * (2 + SIZE["frames"] - 1)
+    excluded = run.manifest["keying"]["excluded_rows"].get(layer, 0)
+    assert excluded > 0
+    assert rows["count"].sum() + excluded == calls * SIZE["frames"] * tokens_per_frame
+
+
+def test_the_runs_guidance_scale_reaches_a_pipelines_guider(saved, tmp_path):
+    """HunyuanVideo15Pipeline takes its CFG scale from its guider, not from its call: a
+    scale of 1 runs the conditional branch alone, and the pipeline keeps its own guider."""
+    from qvd_bench.models import zoo
+
+    path = saved("hunyuan-video-1.5", "HunyuanVideo15Pipeline")
+    loaded = zoo.load_model(path)
+    guider = loaded.pipeline.guider
+    calls = []
+    handle = loaded.denoiser.register_forward_hook(lambda *args: calls.append(1))
+    common = dict(steps=2, seed=0, sample_ids=[0], **SIZE)
+    for scale, calls_per_step in ((1.0, 1), (4.0, 2)):
+        calls.clear()
+        pipelines.run_pipeline(loaded, ["a cat"], guidance_scale=scale, **common)
+        assert len(calls) == 2 * calls_per_step
+        assert loaded.pipeline.guider is guider
+    handle.remove()
+    config = CollectConfig(
+        model=path,
+        prompts=("a cat",),
+        steps=2,
+        guidance_scale=1.0,
+        include=("^proj_out$",),
+        histograms=False,
+        reservoir_capacity=0,
+        temporal_stride=0,
+        **SIZE,
+    )
+    collect(config, tmp_path / "run", progress=False)
+    assert set(store.StatsRun(tmp_path / "run").channels["branch"]) == {"cond"}
+
+
+def test_skyreels_without_ftfy_is_one_line_exit_2(saved, tmp_path, capsys):
+    """SkyReels-V2's pipelines call ftfy on every prompt without checking it is there."""
+    for name in _SKYREELS_MODULES:
+        if hasattr(importlib.import_module(name), "ftfy"):
+            pytest.skip("ftfy is installed")
+    path = saved("skyreels-v2", "SkyReelsV2Pipeline")
+    capsys.readouterr()  # saving's progress bar
+    out = tmp_path / "stats"
+    assert run_cli("collect", "--model", path, *SMALL, "--out", out, "--no-progress") == 2
+    assert "needs the ftfy package" in error_line(capsys)
+    assert not out.exists()
