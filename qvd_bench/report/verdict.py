@@ -154,13 +154,17 @@ def _mean_change(changes: pd.DataFrame, change: str, figure: str) -> tuple[float
 
 
 def _plan_figure(plan, which: str, figure: str) -> tuple[float, int]:
-    """The median of a plan figure over the layers the plan gives ``which`` (htdq/scri)."""
+    """The median of a plan figure over the layers the plan gives ``which`` (htdq/scri).
+
+    A figure stored as None (an infinite disparity: a channel that is zero throughout,
+    as in HunyuanVideo-1.5's text-to-video x_embedder input) has no place in the median.
+    """
     if plan is None:
         return float("nan"), 0
     values = [
         float(getattr(p, which).figures[figure])
         for p in plan.layers
-        if getattr(p, which).apply and figure in getattr(p, which).figures
+        if getattr(p, which).apply and getattr(p, which).figures.get(figure) is not None
     ]
     return (float(np.median(np.abs(values))), len(values)) if values else (float("nan"), 0)
 

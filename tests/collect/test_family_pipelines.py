@@ -22,14 +22,9 @@ from tests.collect.test_any_pipeline import SIZE, SMALL, collect_layers, error_l
 
 # (family, pipeline class) of each tiny family pipeline.
 FAMILY_PIPELINES = [
-    pytest.param(
-        "hunyuan-video-1.5",
-        "HunyuanVideo15Pipeline",
-        # Its text-to-video x_embedder input is the latent and C + 1 zero channels, so the
-        # plan's SCRI disparity is infinite (stored as None), which the evaluation
-        # report's verdict cannot read yet (report.verdict._plan_figure).
-        marks=pytest.mark.xfail(raises=TypeError, strict=True, reason="report reads None"),
-    ),
+    # Its text-to-video x_embedder input is the latent and C + 1 zero channels: the plan's
+    # SCRI disparity there is infinite (stored as None), which the report must read.
+    ("hunyuan-video-1.5", "HunyuanVideo15Pipeline"),
     ("allegro", "AllegroPipeline"),
     ("skyreels-v2", "SkyReelsV2Pipeline"),
     ("skyreels-v2", "SkyReelsV2DiffusionForcingPipeline"),

@@ -271,3 +271,20 @@ def test_a_transform_without_figures_is_said_so_and_cites_the_end_to_end_change(
         "record keeps no per-layer before → after figure); end-to-end SQNR with mse's "
         "calibration → smoothquant: 12.50 → 15.00 dB."
     )
+
+
+def test_a_plan_figure_stored_as_none_is_left_out_of_the_median():
+    """An infinite SCRI disparity (a channel zero throughout) is stored as None; the
+    median is over the finite figures of the layers the plan transforms."""
+    from types import SimpleNamespace
+
+    from qvd_bench.report.verdict import _plan_figure
+
+    def layer(apply, value):
+        return SimpleNamespace(scri=SimpleNamespace(apply=apply, figures={"disparity": value}))
+
+    plan = SimpleNamespace(
+        layers=[layer(True, None), layer(True, -3.0), layer(True, 5.0), layer(False, 100.0)]
+    )
+    assert _plan_figure(plan, "scri", "disparity") == (4.0, 2)
+    assert _plan_figure(SimpleNamespace(layers=[layer(True, None)]), "scri", "disparity")[1] == 0
