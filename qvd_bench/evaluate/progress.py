@@ -6,8 +6,9 @@ no step at all, and the report runs after the last one. So the bar counts *units
 time of one quantized sampling step (one denoiser step of one video, both CFG branches):
 a sampling step is one unit, and the other stages are weighted by their estimated cost in
 such units (``COLLECT_STEP_COST``, ``QUANTIZE_COST``, ``REPORT_COST``), measured on the
-default job (``qvd-bench perf run``: each phase's seconds over the seconds of one quantized
-sampling step). The bar's total is known before any work and it ends exactly at it.
+default job (each phase's seconds in its ``timings.parquet``, and the report's, over the
+seconds of one quantized sampling step), rounded: estimates, which another model or latent
+size shifts. The bar's total is known before any work and it ends exactly at it.
 
 Before its first unit completes, the bar has no measured rate; its ETA then comes from the
 machine probe (``probe_forward``, the fixed forward ``qvd-bench perf`` times), timed by the
@@ -37,7 +38,6 @@ REPORT_COST = 300
 PROBE_FORWARDS_PER_UNIT = 520 / (
     60 * COLLECT_STEP_COST + 60 + 21 * QUANTIZE_COST + 2520 + REPORT_COST
 )
-
 
 # The machine probe's latent (frames, height, width).
 PROBE_LATENT = (8, 16, 16)
