@@ -118,3 +118,14 @@ def test_optional_imports_fail_with_a_line_that_names_the_package():
                 )
             ]
             assert guarded, f"{file} imports {module} without a one-line error"
+
+
+def test_ci_hands_ci_true_to_the_tests_so_the_browser_check_fails_without_chromium():
+    # tox passes only the variables it is told to: without CI in pass_env the report's
+    # Chromium test would skip in CI instead of failing.
+    import configparser
+
+    tox = configparser.ConfigParser()
+    tox.read(ROOT / "tox.ini")
+    assert "CI" in tox["testenv"]["pass_env"].split()
+    assert 'export CI="${CI:-true}"' in (ROOT / ".ci" / "run").read_text()

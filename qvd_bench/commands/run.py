@@ -9,9 +9,12 @@ smoothquant, os+, qvd, qvd-htdq, qvd-scri at W8A8, W4A8, W4A4, one weight seed
 ``OTHER_MODEL_DEFAULTS`` (2 built-in prompts, 10 DDIM steps, CFG 7.5, fidelity only):
 groundtruth scores shapes-wan's clips alone. They are
 printed before anything runs, with the work they make in sampling steps (one denoiser step
-of one video, both CFG branches), the unit of the job's one progress bar, whose total is
-known before the first step; all are recorded in ``results/<model>/run.json`` with the wall
-time and the time each phase took.
+of one video, both CFG branches). The job's one progress bar counts that work in units of
+one sampling step's time, with collection, quantization and the report weighted by their
+estimated cost (``evaluate.progress``); its total is known before the first step, and
+before the first unit completes its ETA comes from one forward of the machine probe
+(``evaluate.progress.probe_forward``) timed first. All are recorded in
+``results/<model>/run.json`` with the wall time and the time each phase took.
 """
 
 from __future__ import annotations
@@ -197,13 +200,46 @@ def format_settings(settings: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_work(planned: dict[str, int], steps: int) -> str:
-    """The work of the job before it starts: sampling steps per stage and videos."""
+def format_work(planned: dict[str, int], steps: int, work: dict[str, int] | None = None) -> str:
+    """The work of the job before it starts: sampling steps per stage and videos, and (given
+    ``work``, the progress bar's units per stage) what the progress bar counts."""
     shown = ", ".join(f"{stage} {count}" for stage, count in planned.items())
     videos = (planned["fp reference"] + planned["quantized"]) // steps
+    line = f"work: {sum(planned.values())} sampling steps ({shown}) for {videos} videos"
+    if work is None:
+        return line
+    units = ", ".join(f"{stage} {count}" for stage, count in work.items())
     return (
-        f"work: {sum(planned.values())} sampling steps ({shown}) for {videos} videos; "
-        "the progress bar counts them"
+        f"{line}; the progress bar counts {sum(work.values())} units of one sampling "
+        f"step's time ({units})"
+    )
+
+
+def job_config(settings: dict[str, Any]):
+    """The ``EvalConfig`` of the job with ``settings`` (``run_settings``)."""
+    from qvd_bench.evaluate.config import EvalConfig
+    from qvd_bench.evaluate.generate import GenerationSettings
+
+    return EvalConfig(
+        model=settings["model"],
+        weight_seeds=tuple(
+            range(settings["weight_seed"], settings["weight_seed"] + settings["seeds"])
+        ),
+        methods=settings["methods"],
+        bits=settings["bits"],
+        metrics=tuple(m for m in settings["metrics"] if m != "fidelity"),
+        prompts=default_prompts(settings["model"], settings["num_prompts"]),
+        settings=GenerationSettings(
+            steps=settings["steps"],
+            guidance_scale=settings["guidance_scale"],
+            seed=settings["seed"],
+            frames=settings["frames"],
+            height=settings["height"],
+            width=settings["width"],
+            scheduler=settings["scheduler"],
+        ),
+        device=settings["device"],
+        dtype=settings["dtype"],
     )
 
 
@@ -240,7 +276,8 @@ def run_job(
         The rest: overrides of ``RUN_DEFAULTS`` (None keeps the default); ``device`` and
             ``dtype`` say where and in which dtype every model runs (statistics are
             accumulated in float64 whatever the dtype).
-        progress: show the job's progress bar (and the report's).
+        progress: show the job's progress bar (its ETA before the first step comes from
+            one machine probe forward, timed first).
         report_dir: where the report goes (default: ``out/reports/<model>/``).
 
     Returns:
@@ -248,9 +285,9 @@ def run_job(
     """
     from qvd_bench import store
     from qvd_bench.commands.evaluate import print_summary, write_report
-    from qvd_bench.evaluate.config import EvalConfig
-    from qvd_bench.evaluate.generate import GenerationSettings
-    from qvd_bench.evaluate.matrix import evaluate, planned_steps
+    from qvd_bench.evaluate.matrix import evaluate, planned_steps, planned_work
+    from qvd_bench.evaluate.progress import REPORT_COST, JobBar, probe_seconds, seconds_per_unit
+    from qvd_bench.evaluate.shard import Shard
     from qvd_bench.models.device import check_device
 
     if seeds < 1:
@@ -276,35 +313,34 @@ def run_job(
     out = store.check_output_directory(out)
     if report_dir is not None:
         store.check_output_directory(report_dir)
-    config = EvalConfig(
-        model=settings["model"],
-        weight_seeds=tuple(range(settings["weight_seed"], settings["weight_seed"] + seeds)),
-        methods=settings["methods"],
-        bits=settings["bits"],
-        metrics=tuple(m for m in settings["metrics"] if m != "fidelity"),
-        prompts=default_prompts(settings["model"], settings["num_prompts"]),
-        settings=GenerationSettings(
-            steps=settings["steps"],
-            guidance_scale=settings["guidance_scale"],
-            seed=settings["seed"],
-            frames=settings["frames"],
-            height=settings["height"],
-            width=settings["width"],
-            scheduler=settings["scheduler"],
-        ),
-        device=settings["device"],
-        dtype=settings["dtype"],
-    )
+    config = job_config(settings)
     planned = planned_steps(config, out)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 prints and records
+    # Under torchrun rank 0 prints, records and shows the bar, which counts its own prompts.
+    shard = Shard(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    work = planned_work(config, out, len(shard.prompts(len(config.prompts))))
+    work["report"] = REPORT_COST
+    if shard.main:
         print(format_settings(settings))
-        print(format_work(planned, settings["steps"]), flush=True)
+        print(format_work(planned, settings["steps"], work), flush=True)
+    shown = progress and shard.main
+    prior = seconds_per_unit(probe_seconds()) if shown else None  # the ETA before any step
     started = time.perf_counter()
-    result = evaluate(config, out, progress=progress)
-    if result is None:  # not rank 0 of a multi-process run: rank 0 records and reports
-        return 0
-    name = Path(settings["model"]).name or "model"
-    write_report(result, config, out, name, progress=progress, report_dir=report_dir)
+    bar = JobBar(
+        total=sum(work.values()),
+        desc="qvd-bench run",
+        unit="step",
+        disable=not shown,
+        seconds_per_unit=prior,
+    )
+    try:
+        result = evaluate(config, out, progress=progress, bar=bar)
+        if result is None:  # not rank 0 of a multi-process run: rank 0 records and reports
+            return 0
+        name = Path(settings["model"]).name or "model"
+        write_report(result, config, out, name, report_dir=report_dir)
+        bar.update(REPORT_COST)
+    finally:
+        bar.close()
     wall = time.perf_counter() - started
     timings = result.timings
     per_method = (
@@ -324,12 +360,13 @@ def run_job(
         "videos_generated": result.generated,
         "videos_cached": result.cached,
         "planned_steps": planned,
+        "planned_work": work,
     }
     store.write_json(result.results_dir / RUN_RECORD, record)
     print_summary(result, out, name, report_dir)
     print(
-        f"sampling steps: {sum(planned.values())} (the progress bar's count) for "
-        f"{result.generated + result.cached} videos and the statistics"
+        f"sampling steps: {sum(planned.values())} for {result.generated + result.cached} "
+        f"videos and the statistics; the progress bar's count: {sum(work.values())} units"
     )
     print(f"statistics in {', '.join(str(p) for p in result.stats_dirs.values())}")
     print(f"wall time {wall:.1f} s; seconds per method (quantize, generate):")

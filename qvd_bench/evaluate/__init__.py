@@ -12,8 +12,9 @@
   built from ``config`` (``EvalConfig``), ``calibration`` (the statistics runs),
   ``videos`` (FP and quantized videos through the generation cache), ``results`` (the
   results table and its fidelity rows), ``metrics`` (the metric registry and network
-  metrics), ``latents``, ``reference`` (real-video reference sets) and ``shard``
-  (processes under torchrun).
+  metrics), ``latents``, ``reference`` (real-video reference sets), ``shard``
+  (processes under torchrun) and ``progress`` (the progress bar's weighted units and its
+  ETA before the first step).
 
 Submodules are imported on use, so importing this package pulls in no metric library.
 """

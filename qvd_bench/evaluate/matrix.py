@@ -44,7 +44,6 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from qvd_bench import store
 from qvd_bench.collect import distributed
@@ -55,6 +54,7 @@ from qvd_bench.evaluate.config import EvalConfig, split_bits_spec
 from qvd_bench.evaluate.generate import GenerationCache
 from qvd_bench.evaluate.latents import concat, video_frames
 from qvd_bench.evaluate.metrics import check_protocols, groundtruth_rows, load_weight_metrics
+from qvd_bench.evaluate.progress import COLLECT_STEP_COST, QUANTIZE_COST, JobBar, Weighted
 from qvd_bench.evaluate.reference import load_real_videos, real_reference
 from qvd_bench.evaluate.results import (
     RESULTS_FILE,
@@ -122,7 +122,7 @@ class EvalResult:
 
 
 def evaluate(
-    config: EvalConfig, out_dir: str | Path, *, progress: bool = True
+    config: EvalConfig, out_dir: str | Path, *, progress: bool = True, bar=None
 ) -> EvalResult | None:
     """Runs the methods × bit-widths × metrics matrix and writes the results.
 
@@ -135,7 +135,10 @@ def evaluate(
         out_dir: the output root: statistics go to ``stats/``, results (``results.parquet``,
             ``timings.parquet``, ``settings.json``, ``generations/``) to
             ``results/<model>/``.
-        progress: show one progress bar over sampling steps, collection included (rank 0's).
+        progress: show one progress bar over the work (``planned_work``; rank 0's).
+        bar: a progress bar of the caller's (tqdm-like) that the evaluation advances by
+            ``planned_work`` units instead of its own (the caller's total includes them
+            and the caller closes it).
 
     Returns:
         The EvalResult on rank 0 (the only process of a single-process run); None on the
@@ -144,13 +147,15 @@ def evaluate(
     joined = not (dist.is_available() and dist.is_initialized())
     shard = Shard(*distributed.rank_and_world())
     try:
-        return _evaluate(config, Path(out_dir), shard, progress)
+        return _evaluate(config, Path(out_dir), shard, progress, bar)
     finally:
         if shard.world > 1 and joined:
             dist.destroy_process_group()
 
 
-def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -> EvalResult | None:
+def _evaluate(
+    config: EvalConfig, out_dir: Path, shard: Shard, progress: bool, bar=None
+) -> EvalResult | None:
     from qvd_bench.models import zoo
     from qvd_bench.models.device import check_device
     from qvd_bench.models.pipelines import sampling_record
@@ -177,15 +182,17 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
     settings = config.settings
     prompts = len(config.prompts)
     mine = shard.prompts(prompts)
-    # One bar for the whole evaluation, in sampling steps of one video, its total known
-    # before any work: the collections still to run advance it step by step, each video
-    # by its steps (``planned_steps``).
-    bar = tqdm(
-        total=sum(planned_steps(config, out_dir, len(mine)).values()),
-        desc="evaluate",
-        unit="step",
-        disable=not (progress and shard.main),
-    )
+    # One bar for the whole evaluation, in units of one sampling step's time, its total
+    # known before any work (``planned_work``): the collections still to run advance it
+    # step by step, each video by its steps, each quantized configuration by its cost.
+    own_bar = bar is None
+    if own_bar:
+        bar = JobBar(
+            total=sum(planned_work(config, out_dir, len(mine)).values()),
+            desc="evaluate",
+            unit="step",
+            disable=not (progress and shard.main),
+        )
     videos = CachedVideos(GenerationCache(results_dir), config, bar)
     rows: list[dict[str, Any]] = []
     timings: list[dict[str, Any]] = []
@@ -198,7 +205,7 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
     try:
         for weight_seed in config.weight_seeds:
             at = f"the statistics of weight seed {weight_seed}"
-            collects = bar if progress and shard.main else False
+            collects = Weighted(bar, COLLECT_STEP_COST) if progress and shard.main else False
             with measure_stage("statistics", config.device) as cost:
                 run = StatsRun(ensure_stats(config, weight_seed, out_dir, collects, shard))
             stats_dirs[weight_seed] = run.path
@@ -265,6 +272,8 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
                             ]
                         forced = shard.gather(forced_local, prompts)
                         free = shard.gather(free_local, prompts)
+                    if method not in NO_VIDEO_METHODS:
+                        bar.update(QUANTIZE_COST)
                     timings.append(
                         _timing(
                             weight_seed,
@@ -301,7 +310,8 @@ def _evaluate(config: EvalConfig, out_dir: Path, shard: Shard, progress: bool) -
     except KeyboardInterrupt as interrupt:
         raise _interrupted(interrupt, videos, at) from None
     finally:
-        bar.close()
+        if own_bar:
+            bar.close()
     generated, cached = shard.total(videos.generated, videos.cached)
     if not shard.main:
         return None
@@ -375,6 +385,31 @@ def planned_steps(config: EvalConfig, out_dir: str | Path, prompts: int | None =
         "statistics": to_collect * prompts * steps,
         "fp reference": len(seeds) * prompts * steps,
         "quantized": len(seeds) * len(config.bits) * len(quantizing) * 2 * prompts * steps,
+    }
+
+
+def planned_work(config: EvalConfig, out_dir: str | Path, prompts: int | None = None) -> dict:
+    """The work of an evaluation per stage in units of one sampling step's time
+    (``progress``), known before it starts: ``planned_steps`` with each collection step
+    weighted by ``COLLECT_STEP_COST``, plus ``QUANTIZE_COST`` per configuration that
+    quantizes (every method but ``NO_VIDEO_METHODS``, per weight seed and bit-width).
+
+    Args:
+        config: the evaluation.
+        out_dir: its output root.
+        prompts: the prompts this process samples (all by default).
+
+    Returns:
+        {"statistics": units, "fp reference": units, "quantize": units, "quantized": units}.
+    """
+    steps = planned_steps(config, out_dir, prompts)
+    quantizing = [m for m in config.methods if m not in NO_VIDEO_METHODS]
+    configurations = len(config.weight_seeds) * len(config.bits) * len(quantizing)
+    return {
+        "statistics": steps["statistics"] * COLLECT_STEP_COST,
+        "fp reference": steps["fp reference"],
+        "quantize": configurations * QUANTIZE_COST,
+        "quantized": steps["quantized"],
     }
 
 

@@ -3,6 +3,7 @@
 import html
 import json
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,12 +12,15 @@ from qvd_bench.commands.run import (
     RUN_DEFAULTS,
     default_prompts,
     format_settings,
+    job_config,
     run_job,
     run_settings,
 )
 from qvd_bench.datasets.shapes import COLORS, MOTION_PHRASES, SHAPES, heldout_captions
 from qvd_bench.errors import UserError
 from qvd_bench.prompts import DEFAULT_PROMPTS
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_are_design_section_7():
@@ -123,3 +127,43 @@ def test_bad_settings_are_one_line_user_errors(tmp_path):
         run_job(tmp_path, seeds=0)
     with pytest.raises(UserError, match="did you mean 'minmax'"):
         run_job(tmp_path, methods=["minmx"], progress=False)
+
+
+def _markdown_table(text: str, heading: str) -> list[list[str]]:
+    """The body rows of the first Markdown table after ``heading``, as cells."""
+    section = text.split(heading, 1)[1].lstrip("\n")
+    lines = section.split("\n\n", 1)[0].splitlines()
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def _flattened(config: dict, prefix: str = "") -> dict[str, str]:
+    """A config as the report's settings table shows it: nested dicts as dotted keys,
+    lists, empty dicts and None as JSON."""
+    shown = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            shown |= _flattened(value, f"{prefix}{key}.")
+        elif isinstance(value, (list, tuple, dict)) or value is None:
+            shown[f"{prefix}{key}"] = json.dumps(value)
+        else:
+            shown[f"{prefix}{key}"] = str(value)
+    return shown
+
+
+def test_the_committed_example_report_is_the_default_jobs_and_the_readme_gives_its_command():
+    example = ROOT / "reports" / "example"
+    report = (example / "report.md").read_text()
+    # Made with today's defaults: its settings are the default job's configuration.
+    config = job_config(run_settings()).to_dict()
+    settings = dict(_markdown_table(report, "#### Settings"))
+    assert settings == _flattened(config)
+    # Every default method and bit-width has its results; the verdict covers each width.
+    headline = {(row[0], row[1]) for row in _markdown_table(report, "#### Headline figures")}
+    assert headline == {(m, b) for b in config["bits"] for m in config["methods"]}
+    verdict = [row[0] for row in _markdown_table(report, "#### Best method per bit-width")]
+    assert verdict == list(config["bits"])
+    # The README says how it was made: the main job into a fresh root, the report here.
+    command = re.search(r"^qvd-bench run --out (\S+) --report-dir reports/example$",
+                        (ROOT / "README.md").read_text(), re.M)  # fmt: skip
+    assert command is not None
+    assert f"## Statistics (weight seed 0, {command.group(1)}/stats/shapes-wan-w0)" in report
