@@ -177,7 +177,7 @@ def test_machine_probe_is_the_recorded_diffusers_forward():
     with torch.no_grad():
         expected = expected_model(latents, torch.full((1,), 500.0), text, return_dict=False)[0]
 
-    probe = benchmarks._probe_forward()
+    probe = benchmarks.probe_forward()
     out = probe()
     assert out.shape == (1, 4, *benchmarks.PROBE_LATENT)
     # Same weights, same inputs, PyTorch's own kernels (no fast kernels installed): equal.

@@ -4,7 +4,6 @@ import io
 import re
 
 import pytest
-import torch
 
 from qvd_bench.commands.run import job_config, run_settings
 from qvd_bench.evaluate.matrix import planned_steps, planned_work
@@ -15,7 +14,6 @@ from qvd_bench.evaluate.progress import (
     REPORT_COST,
     JobBar,
     Weighted,
-    probe_forward,
     seconds_per_unit,
 )
 
@@ -64,11 +62,3 @@ def test_weighted_stage_advances_the_bar_by_its_weight():
     stage.update(2)
     stage.update()
     assert bar.n == 24
-
-
-def test_the_probe_timed_for_the_eta_is_the_one_perf_times():
-    from qvd_bench.commands.perf.benchmarks import PROBE_LATENT, _probe_forward
-
-    out = probe_forward()()
-    assert out.shape[-3:] == PROBE_LATENT
-    torch.testing.assert_close(out, _probe_forward()(), rtol=0, atol=0)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from qvd_bench.errors import UserError
+from qvd_bench.evaluate.progress import PROBE_LATENT, probe_forward
 
 # Latent sizes (frames, height, width): tiny-unet3d at its stated size; the
 # full-size architecture at a small latent so that a run takes minutes, not hours.
@@ -553,21 +554,6 @@ RUN_TARGET_S = 300.0
 # thread. The same machine has since measured it up to twice as slow from one day to the
 # next, so the job's time is also given at the recorded speed (wall × recorded / probe).
 PROBE_RECORDED_S = 0.113
-PROBE_LATENT = (8, 16, 16)
-
-
-def _probe_forward() -> Callable[[], torch.Tensor]:
-    """The machine probe's forward on fixed random weights and inputs, ready to time."""
-    from qvd_bench.models import zoo
-    from qvd_bench.models.family import LoadedModel
-
-    family = zoo.family_by_name("unet3d")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        # family.build, not load_model: the probe runs diffusers' model as it is built.
-        denoiser = family.build(family.tiny_config())
-    probe = LoadedModel(name="machine probe", family=family, denoiser=denoiser, weight_seed=0)
-    return denoiser_call(probe, 1, *PROBE_LATENT)
 
 
 def _time_unit_and_probe(
@@ -588,7 +574,7 @@ def _time_unit_and_probe(
         "unit": denoiser_call(
             zoo.load_model(model_name, weight_seed=weight_seed), 2, frames, height, width
         ),
-        "probe": _probe_forward(),
+        "probe": probe_forward(),
     }
     times = interleaved(forwards, repeats)
     del forwards  # the closures hold the only references to the models
