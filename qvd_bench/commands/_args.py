@@ -9,6 +9,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from qvd_bench.errors import UserError
@@ -36,6 +37,29 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+# The folders an output root holds.
+ROOT_FOLDERS = ("stats", "results", "reports")
+
+
+def output_root(out: str) -> Path:
+    """The output root an ``--out`` names.
+
+    ``--out results`` names the results folder of the root ``.``: taken as a root of its
+    own it would give ``results/results/MODEL``. Such a path is replaced by its parent,
+    with a note that says so.
+    """
+    path = Path(out)
+    if path.name not in ROOT_FOLDERS:
+        return path
+    root = path.parent
+    print(
+        f"note: --out {out} names a {path.name}/ folder of an output root; writing under "
+        f"{root}/ ({root / 'results'}/, {root / 'reports'}/, {root / 'stats'}/)",
+        file=sys.stderr,
+    )
+    return root
 
 
 def csv(text: str) -> tuple[str, ...]:

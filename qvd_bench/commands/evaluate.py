@@ -12,6 +12,7 @@ from qvd_bench.commands._args import (
     add_sampling_args,
     csv,
     device_and_dtype,
+    output_root,
     sampling_values,
     selected_prompts,
     with_flags,
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         dtype=dtype,
     )
-    out = store.check_output_directory(args.out)
+    out = store.check_output_directory(output_root(args.out))
     result = evaluate(config, out, progress=not args.no_progress)
     if result is not None:  # rank 0 reports; the other processes of a torchrun stay quiet
         name = Path(config.model).name or "model"

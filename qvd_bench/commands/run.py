@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qvd_bench.commands._args import add_device_args, csv, device_and_dtype
+from qvd_bench.commands._args import add_device_args, csv, device_and_dtype, output_root
 from qvd_bench.errors import UserError
 
 RUN_DEFAULTS: dict[str, Any] = {
@@ -151,10 +151,12 @@ def run(args: argparse.Namespace) -> int:
     if args.config_of is not None:
         from qvd_bench.commands.regress import run_config_of
 
-        return run_config_of(args.config_of, args.out, progress=not args.no_progress, args=args)
+        return run_config_of(
+            args.config_of, output_root(args.out), progress=not args.no_progress, args=args
+        )
     device, dtype = device_and_dtype(args)
     return run_job(
-        args.out,
+        output_root(args.out),
         args.seeds,
         model=args.model,
         num_prompts=args.num_prompts,

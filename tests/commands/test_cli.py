@@ -515,7 +515,12 @@ def test_run_and_evaluate_commands(tmp_path, monkeypatch, capsys):
     assert f"results written to {Path('results/tiny-unet3d/results.parquet')}" in (
         capsys.readouterr().out
     )
-    capsys.readouterr()
+    # --out results names the root's results folder: the same layout, no results/results.
+    assert run_cli("evaluate", "--methods", "fp,mse", "--out", "results", *TINY_RUN) == 0
+    assert [p.relative_to(out) for p in out.rglob("results.parquet")] == [
+        Path("results/tiny-unet3d/results.parquet")
+    ]
+    assert "--out results names a results/ folder" in capsys.readouterr().err
     assert run_cli("evaluate", "--metrics", "fvdd", "--out", out, *TINY_RUN) == 2
     assert "did you mean 'fvd'" in error_line(capsys)
 
