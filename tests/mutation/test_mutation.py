@@ -29,7 +29,7 @@ def baseline():
 
 
 @pytest.fixture(scope="module")
-def stated(baseline, tmp_path_factory):
+def stated(tmp_path_factory):
     config = regress.load_baseline_configuration(COMMITTED)
     return regress.measure(config, tmp_path_factory.mktemp("stated"))
 
