@@ -131,6 +131,18 @@ def write_baseline(path: Path, config: dict, out: str | None) -> int:
             ),
             regenerate_with=f"qvd-bench regress --regenerate {path}",
         )
+    pairs = data["distinct_pairs"]
+    if pairs:
+        print(
+            f"methods told apart (difference > {regress.DISTINCT_MULTIPLE:g} x spread; "
+            "tolerance at most half the difference):"
+        )
+        for pair in pairs:
+            print(
+                f"  {pair['kind']} {pair['bits']} {' vs '.join(pair['methods'])}: difference "
+                f"{pair['difference']:.4g}, spread {pair['spread']:.3g}, tolerance "
+                f"{pair['tolerance']:.3g}"
+            )
     print(
         f"baseline written to {path} ({len(data['figures'])} figures, tolerances from the "
         f"spread over {', '.join(data['rounding_changes'])}); regenerate it with "

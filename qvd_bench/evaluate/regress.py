@@ -9,6 +9,9 @@ methods, bit-widths) is measured by ``measure`` in stages, each reusable by the 
 4. ``method_figures``: per (method, bits), a fresh copy of the FP model quantized with
    ``quantize_`` and run teacher-forced on the FP trajectory.
 
+A configuration without methods (a zoo preset with random weights:
+``RANDOM_WEIGHTS_CONFIG``) stops after the statistics.
+
 Figures (names ``kind/...``):
 
 - statistics, per role (medians over layers, means over the run): ``skew``, ``kurtosis``
@@ -31,7 +34,7 @@ tolerance ``tolerance_for`` = max(floor, ``SPREAD_MULTIPLE`` × spread), lowered
 the gap to another method's same figure (same bits) where that gap exceeds 3 × their
 spread, so that the two methods stay distinguishable. A figure passes when
 |current − baseline| <= tolerance. The baseline file records spreads, multiple, floor,
-package versions and the machine.
+the method pairs it tells apart (``distinct_pairs``), package versions and the machine.
 
 Results of another configuration are never compared (``check_configuration``).
 """
@@ -97,6 +100,10 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "scheduler": "flow-euler",
     },
 }
+# A preset with random weights keeps statistics figures only (skewness, kurtosis, coverage,
+# CFG gap), which are stable on it; its fidelity and record figures barely tell methods
+# apart, so their checks belong on a trained model.
+RANDOM_WEIGHTS_CONFIG: dict[str, Any] = {"methods": (), "bits": ()}
 # Named prompt sources of a configuration's "prompts" setting.
 PROMPT_SETS = ("shapes-seen",)
 # Statistics collection settings of a measurement (the temporal grid every 10 timesteps,
@@ -137,17 +144,34 @@ class Rounding:
         seed_offset: added to the sampling seed (another sampling seed).
         reference_dtype: dtype of the FP reference trajectory ("float64": a float64 FP
             reference, cast to the model's dtype for teacher forcing).
+        processes: the statistics collected by this many processes (torch.distributed,
+            gloo), each on its share of the prompts, merged as ``collect`` merges them
+            under ``torchrun``. Only the collection is sharded: a sharded evaluation
+            computes each video alone from its own seeds, exactly as one process does.
     """
 
     threads: int | None = None
     batch_cfg: bool | None = None
     seed_offset: int = 0
     reference_dtype: str | None = None
+    processes: int = 1
 
     @property
     def changes_statistics(self) -> bool:
         """Whether the statistics differ under it (else a measurement can reuse them)."""
-        return self.threads is not None or self.seed_offset != 0
+        return self.threads is not None or self.seed_offset != 0 or self.processes > 1
+
+    @property
+    def changes_generations(self) -> bool:
+        """Whether the FP reference and the quantized runs differ under it given the same
+        statistics (sharded generations are computed alone from their own seeds, exactly
+        as one process computes them, so ``processes`` changes only the statistics)."""
+        return (
+            self.threads is not None
+            or self.seed_offset != 0
+            or self.batch_cfg is not None
+            or self.reference_dtype is not None
+        )
 
 
 AS_STATED = Rounding()
@@ -156,12 +180,14 @@ ROUNDING_CHANGES: dict[str, Rounding] = {
     "cfg-separate": Rounding(batch_cfg=False),
     "seed+1": Rounding(seed_offset=1),
     "fp64-reference": Rounding(reference_dtype="float64"),
+    "gloo-2": Rounding(processes=2),
 }
 
 
 def configuration(**overrides: Any) -> dict[str, Any]:
-    """``REGRESS_CONFIG`` with ``MODEL_CONFIGS`` of the model, then ``overrides`` (None
-    keeps the default).
+    """``REGRESS_CONFIG`` with ``MODEL_CONFIGS`` of the model (``RANDOM_WEIGHTS_CONFIG``
+    for a zoo preset with random weights: statistics figures only), then ``overrides``
+    (None keeps the default).
 
     Raises:
         UserError: an unknown setting or prompt set.
@@ -173,11 +199,19 @@ def configuration(**overrides: Any) -> dict[str, Any]:
     if prompt_set is not None and prompt_set not in PROMPT_SETS:
         raise UserError(f"unknown prompt set {prompt_set!r}; known: {', '.join(PROMPT_SETS)}")
     model = overrides.get("model") or REGRESS_CONFIG["model"]
-    config = {**REGRESS_CONFIG, **MODEL_CONFIGS.get(model, {})}
+    config = {**REGRESS_CONFIG, **MODEL_CONFIGS.get(model, _random_weights_config(model))}
     for key, value in overrides.items():
         if value is not None:
             config[key] = tuple(value) if isinstance(value, (list, tuple)) else value
     return config
+
+
+def _random_weights_config(model: str) -> dict[str, Any]:
+    from qvd_bench.models.zoo import MODELS
+
+    if model in MODELS and not MODELS.get(model).trained:
+        return RANDOM_WEIGHTS_CONFIG
+    return {}
 
 
 def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
@@ -266,28 +300,57 @@ def collect_stage(m: Measurement, progress: bool = False) -> Path:
     s = m.settings
     name = Path(m.config["model"]).name or "model"
     run_dir = m.work_dir / "stats" / f"{name}-w{m.config['weight_seed']}"
-    collect(
-        CollectConfig(
-            model=m.config["model"],
-            weight_seed=m.config["weight_seed"],
-            prompts=tuple(m.prompts),
-            steps=s.steps,
-            guidance_scale=s.guidance_scale,
-            seed=s.seed,
-            frames=s.frames,
-            height=s.height,
-            width=s.width,
-            sampler="denoiser",
-            temporal_stride=TEMPORAL_STRIDE,
-            reservoir_capacity=RESERVOIR,
-            dtype=m.config["dtype"],
-        ),
-        run_dir,
-        overwrite=True,
-        progress=progress,
+    config = CollectConfig(
+        model=m.config["model"],
+        weight_seed=m.config["weight_seed"],
+        prompts=tuple(m.prompts),
+        steps=s.steps,
+        guidance_scale=s.guidance_scale,
+        seed=s.seed,
+        frames=s.frames,
+        height=s.height,
+        width=s.width,
+        sampler="denoiser",
+        temporal_stride=TEMPORAL_STRIDE,
+        reservoir_capacity=RESERVOIR,
+        dtype=m.config["dtype"],
     )
+    if m.rounding.processes > 1:
+        _collect_in_processes(config, run_dir, m.rounding.processes)
+    else:
+        collect(config, run_dir, overwrite=True, progress=progress)
     m.run_dir = run_dir
     return run_dir
+
+
+def _collect_in_processes(config, run_dir: Path, processes: int) -> None:
+    """``collect`` by ``processes`` gloo processes (as under ``torchrun``), each with this
+    process's thread count."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="qvd-regress-gloo-") as rendezvous:
+        mp.spawn(
+            _collect_shard,
+            args=(processes, f"file://{rendezvous}/init", config, str(run_dir),
+                  torch.get_num_threads()),
+            nprocs=processes,
+            join=True,
+        )  # fmt: skip
+
+
+def _collect_shard(rank: int, world: int, init_method: str, config, run_dir: str, threads: int):
+    import torch.distributed as dist
+
+    from qvd_bench.collect.collector import collect
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        collect(config, Path(run_dir), overwrite=True, progress=False)
+    finally:
+        dist.destroy_process_group()
 
 
 def analysis_stage(m: Measurement, into: Path | None = None) -> Path:
@@ -487,7 +550,8 @@ def measure(
     *,
     progress: bool = False,
 ) -> tuple[dict[str, float], Measurement]:
-    """Every figure of ``config`` (module doc), every stage run.
+    """Every figure of ``config`` (module doc), every stage run (the statistics alone for
+    a configuration without methods or bits).
 
     Args:
         config: a configuration (``configuration``).
@@ -503,9 +567,10 @@ def measure(
         collect_stage(m, progress)
         analysis_stage(m)
     figures = statistics_figures(m.run_dir)
-    reference_stage(m)
-    figures.update(method_figures(m))
-    figures.update(paired_figures(figures, config))
+    if config["methods"] and config["bits"]:
+        reference_stage(m)
+        figures.update(method_figures(m))
+        figures.update(paired_figures(figures, config))
     return figures, m
 
 
@@ -513,6 +578,8 @@ def paired_figures(figures: dict[str, float], config: dict[str, Any]) -> dict[st
     """``<kind>_gain/<method>/<bits>``: a teacher-forced figure (``PAIRED_KINDS``) of each
     method minus that of the configuration's first method at the same bits, measured on
     the same prompts, noise and reference."""
+    if not config["methods"]:
+        return {}
     first = config["methods"][0]
     out = {}
     for kind, gain in PAIRED_KINDS.items():
@@ -676,7 +743,9 @@ def differing_settings(baseline: dict[str, Any], current: dict[str, Any]) -> lis
 
 
 def _show(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
 
 
 class OtherConfiguration(UserError):
@@ -820,8 +889,28 @@ def write_baseline(
             for name, value in base.items()
         },
     }
+    data["distinct_pairs"] = distinct_pairs(data)
     store.write_json(Path(path), data)
     return data
+
+
+def distinct_pairs(baseline: dict[str, Any]) -> list[dict[str, Any]]:
+    """The method pairs a baseline tells apart (``method_pairs`` rows whose difference
+    exceeds DISTINCT_MULTIPLE x the larger spread), as recorded in the baseline file:
+    figure kind, bits, the two methods, difference, spread and the larger tolerance (at
+    most half the difference)."""
+    pairs = method_pairs(baseline)
+    return [
+        {
+            "kind": row.kind,
+            "bits": row.bits,
+            "methods": [row.method_a, row.method_b],
+            "difference": float(row.difference),
+            "spread": float(row.spread),
+            "tolerance": float(row.tolerance),
+        }
+        for row in pairs[pairs["distinct"]].itertuples()
+    ]
 
 
 def _measure_once(config: dict[str, Any], work_dir: Path, rounding: Rounding) -> dict[str, float]:

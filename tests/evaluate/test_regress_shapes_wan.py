@@ -27,8 +27,16 @@ def test_the_shapes_wan_configuration_is_where_the_model_was_trained():
     assert len(set(prompts)) == len(prompts)
     # Explicit settings still win over the model's.
     assert regress.configuration(model="shapes-wan", steps=3)["steps"] == 3
-    # Other models keep the defaults and the built-in prompts.
-    assert regress.configuration(model="tiny-unet3d") == regress.REGRESS_CONFIG
+    # A model of another source keeps the defaults and the built-in prompts; a preset with
+    # random weights keeps its statistics figures only.
+    assert regress.configuration(model="some/pipeline") == {
+        **regress.REGRESS_CONFIG,
+        "model": "some/pipeline",
+    }
+    assert regress.configuration(model="tiny-unet3d") == {
+        **regress.REGRESS_CONFIG,
+        **regress.RANDOM_WEIGHTS_CONFIG,
+    }
 
 
 def test_an_unknown_prompt_set_is_a_one_line_error():
@@ -53,6 +61,11 @@ def test_the_shapes_wan_baseline_records_spreads_and_separates_the_methods():
         if kind == "sqnr_tf"
     }
     assert {("mse", "qvd"), ("qvd", "qvd-htdq")} <= separated
+    # The baseline file states the pairs it tells apart.
+    recorded = {(p["kind"], p["bits"], *p["methods"]) for p in data["distinct_pairs"]}
+    assert recorded == set(
+        zip(distinct["kind"], distinct["bits"], distinct["method_a"], distinct["method_b"])
+    )
 
 
 def test_a_fresh_measurement_passes_against_the_committed_shapes_wan_baseline(tmp_path):

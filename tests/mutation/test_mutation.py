@@ -1,9 +1,11 @@
-"""The mutation suite: the committed baseline catches every deliberate fault and passes
-every rounding change.
+"""The mutation suite: the committed baseline of the trained reference model catches every
+deliberate fault and passes every rounding change.
 
 The baseline configuration is measured once as stated (statistics collected once); each
 fault reruns only the stages from the one it changes (``faults.FAULTS``), each rounding
-change (``regress.ROUNDING_CHANGES``) reruns everything.
+change (``regress.ROUNDING_CHANGES``) only the stages it touches: the collection and
+analysis when it changes the statistics, the FP reference when it changes the
+generations, and the quantized runs always.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from qvd_bench.evaluate import regress
 from qvd_bench.quant.methods import base
 from tests.mutation.faults import FAULTS
 
-COMMITTED = Path(__file__).resolve().parents[2] / "stats" / "baselines" / "tiny-unet3d.json"
+COMMITTED = Path(__file__).resolve().parents[2] / "stats" / "baselines" / "shapes-wan.json"
+STATISTICS = ("skew", "kurtosis", "coverage_a8", "coverage_a4", "cfg_skew_gap")
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,7 @@ def baseline():
 
 
 @pytest.fixture(scope="module")
-def stated(baseline, tmp_path_factory):
+def stated(tmp_path_factory):
     config = regress.load_baseline_configuration(COMMITTED)
     return regress.measure(config, tmp_path_factory.mktemp("stated"))
 
@@ -38,24 +41,33 @@ def failing(table) -> list[str]:
 def test_the_stated_run_passes(stated, baseline):
     table, ok = regress.compare(stated[0], baseline["figures"])
     assert ok, failing(table)
+    assert not (table["status"] == "new").any()
 
 
-def rerun(measurement: regress.Measurement, stage: str, stated_figures, work: Path):
-    """The figures with the stages from ``stage`` on run again."""
+def rerun(
+    measurement: regress.Measurement,
+    stated_figures: dict[str, float],
+    work: Path,
+    *,
+    statistics: bool,
+    reference: bool,
+) -> dict[str, float]:
+    """The figures with the statistics (collection and analysis) and the FP reference run
+    again where asked, the quantized runs always."""
     m = copy.copy(measurement)
-    if stage == "collect":
+    if statistics:
         m.work_dir = work
-        regress.collect_stage(m)
-    if stage in ("collect", "analysis"):
-        regress.analysis_stage(m, into=work / "analyzed")
+        with regress._threads(m.rounding.threads):
+            regress.collect_stage(m)
+            regress.analysis_stage(m)
         figures = regress.statistics_figures(m.run_dir)
     else:
         figures = {k: v for k, v in stated_figures.items() if k.split("/")[0] in STATISTICS}
+    if reference:
+        regress.reference_stage(m)
     figures.update(regress.method_figures(m))
+    figures.update(regress.paired_figures(figures, m.config))
     return figures
-
-
-STATISTICS = ("skew", "kurtosis", "coverage_a8", "coverage_a4", "cfg_skew_gap")
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
@@ -65,7 +77,16 @@ def test_every_fault_is_caught(name, stated, baseline, monkeypatch, tmp_path):
     # hidden by the unfaulty run's values.
     monkeypatch.setattr(base, "_SEARCHES", {})
     fault.inject(monkeypatch)
-    figures = rerun(stated[1], fault.stage, stated[0], tmp_path)
+    m = copy.copy(stated[1])
+    if fault.stage == "analysis":  # the statistics stay, the analysis is redone
+        regress.analysis_stage(m, into=tmp_path / "analyzed")
+        figures = regress.statistics_figures(m.run_dir)
+        figures.update(regress.method_figures(m))
+        figures.update(regress.paired_figures(figures, m.config))
+    else:
+        figures = rerun(
+            m, stated[0], tmp_path, statistics=fault.stage == "collect", reference=False
+        )
     table, ok = regress.compare(figures, baseline["figures"])
     assert not ok
     caught = failing(table)
@@ -74,15 +95,14 @@ def test_every_fault_is_caught(name, stated, baseline, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("change", list(regress.ROUNDING_CHANGES))
 def test_rounding_changes_pass(change, stated, baseline, tmp_path):
-    rounding = regress.ROUNDING_CHANGES[change]
-    if rounding.changes_statistics:
-        config = regress.load_baseline_configuration(COMMITTED)
-        figures, _ = regress.measure(config, tmp_path, rounding)
-    else:  # the same statistics: only the FP reference and the quantized runs again
-        m = copy.copy(stated[1])
-        m.rounding = rounding
-        regress.reference_stage(m)
-        figures = {k: v for k, v in stated[0].items() if k.split("/")[0] in STATISTICS}
-        figures.update(regress.method_figures(m))
+    m = copy.copy(stated[1])
+    m.rounding = regress.ROUNDING_CHANGES[change]
+    figures = rerun(
+        m,
+        stated[0],
+        tmp_path,
+        statistics=m.rounding.changes_statistics,
+        reference=m.rounding.changes_generations,
+    )
     table, ok = regress.compare(figures, baseline["figures"])
     assert ok, failing(table)
