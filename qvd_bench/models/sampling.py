@@ -122,12 +122,15 @@ class CallTracker:
     when it runs the CFG branches as separate forwards, the branch with ``branch(name)``.
     A diffusers pipeline names the branch of each call with the denoiser's
     ``cache_context("cond" / "uncond" / "cond_uncond")`` where it uses one; otherwise its
-    calls are recognised: a doubled batch with one timestep is [uncond, cond], a single
-    batch is "cond" (one call per step: CFG off, or a guidance-distilled model). A call
-    that none of these keys (a batch of another size, an unknown context name, a second
-    unnamed call at the same timestep in one ``batch`` block: two calls per step that only their order would
-    tell apart, a doubled batch at two timesteps) raises ``UserError`` saying why: no
-    call goes unrecorded.
+    calls are recognised: a doubled batch with one timestep is [uncond, cond]; a single
+    batch is the branch whose text states it attends to, when the pipeline run announced
+    them (``branch_states``: the prompt's and the negative prompt's encoding), which tells
+    apart two calls per step; else "cond" (one call per step: CFG off, or a
+    guidance-distilled model). A call that none of these keys (a batch of another size, an
+    unknown context name, a second unnamed call of the same branch at the same timestep in
+    one ``batch`` block — two calls per step that only their order would tell apart — a
+    doubled batch at two timesteps) raises ``UserError`` saying why: no call goes
+    unrecorded.
 
     Args:
         denoiser: the denoiser, or expert name -> denoiser for a pipeline with several
@@ -150,8 +153,12 @@ class CallTracker:
         self._context_hooks: dict[str, Any] = {}
         # Depth of ``batch`` blocks: unnamed calls are checked only inside a sampling run.
         self._batches = 0
-        # (expert, timestep tensor) of the last unnamed single-batch call of this batch.
-        self._last_unnamed: tuple[str, torch.Tensor] | None = None
+        # (expert, timestep tensor, branches keyed so far) of the step of the last unnamed
+        # single-batch call of this batch.
+        self._last_unnamed: tuple[str, torch.Tensor, set[str]] | None = None
+        # Branch -> text states its calls get, announced by ``branch_states``: a callable
+        # until the first unnamed call needs them, then its result.
+        self._branch_states: Callable[[], Mapping[str, Any]] | Mapping[str, Any] | None = None
 
     def attach(self) -> CallTracker:
         if self._handle is None:
@@ -221,6 +228,24 @@ class CallTracker:
             self._batches -= 1
 
     @contextlib.contextmanager
+    def branch_states(self, encode: Callable[[], Mapping[str, Any]]) -> Iterator[None]:
+        """Announces how the unnamed single-batch calls of a pipeline run are keyed.
+
+        Args:
+            encode: returns branch name -> the text states (``encoder_hidden_states``,
+                (1, tokens, dim)) the pipeline gives that branch's calls, or None where
+                unknown: ``{"cond": encoding of the prompt, "uncond": of the negative
+                prompt}``. Called at most once, at the first unnamed single-batch call
+                (pipelines that name their calls with ``cache_context`` never need it).
+        """
+        previous = self._branch_states
+        self._branch_states = encode
+        try:
+            yield
+        finally:
+            self._branch_states = previous
+
+    @contextlib.contextmanager
     def branch(self, name: str) -> Iterator[None]:
         """Announces the CFG branch of the next (unbatched) calls."""
         if name not in BRANCHES:
@@ -244,7 +269,7 @@ class CallTracker:
         entries = _timestep_entries(timestep, batch)
         hook = self._context_hooks.get(expert)
         context = hook.name if hook is not None else None
-        branches = self._branches(context, batch, n, entries, expert)
+        branches = self._branches(context, batch, n, entries, expert, args, kwargs)
         chunk = entries[:n]
         step = float(chunk.max())
         token_timesteps = None
@@ -253,7 +278,14 @@ class CallTracker:
         self.current = DenoiserCall(step, branches, self._sample_ids, expert, token_timesteps)
 
     def _branches(
-        self, context: str | None, batch: int, n: int, entries: torch.Tensor, expert: str
+        self,
+        context: str | None,
+        batch: int,
+        n: int,
+        entries: torch.Tensor,
+        expert: str,
+        args: tuple = (),
+        kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[str, ...]:
         """The CFG branches of a call's batch (see the class docstring)."""
         where = f"a denoiser call of batch {batch} for {n} sample(s)"
@@ -279,15 +311,61 @@ class CallTracker:
         if self._announced or not self._batches:
             # Announced by the sampler, or a direct call outside any sampling run.
             return (self._branch,)
+        branch, why = self._branch_of_states(_text_states(args, kwargs or {}))
         last = self._last_unnamed
         if last is not None and last[0] == expert and torch.equal(last[1], entries):
-            raise UserError(
-                f"two denoiser calls at timestep {float(entries.max()):g} without a "
-                "cache_context cannot be keyed: a pipeline running the CFG branches as two "
-                "calls per step must name them with the denoiser's cache_context"
+            if branch in last[2]:
+                raise UserError(
+                    f"two denoiser calls at timestep {float(entries.max()):g} without a "
+                    f"cache_context cannot be keyed: {why}; a pipeline running the CFG "
+                    "branches as two calls per step must name them with the denoiser's "
+                    "cache_context or give them the prompt's and the negative prompt's states"
+                )
+            last[2].add(branch)
+        else:
+            self._last_unnamed = (expert, entries, {branch})
+        return (branch,)
+
+    def _branch_of_states(self, states: torch.Tensor | None) -> tuple[str, str]:
+        """The branch of an unnamed single-batch call from the text states it attends to.
+
+        Returns:
+            (branch, why): the one branch whose announced states equal ``states``, or
+            "cond" and why the states do not tell (said if a second call of the step is
+            keyed "cond" too).
+        """
+        if callable(self._branch_states):
+            self._branch_states = dict(self._branch_states())
+        known = {b: s for b, s in (self._branch_states or {}).items() if s is not None}
+        if states is None or not known:
+            return "cond", "the pipeline run gives no text states to tell the branches apart"
+        matches = [b for b, reference in known.items() if _same_states(states, reference)]
+        if len(matches) == 1:
+            return matches[0], f"both attend to the {matches[0]} branch's text states"
+        if matches:
+            return "cond", (
+                "their text states are the encoding of both the prompt and the negative "
+                "prompt (the same text?)"
             )
-        self._last_unnamed = (expert, entries)
-        return ("cond",)
+        return "cond", (
+            "their text states are neither the prompt's nor the negative prompt's encoding"
+        )
+
+
+def _text_states(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The text states a denoiser call attends to: its ``encoder_hidden_states`` (keyword,
+    or the third positional argument as UNets take it), if a tensor."""
+    states = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+    return states if isinstance(states, torch.Tensor) else None
+
+
+def _same_states(states: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether every sample's text states in ``states`` (B, ...) are ``reference``
+    (1, ...) as the pipeline passes them (cast to the call's dtype and device)."""
+    reference = reference.to(states.device, states.dtype)
+    if states.shape[1:] != reference.shape[1:] or reference.shape[0] != 1:
+        return False
+    return bool((states == reference).all())
 
 
 def _timestep_entries(timestep: Any, batch: int) -> torch.Tensor:
