@@ -24,6 +24,14 @@ from qvd_bench.errors import UserError
 from qvd_bench.models.family import LoadedModel
 
 BRANCHES: tuple[str, ...] = ("uncond", "cond")
+# Guidance passes beyond CFG's two branches, named as diffusers' guiders name their
+# predictions ("pred_cond_stg" -> "cond_stg"): each runs the conditional prompt through a
+# perturbed denoiser — spatio-temporal guidance's skipped blocks (LTX-2), LTX-2's
+# modality isolation (no audio-video cross-attention), skip-layer / perturbed-attention
+# guidance, smoothed energy guidance. They are stored as branches of their own.
+GUIDANCE_BRANCHES: tuple[str, ...] = ("cond_stg", "cond_modality", "cond_skip", "cond_seg")
+# Every branch a call can be keyed by; a branch's index here is its reservoir code.
+ALL_BRANCHES: tuple[str, ...] = BRANCHES + GUIDANCE_BRANCHES
 
 
 @dataclass(frozen=True)
@@ -35,8 +43,9 @@ class DenoiserCall:
             carries one timestep per frame or per token (image-to-video conditioning
             frames, Wan 2.2 TI2V's ``expand_timesteps``, diffusion forcing), the largest of
             them, the step's noise level.
-        branches: one CFG branch name per equal chunk along dim 0 of every layer
-            input: ("uncond", "cond") for a batched CFG call, ("cond",) otherwise.
+        branches: one branch name per equal chunk along dim 0 of every layer input:
+            ("uncond", "cond") for a batched CFG call, else one of ``ALL_BRANCHES``
+            (a guidance pass such as LTX-2's "cond_stg" is a branch of its own).
         sample_ids: global ids of the samples in each chunk (the same for every chunk).
         expert: which denoiser ran the call: its pipeline attribute ("transformer_2")
             when the tracker hooks several experts, "" for a single denoiser.
@@ -70,15 +79,21 @@ def other_level_rows(call: Any, rows: int) -> torch.Tensor | None:
     return tokens != call.timestep
 
 
-# diffusers' ``cache_context`` names of a denoiser call and the CFG branches of its batch:
-# one branch, or [uncond, cond] for a doubled batch ("cond_uncond"). Pipelines driven by a
-# diffusers guider (HunyuanVideo-1.5) name the calls by the guider's predictions.
+# diffusers' ``cache_context`` names of a denoiser call and the branches of its batch:
+# one branch, or [uncond, cond] for a doubled batch ("cond_uncond"). LTX2Pipeline names its
+# spatio-temporal and modality-isolation passes by the delta they give ("uncond_stg",
+# "uncond_modality"), though both attend to the prompt: the guiders' "pred_cond_stg" and
+# "pred_cond_modality" for the same passes. Pipelines driven by a diffusers guider
+# (HunyuanVideo-1.5, Motif-Video) name the calls by the guider's predictions.
 CACHE_CONTEXT_BRANCHES: dict[str, tuple[str, ...]] = {
     "cond": ("cond",),
     "uncond": ("uncond",),
     "cond_uncond": BRANCHES,
+    "uncond_stg": ("cond_stg",),
+    "uncond_modality": ("cond_modality",),
     "pred_cond": ("cond",),
     "pred_uncond": ("uncond",),
+    **{f"pred_{branch}": (branch,) for branch in GUIDANCE_BRANCHES},
 }
 
 
@@ -247,9 +262,9 @@ class CallTracker:
 
     @contextlib.contextmanager
     def branch(self, name: str) -> Iterator[None]:
-        """Announces the CFG branch of the next (unbatched) calls."""
-        if name not in BRANCHES:
-            raise ValueError(f"branch must be one of {BRANCHES}, got {name!r}")
+        """Announces the branch of the next (unbatched) calls."""
+        if name not in ALL_BRANCHES:
+            raise ValueError(f"branch must be one of {ALL_BRANCHES}, got {name!r}")
         previous = self._branch, self._announced
         self._branch, self._announced = name, True
         try:
@@ -293,7 +308,8 @@ class CallTracker:
             if context not in CACHE_CONTEXT_BRANCHES:
                 raise UserError(
                     f"{where} in cache_context {context!r} cannot be keyed: qvd-bench keys "
-                    f"the CFG branches {', '.join(CACHE_CONTEXT_BRANCHES)}"
+                    f"the cache contexts {', '.join(CACHE_CONTEXT_BRANCHES)}; turn that "
+                    "guidance pass off through the pipeline call's arguments (pipeline_kwargs)"
                 )
             branches = CACHE_CONTEXT_BRANCHES[context]
             if context == "cond_uncond" and batch == n:
