@@ -360,8 +360,8 @@ class CallTracker:
             return matches[0], f"both attend to the {matches[0]} branch's text states"
         if matches:
             return "cond", (
-                "their text states are the encoding of both the prompt and the negative "
-                "prompt (the same text?)"
+                "the prompt and the negative prompt encode to the same text states, which "
+                "both calls attend to"
             )
         return "cond", (
             "their text states are neither the prompt's nor the negative prompt's encoding"

@@ -93,7 +93,9 @@ def test_the_negative_prompts_default_is_the_empty_prompt():
 
 def test_two_unnamed_calls_with_the_same_text_states_cannot_be_keyed():
     unnamed = unnamed_model(pipelines.tiny_pipeline_model("tiny-wan"))
-    with pytest.raises(UserError, match="encoding of both the prompt and the negative prompt"):
+    with pytest.raises(
+        UserError, match="prompt and the negative prompt encode to the same text states"
+    ):
         branch_calls(unnamed, negative_prompt=PROMPTS[0])
 
 
