@@ -241,7 +241,9 @@ def test_run_conveniences_and_run_model(tmp_path):
     run = store.StatsRun(tmp_path / "run")
     assert run.roles == dict(zip(run.layers["name"], run.layers["role"]))
     assert run.histogram_edges.num_bins > 0
-    assert run.manifest["reservoir"]["branches"] == ["uncond", "cond"]
+    # The reservoir's branch codes: CFG's two branches first, then the guidance passes.
+    assert run.manifest["reservoir"]["branches"][:2] == ["uncond", "cond"]
+    assert run.manifest["keying"]["stored_branches"] == ["uncond", "cond"]
     assert set(next(iter(run.reservoir.values()))) >= {
         "rows",
         "keys",

@@ -55,7 +55,7 @@ from qvd_bench.models import roles as roles_module
 from qvd_bench.models import sampling, zoo
 from qvd_bench.models.family import ROLES, LoadedModel, split_layer_name
 from qvd_bench.models.pipelines import resolve_sampler, sampling_record
-from qvd_bench.models.sampling import BRANCHES, CallTracker
+from qvd_bench.models.sampling import ALL_BRANCHES, BRANCHES, CallTracker
 from qvd_bench.numerics.edges import SignedLogEdges
 from qvd_bench.numerics.moments import weight_channel_stats
 from qvd_bench.resources import measure_stage
@@ -535,6 +535,7 @@ def build_manifest(
         excluded_rows: input rows left out per layer (``StatsCollector.excluded_rows``).
     """
     schedule = sorted({key[2] for key in moments}, reverse=True)
+    stored_branches = {key[3] for key in moments}
     manifest = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {
@@ -562,7 +563,7 @@ def build_manifest(
         "reservoir": {
             "capacity_per_layer": config.reservoir_capacity,
             "key": "row_key(seed, sample_id, timestep, branch, row)",
-            "branches": list(BRANCHES),
+            "branches": list(ALL_BRANCHES),
         },
         "temporal": {
             "grid": f"range(0, {NUM_TRAIN_TIMESTEPS}, {config.temporal_stride})"
@@ -570,9 +571,14 @@ def build_manifest(
             else None,
         },
         "keying": {
-            "branches": "the denoiser's cache_context ('cond', 'uncond', 'cond_uncond') where "
-            "the pipeline sets one; else a doubled batch at one timestep is [uncond, cond] "
-            "and a single batch 'cond' (one call per step); any other call stops the run",
+            "branches": "the denoiser's cache_context where the pipeline sets one ('cond', "
+            "'uncond', 'cond_uncond', a guider's 'pred_*'; LTX-2's guidance passes "
+            "'uncond_stg' and 'uncond_modality' are the branches 'cond_stg' and "
+            "'cond_modality'); else a doubled batch at one timestep is [uncond, cond] and a "
+            "single batch is the branch whose text states (the pipeline's encoding of the "
+            "prompt or of the negative prompt) it attends to, 'cond' when one call per step "
+            "cannot tell; any other call stops the run",
+            "stored_branches": [b for b in ALL_BRANCHES if b in stored_branches],
             "timestep": "the scheduler step's; a call with one timestep per frame or token "
             "is keyed by the largest (the step's noise level)",
             "other_noise_levels": "excluded: rows of tokens at another noise level than "

@@ -27,7 +27,7 @@ from qvd_bench.collect.moments import ChannelMoments, fold_many
 from qvd_bench.collect.reservoir import Reservoir
 from qvd_bench.collect.temporal import TemporalFeatures
 from qvd_bench.models.family import LoadedModel
-from qvd_bench.models.sampling import BRANCHES, CallTracker, other_level_rows
+from qvd_bench.models.sampling import ALL_BRANCHES, CallTracker, other_level_rows
 from qvd_bench.numerics.edges import SignedLogEdges
 from qvd_bench.numerics.moments import batch_moments
 
@@ -270,7 +270,7 @@ class StatsCollector:
                         (rows.unsqueeze(0), (sample_id,))
                         for rows, sample_id in zip(chunk.split(counts), call.sample_ids)
                     ]
-                branch_index = BRANCHES.index(branch)
+                branch_index = ALL_BRANCHES.index(branch)
                 for rows, sample_ids in groups:
                     # The ids as host ints: the row keys are hashed from them on the host.
                     reservoir.update(rows, sample_ids, call.timestep, branch_index)

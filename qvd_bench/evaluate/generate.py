@@ -46,12 +46,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate.fidelity import to_x0, x0_coefficients
 from qvd_bench.evaluate.replay import (
+    CALL_PREFIX,
     CallRecorder,
     RecordedCall,
     calls_from_tensors,
@@ -128,7 +129,11 @@ class Generation:
             ``fidelity.x0_coefficients``); None for the minimal sampler (``x0`` then
             asks the scheduler).
         calls: every denoiser call of a pipeline run with its arguments (the FP
-            reference's, which teacher-forced videos replay); None otherwise.
+            reference's, which teacher-forced videos replay); None otherwise, or when
+            they are left on disk (``calls_file``).
+        calls_file: the cache file that holds the recorded calls when they are not kept
+            in host memory (``GenerationCache.get_or_generate(..., spill_calls=True)``);
+            ``recorded_calls`` reads them from it on demand.
     """
 
     timesteps: Tensor
@@ -140,6 +145,14 @@ class Generation:
     model_inputs: Tensor | None = None
     x0_coefficients: Tensor | None = None
     calls: list[RecordedCall] | None = None
+    calls_file: Path | None = None
+
+    def recorded_calls(self) -> list[RecordedCall] | None:
+        """The recorded calls: those in memory, else read from ``calls_file`` (a new copy
+        each time, freed with it), else None."""
+        if self.calls is not None or self.calls_file is None:
+            return self.calls
+        return GenerationCache.load_calls(self.calls_file)
 
     def tensors(self) -> dict[str, Tensor]:
         """The tensors to store; ``model_inputs`` only where they differ from ``inputs``."""
@@ -509,11 +522,12 @@ def _replayed(
     teacher: Generation,
 ) -> Generation:
     """Teacher forcing for pipelines: the teacher's denoiser calls replayed into ``loaded``."""
-    if teacher.calls is None or teacher.x0_coefficients is None:
+    calls = teacher.recorded_calls()
+    if calls is None or teacher.x0_coefficients is None:
         raise ValueError("teacher forcing a pipeline needs a teacher with its recorded calls")
     tracker = tracker if tracker is not None else CallTracker(loaded.experts)
-    outputs = replay(loaded.experts, teacher.calls, tracker, (int(sample_id),))
-    forced = _steps_generation(loaded, teacher.calls, outputs, settings.guidance_scale)
+    outputs = replay(loaded.experts, calls, tracker, (int(sample_id),))
+    forced = _steps_generation(loaded, calls, outputs, settings.guidance_scale)
     return Generation(
         timesteps=forced.timesteps,
         prediction=forced.prediction,
@@ -679,21 +693,55 @@ class GenerationCache:
         return self.root / key.relative_path()
 
     @staticmethod
-    def load_path(path: str | Path) -> Generation:
-        """Reads one cache file (raises safetensors' errors on a damaged one)."""
+    def load_path(path: str | Path, calls: bool = True) -> Generation:
+        """Reads one cache file (raises safetensors' errors on a damaged one).
+
+        Args:
+            path: the file.
+            calls: read the recorded calls into memory; otherwise the generation only
+                names the file they are in (``Generation.calls_file``) when it has some.
+        """
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        return Generation.from_tensors(load_file(str(path)), metadata)
+            metadata = dict(handle.metadata() or {})
+            stored = handle.keys()
+            names = [n for n in stored if calls or not n.startswith(CALL_PREFIX)]
+            tensors = {name: handle.get_tensor(name) for name in names}
+        spilled = not calls and "calls" in metadata
+        if spilled:
+            del metadata["calls"]
+        generation = Generation.from_tensors(tensors, metadata)
+        if spilled:
+            generation.calls_file = Path(path)
+        return generation
 
-    def load(self, key: CacheKey) -> Generation | None:
-        """The cached video, or None when absent (or unreadable: warns, to regenerate)."""
+    @staticmethod
+    def load_calls(path: str | Path) -> list[RecordedCall]:
+        """The recorded denoiser calls of one cache file, and nothing else of it."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            description = (handle.metadata() or {}).get("calls")
+            if description is None:
+                raise UserError(f"cached generation {path} holds no recorded denoiser calls")
+            stored = handle.keys()
+            names = [n for n in stored if n.startswith(CALL_PREFIX)]
+            tensors = {name: handle.get_tensor(name) for name in names}
+        return calls_from_tensors(tensors, description)
+
+    def load(self, key: CacheKey, calls: bool = True) -> Generation | None:
+        """The cached video, or None when absent (or unreadable: warns, to regenerate).
+
+        Args:
+            key: the video.
+            calls: read its recorded calls into memory (see ``load_path``).
+        """
         path = self.path(key)
         if not path.exists():
             return None
         try:
-            return self.load_path(path)
+            return self.load_path(path, calls=calls)
         except (OSError, SafetensorError, KeyError, ValueError) as error:
             reason = " ".join(str(error).split())[:200]
             warnings.warn(
@@ -710,15 +758,26 @@ class GenerationCache:
         atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
         return path
 
-    def get_or_generate(self, key: CacheKey, make) -> tuple[Generation, bool]:
+    def get_or_generate(
+        self, key: CacheKey, make, spill_calls: bool = False
+    ) -> tuple[Generation, bool]:
         """The cached video, or ``make()`` stored under ``key``.
+
+        Args:
+            key: the video.
+            make: generates it.
+            spill_calls: leave its recorded denoiser calls in the cache file rather than
+                in host memory (``Generation.recorded_calls`` reads them when replayed),
+                so that a matrix holds one video's calls at a time, not every prompt's.
 
         Returns:
             (generation, True when it was generated now).
         """
-        cached = self.load(key)
+        cached = self.load(key, calls=not spill_calls)
         if cached is not None:
             return cached, False
         generation = make()
-        self.save(key, generation)
+        path = self.save(key, generation)
+        if spill_calls and generation.calls is not None:
+            generation = replace(generation, calls=None, calls_file=path)
         return generation, True

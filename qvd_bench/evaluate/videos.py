@@ -51,8 +51,10 @@ class CachedVideos:
             context=gen.context_string(prompt=self.config.prompts[index], **context),
         )
 
-    def get(self, key: CacheKey, make: Callable[[], Generation]) -> Generation:
-        generation, made = self.cache.get_or_generate(key, make)
+    def get(
+        self, key: CacheKey, make: Callable[[], Generation], spill_calls: bool = False
+    ) -> Generation:
+        generation, made = self.cache.get_or_generate(key, make, spill_calls=spill_calls)
         if made:
             self.generated += 1
         else:
@@ -153,8 +155,10 @@ def reference_videos(
     return {
         i: videos.get(
             videos.key(loaded, REFERENCE_METHOD, FP_BITS, i, "free", context),
-            # Pipeline runs keep their denoiser calls: the quantized models replay them.
+            # Pipeline runs keep their denoiser calls: the quantized models replay them,
+            # read from the cache file one video at a time (not all held in memory).
             lambda i=i: gen.generate(loaded, prompts[i], i, settings, keep_calls=True),
+            spill_calls=True,
         )
         for i in indices
     }

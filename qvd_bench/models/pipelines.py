@@ -322,8 +322,15 @@ def run_pipeline(
             kwargs.update(step_kwargs)
             kwargs.update(pipeline_kwargs or {})
             generator = torch.Generator(device="cpu").manual_seed(sample_seed(seed, sample_id))
-            batch = tracker.batch([sample_id]) if tracker is not None else contextlib.nullcontext()
-            with batch, _global_rng(sample_seed(seed, sample_id), denoiser):
+            with contextlib.ExitStack() as scope:
+                if tracker is not None:
+                    scope.enter_context(tracker.batch([sample_id]))
+                    scope.enter_context(
+                        tracker.branch_states(
+                            functools.partial(branch_text_states, pipeline, kwargs)
+                        )
+                    )
+                scope.enter_context(_global_rng(sample_seed(seed, sample_id), denoiser))
                 output = pipeline(num_inference_steps=steps, generator=generator, **kwargs)
             if tracker is not None:
                 _check_every_step_tracked(pipeline, tracked_timesteps)
@@ -406,6 +413,80 @@ def call_arguments(
             "not a video pipeline"
         )
     return {name: value for name, value in values.items() if name in parameters}
+
+
+# encode_prompt arguments ``branch_text_states`` sets itself rather than as the call does.
+_OWN_ENCODE_ARGUMENTS = (
+    "self",
+    "prompt",
+    "negative_prompt",
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "prompt_attention_mask",
+    "negative_prompt_attention_mask",
+    "pooled_prompt_embeds",
+    "do_classifier_free_guidance",
+    "num_videos_per_prompt",
+    "num_images_per_prompt",
+    "device",
+)
+
+
+@torch.no_grad()
+def branch_text_states(pipeline: Any, call_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The text states each CFG branch's denoiser calls get in one pipeline call, from the
+    pipeline's own ``encode_prompt``: how ``CallTracker`` tells apart a pipeline's two
+    calls per step when it does not name them with ``cache_context``.
+
+    ``encode_prompt`` is called once for the prompt and once for the negative prompt
+    (the call's, else its ``__call__`` default, else the empty prompt, as diffusers
+    pipelines do), each as a prompt without CFG, with every other argument it shares
+    with ``__call__`` as the call has it.
+
+    Args:
+        pipeline: the diffusers pipeline.
+        call_kwargs: the keyword arguments of the pipeline call.
+
+    Returns:
+        {"cond": (1, tokens, dim), "uncond": (1, tokens, dim)}; empty for a pipeline
+        without a text ``encode_prompt`` whose arguments qvd-bench can supply.
+    """
+    encode = getattr(pipeline, "encode_prompt", None)
+    if not callable(encode) or "prompt" not in call_kwargs:
+        return {}
+    call_parameters = inspect.signature(pipeline.__call__).parameters
+    arguments: dict[str, Any] = {}
+    for name, parameter in inspect.signature(encode).parameters.items():
+        if name in ("num_videos_per_prompt", "num_images_per_prompt"):
+            arguments[name] = 1
+        elif name == "do_classifier_free_guidance":
+            arguments[name] = False
+        elif name == "device":
+            arguments[name] = pipeline._execution_device
+        elif name in _OWN_ENCODE_ARGUMENTS or parameter.kind in (
+            inspect.Parameter.VAR_POSITIONAL,
+            inspect.Parameter.VAR_KEYWORD,
+        ):
+            continue
+        elif name in call_kwargs:
+            arguments[name] = call_kwargs[name]
+        elif (
+            name in call_parameters and call_parameters[name].default is not inspect.Parameter.empty
+        ):
+            arguments[name] = call_parameters[name].default
+        elif parameter.default is inspect.Parameter.empty:
+            return {}  # an argument neither the call nor its signature supplies
+    negative = call_kwargs.get("negative_prompt")
+    if negative is None and "negative_prompt" in call_parameters:
+        negative = call_parameters["negative_prompt"].default
+    negative = negative if isinstance(negative, str) else ""
+
+    def states(text: str) -> torch.Tensor | None:
+        encoded = encode(prompt=text, **arguments)
+        items = encoded if isinstance(encoded, (tuple, list)) else (encoded,)
+        return next((item for item in items if isinstance(item, torch.Tensor)), None)
+
+    return {"cond": states(call_kwargs["prompt"]), "uncond": states(negative)}
 
 
 # --------------------------------------------------------------------------- helpers

@@ -24,6 +24,14 @@ from qvd_bench.errors import UserError
 from qvd_bench.models.family import LoadedModel
 
 BRANCHES: tuple[str, ...] = ("uncond", "cond")
+# Guidance passes beyond CFG's two branches, named as diffusers' guiders name their
+# predictions ("pred_cond_stg" -> "cond_stg"): each runs the conditional prompt through a
+# perturbed denoiser — spatio-temporal guidance's skipped blocks (LTX-2), LTX-2's
+# modality isolation (no audio-video cross-attention), skip-layer / perturbed-attention
+# guidance, smoothed energy guidance. They are stored as branches of their own.
+GUIDANCE_BRANCHES: tuple[str, ...] = ("cond_stg", "cond_modality", "cond_skip", "cond_seg")
+# Every branch a call can be keyed by; a branch's index here is its reservoir code.
+ALL_BRANCHES: tuple[str, ...] = BRANCHES + GUIDANCE_BRANCHES
 
 
 @dataclass(frozen=True)
@@ -35,8 +43,9 @@ class DenoiserCall:
             carries one timestep per frame or per token (image-to-video conditioning
             frames, Wan 2.2 TI2V's ``expand_timesteps``, diffusion forcing), the largest of
             them, the step's noise level.
-        branches: one CFG branch name per equal chunk along dim 0 of every layer
-            input: ("uncond", "cond") for a batched CFG call, ("cond",) otherwise.
+        branches: one branch name per equal chunk along dim 0 of every layer input:
+            ("uncond", "cond") for a batched CFG call, else one of ``ALL_BRANCHES``
+            (a guidance pass such as LTX-2's "cond_stg" is a branch of its own).
         sample_ids: global ids of the samples in each chunk (the same for every chunk).
         expert: which denoiser ran the call: its pipeline attribute ("transformer_2")
             when the tracker hooks several experts, "" for a single denoiser.
@@ -70,15 +79,21 @@ def other_level_rows(call: Any, rows: int) -> torch.Tensor | None:
     return tokens != call.timestep
 
 
-# diffusers' ``cache_context`` names of a denoiser call and the CFG branches of its batch:
-# one branch, or [uncond, cond] for a doubled batch ("cond_uncond"). Pipelines driven by a
-# diffusers guider (HunyuanVideo-1.5) name the calls by the guider's predictions.
+# diffusers' ``cache_context`` names of a denoiser call and the branches of its batch:
+# one branch, or [uncond, cond] for a doubled batch ("cond_uncond"). LTX2Pipeline names its
+# spatio-temporal and modality-isolation passes by the delta they give ("uncond_stg",
+# "uncond_modality"), though both attend to the prompt: the guiders' "pred_cond_stg" and
+# "pred_cond_modality" for the same passes. Pipelines driven by a diffusers guider
+# (HunyuanVideo-1.5, Motif-Video) name the calls by the guider's predictions.
 CACHE_CONTEXT_BRANCHES: dict[str, tuple[str, ...]] = {
     "cond": ("cond",),
     "uncond": ("uncond",),
     "cond_uncond": BRANCHES,
+    "uncond_stg": ("cond_stg",),
+    "uncond_modality": ("cond_modality",),
     "pred_cond": ("cond",),
     "pred_uncond": ("uncond",),
+    **{f"pred_{branch}": (branch,) for branch in GUIDANCE_BRANCHES},
 }
 
 
@@ -122,12 +137,15 @@ class CallTracker:
     when it runs the CFG branches as separate forwards, the branch with ``branch(name)``.
     A diffusers pipeline names the branch of each call with the denoiser's
     ``cache_context("cond" / "uncond" / "cond_uncond")`` where it uses one; otherwise its
-    calls are recognised: a doubled batch with one timestep is [uncond, cond], a single
-    batch is "cond" (one call per step: CFG off, or a guidance-distilled model). A call
-    that none of these keys (a batch of another size, an unknown context name, a second
-    unnamed call at the same timestep in one ``batch`` block: two calls per step that only their order would
-    tell apart, a doubled batch at two timesteps) raises ``UserError`` saying why: no
-    call goes unrecorded.
+    calls are recognised: a doubled batch with one timestep is [uncond, cond]; a single
+    batch is the branch whose text states it attends to, when the pipeline run announced
+    them (``branch_states``: the prompt's and the negative prompt's encoding), which tells
+    apart two calls per step; else "cond" (one call per step: CFG off, or a
+    guidance-distilled model). A call that none of these keys (a batch of another size, an
+    unknown context name, a second unnamed call of the same branch at the same timestep in
+    one ``batch`` block — two calls per step that only their order would tell apart — a
+    doubled batch at two timesteps) raises ``UserError`` saying why: no call goes
+    unrecorded.
 
     Args:
         denoiser: the denoiser, or expert name -> denoiser for a pipeline with several
@@ -150,8 +168,12 @@ class CallTracker:
         self._context_hooks: dict[str, Any] = {}
         # Depth of ``batch`` blocks: unnamed calls are checked only inside a sampling run.
         self._batches = 0
-        # (expert, timestep tensor) of the last unnamed single-batch call of this batch.
-        self._last_unnamed: tuple[str, torch.Tensor] | None = None
+        # (expert, timestep tensor, branches keyed so far) of the step of the last unnamed
+        # single-batch call of this batch.
+        self._last_unnamed: tuple[str, torch.Tensor, set[str]] | None = None
+        # Branch -> text states its calls get, announced by ``branch_states``: a callable
+        # until the first unnamed call needs them, then its result.
+        self._branch_states: Callable[[], Mapping[str, Any]] | Mapping[str, Any] | None = None
 
     def attach(self) -> CallTracker:
         if self._handle is None:
@@ -221,10 +243,28 @@ class CallTracker:
             self._batches -= 1
 
     @contextlib.contextmanager
+    def branch_states(self, encode: Callable[[], Mapping[str, Any]]) -> Iterator[None]:
+        """Announces how the unnamed single-batch calls of a pipeline run are keyed.
+
+        Args:
+            encode: returns branch name -> the text states (``encoder_hidden_states``,
+                (1, tokens, dim)) the pipeline gives that branch's calls, or None where
+                unknown: ``{"cond": encoding of the prompt, "uncond": of the negative
+                prompt}``. Called at most once, at the first unnamed single-batch call
+                (pipelines that name their calls with ``cache_context`` never need it).
+        """
+        previous = self._branch_states
+        self._branch_states = encode
+        try:
+            yield
+        finally:
+            self._branch_states = previous
+
+    @contextlib.contextmanager
     def branch(self, name: str) -> Iterator[None]:
-        """Announces the CFG branch of the next (unbatched) calls."""
-        if name not in BRANCHES:
-            raise ValueError(f"branch must be one of {BRANCHES}, got {name!r}")
+        """Announces the branch of the next (unbatched) calls."""
+        if name not in ALL_BRANCHES:
+            raise ValueError(f"branch must be one of {ALL_BRANCHES}, got {name!r}")
         previous = self._branch, self._announced
         self._branch, self._announced = name, True
         try:
@@ -244,7 +284,7 @@ class CallTracker:
         entries = _timestep_entries(timestep, batch)
         hook = self._context_hooks.get(expert)
         context = hook.name if hook is not None else None
-        branches = self._branches(context, batch, n, entries, expert)
+        branches = self._branches(context, batch, n, entries, expert, args, kwargs)
         chunk = entries[:n]
         step = float(chunk.max())
         token_timesteps = None
@@ -253,7 +293,14 @@ class CallTracker:
         self.current = DenoiserCall(step, branches, self._sample_ids, expert, token_timesteps)
 
     def _branches(
-        self, context: str | None, batch: int, n: int, entries: torch.Tensor, expert: str
+        self,
+        context: str | None,
+        batch: int,
+        n: int,
+        entries: torch.Tensor,
+        expert: str,
+        args: tuple = (),
+        kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[str, ...]:
         """The CFG branches of a call's batch (see the class docstring)."""
         where = f"a denoiser call of batch {batch} for {n} sample(s)"
@@ -261,7 +308,8 @@ class CallTracker:
             if context not in CACHE_CONTEXT_BRANCHES:
                 raise UserError(
                     f"{where} in cache_context {context!r} cannot be keyed: qvd-bench keys "
-                    f"the CFG branches {', '.join(CACHE_CONTEXT_BRANCHES)}"
+                    f"the cache contexts {', '.join(CACHE_CONTEXT_BRANCHES)}; turn that "
+                    "guidance pass off through the pipeline call's arguments (pipeline_kwargs)"
                 )
             branches = CACHE_CONTEXT_BRANCHES[context]
             if context == "cond_uncond" and batch == n:
@@ -279,15 +327,61 @@ class CallTracker:
         if self._announced or not self._batches:
             # Announced by the sampler, or a direct call outside any sampling run.
             return (self._branch,)
+        branch, why = self._branch_of_states(_text_states(args, kwargs or {}))
         last = self._last_unnamed
         if last is not None and last[0] == expert and torch.equal(last[1], entries):
-            raise UserError(
-                f"two denoiser calls at timestep {float(entries.max()):g} without a "
-                "cache_context cannot be keyed: a pipeline running the CFG branches as two "
-                "calls per step must name them with the denoiser's cache_context"
+            if branch in last[2]:
+                raise UserError(
+                    f"two denoiser calls at timestep {float(entries.max()):g} without a "
+                    f"cache_context cannot be keyed: {why}; a pipeline running the CFG "
+                    "branches as two calls per step must name them with the denoiser's "
+                    "cache_context or give them the prompt's and the negative prompt's states"
+                )
+            last[2].add(branch)
+        else:
+            self._last_unnamed = (expert, entries, {branch})
+        return (branch,)
+
+    def _branch_of_states(self, states: torch.Tensor | None) -> tuple[str, str]:
+        """The branch of an unnamed single-batch call from the text states it attends to.
+
+        Returns:
+            (branch, why): the one branch whose announced states equal ``states``, or
+            "cond" and why the states do not tell (said if a second call of the step is
+            keyed "cond" too).
+        """
+        if callable(self._branch_states):
+            self._branch_states = dict(self._branch_states())
+        known = {b: s for b, s in (self._branch_states or {}).items() if s is not None}
+        if states is None or not known:
+            return "cond", "the pipeline run gives no text states to tell the branches apart"
+        matches = [b for b, reference in known.items() if _same_states(states, reference)]
+        if len(matches) == 1:
+            return matches[0], f"both attend to the {matches[0]} branch's text states"
+        if matches:
+            return "cond", (
+                "the prompt and the negative prompt encode to the same text states, which "
+                "both calls attend to"
             )
-        self._last_unnamed = (expert, entries)
-        return ("cond",)
+        return "cond", (
+            "their text states are neither the prompt's nor the negative prompt's encoding"
+        )
+
+
+def _text_states(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The text states a denoiser call attends to: its ``encoder_hidden_states`` (keyword,
+    or the third positional argument as UNets take it), if a tensor."""
+    states = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+    return states if isinstance(states, torch.Tensor) else None
+
+
+def _same_states(states: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether every sample's text states in ``states`` (B, ...) are ``reference``
+    (1, ...) as the pipeline passes them (cast to the call's dtype and device)."""
+    reference = reference.to(states.device, states.dtype)
+    if states.shape[1:] != reference.shape[1:] or reference.shape[0] != 1:
+        return False
+    return bool((states == reference).all())
 
 
 def _timestep_entries(timestep: Any, batch: int) -> torch.Tensor:

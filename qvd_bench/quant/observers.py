@@ -212,9 +212,9 @@ def reservoir_rows(
             )
         keep &= torch.isin(data["timesteps"], wanted)
     if branches is not None:
-        from qvd_bench.models.sampling import BRANCHES  # the reservoir's branch codes
+        from qvd_bench.models.sampling import ALL_BRANCHES  # the reservoir's branch codes
 
-        names = list(BRANCHES)
+        names = list(ALL_BRANCHES)
         try:
             codes = torch.tensor([names.index(str(b)) for b in branches])
         except ValueError:

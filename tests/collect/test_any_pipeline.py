@@ -389,11 +389,13 @@ def test_a_directory_without_a_video_denoiser_is_one_line_exit_2(tmp_path, capsy
 def test_an_unkeyable_denoiser_call_is_one_line_exit_2(
     two_expert_wan_dir, tmp_path, capsys, monkeypatch
 ):
-    """Without its cache_context, WanPipeline's two calls per step could be told apart only
+    """Without its cache_context and without the prompts' text states (a pipeline without
+    a usable ``encode_prompt``), WanPipeline's two calls per step could be told apart only
     by their order: the run stops instead of guessing."""
     from qvd_bench.models import sampling
 
     monkeypatch.setattr(sampling.CallTracker, "_attach_context_hooks", lambda self: None)
+    monkeypatch.setattr(pipelines, "branch_text_states", lambda pipeline, kwargs: {})
     out = tmp_path / "stats"
     code = run_cli("collect", "--model", two_expert_wan_dir, *SMALL, "--out", out, "--no-progress")
     assert code == 2

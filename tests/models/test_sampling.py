@@ -149,8 +149,10 @@ def test_cache_context_names_the_branch_and_unknown_names_stop_the_run():
             assert keyed(loaded, tracker, context="cond").branches == ("cond",)
             both = keyed(loaded, tracker, batch=2, context="cond_uncond")
             assert both.branches == ("uncond", "cond") and both.sample_ids == (3,)
-            with pytest.raises(UserError, match="cache_context 'uncond_stg' cannot be keyed"):
-                wan_call(loaded, context="uncond_stg")
+            # LTX-2's spatio-temporal guidance pass: a branch of its own.
+            assert keyed(loaded, tracker, context="uncond_stg").branches == ("cond_stg",)
+            with pytest.raises(UserError, match="cache_context 'uncond_blur' cannot be keyed"):
+                wan_call(loaded, context="uncond_blur")
             with pytest.raises(UserError, match="halves .* at different timesteps"):
                 wan_call(loaded, batch=2, timestep=[500.0, 400.0])
             with pytest.raises(UserError, match="batch 3 for 1 sample"):

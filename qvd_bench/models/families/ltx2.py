@@ -7,9 +7,11 @@ video-to-audio). Both streams are quantized alike; the audio layers are named
 ``ltx.pack_tokens`` does and supplies audio latents from ``conditioning``.
 
 LTX2Pipeline adds spatio-temporal and modality-isolation guidance passes by default
-(denoiser calls in ``cache_context("uncond_stg")`` and ``("uncond_modality")``). They are
-not CFG branches, so the tracker refuses them; a run turns them off through the call's
-``stg_scale``, ``audio_stg_scale`` (0) and ``modality_scale``, ``audio_modality_scale`` (1).
+(denoiser calls in ``cache_context("uncond_stg")`` and ``("uncond_modality")``, both on the
+prompt's states). Their statistics are stored under branches of their own, "cond_stg" and
+"cond_modality" (``sampling.CACHE_CONTEXT_BRANCHES``); a run turns them off through the
+call's ``stg_scale``, ``audio_stg_scale`` (0) and ``modality_scale``,
+``audio_modality_scale`` (1) in ``pipeline_kwargs``.
 """
 
 from __future__ import annotations
