@@ -101,41 +101,42 @@ def test_saved_family_pipeline_goes_by_path_through_every_stage(
     capsys.readouterr()
 
 
-# LTX2Pipeline's spatio-temporal and modality guidance passes off (their calls are not CFG
-# branches): the CFG call alone, as one doubled batch per step.
-LTX2_CFG_ONLY = {"stg_scale": 0.0, "audio_stg_scale": 0.0}
-LTX2_CFG_ONLY |= {"modality_scale": 1.0, "audio_modality_scale": 1.0}
-
-
 def test_saved_ltx2_pipeline_collects_every_step_and_quantizes(saved, tmp_path, capsys):
-    """LTX-2 by path with its guidance passes off (``pipeline_kwargs``, which the command
-    line does not take: collected through the library), then analyze and quantize."""
+    """LTX-2 by path with its default guidance: CFG and the spatio-temporal and
+    modality-isolation passes, each stored as its own branch at every step; then analyze
+    and quantize."""
     path = saved("ltx2", "LTX2Pipeline")
     assert run_cli("models", "--roles", path) == 0
-    config = CollectConfig(
-        model=path,
-        prompts=("a cat jumps onto a table",),
-        steps=2,
-        temporal_stride=250,
-        extra={"pipeline_kwargs": LTX2_CFG_ONLY},
-        **SIZE,
-    )
     stats = tmp_path / "stats"
+    config = CollectConfig(
+        model=path, prompts=("a cat jumps onto a table",), steps=2, temporal_stride=250, **SIZE
+    )
     collect(config, stats, progress=False)
     run = store.StatsRun(stats)
     scheduled = run.manifest["schedule"]
     assert len(scheduled) == 2
+    branches = set(run.manifest["keying"]["stored_branches"])
+    assert branches == {"cond", "uncond", "cond_stg", "cond_modality"}
     channels = run.channels[run.channels["tensor"] == "input"]
-    # Both streams' layers (video and audio) at every step, in both branches.
+    # Both streams' layers (video and audio) at every step, in every branch; the
+    # modality-isolation pass is the one that skips the attention across the streams.
     assert channels["layer"].str.contains("audio_").any()
     for layer, rows in channels.groupby("layer", observed=True):
         keys = set(zip(rows["timestep"], rows["branch"]))
-        assert keys == {(t, b) for t in scheduled for b in ("cond", "uncond")}, layer
+        across = "audio_to_video_attn" in layer or "video_to_audio_attn" in layer
+        ran = branches - {"cond_modality"} if across else branches
+        assert keys == {(t, b) for t in scheduled for b in ran}, layer
     assert run.manifest["keying"]["excluded_rows"] == {}
     assert run_cli("analyze", stats) == 0
     record = tmp_path / "record"
     assert run_cli("quantize", "--stats", stats, "--method", "qvd", "--out", record) == 0
     assert (record / "record.json").is_file()
+    out = tmp_path / "evaluate"
+    matrix = ["--methods", "fp,qvd", "--bits", "W8A8", "--metrics", "fidelity", "--no-progress"]
+    assert run_cli("evaluate", "--model", path, *matrix, *SMALL, "--out", out) == 0
+    results = pd.read_parquet(next(out.rglob("results.parquet")))
+    sqnr = results[(results["method"] == "qvd") & (results["metric"] == "sqnr")]
+    assert len(sqnr) and np.isfinite(sqnr["value"]).all()
     capsys.readouterr()
 
 
