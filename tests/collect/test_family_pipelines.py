@@ -5,14 +5,17 @@ diffusion forcing with frames at different noise levels."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
 import types
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from qvd_bench import store
 from qvd_bench.collect.collector import collect
@@ -36,6 +39,22 @@ _SKYREELS_MODULES = (
     "diffusers.pipelines.skyreels_v2.pipeline_skyreels_v2",
     "diffusers.pipelines.skyreels_v2.pipeline_skyreels_v2_diffusion_forcing",
 )
+
+
+def analyze_quantize_evaluate(path: str, stats: Path, tmp_path: Path) -> Path:
+    """analyze, quantize qvd and evaluate fidelity (fp, qvd W8A8) of a collected pipeline
+    by path, each exit code 0 and the qvd SQNR finite; returns the evaluation's root."""
+    assert run_cli("analyze", stats) == 0
+    record = tmp_path / "record"
+    assert run_cli("quantize", "--stats", stats, "--method", "qvd", "--out", record) == 0
+    assert (record / "record.json").is_file()
+    out = tmp_path / "evaluate"
+    matrix = ["--methods", "fp,qvd", "--bits", "W8A8", "--metrics", "fidelity", "--no-progress"]
+    assert run_cli("evaluate", "--model", path, *matrix, *SMALL, "--out", out) == 0
+    results = pd.read_parquet(next(out.rglob("results.parquet")))
+    sqnr = results[(results["method"] == "qvd") & (results["metric"] == "sqnr")]
+    assert len(sqnr) and np.isfinite(sqnr["value"]).all()
+    return out
 
 
 @pytest.fixture
@@ -86,16 +105,7 @@ def test_saved_family_pipeline_goes_by_path_through_every_stage(
         keys = set(zip(rows["timestep"], rows["branch"]))
         assert keys == {(t, b) for t in scheduled for b in ("cond", "uncond")}, layer
     assert run.manifest["keying"]["excluded_rows"] == {}
-    assert run_cli("analyze", stats) == 0
-    record = tmp_path / "record"
-    assert run_cli("quantize", "--stats", stats, "--method", "qvd", "--out", record) == 0
-    assert (record / "record.json").is_file()
-    out = tmp_path / "evaluate"
-    matrix = ["--methods", "fp,qvd", "--bits", "W8A8", "--metrics", "fidelity", "--no-progress"]
-    assert run_cli("evaluate", "--model", path, *matrix, *SMALL, "--out", out) == 0
-    results = pd.read_parquet(next(out.rglob("results.parquet")))
-    sqnr = results[(results["method"] == "qvd") & (results["metric"] == "sqnr")]
-    assert len(sqnr) and np.isfinite(sqnr["value"]).all()
+    out = analyze_quantize_evaluate(path, stats, tmp_path)
     settings = json.loads(next(out.rglob("settings.json")).read_text())
     assert settings["sampler"] == f"pipeline: {pipeline_class}"
     capsys.readouterr()
@@ -127,16 +137,7 @@ def test_saved_ltx2_pipeline_collects_every_step_and_quantizes(saved, tmp_path, 
         ran = branches - {"cond_modality"} if across else branches
         assert keys == {(t, b) for t in scheduled for b in ran}, layer
     assert run.manifest["keying"]["excluded_rows"] == {}
-    assert run_cli("analyze", stats) == 0
-    record = tmp_path / "record"
-    assert run_cli("quantize", "--stats", stats, "--method", "qvd", "--out", record) == 0
-    assert (record / "record.json").is_file()
-    out = tmp_path / "evaluate"
-    matrix = ["--methods", "fp,qvd", "--bits", "W8A8", "--metrics", "fidelity", "--no-progress"]
-    assert run_cli("evaluate", "--model", path, *matrix, *SMALL, "--out", out) == 0
-    results = pd.read_parquet(next(out.rglob("results.parquet")))
-    sqnr = results[(results["method"] == "qvd") & (results["metric"] == "sqnr")]
-    assert len(sqnr) and np.isfinite(sqnr["value"]).all()
+    analyze_quantize_evaluate(path, stats, tmp_path)
     capsys.readouterr()
 
 
@@ -214,3 +215,30 @@ def test_skyreels_without_ftfy_is_one_line_exit_2(saved, tmp_path, capsys):
     assert run_cli("collect", "--model", path, *SMALL, "--out", out, "--no-progress") == 2
     assert "needs the ftfy package" in error_line(capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family, pipeline_class", [*FAMILY_PIPELINES, ("ltx2", "LTX2Pipeline")])
+def test_evaluated_frames_are_the_frames_of_the_family_pipelines_own_call(
+    family, pipeline_class, saved, ftfy
+):
+    """The family's decoder (``Family.decode_video``) gives the frames the pipeline's own
+    call returns with its default output type."""
+    from qvd_bench.evaluate import generate as gen
+    from qvd_bench.evaluate.latents import DECODED_BY_VAE, video_frames
+    from qvd_bench.models import zoo
+    from tests.evaluate.test_decoded_frames import PROMPT, plain_call_frames, settings_for
+
+    loaded = zoo.load_model(saved(family, pipeline_class))
+    settings = settings_for(loaded)
+    guider = getattr(loaded.pipeline, "guider", None)
+    if guider is not None:  # the plain call takes its scale from the pipeline's guider
+        settings = dataclasses.replace(settings, guidance_scale=guider.guidance_scale)
+    generation = gen.generate(loaded, PROMPT, 0, settings)
+    frames = video_frames(loaded, settings, [generation])
+    assert frames.decoded_by == DECODED_BY_VAE
+    decoded = frames.frames(generation.latents)
+    if family == "allegro":  # its VAE decodes tiled only, as diffusers' example sets it up
+        loaded.pipeline.vae.enable_tiling()
+    expected = plain_call_frames(loaded, settings)
+    assert decoded.shape == expected.shape
+    torch.testing.assert_close(decoded, expected, rtol=1e-5, atol=0.5 / 255 + 1e-6)

@@ -61,8 +61,20 @@ class AllegroFamily(Family):
         return (T5_SEQUENCE_LENGTH, denoiser.config.caption_channels)
 
     def decode_video(self, pipeline, latents, frames, height, width):
-        """AllegroPipeline's ``decode_latents``, cropped to the requested pixel size."""
-        video = pipeline.decode_latents(latents.to(pipeline.vae.dtype))
+        """AllegroPipeline's ``decode_latents``, cropped to the requested pixel size.
+
+        Allegro's VAE decodes only tiled (diffusers' example enables tiling after loading;
+        without it the pipeline's own call fails): tiling is switched on for the decode
+        where the pipeline has it off, and off again after.
+        """
+        vae = pipeline.vae
+        tiled = vae.use_tiling
+        vae.enable_tiling()
+        try:
+            video = pipeline.decode_latents(latents.to(vae.dtype))
+        finally:
+            if not tiled:
+                vae.disable_tiling()
         return video[:, :, :frames, :height, :width]
 
     def forward(self, denoiser, latents, timestep, text_states, conditioning):
