@@ -54,7 +54,7 @@ from qvd_bench.errors import UserError
 from qvd_bench.models import roles as roles_module
 from qvd_bench.models import sampling, zoo
 from qvd_bench.models.family import ROLES, LoadedModel, split_layer_name
-from qvd_bench.models.pipelines import resolve_sampler, sampling_record
+from qvd_bench.models.pipelines import resolve_sampler, sampling_record, step_guidance
 from qvd_bench.models.sampling import ALL_BRANCHES, BRANCHES, CallTracker
 from qvd_bench.numerics.edges import SignedLogEdges
 from qvd_bench.numerics.moments import weight_channel_stats
@@ -404,6 +404,21 @@ def collect(
     )
 
 
+def step_branches(loaded: LoadedModel, config: CollectConfig) -> tuple[str, ...]:
+    """The branches a collection's denoiser runs at each step: those of the pipeline's
+    own guidance (LTX-2's guidance passes, none but "cond" for guidance-distilled
+    HunyuanVideo) where it samples with the pipeline, else CFG's two or "cond" alone."""
+    if resolve_sampler(loaded, config.sampler) == "pipeline":
+        guidance = step_guidance(
+            loaded,
+            config.guidance_scale,
+            negative_prompt=config.extra.get("negative_prompt"),
+            pipeline_kwargs=config.extra.get("pipeline_kwargs"),
+        )
+        return guidance.branches
+    return BRANCHES if config.guidance_scale > 1 else ("cond",)
+
+
 def collection_cost(
     loaded: LoadedModel,
     config: CollectConfig,
@@ -431,7 +446,7 @@ def collection_cost(
     return estimate_cost(
         layers,
         layer_timesteps,
-        branches=len(BRANCHES) if config.guidance_scale > 1 else 1,
+        branches=len(step_branches(loaded, config)),
         samples=len(config.prompts),
         frames=config.frames,
         outputs=config.outputs,

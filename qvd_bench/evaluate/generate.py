@@ -37,11 +37,13 @@ deterministic.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -60,7 +62,8 @@ from qvd_bench.evaluate.replay import (
     replay,
 )
 from qvd_bench.models import sampling
-from qvd_bench.models.family import LoadedModel
+from qvd_bench.models.family import Guidance, LoadedModel
+from qvd_bench.models.pipelines import step_guidance
 from qvd_bench.models.sampling import CallTracker, StepOutput
 from qvd_bench.store import atomic_write
 
@@ -499,11 +502,15 @@ def _pipeline_generation(
             tracker=tracker,
         )
     calls = recorder.calls
+    scheduler = loaded.pipeline.scheduler
     generation = _steps_generation(
-        loaded, calls, [c.output for c in calls], settings.guidance_scale
+        loaded,
+        calls,
+        [c.output for c in calls],
+        step_guidance(loaded, settings.guidance_scale),
+        functools.partial(x0_coefficients, scheduler),
     )
     generation.latents = latents.detach().cpu()
-    scheduler = loaded.pipeline.scheduler
     generation.x0_coefficients = torch.tensor(
         [x0_coefficients(scheduler, float(t)) for t in generation.timesteps], dtype=torch.float64
     )
@@ -527,7 +534,10 @@ def _replayed(
         raise ValueError("teacher forcing a pipeline needs a teacher with its recorded calls")
     tracker = tracker if tracker is not None else CallTracker(loaded.experts)
     outputs = replay(loaded.experts, calls, tracker, (int(sample_id),))
-    forced = _steps_generation(loaded, calls, outputs, settings.guidance_scale)
+    teacher_x0 = dict(zip(teacher.timesteps.tolist(), teacher.x0_coefficients.tolist()))
+    forced = _steps_generation(
+        loaded, calls, outputs, step_guidance(loaded, settings.guidance_scale), teacher_x0.get
+    )
     return Generation(
         timesteps=forced.timesteps,
         prediction=forced.prediction,
@@ -555,13 +565,15 @@ def _steps_generation(
     loaded: LoadedModel,
     calls: list[RecordedCall],
     outputs: list[Tensor],
-    guidance_scale: float,
+    guidance: Guidance,
+    x0_at: Callable[[float], Sequence[float] | None],
 ) -> Generation:
     """Per-step predictions of a pipeline run from its denoiser calls.
 
     Consecutive calls at one timestep form a step: one batched [uncond, cond] call, or
-    one call per branch. The CFG-combined prediction is uncond + g·(cond − uncond) where
-    the step has both branches (the pipelines' own combination), else cond.
+    one call per branch (and LTX-2's guidance passes). The combined prediction is the
+    pipeline's own combination of the branches the step ran (``guidance``); ``x0_at``
+    gives a timestep's x0 coefficients (a, b) where the guidance needs x0-space.
     """
     layout = loaded.family.layout
     steps: list[dict[str, Any]] = []
@@ -592,8 +604,12 @@ def _steps_generation(
     with_uncond = all("uncond" in step for step in steps)
     predictions = []
     for step in steps:
-        cond, uncond = step["cond"], step.get("uncond")
-        predictions.append(cond if uncond is None else uncond + guidance_scale * (cond - uncond))
+        branches = {b: step[b] for b in sampling.ALL_BRANCHES if b in step}
+        x0_map = None
+        if guidance.rescale_in_x0:
+            a, b = x0_at(step["timestep"])
+            x0_map = (a, b, step["input"])
+        predictions.append(guidance.combine(branches, x0_map))
     return Generation(
         timesteps=torch.tensor([step["timestep"] for step in steps], dtype=torch.float64),
         prediction=torch.stack(predictions),

@@ -40,6 +40,80 @@ ROLES: tuple[str, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """How a pipeline combines the predictions of a step's branches into the one it
+    steps with.
+
+    prediction = cond + Σ_b scales[b]·(cond − pred_b) over the other branches b the step
+    ran (CFG's uncond + g·(cond − uncond) is cond + (g − 1)·(cond − uncond)); then, with
+    ``rescale`` φ > 0 and guidance in the step, diffusers' ``rescale_noise_cfg`` toward
+    cond: the result r becomes φ·r·std(cond)/std(r) + (1 − φ)·r, the stds over every axis
+    but the batch, in x0-space where ``rescale_in_x0`` (LTX-2 guides there), else on the
+    predictions.
+
+    Attributes:
+        branches: the branches the pipeline runs at each step (``sampling.ALL_BRANCHES``
+            names): what a collection's statistics keys count.
+        scales: branch -> weight of (cond − the branch's prediction), for every branch
+            but "cond".
+        rescale: the guidance rescale φ; 0: none.
+        rescale_in_x0: ``rescale`` acts on x0-space predictions.
+    """
+
+    branches: tuple[str, ...] = ("uncond", "cond")
+    scales: Mapping[str, float] = field(default_factory=dict)
+    rescale: float = 0.0
+    rescale_in_x0: bool = False
+
+    def combine(
+        self,
+        predictions: Mapping[str, torch.Tensor],
+        x0_map: tuple[float, float, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The guided prediction of one step, float32 (or wider).
+
+        Args:
+            predictions: branch -> the denoiser's prediction (1, ...) at the step; "cond"
+                always, any of ``scales``' branches.
+            x0_map: (a, b, model_input) with x0 = a·model_input + b·prediction at the
+                step; needed only when ``rescale_in_x0``.
+
+        Raises:
+            UserError: a branch this guidance does not combine.
+        """
+        unknown = sorted(set(predictions) - set(self.scales) - {"cond"})
+        if unknown:
+            raise UserError(
+                f"a pipeline step ran the branch(es) {', '.join(unknown)}, which qvd-bench "
+                "does not know how the pipeline combines; turn that guidance off through the "
+                "pipeline call's arguments (pipeline_kwargs)"
+            )
+        dtype = torch.promote_types(predictions["cond"].dtype, torch.float32)
+        cond = predictions["cond"].to(dtype)
+        guided = cond
+        for branch, scale in self.scales.items():
+            if branch in predictions:
+                guided = guided + scale * (cond - predictions[branch].to(dtype))
+        if self.rescale <= 0 or len(predictions) == 1:
+            return guided
+        if not self.rescale_in_x0:
+            return _rescaled(guided, cond, self.rescale)
+        if x0_map is None:
+            raise ValueError("guidance rescaled in x0-space needs the step's x0 map")
+        a, b, model_input = x0_map
+        offset = a * model_input.to(dtype)
+        rescaled = _rescaled(offset + b * guided, offset + b * cond, self.rescale)
+        return (rescaled - offset) / b
+
+
+def _rescaled(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """diffusers' ``rescale_noise_cfg`` of ``guided`` toward ``cond`` (see ``Guidance``)."""
+    axes = list(range(1, guided.ndim))
+    ratio = cond.std(dim=axes, keepdim=True) / guided.std(dim=axes, keepdim=True)
+    return rescale * guided * ratio + (1 - rescale) * guided
+
+
 class Family:
     """Declarative knowledge of one denoiser class plus the adapters to call it.
 
@@ -193,6 +267,38 @@ class Family:
             chunk = call_default(pipeline, "decode_chunk_size", self.pipeline_call_defaults)
             arguments["decode_chunk_size"] = frames if chunk is None else chunk
         return decode(latents.to(pipeline.vae.dtype), **arguments)
+
+    def guidance(
+        self, pipeline: Any, guidance_scale: float, call: Mapping[str, Any]
+    ) -> Guidance:
+        """How the family's pipelines combine a step's branches (``Guidance``).
+
+        By default classifier-free guidance: an unconditional branch when the scale is
+        above 1, combined as uncond + g·(cond − uncond), with the call's
+        ``guidance_rescale`` on the predictions (LTX-Video); a pipeline driven by a
+        diffusers guider (HunyuanVideo-1.5) combines as its ``ClassifierFreeGuidance``
+        does, with the run's scale.
+
+        Args:
+            pipeline: the diffusers pipeline.
+            guidance_scale: the run's guidance scale (``pipelines.run_pipeline``).
+            call: every argument of the pipeline call as the pipeline sees it: the
+                signature's defaults overlaid with the arguments given.
+        """
+        branches = ("uncond", "cond") if guidance_scale > 1 else ("cond",)
+        guider = getattr(pipeline, "guider", None)
+        if guider is not None and "guidance_scale" not in call:
+            original = bool(getattr(guider, "use_original_formulation", False))
+            return Guidance(
+                branches,
+                {"uncond": guidance_scale if original else guidance_scale - 1},
+                rescale=float(getattr(guider, "guidance_rescale", 0.0) or 0.0),
+            )
+        return Guidance(
+            branches,
+            {"uncond": guidance_scale - 1},
+            rescale=float(call.get("guidance_rescale", 0.0) or 0.0),
+        )
 
     def forward(
         self,

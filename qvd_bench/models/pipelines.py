@@ -39,7 +39,7 @@ from torch import nn
 
 from qvd_bench.errors import UserError
 from qvd_bench.models.families import family_by_name
-from qvd_bench.models.family import LoadedModel
+from qvd_bench.models.family import Guidance, LoadedModel
 from qvd_bench.models.sampling import CallTracker
 from qvd_bench.models.tiny_pipelines import (
     PRESET_PIPELINES,
@@ -339,6 +339,31 @@ def run_pipeline(
             latents = torch.as_tensor(output.frames).float().cpu()
             outputs.append(loaded.family.pipeline_latents(denoiser, latents, frames, height, width))
     return torch.cat(outputs, dim=0)
+
+
+def step_guidance(
+    loaded: LoadedModel,
+    guidance_scale: float,
+    *,
+    negative_prompt: str | None = None,
+    pipeline_kwargs: Mapping[str, Any] | None = None,
+) -> Guidance:
+    """How ``loaded.pipeline`` combines the branches of a step in a ``run_pipeline`` run
+    with these settings: which branches it runs and with what weights (``Family.guidance``
+    on the call's arguments, its signature's defaults overlaid with those the run gives).
+    """
+    pipeline = loaded.pipeline
+    parameters = inspect.signature(pipeline.__call__).parameters
+    call = {
+        name: parameter.default
+        for name, parameter in parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    call.update(
+        call_arguments(loaded, "", guidance_scale, 1, 1, 1, negative_prompt=negative_prompt)
+    )
+    call.update(pipeline_kwargs or {})
+    return loaded.family.guidance(pipeline, guidance_scale, call)
 
 
 # Arguments a pipeline call may require that ``call_arguments`` supplies.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import types
 
 import numpy as np
 import pandas as pd
@@ -179,6 +180,98 @@ def test_cfg_prediction_is_what_the_pipeline_stepped_with(preset):
         t = scheduler.timesteps[step]
         out = scheduler.step(generation.prediction[step], t, generation.inputs[step])
         torch.testing.assert_close(out.prev_sample, generation.inputs[step + 1])
+
+
+# Pipelines of the families without a preset whose guidance differs from plain CFG: LTX-2's
+# spatio-temporal and modality passes and x0-space rescale, HunyuanVideo-1.5's guider.
+FAMILY_GUIDANCE = [("ltx2", "LTX2Pipeline"), ("hunyuan-video-1.5", "HunyuanVideo15Pipeline")]
+
+
+def _stepped_with(pipe) -> list[torch.Tensor]:
+    """Every model output the pipeline's scheduler is stepped with, recorded by wrapping
+    this one scheduler object's ``step`` (a method, so that a copy of the scheduler, as
+    LTX-2 makes for its audio, steps itself unrecorded)."""
+    seen: list[torch.Tensor] = []
+    scheduler = pipe.scheduler
+    step = type(scheduler).step
+
+    def recording(self, model_output, *args, **kwargs):
+        if self is scheduler:
+            seen.append(model_output.detach().clone())
+        return step(self, model_output, *args, **kwargs)
+
+    scheduler.step = types.MethodType(recording, scheduler)
+    return seen
+
+
+def _in_layout_of(stepped: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    """A scheduler input as the denoiser's prediction is laid out: TextToVideoSD and
+    I2VGenXL step frames as images, (B·F, C, H, W), for a (B, C, F, H, W) prediction."""
+    if stepped.shape == prediction.shape:
+        return stepped
+    b, c, f, h, w = prediction.shape
+    return stepped.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+@pytest.mark.parametrize(
+    ("preset", "family_pipeline"),
+    [(preset, None) for preset in PRESET_PIPELINES] + [(None, fp) for fp in FAMILY_GUIDANCE],
+)
+def test_combined_prediction_is_what_the_pipeline_steps_its_scheduler_with(
+    preset, family_pipeline
+):
+    """The guided prediction evaluation scores ("cfg") is, at every step, the model output
+    the pipeline itself hands its scheduler: plain CFG, none for guidance-distilled
+    HunyuanVideo, both experts of Wan 2.2, a guider's CFG, and LTX-2's four passes with
+    its x0-space rescale, at each pipeline's default settings."""
+    from qvd_bench.models import zoo
+
+    if preset is not None:
+        loaded = tiny_pipeline_model(preset)
+    else:
+        loaded = zoo.pipeline_model(pipelines.tiny_family_pipeline(*family_pipeline))
+    stepped = _stepped_with(loaded.pipeline)
+    generation = gen.generate(loaded, PROMPT, 0, settings_for(loaded, steps=3), keep_calls=True)
+    assert len(stepped) == len(generation.prediction) == 3
+    # LTX-2 combines in x0-space and divides by σ on the way back: float32 rounding of
+    # another order of the same operations.
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if family_pipeline == FAMILY_GUIDANCE[0] else {}
+    for step, model_output in enumerate(stepped):
+        prediction = generation.prediction[step]
+        expected = _in_layout_of(model_output, prediction).to(prediction.dtype)
+        torch.testing.assert_close(prediction, expected, **tolerance)
+    if family_pipeline == ("ltx2", "LTX2Pipeline"):
+        branches = {b for call in generation.recorded_calls() for b in call.branches}
+        assert branches == {"cond", "uncond", "cond_stg", "cond_modality"}
+
+
+def test_guidance_rescale_is_diffusers_rescale_noise_cfg():
+    """``Guidance.combine``'s rescale, on the predictions and in x0-space, against
+    diffusers' own ``rescale_noise_cfg`` on the combination the LTX pipelines write out."""
+    from diffusers.pipelines.ltx.pipeline_ltx import rescale_noise_cfg
+
+    from qvd_bench.models.family import Guidance
+
+    generator = torch.Generator().manual_seed(0)
+    cond, uncond, stg = (torch.randn(1, 3, 2, 4, 4, generator=generator) for _ in range(3))
+    plain = Guidance(scales={"uncond": 4.0}, rescale=0.7)
+    guided = uncond + 5.0 * (cond - uncond)
+    torch.testing.assert_close(
+        plain.combine({"cond": cond, "uncond": uncond}),
+        rescale_noise_cfg(guided, cond, guidance_rescale=0.7),
+    )
+    sigma = 0.6
+    sample = torch.randn(1, 3, 2, 4, 4, generator=generator)
+    in_x0 = Guidance(scales={"uncond": 2.0, "cond_stg": 1.0}, rescale=0.7, rescale_in_x0=True)
+    x0 = {name: sample - sigma * v for name, v in (("c", cond), ("u", uncond), ("s", stg))}
+    g = x0["c"] + 2.0 * (x0["c"] - x0["u"]) + 1.0 * (x0["c"] - x0["s"])
+    expected = (sample - rescale_noise_cfg(g, x0["c"], guidance_rescale=0.7)) / sigma
+    combined = in_x0.combine(
+        {"cond": cond, "uncond": uncond, "cond_stg": stg}, (1.0, -sigma, sample)
+    )
+    torch.testing.assert_close(combined, expected)
+    with pytest.raises(gen.UserError, match="cond_seg"):
+        plain.combine({"cond": cond, "cond_seg": stg})
 
 
 def test_cached_pipeline_generation_round_trips_with_its_calls(tmp_path):

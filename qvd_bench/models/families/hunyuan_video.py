@@ -21,7 +21,7 @@ from qvd_bench.models.families._common import (
     model_device_dtype,
     randn,
 )
-from qvd_bench.models.family import Family
+from qvd_bench.models.family import Family, Guidance
 
 # HunyuanVideoPipeline pads Llama prompts to 256 tokens (after its template).
 LLAMA_SEQUENCE_LENGTH = 256
@@ -113,6 +113,18 @@ class HunyuanVideoFamily(Family):
 
     def decode_video(self, pipeline, latents, frames, height, width):
         return decode_scaled(pipeline, latents)
+
+    def guidance(self, pipeline, guidance_scale, call):
+        """Guidance-distilled: one conditional call per step (the scale is embedded),
+        unless the call asks for true CFG (``true_cfg_scale`` > 1 with a negative prompt):
+        neg + s·(cond − neg)."""
+        true_scale = float(call.get("true_cfg_scale") or 1.0)
+        negative = call.get("negative_prompt") is not None or (
+            call.get("negative_prompt_embeds") is not None
+        )
+        if true_scale > 1 and negative:
+            return Guidance(("uncond", "cond"), {"uncond": true_scale - 1})
+        return Guidance(("cond",))
 
     def forward(self, denoiser, latents, timestep, text_states, conditioning):
         """One call as HunyuanVideoPipeline makes it; every text token is attended to

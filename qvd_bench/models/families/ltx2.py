@@ -22,7 +22,7 @@ import torch
 
 from qvd_bench.models.families._common import COMMON_OUTLIER_TARGETS, N, randn
 from qvd_bench.models.families.ltx import decode_timestep, pack_tokens, unpack_tokens
-from qvd_bench.models.family import Family
+from qvd_bench.models.family import Family, Guidance
 
 # LTX2Pipeline pads Gemma prompts to 1024 tokens; the tiny preset's audio has 4 frames.
 TEXT_SEQUENCE_LENGTH = 1024
@@ -95,6 +95,33 @@ class LTX2Family(Family):
         vae = pipeline.vae
         timestep = decode_timestep(pipeline, self.pipeline_call_defaults, latents)
         return vae.decode(latents.to(vae.dtype), timestep, return_dict=False)[0]
+
+    def guidance(self, pipeline, guidance_scale, call):
+        """As LTX2Pipeline guides the video, in x0-space: cond + (g − 1)·(cond − uncond)
+        + stg·(cond − cond_stg) + (m − 1)·(cond − cond_modality), then rescaled toward
+        cond by ``guidance_rescale``. A pass runs when the video's or the audio's scale
+        asks for it (the audio's defaulting to the video's)."""
+
+        def scale(name: str) -> float:
+            return float(call.get(name) or 0.0)
+
+        def audio(name: str) -> float:
+            return float(call.get(f"audio_{name}") or call.get(name) or 0.0)
+
+        cfg = scale("guidance_scale")
+        stg = scale("stg_scale")
+        modality = scale("modality_scale")
+        runs = {
+            "uncond": cfg > 1 or audio("guidance_scale") > 1,
+            "cond_stg": stg > 0 or audio("stg_scale") > 0,
+            "cond_modality": modality > 1 or audio("modality_scale") > 1,
+        }
+        return Guidance(
+            tuple(b for b in ("uncond", "cond", "cond_stg", "cond_modality") if runs.get(b, True)),
+            {"uncond": cfg - 1, "cond_stg": stg, "cond_modality": modality - 1},
+            rescale=scale("guidance_rescale"),
+            rescale_in_x0=True,
+        )
 
     def forward(self, denoiser, latents, timestep, text_states, conditioning):
         """Packs the video latents, calls the transformer with the same text for both
