@@ -41,9 +41,9 @@ import functools
 import hashlib
 import json
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch

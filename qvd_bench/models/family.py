@@ -85,9 +85,9 @@ class Guidance:
         unknown = sorted(set(predictions) - set(self.scales) - {"cond"})
         if unknown:
             raise UserError(
-                f"a pipeline step ran the branch(es) {', '.join(unknown)}, which qvd-bench "
-                "does not know how the pipeline combines; turn that guidance off through the "
-                "pipeline call's arguments (pipeline_kwargs)"
+                f"a pipeline step ran the branch(es) {', '.join(unknown)}, whose combination "
+                "with the others qvd-bench does not know (it knows CFG, true CFG and LTX-2's "
+                "spatio-temporal and modality passes)"
             )
         dtype = torch.promote_types(predictions["cond"].dtype, torch.float32)
         cond = predictions["cond"].to(dtype)
@@ -268,9 +268,7 @@ class Family:
             arguments["decode_chunk_size"] = frames if chunk is None else chunk
         return decode(latents.to(pipeline.vae.dtype), **arguments)
 
-    def guidance(
-        self, pipeline: Any, guidance_scale: float, call: Mapping[str, Any]
-    ) -> Guidance:
+    def guidance(self, pipeline: Any, guidance_scale: float, call: Mapping[str, Any]) -> Guidance:
         """How the family's pipelines combine a step's branches (``Guidance``).
 
         By default classifier-free guidance: an unconditional branch when the scale is

@@ -217,9 +217,7 @@ def _in_layout_of(stepped: torch.Tensor, prediction: torch.Tensor) -> torch.Tens
     ("preset", "family_pipeline"),
     [(preset, None) for preset in PRESET_PIPELINES] + [(None, fp) for fp in FAMILY_GUIDANCE],
 )
-def test_combined_prediction_is_what_the_pipeline_steps_its_scheduler_with(
-    preset, family_pipeline
-):
+def test_combined_prediction_is_what_the_pipeline_steps_its_scheduler_with(preset, family_pipeline):
     """The guided prediction evaluation scores ("cfg") is, at every step, the model output
     the pipeline itself hands its scheduler: plain CFG, none for guidance-distilled
     HunyuanVideo, both experts of Wan 2.2, a guider's CFG, and LTX-2's four passes with
