@@ -28,6 +28,9 @@ from tests.collect.test_any_pipeline import (
     assert_stats_equal_reference,
     collect_layers,
     error_line,
+    moments_of_rows,
+    raw_calls,
+    rows_and_level,
     run_cli,
 )
 
@@ -180,70 +183,6 @@ def test_diffusion_forcing_frames_at_other_noise_levels_are_left_out_not_dropped
     assert rows["count"].sum() + excluded == calls * SIZE["frames"] * tokens_per_frame
 
 
-def _df_inputs(path: str, layers: list[str]) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
-    """(layer, branch, per-frame timestep (1, frames), input) of every call of ``layers``
-    in a plain diffusers run of the diffusion-forcing pipeline, as ``collect_layers``
-    calls it (``ar_step`` 1, ``causal_block_size`` 1, seed 0). Each iteration calls the
-    transformer for "cond", then "uncond" (the pipeline's order)."""
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    transformer = pipe.transformer
-    calls: list[torch.Tensor] = []
-    captured = []
-    handles = [
-        transformer.register_forward_pre_hook(
-            lambda m, a, k: calls.append(k["timestep"].detach().clone()), with_kwargs=True
-        )
-    ]
-    for name in layers:
-        handles.append(
-            transformer.get_submodule(name).register_forward_pre_hook(
-                lambda m, a, name=name: captured.append(
-                    (name, ("cond", "uncond")[(len(calls) - 1) % 2], calls[-1], a[0].detach())
-                )
-            )
-        )
-    seed = pipelines.sample_seed(0, 0)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            pipe(
-                prompt=PROMPT,
-                num_frames=(SIZE["frames"] - 1) * pipe.vae_scale_factor_temporal + 1,
-                height=SIZE["height"] * pipe.vae_scale_factor_spatial,
-                width=SIZE["width"] * pipe.vae_scale_factor_spatial,
-                num_inference_steps=2,
-                guidance_scale=4.0,
-                max_sequence_length=min(pipe.tokenizer.model_max_length, 512),
-                ar_step=1,
-                causal_block_size=1,
-                output_type="latent",
-                generator=torch.Generator("cpu").manual_seed(seed),
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-def _rows_and_level(timestep: torch.Tensor, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """A call's input rows (rows, C) in float64 and whether each is at the call's level
-    (the largest of its per-frame timesteps): a 5-D latent (1, C, frames, H, W) has one row
-    per voxel, frame-major, each at its frame's level; a time-embedding input has one row
-    per frame."""
-    per_frame = timestep.double().numpy().reshape(-1)
-    at_level = per_frame == per_frame.max()
-    if x.dim() == 5:
-        values = x.double().permute(0, 2, 3, 4, 1).numpy()  # (1, frames, H, W, C)
-        voxels = values.shape[2] * values.shape[3]
-        return values.reshape(-1, x.shape[1]), np.repeat(at_level, voxels)
-    values = x.double().numpy().reshape(-1, x.shape[-1])
-    assert len(values) == len(per_frame)
-    return values, at_level
-
-
 def test_diffusion_forcing_frames_at_other_levels_are_left_out_of_voxel_and_time_rows(
     saved, ftfy, tmp_path
 ):
@@ -252,44 +191,53 @@ def test_diffusion_forcing_frames_at_other_levels_are_left_out_of_voxel_and_time
     level are left out of them too. Their statistics equal those of the raw inputs of a
     plain diffusers run restricted to the rows at each call's level."""
     path = saved("skyreels-v2", "SkyReelsV2DiffusionForcingPipeline")
-    layers = [
-        "patch_embedding",
-        "condition_embedder.time_embedder.linear_1",
-        "condition_embedder.time_proj",
-    ]
-    run = collect_layers(
-        path, layers, tmp_path, 2, pipeline_kwargs={"ar_step": 1, "causal_block_size": 1}
-    )
+    layers = {
+        "patch_embedding": "voxels",
+        "condition_embedder.time_embedder.linear_1": "entries",
+        "condition_embedder.time_proj": "entries",
+    }
+    df = {"ar_step": 1, "causal_block_size": 1}
+    run = collect_layers(path, list(layers), tmp_path, 2, pipeline_kwargs=df)
     assert "patch embedding" in run.manifest["keying"]["other_noise_levels"]
-    captured = _df_inputs(path, layers)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(
+        prompt=PROMPT,
+        num_frames=(SIZE["frames"] - 1) * pipe.vae_scale_factor_temporal + 1,
+        height=SIZE["height"] * pipe.vae_scale_factor_spatial,
+        width=SIZE["width"] * pipe.vae_scale_factor_spatial,
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        max_sequence_length=min(pipe.tokenizer.model_max_length, 512),
+        **df,
+    )
+    captured = raw_calls(pipe, list(layers), call, seed=0)
     calls = 2 * (2 + SIZE["frames"] - 1)  # steps + frames - 1 calls per branch
     assert len(captured) == calls * len(layers)
-    parts: dict[tuple, list[np.ndarray]] = {}
+    rows: dict[tuple, list[np.ndarray]] = {}
     every_row = dict.fromkeys(layers, 0)
     other_rows = dict.fromkeys(layers, 0)
-    for name, branch, timestep, x in captured:
-        values, at_level = _rows_and_level(timestep, x)
+    for name, index, timestep, x in captured:
+        assert timestep.shape == (1, SIZE["frames"])  # one timestep per latent frame
+        values, at_level = rows_and_level(layers[name], timestep, x)
         every_row[name] += len(values)
         other_rows[name] += int((~at_level).sum())
-        key = (name, float(timestep.max()), branch)
-        parts.setdefault(key, []).append(values[at_level])
-    reference = {}
-    for key, chunks in parts.items():
-        v = np.concatenate(chunks)
-        reference[key] = np.stack(
-            [np.full(v.shape[1], len(v)), v.min(0), v.max(0), v.mean(0), v.var(0)], 1
-        )
-    assert_stats_equal_reference(run, reference)
+        branch = ("cond", "uncond")[index % 2]  # each iteration calls cond, then uncond
+        rows.setdefault((name, float(timestep.max()), branch), []).append(values[at_level])
+    assert_stats_equal_reference(run, moments_of_rows(rows))
     excluded = run.manifest["keying"]["excluded_rows"]
     channels = run.channels[(run.channels["tensor"] == "input") & (run.channels["channel"] == 0)]
     for name in layers:
         assert excluded[name] == other_rows[name] > 0, name
         stored = channels[channels["layer"] == name]["count"].sum()
         assert stored + excluded[name] == every_row[name], name
-    # Frame-major voxels: the patch embedding leaves out a whole frame's voxels per row
-    # of the time embedding left out.
+    # A frame left out of the time embedding is all its voxels left out of the patch
+    # embedding.
     voxels_per_frame = SIZE["height"] * SIZE["width"]
-    assert excluded["patch_embedding"] == excluded[layers[1]] * voxels_per_frame
+    time_rows = excluded["condition_embedder.time_embedder.linear_1"]
+    assert excluded["patch_embedding"] == time_rows * voxels_per_frame
 
 
 def test_the_runs_guidance_scale_reaches_a_pipelines_guider(saved, tmp_path):
