@@ -596,9 +596,11 @@ def build_manifest(
             "stored_branches": [b for b in ALL_BRANCHES if b in stored_branches],
             "timestep": "the scheduler step's; a call with one timestep per frame or token "
             "is keyed by the largest (the step's noise level)",
-            "other_noise_levels": "excluded: rows of tokens at another noise level than "
-            "their step's (e.g. an image-to-video conditioning frame) are left out of the "
-            "layers whose rows are the video tokens",
+            "other_noise_levels": "excluded: rows at another noise level than their "
+            "step's (an image-to-video conditioning frame, a frame diffusion forcing "
+            "denoises ahead or behind) are left out of the layers whose rows are the video "
+            "tokens, of those whose rows are the latent voxels (the patch embedding) and of "
+            "the time-embedding layers whose rows are the per-frame or per-token timesteps",
             "excluded_rows": dict(sorted((excluded_rows or {}).items())),
         },
         "world_size": world,

@@ -5,10 +5,12 @@ outputs) on every selected leaf Linear/Conv. Each hook reads the current
 ``DenoiserCall`` from the ``CallTracker`` (timestep value, CFG branches, sample ids),
 splits a batched [uncond, cond] input along dim 0 and updates the accumulators keyed by
 (tensor, layer, timestep value, branch). Calls made while no sampling call is being
-tracked (probe forwards) are ignored. In a call whose tokens are at different noise levels
-(an image-to-video conditioning frame), the rows of tokens at another level than the
-step's are left out of the layers whose rows are the video tokens and counted in
-``excluded_rows``.
+tracked (probe forwards) are ignored. In a call whose frames or tokens are at different
+noise levels (an image-to-video conditioning frame, diffusion forcing), the rows at
+another level than the step's are left out and counted in ``excluded_rows``: those of the
+layers whose rows are the video tokens, the latent voxels (the patch embedding) or, for
+time-embedding layers, the timestep's per-frame or per-token entries
+(``sampling.other_level_rows``).
 
 ``capture_temporal_features`` runs the probe forwards that record the full input
 vectors of timestep-embedding layers on a timestep grid.
@@ -155,7 +157,7 @@ class StatsCollector:
         self.moments: dict[StatsKey, ChannelMoments] = {}
         self.histograms: dict[StatsKey, Histogram] = {}
         self.reservoirs: dict[str, Reservoir] = {}
-        # Input rows left out per layer: tokens at another noise level than their call's
+        # Input rows left out per layer: rows at another noise level than their call's
         # step (``sampling.other_level_rows``).
         self.excluded_rows: dict[str, int] = {}
         self._handles: list = []
@@ -223,10 +225,12 @@ class StatsCollector:
         channel_dim = info.channel_dim
         chunks = x.chunk(len(call.branches), dim=0) if len(call.branches) > 1 else (x,)
         num_samples = len(call.sample_ids)
-        other = other_level_rows(call, _rows_per_sample(chunks[0], num_samples, channel_dim))
+        rows = _rows_per_sample(chunks[0], num_samples, channel_dim)
+        other = other_level_rows(call, rows, role=info.role)
         if other is not None:
-            # Tokens at another noise level than the step's (a conditioning frame): left
-            # out, so that the step's statistics hold only tokens at its level.
+            # Rows at another noise level than the step's (a conditioning frame, a frame
+            # that diffusion forcing denoises ahead or behind): left out, so that the
+            # step's statistics hold only rows at its level.
             keep = ~other.to(chunks[0].device)
             chunks = tuple(channel_last_rows(c, num_samples, channel_dim)[keep] for c in chunks)
             channel_dim = -1

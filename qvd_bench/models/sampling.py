@@ -50,8 +50,17 @@ class DenoiserCall:
         expert: which denoiser ran the call: its pipeline attribute ("transformer_2")
             when the tracker hooks several experts, "" for a single denoiser.
         token_timesteps: (samples, tokens) timestep of every video token of a chunk when
-            they are not all ``timestep``, else None. Layer hooks leave out the rows of
-            tokens at another noise level (``other_level_rows``).
+            they are not all ``timestep``, else None.
+        voxel_timesteps: (samples, frames * height * width) timestep of every voxel of a
+            5-D latent input (B, C, frames, height, width), frame-major as a channel-last
+            conv input's rows (the patch embedding's), when they are not all
+            ``timestep``, else None (also for a packed-token input).
+        entry_timesteps: (samples, entries) the call's timestep argument of a chunk, one
+            entry per frame or per token, when they are not all ``timestep``, else None:
+            the rows a time-embedding layer embeds.
+
+    Layer hooks leave out the rows at another noise level than ``timestep``
+    (``other_level_rows``).
     """
 
     timestep: float
@@ -59,24 +68,37 @@ class DenoiserCall:
     sample_ids: tuple[int, ...]
     expert: str = ""
     token_timesteps: torch.Tensor | None = None
+    voxel_timesteps: torch.Tensor | None = None
+    entry_timesteps: torch.Tensor | None = None
 
 
-def other_level_rows(call: Any, rows: int) -> torch.Tensor | None:
-    """Which rows of a layer input belong to tokens at another noise level than the step's.
+def other_level_rows(call: Any, rows: int, *, role: str | None = None) -> torch.Tensor | None:
+    """Which rows of a layer input are at another noise level than the step's.
+
+    A layer's rows per sample are matched, in this order, against the video tokens
+    (``call.token_timesteps``), the latent voxels of a 5-D input
+    (``call.voxel_timesteps``: the patch embedding) and, for a ``time_emb`` layer only,
+    the entries of the timestep argument (``call.entry_timesteps``: one time-embedding
+    row per frame or per token). Any other layer, a text layer whose length happens to
+    equal the frame count included, is never masked by the timestep's entries.
 
     Args:
         call: the current ``DenoiserCall`` (or any object with a ``timestep``).
         rows: rows per sample of the layer input (``hooks.channel_last_rows``).
+        role: the layer's role (models/family.py ROLES), or None when unknown.
 
     Returns:
-        (samples, rows) bool, True where the token is at another level, when the call has
-        per-token timesteps and the layer's rows are the video tokens; else None (the
-        whole input belongs to the step).
+        (samples, rows) bool, True where the row is at another level, when the call has
+        per-frame or per-token timesteps and the layer's rows are one of the above; else
+        None (the whole input belongs to the step).
     """
-    tokens = getattr(call, "token_timesteps", None)
-    if tokens is None or tokens.shape[1] != rows:
-        return None
-    return tokens != call.timestep
+    candidates = [getattr(call, "token_timesteps", None), getattr(call, "voxel_timesteps", None)]
+    if role == "time_emb":
+        candidates.append(getattr(call, "entry_timesteps", None))
+    for per_row in candidates:
+        if per_row is not None and per_row.shape[1] == rows:
+            return per_row != call.timestep
+    return None
 
 
 # diffusers' ``cache_context`` names of a denoiser call and the branches of its batch:
@@ -287,10 +309,19 @@ class CallTracker:
         branches = self._branches(context, batch, n, entries, expert, args, kwargs)
         chunk = entries[:n]
         step = float(chunk.max())
-        token_timesteps = None
+        token_timesteps = voxel_timesteps = entry_timesteps = None
         if entries.shape[1] > 1 and not bool((entries == step).all()):
-            token_timesteps = _token_timesteps(module, sample, chunk)
-        self.current = DenoiserCall(step, branches, self._sample_ids, expert, token_timesteps)
+            token_timesteps, voxel_timesteps = _row_timesteps(module, sample, chunk)
+            entry_timesteps = chunk
+        self.current = DenoiserCall(
+            step,
+            branches,
+            self._sample_ids,
+            expert,
+            token_timesteps,
+            voxel_timesteps,
+            entry_timesteps,
+        )
 
     def _branches(
         self,
@@ -407,19 +438,33 @@ def _check_one_timestep(entries: torch.Tensor, n: int, where: str) -> None:
         )
 
 
-def _token_timesteps(
+def _row_timesteps(
     module: nn.Module, sample: torch.Tensor, entries: torch.Tensor
-) -> torch.Tensor:
-    """Per-video-token timesteps (samples, tokens) of a call whose timestep has one entry
-    per token, or per latent frame (expanded to the frame's tokens, frame-major as the
-    transformers patchify).
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token and per-voxel timesteps of a call whose timestep has one entry per token,
+    or per latent frame.
+
+    A token covers patch_t x patch_h x patch_w voxels of the latent; a frame's entry
+    covers all its tokens and voxels. Both are frame-major, as the transformers patchify
+    and as a conv input's channel-last rows run.
+
+    Args:
+        module: the denoiser (its ``config.patch_size`` / ``patch_size_t``).
+        sample: its latent input: (B, C, frames, height, width), or packed tokens
+            (B, tokens, C).
+        entries: (samples, entries) the timestep argument of one chunk.
+
+    Returns:
+        (samples, tokens) timesteps of the video tokens, and (samples, frames * height *
+        width) of the latent voxels of a 5-D input (None for packed tokens, or for
+        per-token entries whose patches do not tile the latent).
 
     Raises:
         UserError: entries that match neither the frames nor the tokens of the input.
     """
-    per_sample = entries.shape[1]
+    samples, per_sample = entries.shape
     if sample.dim() == 3 and sample.shape[1] == per_sample:
-        return entries  # packed tokens (LTX-Video): one timestep per token
+        return entries, None  # packed tokens (LTX-Video): one timestep per token
     if sample.dim() == 5:
         config = getattr(module, "config", None)
         patch = getattr(config, "patch_size", 1) or 1
@@ -431,9 +476,20 @@ def _token_timesteps(
         grid = (frames // patch_t, height // patch_h, width // patch_w)
         tokens = grid[0] * grid[1] * grid[2]
         if per_sample == tokens:
-            return entries
+            voxels = None
+            if (grid[0] * patch_t, grid[1] * patch_h, grid[2] * patch_w) == (frames, height, width):
+                voxels = entries.reshape(samples, *grid)
+                for axis, size in enumerate((patch_t, patch_h, patch_w), start=1):
+                    voxels = voxels.repeat_interleave(size, dim=axis)
+                voxels = voxels.reshape(samples, -1)
+            return entries, voxels
         if per_sample in (frames, grid[0]):
-            return entries.repeat_interleave(tokens // per_sample, dim=1)
+            # One entry per latent frame (or per frame of tokens, patch_t frames each).
+            frames_per_entry = frames // per_sample
+            voxels = None
+            if frames_per_entry * per_sample == frames:
+                voxels = entries.repeat_interleave(frames_per_entry * height * width, dim=1)
+            return entries.repeat_interleave(tokens // per_sample, dim=1), voxels
     raise UserError(
         f"a denoiser call cannot be keyed: {per_sample} timesteps per sample match neither "
         f"the frames nor the tokens of its input of shape {tuple(sample.shape)}"

@@ -148,6 +148,11 @@ def reference_statistics(captured) -> dict[tuple, np.ndarray]:
         for branch, half in zip(branches, halves):
             values = half.double().numpy().reshape(-1, half.shape[-1])
             rows.setdefault((name, t, branch), []).append(values)
+    return moments_of_rows(rows)
+
+
+def moments_of_rows(rows: dict[tuple, list[np.ndarray]]) -> dict[tuple, np.ndarray]:
+    """key -> (C, 5) count, min, max, mean, variance of the key's rows, each part (R, C)."""
     out = {}
     for key, parts in rows.items():
         v = np.concatenate(parts)
@@ -155,6 +160,69 @@ def reference_statistics(captured) -> dict[tuple, np.ndarray]:
             [np.full(v.shape[1], len(v)), v.min(0), v.max(0), v.mean(0), v.var(0)], 1
         )
     return out
+
+
+def raw_calls(pipe, layers, call_kwargs, seed):
+    """(layer, index of the denoiser call, its timestep argument, input) of every call of
+    ``layers`` of the pipeline's one denoiser in a plain diffusers run, seeded as
+    ``pipelines.run_pipeline`` seeds sample 0."""
+    transformer = pipe.transformer
+    timesteps: list[torch.Tensor] = []
+    captured = []
+    handles = [
+        transformer.register_forward_pre_hook(
+            lambda m, a, k: timesteps.append(k["timestep"].detach().clone()), with_kwargs=True
+        )
+    ]
+    for name in layers:
+        handles.append(
+            transformer.get_submodule(name).register_forward_pre_hook(
+                lambda m, a, name=name: captured.append(
+                    (name, len(timesteps) - 1, timesteps[-1], a[0].detach())
+                )
+            )
+        )
+    generator = torch.Generator("cpu").manual_seed(pipelines.sample_seed(seed, 0))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(pipelines.sample_seed(seed, 0))
+            pipe(generator=generator, output_type="latent", **call_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def rows_and_level(
+    rows: str, timestep: torch.Tensor, x: torch.Tensor, patch: tuple[int, int] = (2, 2)
+) -> tuple[np.ndarray, np.ndarray]:
+    """One sample's input rows (R, C) in float64, and whether each row is at the call's
+    level (the largest entry of its timestep argument (1, frames) or (1, tokens)).
+
+    Args:
+        rows: what the rows are: "voxels" (a 5-D latent (1, C, frames, H, W), frame-major:
+            a frame's entry covers its H x W voxels, a token's its patch), "entries" (one
+            row per entry: the video tokens, a time embedding) or "other" (all at the
+            call's level).
+        patch: (height, width) of a token's patch (one latent frame per token).
+    """
+    entries = timestep.double().numpy().reshape(-1)
+    top = entries.max()
+    if rows == "voxels":
+        _, channels, frames, height, width = x.shape
+        values = x.double().permute(0, 2, 3, 4, 1).numpy().reshape(-1, channels)
+        if len(entries) == frames:
+            grid, cover = entries.reshape(frames, 1, 1), (height, width)
+        else:
+            grid = entries.reshape(frames, height // patch[0], width // patch[1])
+            cover = patch
+        level = grid.repeat(cover[0], axis=1).repeat(cover[1], axis=2)
+        return values, level.reshape(-1) == top
+    values = x.double().numpy().reshape(-1, x.shape[-1])
+    if rows == "entries":
+        assert len(values) == len(entries)
+        return values, entries == top
+    return values, np.ones(len(values), dtype=bool)
 
 
 def assert_stats_equal_reference(run, reference):
@@ -363,6 +431,70 @@ def test_per_token_timesteps_of_wan_expand_timesteps_are_keyed_by_the_step(tmp_p
     keys = set(zip(run.channels["timestep"], run.channels["branch"]))
     assert keys == {(float(t), b) for t in reference.timesteps for b in ("cond", "uncond")}
     assert run.manifest["keying"]["excluded_rows"] == {}
+
+
+def test_wan_ti2v_conditioning_frame_is_left_out_of_token_voxel_and_time_rows(
+    tmp_path, monkeypatch
+):
+    """WanImageToVideoPipeline with ``expand_timesteps`` (Wan 2.2 TI2V) gives the image
+    frame's tokens timestep 0: they are left out of the video-token layers, of the patch
+    embedding's latent voxels (a token of patch (1, 2, 2) covers 4 voxels) and of the time
+    embedding's per-token rows; the text rows are all kept. The statistics equal those of
+    the raw inputs of a plain diffusers run restricted to the rows at each step's level."""
+    import types
+
+    from diffusers.pipelines.wan import pipeline_wan_i2v
+
+    if not hasattr(pipeline_wan_i2v, "ftfy"):  # its prompt cleaning calls ftfy unguarded
+        monkeypatch.setattr(
+            pipeline_wan_i2v, "ftfy", types.SimpleNamespace(fix_text=lambda t: t), raising=False
+        )
+    path = save_variant(
+        "tiny-wan", "WanImageToVideoPipeline", tmp_path / "ti2v", expand_timesteps=True
+    )
+    layers = {
+        "patch_embedding": "voxels",
+        "blocks.0.attn1.to_q": "entries",
+        "condition_embedder.time_embedder.linear_1": "entries",
+        "blocks.0.attn2.to_k": "other",
+    }
+    run = collected(path, tmp_path, list(layers))
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+    height, width = SIZE["height"] * spatial, SIZE["width"] * spatial
+    call = dict(
+        prompt=PROMPT,
+        image=pipelines.synthetic_image(0, 0, height, width),
+        num_frames=(SIZE["frames"] - 1) * temporal + 1,
+        height=height,
+        width=width,
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        max_sequence_length=min(pipe.tokenizer.model_max_length, 512),
+    )
+    captured = raw_calls(pipe, list(layers), call, seed=0)
+    rows: dict[tuple, list[np.ndarray]] = {}
+    every_row = dict.fromkeys(layers, 0)
+    other_rows = dict.fromkeys(layers, 0)
+    for name, index, timestep, x in captured:
+        values, at_level = rows_and_level(layers[name], timestep, x)
+        every_row[name] += len(values)
+        other_rows[name] += int((~at_level).sum())
+        branch = ("cond", "uncond")[index % 2]  # the pipeline calls cond, then uncond
+        rows.setdefault((name, float(timestep.max()), branch), []).append(values[at_level])
+    assert len({key[1] for key in rows}) == 2  # both steps, each at its own key
+    assert_stats_equal_reference(run, moments_of_rows(rows))
+    excluded = run.manifest["keying"]["excluded_rows"]
+    assert excluded == {name: n for name, n in other_rows.items() if n}
+    assert set(excluded) == set(layers) - {"blocks.0.attn2.to_k"}
+    tokens_per_frame = SIZE["height"] // 2 * (SIZE["width"] // 2)
+    assert excluded["blocks.0.attn1.to_q"] == 2 * 2 * tokens_per_frame  # steps x branches
+    assert excluded["patch_embedding"] == 4 * excluded["blocks.0.attn1.to_q"]
+    channels = run.channels[(run.channels["tensor"] == "input") & (run.channels["channel"] == 0)]
+    for name in layers:
+        stored = channels[channels["layer"] == name]["count"].sum()
+        assert stored + excluded.get(name, 0) == every_row[name], name
 
 
 # --------------------------------------------------------------------------- bad input

@@ -21,7 +21,18 @@ from qvd_bench import store
 from qvd_bench.collect.collector import collect
 from qvd_bench.config import CollectConfig
 from qvd_bench.models import pipelines
-from tests.collect.test_any_pipeline import SIZE, SMALL, collect_layers, error_line, run_cli
+from tests.collect.test_any_pipeline import (
+    PROMPT,
+    SIZE,
+    SMALL,
+    assert_stats_equal_reference,
+    collect_layers,
+    error_line,
+    moments_of_rows,
+    raw_calls,
+    rows_and_level,
+    run_cli,
+)
 
 # (family, pipeline class) of each tiny family pipeline.
 FAMILY_PIPELINES = [
@@ -176,6 +187,63 @@ def test_diffusion_forcing_frames_at_other_noise_levels_are_left_out_not_dropped
     excluded = run.manifest["keying"]["excluded_rows"].get(layer, 0)
     assert excluded > 0
     assert rows["count"].sum() + excluded == calls * SIZE["frames"] * tokens_per_frame
+
+
+def test_diffusion_forcing_frames_at_other_levels_are_left_out_of_voxel_and_time_rows(
+    saved, ftfy, tmp_path
+):
+    """The patch embedding's rows are latent voxels and the time embedding's rows are the
+    per-frame timesteps, neither the video tokens: the rows of frames at another noise
+    level are left out of them too. Their statistics equal those of the raw inputs of a
+    plain diffusers run restricted to the rows at each call's level."""
+    path = saved("skyreels-v2", "SkyReelsV2DiffusionForcingPipeline")
+    layers = {
+        "patch_embedding": "voxels",
+        "condition_embedder.time_embedder.linear_1": "entries",
+        "condition_embedder.time_proj": "entries",
+    }
+    df = {"ar_step": 1, "causal_block_size": 1}
+    run = collect_layers(path, list(layers), tmp_path, 2, pipeline_kwargs=df)
+    assert "patch embedding" in run.manifest["keying"]["other_noise_levels"]
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(
+        prompt=PROMPT,
+        num_frames=(SIZE["frames"] - 1) * pipe.vae_scale_factor_temporal + 1,
+        height=SIZE["height"] * pipe.vae_scale_factor_spatial,
+        width=SIZE["width"] * pipe.vae_scale_factor_spatial,
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        max_sequence_length=min(pipe.tokenizer.model_max_length, 512),
+        **df,
+    )
+    captured = raw_calls(pipe, list(layers), call, seed=0)
+    calls = 2 * (2 + SIZE["frames"] - 1)  # steps + frames - 1 calls per branch
+    assert len(captured) == calls * len(layers)
+    rows: dict[tuple, list[np.ndarray]] = {}
+    every_row = dict.fromkeys(layers, 0)
+    other_rows = dict.fromkeys(layers, 0)
+    for name, index, timestep, x in captured:
+        assert timestep.shape == (1, SIZE["frames"])  # one timestep per latent frame
+        values, at_level = rows_and_level(layers[name], timestep, x)
+        every_row[name] += len(values)
+        other_rows[name] += int((~at_level).sum())
+        branch = ("cond", "uncond")[index % 2]  # each iteration calls cond, then uncond
+        rows.setdefault((name, float(timestep.max()), branch), []).append(values[at_level])
+    assert_stats_equal_reference(run, moments_of_rows(rows))
+    excluded = run.manifest["keying"]["excluded_rows"]
+    channels = run.channels[(run.channels["tensor"] == "input") & (run.channels["channel"] == 0)]
+    for name in layers:
+        assert excluded[name] == other_rows[name] > 0, name
+        stored = channels[channels["layer"] == name]["count"].sum()
+        assert stored + excluded[name] == every_row[name], name
+    # A frame left out of the time embedding is all its voxels left out of the patch
+    # embedding.
+    voxels_per_frame = SIZE["height"] * SIZE["width"]
+    time_rows = excluded["condition_embedder.time_embedder.linear_1"]
+    assert excluded["patch_embedding"] == time_rows * voxels_per_frame
 
 
 def test_the_runs_guidance_scale_reaches_a_pipelines_guider(saved, tmp_path):

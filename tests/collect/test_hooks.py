@@ -234,3 +234,49 @@ def test_mochi_temporal_features_are_labelled_by_the_timestep_the_transformer_re
         )
     handle.remove()
     np.testing.assert_array_equal(vectors[1], seen[0][0].double().numpy())
+
+
+def test_a_text_layer_as_long_as_the_frames_is_not_masked_by_per_frame_timesteps():
+    """Diffusion forcing's per-frame timesteps mask the rows of the time-embedding layers
+    (one per frame); a cross-attention key projection whose text rows happen to number the
+    frames keeps every row."""
+    from qvd_bench.models.families import family_by_name
+    from qvd_bench.models.family import LoadedModel
+
+    family = family_by_name("skyreels-v2")
+    torch.manual_seed(0)
+    denoiser = family.build(family.tiny_config()).eval()
+    loaded = LoadedModel("tiny-skyreels-v2", family, denoiser)
+    frames, height, width = 3, 4, 4
+    latents = torch.randn(family.latent_shape(denoiser, 1, frames, height, width))
+    text = torch.randn(1, frames, denoiser.config.text_dim)  # as many text rows as frames
+    per_frame = torch.tensor([[0.0, 500.0, 500.0]])  # the first frame at another level
+    names = ["blocks.0.attn2.to_k", "condition_embedder.time_embedder.linear_1"]
+    all_layers, infos = hooked(loaded)
+    assert [infos[n].role for n in names] == ["cross_attn", "time_emb"]
+    layers = {n: all_layers[n] for n in names}
+    raw = {}
+    handles = [
+        module.register_forward_pre_hook(lambda m, a, n=n: raw.update({n: a[0].double()}))
+        for n, module in layers.items()
+    ]
+    tracker = CallTracker(denoiser).attach()
+    collector = StatsCollector(layers, {n: infos[n] for n in names}, tracker)
+    try:
+        with collector, tracker.batch([0]), torch.no_grad():
+            denoiser(latents, per_frame, text, enable_diffusion_forcing=True, return_dict=False)
+    finally:
+        tracker.detach()
+        for handle in handles:
+            handle.remove()
+    text_rows = raw[names[0]].reshape(-1, raw[names[0]].shape[-1])
+    time_rows = raw[names[1]].reshape(-1, raw[names[1]].shape[-1])
+    assert len(text_rows) == len(time_rows) == frames
+    text_moments = collector.moments[("input", names[0], 500.0, "cond")]
+    time_moments = collector.moments[("input", names[1], 500.0, "cond")]
+    assert collector.excluded_rows == {names[1]: 1}
+    assert bool((text_moments.count == frames).all())
+    torch.testing.assert_close(text_moments.mean, text_rows.mean(0))
+    assert bool((time_moments.count == frames - 1).all())
+    torch.testing.assert_close(time_moments.mean, time_rows[1:].mean(0))
+    torch.testing.assert_close(time_moments.max, time_rows[1:].max(0).values)

@@ -210,3 +210,50 @@ def test_per_frame_timesteps_are_keyed_by_the_step_and_expanded_to_tokens():
     other = other_level_rows(call, frames * tokens_per_frame)
     assert other.sum() == tokens_per_frame and bool(other[0, :tokens_per_frame].all())
     assert other_level_rows(call, 7) is None  # rows that are not the video tokens
+    # The latent voxels (the patch embedding's rows), frame-major: a frame's entry covers
+    # all its height x width voxels.
+    voxels = other_level_rows(call, frames * height * width)
+    assert torch.equal(voxels, (per_frame != 500.0).repeat_interleave(height * width, dim=1))
+    # One row per frame is the time embedding's, for time-embedding layers alone.
+    assert torch.equal(other_level_rows(call, frames, role="time_emb"), per_frame != 500.0)
+    assert other_level_rows(call, frames, role="cross_attn") is None
+    assert other_level_rows(call, frames) is None
+
+
+def test_per_token_timesteps_cover_each_tokens_patch_of_voxels():
+    """Wan 2.2 TI2V gives each token its timestep, (B, tokens): a token of patch (1, 2, 2)
+    covers 1 x 2 x 2 latent voxels, so the voxels' timesteps are its timestep repeated
+    over its patch (checked against an explicit loop over the voxels)."""
+    from qvd_bench.models.families import family_by_name
+    from qvd_bench.models.sampling import other_level_rows
+
+    family = family_by_name("wan")
+    torch.manual_seed(0)
+    denoiser = family.build(family.tiny_config()).eval()
+    frames, height, width = 2, 4, 6
+    latents = torch.randn(family.latent_shape(denoiser, 1, frames, height, width))
+    text = torch.randn(1, 4, denoiser.config.text_dim)
+    grid = (frames, height // 2, width // 2)
+    per_token = torch.arange(grid[0] * grid[1] * grid[2], dtype=torch.float32)[None] * 10.0
+    per_token[0, 3] = per_token.max()  # two tokens at the step's level
+    tracker = CallTracker(denoiser).attach()
+    calls = []
+    handle = denoiser.register_forward_hook(lambda *_: calls.append(tracker.current))
+    try:
+        with tracker.batch([0]), torch.no_grad():
+            denoiser(latents, per_token, text, return_dict=False)
+    finally:
+        handle.remove()
+        tracker.detach()
+    (call,) = calls
+    assert call.timestep == float(per_token.max())
+    expected = torch.empty(frames, height, width, dtype=torch.float64)
+    for f in range(frames):
+        for h in range(height):
+            for w in range(width):
+                token = (f * grid[1] + h // 2) * grid[2] + w // 2
+                expected[f, h, w] = per_token[0, token]
+    assert torch.equal(call.voxel_timesteps, expected.reshape(1, -1))
+    other = other_level_rows(call, frames * height * width)
+    assert int((~other).sum()) == 2 * 4  # two tokens of four voxels each
+    assert torch.equal(other_level_rows(call, per_token.shape[1]), per_token != per_token.max())

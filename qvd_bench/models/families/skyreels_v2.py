@@ -2,8 +2,10 @@
 
 The layers, roles and calls are Wan's. Its diffusion-forcing pipelines give every latent
 frame its own timestep, (B, frames): the tracker keys such a call by its step (the largest
-timestep) and the layer hooks leave out the tokens of frames at another noise level
-(``sampling.CallTracker``).
+timestep) and the layer hooks leave out the rows of frames at another noise level
+(``sampling.other_level_rows``): the video tokens of the blocks, the latent voxels of the
+patch embedding (a Conv3d on (B, C, frames, H, W)) and the per-frame rows of the time
+embedding (``condition_embedder.time_embedder`` and ``time_proj``).
 """
 
 from __future__ import annotations
