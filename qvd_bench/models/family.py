@@ -131,9 +131,10 @@ class Family:
         pipeline_call_defaults: keyword arguments the family's pipelines need besides
             those derived from their call signature (``pipelines.call_arguments``),
             applied where the signature has them.
-        pipeline_modules: modules the family's pipelines use without checking that they
-            are installed (SkyReels-V2's prompt cleaning calls ``ftfy``): a pipeline whose
-            own module did not import one of them cannot run.
+        pipeline_modules: pipeline class name ("" for every pipeline of the family) ->
+            modules it uses without checking that they are installed (the prompt
+            cleaning of SkyReels-V2's and Wan's image-to-video pipelines calls ``ftfy``): a
+            pipeline whose own module did not import one of them cannot run.
     """
 
     name: ClassVar[str]
@@ -144,7 +145,7 @@ class Family:
     role_table: ClassVar[tuple[tuple[str, str], ...]] = ()
     outlier_targets: ClassVar[tuple[tuple[str, str], ...]] = ()
     pipeline_call_defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({})
-    pipeline_modules: ClassVar[tuple[str, ...]] = ()
+    pipeline_modules: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType({})
 
     def tiny_config(self) -> dict[str, Any]:
         """Config dict of the tiny preset (random weights, builds offline)."""

@@ -530,7 +530,8 @@ def _check_pipeline_modules(loaded: LoadedModel) -> None:
     """The modules the family's pipelines call must have been imported by the pipeline's
     module (diffusers imports optional ones only when they are installed)."""
     module = inspect.getmodule(type(loaded.pipeline))
-    for name in loaded.family.pipeline_modules:
+    needed = loaded.family.pipeline_modules
+    for name in (*needed.get("", ()), *needed.get(type(loaded.pipeline).__name__, ())):
         if module is not None and not hasattr(module, name):
             raise UserError(
                 f"pipeline {type(loaded.pipeline).__name__} needs the {name} package, which "

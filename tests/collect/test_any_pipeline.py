@@ -433,6 +433,21 @@ def test_per_token_timesteps_of_wan_expand_timesteps_are_keyed_by_the_step(tmp_p
     assert run.manifest["keying"]["excluded_rows"] == {}
 
 
+def test_wan_image_to_video_without_ftfy_is_one_line_exit_2(tmp_path, capsys):
+    """WanImageToVideoPipeline cleans prompts with ftfy without checking it is there
+    (WanPipeline checks first, and runs without it)."""
+    from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_i2v
+
+    if hasattr(pipeline_wan_i2v, "ftfy") or hasattr(pipeline_wan, "ftfy"):
+        pytest.skip("ftfy is installed")
+    path = save_variant("tiny-wan", "WanImageToVideoPipeline", tmp_path / "i2v")
+    capsys.readouterr()
+    out = tmp_path / "stats"
+    assert run_cli("collect", "--model", path, *SMALL, "--out", out, "--no-progress") == 2
+    assert "WanImageToVideoPipeline needs the ftfy package" in error_line(capsys)
+    assert not out.exists()
+
+
 def test_wan_ti2v_conditioning_frame_is_left_out_of_token_voxel_and_time_rows(
     tmp_path, monkeypatch
 ):

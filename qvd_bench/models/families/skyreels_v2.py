@@ -10,6 +10,8 @@ embedding (``condition_embedder.time_embedder`` and ``time_proj``).
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from qvd_bench.models.families.wan import WanFamily
 
 
@@ -24,4 +26,4 @@ class SkyReelsV2Family(WanFamily):
         "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
     )
     # Its pipelines clean every prompt with ftfy, imported only where it is installed.
-    pipeline_modules = ("ftfy",)
+    pipeline_modules = MappingProxyType({"": ("ftfy",)})

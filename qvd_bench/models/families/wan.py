@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 from qvd_bench.models.families._common import COMMON_OUTLIER_TARGETS, N, decode_mean_std
@@ -17,6 +18,11 @@ class WanFamily(Family):
     pipeline_classes = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
     layout = "BCFHW"
     prediction_type = "flow"
+    # Their prompt cleaning calls ftfy, imported only where it is installed (WanPipeline
+    # checks first).
+    pipeline_modules = MappingProxyType(
+        {"WanImageToVideoPipeline": ("ftfy",), "WanVideoToVideoPipeline": ("ftfy",)}
+    )
     role_table = (
         # Timestep MLP and the shared adaLN modulation projection (time_proj).
         (r"condition_embedder\.(time_embedder\..*|time_proj)", "time_emb"),
