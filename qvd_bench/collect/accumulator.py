@@ -91,3 +91,29 @@ class Accumulator:
                 {k: v.to(self.device) for k, v in other.state_dict().items()}
             )
         return other
+
+
+class RowCount(Accumulator):
+    """A count of rows, mergeable and checkpointed like the statistics: the rows a layer
+    left out (tokens at another noise level), so that a resumed or sharded collection
+    counts every one.
+
+    State:
+        count: () int64.
+    """
+
+    STATE = ("count",)
+
+    def __init__(self) -> None:
+        self.count = torch.zeros((), dtype=torch.int64)
+
+    def update(self, rows: int) -> None:
+        """Adds ``rows``."""
+        self.count += int(rows)
+
+    def merge(self, other: RowCount) -> RowCount:
+        self.count += self._mergeable(other).count
+        return self
+
+    def __int__(self) -> int:
+        return int(self.count)

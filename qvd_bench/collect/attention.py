@@ -39,9 +39,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from qvd_bench.collect.accumulator import RowCount
 from qvd_bench.collect.histogram import Histogram, count_into
 from qvd_bench.collect.moments import ChannelMoments
 from qvd_bench.errors import UserError
+from qvd_bench.models.sampling import other_level_rows
 from qvd_bench.numerics.edges import SignedLogEdges
 
 # The tensors the attention matmuls read, in the order of ``QuantConfig.attention_bits``.
@@ -223,6 +225,33 @@ class ExplicitAttnProcessor:
         )
 
 
+def _at_step_level(call: Any, tensor: str, chunk: Tensor) -> tuple[Tensor, int]:
+    """One branch's attention operand without the tokens at another noise level than the
+    call's step (an image-to-video conditioning frame, diffusion forcing's other frames),
+    as the layer hooks leave them out.
+
+    Args:
+        call: the current ``DenoiserCall``.
+        tensor: "q", "k", "v" or "softmax".
+        chunk: (samples, heads, L, E) q; (samples, heads, S, E) k, v; (samples, heads,
+            L, S) softmax, in the layout scaled_dot_product_attention takes.
+
+    Returns:
+        (the operand's values at the step's level — rows of query tokens for q and the
+        softmax, whose columns are the probabilities those queries give every key; rows
+        of key tokens for k and v — flattened to (rows, heads, ·), the rows left out),
+        or (chunk, 0) when the operand's token axis is not the video tokens (joint text
+        and video attention, per-sample processors) or every token is at the step's level.
+    """
+    if chunk.dim() != 4 or chunk.shape[0] != len(call.sample_ids):
+        return chunk, 0
+    other = other_level_rows(call, chunk.shape[2])
+    if other is None:
+        return chunk, 0
+    keep = ~other.to(chunk.device)
+    return chunk.transpose(1, 2)[keep], int(other.sum())
+
+
 def attention_modules(denoiser: nn.Module) -> dict[str, nn.Module]:
     """The attention modules of a denoiser (those with a swappable processor), in order:
     diffusers' ``Attention`` classes with ``set_processor``, and those that only call a
@@ -337,6 +366,9 @@ class AttentionStats:
         # that run the attention one sample at a time.
         self._offsets: dict[tuple[str, str], int] = {}
         self._offsets_call: Any = None
+        # "module:tensor" -> token rows left out (of every head): tokens at another noise
+        # level than their call's step (``_at_step_level``).
+        self.excluded_rows: dict[str, RowCount] = {}
 
     def _branch_chunks(
         self, call: Any, module: str, tensor: str, x: Tensor
@@ -400,6 +432,9 @@ class AttentionStats:
             return
         x = x.detach()
         for branch, chunk in self._branch_chunks(call, module, tensor, x):
+            chunk, excluded = _at_step_level(call, tensor, chunk)
+            if excluded:
+                self.excluded_rows.setdefault(f"{module}:{tensor}", RowCount()).update(excluded)
             key = (module, tensor, call.timestep, branch)
             moments = self.moments.get(key)
             if moments is None:

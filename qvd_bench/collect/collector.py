@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from qvd_bench import store
 from qvd_bench.collect import distributed
+from qvd_bench.collect.accumulator import RowCount
 from qvd_bench.collect.attention import ATTENTION_TENSORS, AttentionStats
 from qvd_bench.collect.checkpoint import CollectCheckpoints
 from qvd_bench.collect.cost import (
@@ -257,6 +258,8 @@ def collect(
         "reservoirs": Reservoir.from_state_dict,
         "attention": ChannelMoments.from_state_dict,
         "attention_histograms": Histogram.from_state_dict,
+        "excluded_rows": RowCount.from_state_dict,
+        "attention_excluded_rows": RowCount.from_state_dict,
     }
     done: set[int] = set()
     checkpoint = store.load_checkpoint(run_dir, fingerprint, factories)
@@ -265,9 +268,11 @@ def collect(
         collector.moments = groups["moments"]
         collector.histograms = groups["histograms"]
         collector.reservoirs = groups["reservoirs"]
+        collector.excluded_rows = groups.get("excluded_rows", {})
         if attention is not None:
             attention.moments = groups.get("attention", {})
             attention.histograms = groups.get("attention_histograms", {})
+            attention.excluded_rows = groups.get("attention_excluded_rows", {})
     mine = [i for i in range(len(config.prompts)) if i % world == rank]
     todo = [i for i in mine if i not in done]
     if isinstance(progress, bool):
@@ -293,6 +298,8 @@ def collect(
             "reservoirs": collector.reservoirs,
             "attention": attention.moments if attention else {},
             "attention_histograms": attention.histograms if attention else {},
+            "excluded_rows": collector.excluded_rows,
+            "attention_excluded_rows": attention.excluded_rows if attention else {},
         },
         saved=done,
     )
@@ -337,16 +344,25 @@ def collect(
         moments = distributed.merge_across_processes(collector.moments)
         histograms = distributed.merge_across_processes(collector.histograms)
         reservoirs = distributed.merge_across_processes(collector.reservoirs)
+        excluded_rows = distributed.merge_across_processes(collector.excluded_rows)
         attention_moments = attention_histograms = None
+        attention_excluded: dict[str, RowCount] = {}
         if attention is not None:
             attention_moments = distributed.merge_across_processes(attention.moments)
             attention_histograms = distributed.merge_across_processes(attention.histograms)
+            attention_excluded = distributed.merge_across_processes(attention.excluded_rows)
     stages.append(stage)
     if rank != 0:
         return None  # type: ignore[return-value]
 
     manifest = build_manifest(
-        loaded, config, infos, moments, edges, world, excluded_rows=collector.excluded_rows
+        loaded,
+        config,
+        infos,
+        moments,
+        edges,
+        world,
+        excluded_rows={name: int(count) for name, count in excluded_rows.items()},
     )
     if folder.groups:
         # The timesteps whose statistics each stored timestep holds.
@@ -373,6 +389,11 @@ def collect(
             "modules": attention.modules,
             "tensors": list(ATTENTION_TENSORS),
             "statistics": "per tensor, as the attention matmuls read them",
+            # Token rows (of every head) left out as at another noise level than their
+            # step: of the queries for q and the softmax, of the keys for k and v.
+            "excluded_rows": {
+                name: int(count) for name, count in sorted(attention_excluded.items())
+            },
         }
     store.write_run(
         run_dir,

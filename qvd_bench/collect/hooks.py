@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qvd_bench.collect.accumulator import RowCount
 from qvd_bench.collect.histogram import Histogram, count_into
 from qvd_bench.collect.moments import ChannelMoments, fold_many
 from qvd_bench.collect.reservoir import Reservoir
@@ -159,7 +160,7 @@ class StatsCollector:
         self.reservoirs: dict[str, Reservoir] = {}
         # Input rows left out per layer: rows at another noise level than their call's
         # step (``sampling.other_level_rows``).
-        self.excluded_rows: dict[str, int] = {}
+        self.excluded_rows: dict[str, RowCount] = {}
         self._handles: list = []
         # (tensor, version, channel_dim, branches, per-branch batch moments) of the last
         # observed tensor: consecutive layers often read the same one (the q/k/v
@@ -236,7 +237,7 @@ class StatsCollector:
             channel_dim = -1
             if tensor == "input":
                 excluded = int(other.sum()) * len(chunks)
-                self.excluded_rows[name] = self.excluded_rows.get(name, 0) + excluded
+                self.excluded_rows.setdefault(name, RowCount()).update(excluded)
             source = None  # the cached moments are of whole tensors
         batches = self._batch_moments(source, chunks, channel_dim) if self.collect_moments else ()
         if call is not self._pending_call:

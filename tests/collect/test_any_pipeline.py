@@ -420,6 +420,75 @@ def test_image_to_video_ltx_keys_by_step_and_leaves_out_the_conditioning_frame(t
     assert excluded == {"proj_in": 2 * 2 * tokens_per_frame}
 
 
+def test_attention_statistics_leave_out_the_conditioning_frame_too(tmp_path):
+    """LTX image-to-video: the attention operands of the self-attention leave out the
+    conditioning frame's tokens as the layer hooks do — queries for q and the softmax,
+    keys for k and v. Its v is the to_v output reshaped, so per step and branch the
+    attention's v statistics are those of to_v's stored outputs over the kept tokens."""
+    path = save_variant("tiny-ltx", "LTXImageToVideoPipeline", tmp_path / "i2v")
+    config = CollectConfig(
+        model=path,
+        prompts=(PROMPT,),
+        steps=2,
+        guidance_scale=4.0,
+        include=("^transformer_blocks[.]0[.]attn1[.]to_v$",),
+        outputs=True,
+        attention=True,
+        histograms=False,
+        reservoir_capacity=0,
+        temporal_stride=0,
+        **SIZE,
+    )
+    collect(config, tmp_path / "run", progress=False)
+    run = store.StatsRun(tmp_path / "run")
+    module = "transformer_blocks.0.attn1"
+    attention = run.attention[run.attention["module"] == module]
+    outputs = run.channels[run.channels["tensor"] == "output"]
+    tokens_per_frame = SIZE["height"] * SIZE["width"]  # patch size 1
+    kept = tokens_per_frame * (SIZE["frames"] - 1)
+    for (t, branch), rows in outputs.groupby(["timestep", "branch"], observed=True):
+        v = attention[
+            (attention["tensor"] == "v")
+            & (attention["timestep"] == t)
+            & (attention["branch"] == branch)
+        ].iloc[0]
+        assert set(rows["count"]) == {kept}
+        assert v["count"] == kept * len(rows)  # every channel of every kept token
+        assert v["min"] == rows["min"].min() and v["max"] == rows["max"].max()
+        np.testing.assert_allclose(v["mean"], rows["mean"].mean(), rtol=1e-9)
+    excluded = run.manifest["attention"]["excluded_rows"]
+    calls = 2 * 2  # steps x branches
+    for tensor in ("q", "k", "v", "softmax"):
+        assert excluded[f"{module}:{tensor}"] == calls * tokens_per_frame
+    # Cross-attention: its queries are video tokens, its keys and values text tokens.
+    cross = "transformer_blocks.0.attn2"
+    assert excluded[f"{cross}:q"] == excluded[f"{cross}:softmax"] == calls * tokens_per_frame
+    assert f"{cross}:k" not in excluded and f"{cross}:v" not in excluded
+
+
+def test_rows_left_out_are_counted_across_an_interrupted_and_resumed_collection(
+    tmp_path, monkeypatch, capsys
+):
+    """The count of rows left out is checkpointed with the statistics: a collection
+    interrupted after its first prompt and resumed counts what an uninterrupted one does."""
+    from qvd_bench.collect import collector
+    from tests.commands.test_cli import _interrupt_after_step
+
+    path = save_variant("tiny-ltx", "LTXImageToVideoPipeline", tmp_path / "i2v")
+    args = ["collect", "--model", path, *SMALL, "--num-prompts", "2", "--include", "^proj_in$"]
+    out, fresh = tmp_path / "resumed", tmp_path / "fresh"
+    monkeypatch.setattr(collector, "run_sample", _interrupt_after_step(1, 1))
+    assert run_cli(*args, "--out", out, "--no-progress") == 130
+    monkeypatch.undo()
+    assert run_cli(*args, "--out", out, "--no-progress") == 0
+    assert run_cli(*args, "--out", fresh, "--no-progress") == 0
+    tokens_per_frame = SIZE["height"] * SIZE["width"]  # patch size 1
+    expected = {"proj_in": 2 * 2 * 2 * tokens_per_frame}  # prompts x steps x branches
+    for run in (out, fresh):
+        assert store.StatsRun(run).manifest["keying"]["excluded_rows"] == expected
+    capsys.readouterr()
+
+
 def test_per_token_timesteps_of_wan_expand_timesteps_are_keyed_by_the_step(tmp_path):
     """Wan 2.2 TI2V's ``expand_timesteps``: one timestep per token, all at the step's."""
     path = save_variant("tiny-wan", "WanPipeline", tmp_path / "ti2v", expand_timesteps=True)
