@@ -1,6 +1,7 @@
 """Per-layer and per-role sensitivity, and mixed precision driven by it.
 
-Sensitivity of a unit (one layer, or every layer of one role) at a bit-width: the
+Sensitivity of a unit (one layer, or every layer of one role — of every expert together
+and, with several experts, of each expert alone) at a bit-width: the
 end-to-end SQNR of the model with that unit alone quantized and everything else in full
 precision. The float model has infinite SQNR, so the drop is reported as the SQNR the model
 falls to (``sqnr_db``, lower = more sensitive) and as the relative noise power it adds
@@ -181,13 +182,21 @@ def _noise(sqnr_db: float) -> float:
     return 10.0 ** (-sqnr_db / 10.0) if math.isfinite(sqnr_db) else 0.0
 
 
-def _units(record: QuantRecord, by: str) -> dict[str, list[str]]:
-    """Unit name -> its quantized layers, in module order."""
+def _units(record: QuantRecord, by: str, experts: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Unit name -> its quantized layers, in module order.
+
+    With several experts a role is a unit over every expert ("ffn") and one per expert
+    ("transformer_2.ffn"): the experts denoise different noise levels, so a role may be
+    sensitive in one and not the other.
+    """
+    quantized = [layer for layer in record.layers if not layer.is_fp]
     units: dict[str, list[str]] = {}
-    for layer in record.layers:
-        if layer.is_fp:
-            continue
+    for layer in quantized:
         units.setdefault(layer.layer if by == "layer" else layer.role, []).append(layer.layer)
+    if by == "role" and len(experts) > 1:
+        for layer in quantized:
+            expert = split_layer_name(layer.layer, experts)[0]
+            units.setdefault(f"{expert}.{layer.role}", []).append(layer.layer)
     return units
 
 
@@ -227,8 +236,11 @@ def sensitivity(
     with quantized(loaded, config, run, plan=plan) as record:
         wrappers = dict(quant_wrappers(loaded.layer_root))
         roles = {layer.layer: layer.role for layer in record.layers}
+        experts = list(loaded.experts) if loaded.multi_expert else []
         jobs = [
-            (kind, name, layers) for kind in by for name, layers in _units(record, kind).items()
+            (kind, name, layers)
+            for kind in by
+            for name, layers in _units(record, kind, experts).items()
         ]
         if only is not None:
             known = [name for _, name, _ in jobs]
@@ -245,7 +257,7 @@ def sensitivity(
         for kind, name, layers in jobs:
             for layer in layers:
                 wrappers[layer].enabled = True
-            role = roles[layers[0]] if kind == "layer" else name
+            role = roles[layers[0]]
             w_bits, a_bits = config.bits_for(layers[0], roles[layers[0]])
             value = probe.sqnr_db(record.tracker)
             rows.append(_row(name, kind, role, len(layers), config, value, w_bits, a_bits))
@@ -254,19 +266,25 @@ def sensitivity(
             bar.update()
         bar.close()
     frame = pd.DataFrame(rows, columns=SENSITIVITY_COLUMNS)
-    frame["rank"] = frame.groupby("kind")["noise"].rank(ascending=False, method="first").astype(int)
+    scope = frame["kind"]
     if loaded.multi_expert:
-        # Which expert a layer unit is in, so that reports show the experts side by side
-        # (roles and the whole model span every expert: "").
+        # Which expert a unit is in, so that reports show the experts side by side (the
+        # whole model and the roles over every expert: "").
         frame.insert(
             1, "expert", [_unit_expert(u, k, loaded) for u, k in zip(frame["unit"], frame["kind"])]
         )
+        # Layers rank among all layers; roles among the roles of the same scope (every
+        # expert together, or one expert).
+        scope = frame["kind"] + "/" + frame["expert"].where(frame["kind"] == "role", "")
+    noise = frame.groupby(scope)["noise"]
+    frame["rank"] = noise.rank(ascending=False, method="first").astype(int)
     return frame.sort_values(["kind", "rank"], kind="stable").reset_index(drop=True)
 
 
 def _unit_expert(unit: str, kind: str, loaded: LoadedModel) -> str:
-    """The expert of a layer unit of a multi-expert model; "" for the other units."""
-    return split_layer_name(unit, loaded.experts)[0] if kind == "layer" else ""
+    """The expert of a layer or per-expert role unit of a multi-expert model; "" for the
+    whole model and the roles over every expert."""
+    return split_layer_name(unit, loaded.experts)[0] if kind in ("layer", "role") else ""
 
 
 def _row(unit, kind, role, layers, config, sqnr_db, w_bits=None, a_bits=None) -> dict:

@@ -91,6 +91,18 @@ def experts_layer_table(table: pd.DataFrame) -> pd.DataFrame:
     return experts_side_by_side(parts, ["layer", "role"])
 
 
+def experts_role_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The roles measured in each expert alone, the experts side by side: one row per
+    role, each expert's layers, SQNR and rank (among that expert's roles) next to each
+    other."""
+    roles = table[(table["kind"] == "role") & (table["expert"] != "")]
+    parts = {
+        expert: roles[roles["expert"] == expert][["role", "layers", "sqnr_db", "rank"]]
+        for expert in table_experts(table)
+    }
+    return experts_side_by_side(parts, ["role"])
+
+
 def _random_weights(table: pd.DataFrame) -> bool:
     """Whether the model of a sensitivity table had random weights (``random_weights``
     column, when the caller recorded it; tiny presets and configs without weights do)."""
@@ -145,12 +157,22 @@ def write_sensitivity_report(
         if len(part):
             blocks.append(Table(f"By {kind}", part, collapsed=kind == "layer"))
     if table_experts(table):
+        side_by_side = experts_role_table(table)
+        if len(side_by_side):
+            blocks.append(
+                Table(
+                    "By role, experts side by side",
+                    side_by_side,
+                    "Each role of each expert quantized alone (rank among that expert's "
+                    "roles); the roles without an expert above span every expert.",
+                )
+            )
         blocks.append(
             Table(
                 "By layer, experts side by side",
                 experts_layer_table(table),
                 "Each layer of each expert quantized alone: the same layer of the two "
-                "experts on one row (rank among all layers). Roles span every expert.",
+                "experts on one row (rank among all layers).",
             )
         )
     blocks += [Table(*table) for table in report_cost.stage_tables(cost)]

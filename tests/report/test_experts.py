@@ -13,7 +13,11 @@ from qvd_bench.models import zoo
 from qvd_bench.quant.config import QuantConfig
 from qvd_bench.report import build_report
 from qvd_bench.report.render import expert_parts, experts_side_by_side, role_table
-from qvd_bench.report.sensitivity import experts_layer_table, write_sensitivity_report
+from qvd_bench.report.sensitivity import (
+    experts_layer_table,
+    experts_role_table,
+    write_sensitivity_report,
+)
 from tests.experts import EXPERTS
 
 
@@ -47,8 +51,9 @@ def test_statistics_report_shows_the_experts_side_by_side(two_expert_run, tmp_pa
 def two_expert_sensitivity(two_expert_wan_dir, two_expert_run):
     loaded = zoo.load_model(str(two_expert_wan_dir))
     probe = probe_for_run(loaded, two_expert_run, steps=4)
-    # The same layer in both experts, and a role spanning them.
+    # The same layer in both experts, a role spanning them and that role in each.
     only = [f"{expert}.blocks.0.attn1.to_q" for expert in EXPERTS] + ["ffn"]
+    only += [f"{expert}.ffn" for expert in EXPERTS]
     config = QuantConfig(method="minmax", w_bits=4, a_bits=4)
     return sensitivity(loaded, two_expert_run, config, probe, only=only)
 
@@ -57,7 +62,19 @@ def test_sensitivity_report_shows_the_experts_side_by_side(two_expert_sensitivit
     table = two_expert_sensitivity
     layer_rows = table[table["kind"] == "layer"]
     assert list(layer_rows.sort_values("unit")["expert"]) == list(EXPERTS)
-    assert set(table.loc[table["kind"] != "layer", "expert"]) == {""}
+    assert set(table.loc[table["kind"] == "model", "expert"]) == {""}
+    roles = table[table["kind"] == "role"].set_index("unit")
+    assert roles.loc["ffn", "expert"] == "" and roles.loc["ffn", "rank"] == 1
+    for expert in EXPERTS:
+        # Each expert's ffn layers alone, ranked among that expert's roles.
+        own = roles.loc[f"{expert}.ffn"]
+        assert own["expert"] == expert and own["role"] == "ffn" and own["rank"] == 1
+        assert own["layers"] * 2 == roles.loc["ffn", "layers"]
+    assert roles.loc[[f"{e}.ffn" for e in EXPERTS], "sqnr_db"].nunique() == 2
+    side_roles = experts_role_table(table)
+    assert list(side_roles["role"]) == ["ffn"]
+    for expert in EXPERTS:
+        assert side_roles[f"sqnr_db · {expert}"].item() == roles.loc[f"{expert}.ffn", "sqnr_db"]
     side = experts_layer_table(table)
     assert list(side.columns) == [
         "layer", "role", "sqnr_db · transformer", "sqnr_db · transformer_2",
@@ -76,6 +93,7 @@ def test_sensitivity_report_shows_the_experts_side_by_side(two_expert_sensitivit
     index = write_sensitivity_report(table, tmp_path / "sensitivity", "two experts")
     markdown = (index.parent / "report.md").read_text()
     assert "By layer, experts side by side" in markdown
+    assert "By role, experts side by side" in markdown
     assert "sqnr_db · transformer | sqnr_db · transformer_2" in markdown
     stored = pd.read_parquet(tmp_path / "sensitivity" / "sensitivity.parquet")
     assert list(stored["expert"]) == list(table["expert"])
