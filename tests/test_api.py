@@ -11,6 +11,7 @@ import qvd_bench
 from qvd_bench.errors import UserError
 from qvd_bench.models import pipelines
 from qvd_bench.models.roles import leaf_layers
+from qvd_bench.models.zoo import load_model
 from qvd_bench.quant.modules import quant_wrappers
 
 PROMPTS = ["a red ball rolls across a table", "a cat jumps onto a sofa"]
@@ -134,3 +135,32 @@ def test_two_expert_pipeline_in_memory(tmp_path):
     forced = table[(table["mode"] == "teacher-forced") & (table["branch"] == "cfg")]
     assert sorted(set(forced["step"])) == [-1, *range(EXPERT_STEPS)]
     assert np.isfinite(forced["value"]).all()
+
+
+def test_fidelity_with_pipeline_kwargs_in_memory(tmp_path):
+    """True CFG of guidance-distilled HunyuanVideo, asked through the call's own
+    arguments: collection and fidelity both run the negative branch; without them,
+    fidelity scores the one conditional branch; a bare denoiser takes none."""
+    true_cfg = {"true_cfg_scale": 4.0, "negative_prompt": "blurry"}
+    pipe = pipelines.build_tiny_pipeline("tiny-hunyuan")
+    sampling = dict(steps=STEPS, guidance_scale=GUIDANCE, frames=FRAMES, height=SIZE, width=SIZE)
+    run = qvd_bench.collect(
+        pipe,
+        PROMPTS[:1],
+        out=tmp_path / "run",
+        temporal_stride=250,
+        reservoir_capacity=8,
+        extra={"pipeline_kwargs": true_cfg},
+        **sampling,
+    )
+    record = qvd_bench.quantize_(pipe, qvd_bench.QuantConfig("minmax", 8, 8), stats=run)
+    table = qvd_bench.fidelity(pipe, record, PROMPTS[:1], pipeline_kwargs=true_cfg, **sampling)
+    forced = table[(table["mode"] == "teacher-forced") & (table["metric"] == "sqnr")]
+    assert set(forced["branch"]) == {"cfg", "cond", "uncond"}
+    assert np.isfinite(forced["value"]).all()
+    plain = qvd_bench.fidelity(pipe, record, PROMPTS[:1], **sampling)
+    plain_forced = plain[plain["mode"] == "teacher-forced"]
+    assert set(plain_forced["branch"]) == {"cfg", "cond"}
+    bare = qvd_bench.QuantRecord(qvd_bench.QuantConfig(), {}, [], None)
+    with pytest.raises(UserError, match="need a model with a diffusers pipeline"):
+        qvd_bench.fidelity(load_model("tiny-wan"), bare, PROMPTS, pipeline_kwargs={"a": 1})
