@@ -9,9 +9,10 @@ import torch
 
 import qvd_bench
 from qvd_bench.errors import UserError
+from qvd_bench.evaluate.sensitivity import probe_for_run
 from qvd_bench.models import pipelines
 from qvd_bench.models.roles import leaf_layers
-from qvd_bench.models.zoo import load_model
+from qvd_bench.models.zoo import load_model, pipeline_model
 from qvd_bench.quant.modules import quant_wrappers
 
 PROMPTS = ["a red ball rolls across a table", "a cat jumps onto a sofa"]
@@ -139,8 +140,8 @@ def test_two_expert_pipeline_in_memory(tmp_path):
 
 def test_fidelity_with_pipeline_kwargs_in_memory(tmp_path):
     """True CFG of guidance-distilled HunyuanVideo, asked through the call's own
-    arguments: collection and fidelity both run the negative branch; without them,
-    fidelity scores the one conditional branch; a bare denoiser takes none."""
+    arguments: collection, sensitivity's probe and fidelity run the negative branch;
+    without them, fidelity scores the one conditional branch; a bare denoiser takes none."""
     true_cfg = {"true_cfg_scale": 4.0, "negative_prompt": "blurry"}
     pipe = pipelines.build_tiny_pipeline("tiny-hunyuan")
     sampling = dict(steps=STEPS, guidance_scale=GUIDANCE, frames=FRAMES, height=SIZE, width=SIZE)
@@ -153,6 +154,9 @@ def test_fidelity_with_pipeline_kwargs_in_memory(tmp_path):
         extra={"pipeline_kwargs": true_cfg},
         **sampling,
     )
+    # Sensitivity's probe samples as the run was collected.
+    probe = probe_for_run(pipeline_model(pipe), run)
+    assert probe.settings.pipeline_kwargs == true_cfg and probe.reference[0].uncond is not None
     record = qvd_bench.quantize_(pipe, qvd_bench.QuantConfig("minmax", 8, 8), stats=run)
     table = qvd_bench.fidelity(pipe, record, PROMPTS[:1], pipeline_kwargs=true_cfg, **sampling)
     forced = table[(table["mode"] == "teacher-forced") & (table["metric"] == "sqnr")]
