@@ -9,6 +9,8 @@ import torch
 
 import qvd_bench
 from qvd_bench.errors import UserError
+from qvd_bench.evaluate.calibration import ensure_stats
+from qvd_bench.evaluate.config import EvalConfig
 from qvd_bench.evaluate.sensitivity import probe_for_run
 from qvd_bench.models import pipelines
 from qvd_bench.models.roles import leaf_layers
@@ -165,6 +167,10 @@ def test_fidelity_with_pipeline_kwargs_in_memory(tmp_path):
     plain = qvd_bench.fidelity(pipe, record, PROMPTS[:1], **sampling)
     plain_forced = plain[plain["mode"] == "teacher-forced"]
     assert set(plain_forced["branch"]) == {"cfg", "cond"}
+    # An evaluation of these statistics without them is told so.
+    config = EvalConfig(model="hunyuan", prompts=PROMPTS[:1], stats=str(run.path))
+    with pytest.warns(UserWarning, match="collected with pipeline_kwargs"):
+        ensure_stats(config, 0, tmp_path / "eval", progress=False)
     bare = qvd_bench.QuantRecord(qvd_bench.QuantConfig(), {}, [], None)
     with pytest.raises(UserError, match="need a model with a diffusers pipeline"):
         qvd_bench.fidelity(load_model("tiny-wan"), bare, PROMPTS, pipeline_kwargs={"a": 1})
