@@ -629,3 +629,36 @@ def test_pipeline_kwargs_bad_input(tmp_path):
             settings=settings,
             pipeline_kwargs={"stg_scale": 1},
         )
+
+
+def test_cli_evaluate_of_statistics_takes_their_pipeline_kwargs(tmp_path):
+    """``evaluate --stats`` samples with the pipeline_kwargs the run was collected with
+    (a Python-level option the command line has no flag for)."""
+    import qvd_bench
+
+    directory = pipelines.save_tiny_pipeline("tiny-hunyuan", tmp_path / "hunyuan")
+    run = qvd_bench.collect(
+        str(directory),
+        [PROMPT],
+        steps=2,
+        out=tmp_path / "run",
+        frames=2,
+        height=SIZE,
+        width=SIZE,
+        temporal_stride=250,
+        reservoir_capacity=8,
+        extra={"pipeline_kwargs": HUNYUAN_TRUE_CFG},
+    )
+    argv = ["evaluate", "--model", str(directory), "--stats", str(run.path)]
+    argv += ["--methods", "minmax", "--bits", "W8A8", "--metrics", "fidelity", "--steps", "2"]
+    argv += ["--frames", "2", "--height", str(SIZE), "--width", str(SIZE), "--num-prompts", "1"]
+    assert main([*argv, "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    results_dir = tmp_path / "out" / "results" / "hunyuan"
+    settings = json.loads((results_dir / SETTINGS_FILE).read_text())
+    assert settings["config"]["pipeline_kwargs"] == HUNYUAN_TRUE_CFG
+    results = pd.read_parquet(results_dir / RESULTS_FILE)
+    assert set(results.loc[results["mode"] == "teacher-forced", "branch"]) == {
+        "cfg",
+        "cond",
+        "uncond",
+    }
