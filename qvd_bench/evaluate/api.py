@@ -11,7 +11,7 @@ import pandas as pd
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate.generate import (
     GenerationSettings,
-    check_sampler_takes,
+    check_pipeline_kwargs,
     generate,
     generate_free_and_forced,
     sampler_name,
@@ -97,7 +97,7 @@ def fidelity(
         width=width,
         pipeline_kwargs=pipeline_kwargs,
     )
-    check_sampler_takes(loaded, settings)  # before the model is touched
+    check_pipeline_kwargs(loaded, settings)  # before the model is touched
     unquantize_(loaded, record)
     try:
         reference = [

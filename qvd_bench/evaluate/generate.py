@@ -149,7 +149,7 @@ def checked_pipeline_kwargs(pipeline_kwargs: Mapping[str, Any] | None) -> dict[s
     return checked
 
 
-def check_sampler_takes(loaded: LoadedModel, settings: GenerationSettings) -> None:
+def check_pipeline_kwargs(loaded: LoadedModel, settings: GenerationSettings) -> None:
     """Raises a UserError when ``settings`` has pipeline_kwargs and ``loaded`` is a bare
     denoiser (the minimal sampler makes no pipeline call to give them to)."""
     if loaded.pipeline is None and settings.pipeline_kwargs:
@@ -369,7 +369,7 @@ def generate(
     Returns:
         The Generation (``latents`` None when teacher-forced).
     """
-    check_sampler_takes(loaded, settings)
+    check_pipeline_kwargs(loaded, settings)
     if loaded.pipeline is not None:
         if teacher is not None:
             return _replayed(loaded, sample_id, settings, tracker, teacher)
@@ -451,7 +451,7 @@ def generate_free_and_forced(
     Returns:
         (free-running, teacher-forced) Generations, as ``generate`` returns them.
     """
-    check_sampler_takes(loaded, settings)
+    check_pipeline_kwargs(loaded, settings)
     if loaded.pipeline is not None or not cfg_batch_safe(loaded.denoiser) or teacher.inputs is None:
         free = generate(loaded, prompt, sample_id, settings, tracker=tracker)
         forced = generate(
