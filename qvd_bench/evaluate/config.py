@@ -160,4 +160,6 @@ class EvalConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["settings"] = self.settings.to_dict()
+        if not self.pipeline_kwargs:  # as ``GenerationSettings.to_dict``
+            del data["pipeline_kwargs"]
         return data

@@ -92,8 +92,8 @@ class GenerationSettings:
             derived ones and decide how a step's branches combine
             (``pipelines.step_guidance``), e.g. ``{"stg_scale": 0}`` for LTX-2. Values
             must be JSON-serialisable (they are part of the cache key and of
-            ``settings.json``); only a model with a diffusers pipeline takes any.
-            Held as a plain dict copy: the settings are compared, never hashed.
+            ``settings.json`` when given); only a model with a diffusers pipeline takes
+            any. Held as a plain dict copy: the settings are compared, never hashed.
     """
 
     steps: int = 10
@@ -116,7 +116,12 @@ class GenerationSettings:
         object.__setattr__(self, "pipeline_kwargs", checked_pipeline_kwargs(self.pipeline_kwargs))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as JSON; ``pipeline_kwargs`` only when given, so that the cache
+        keys and records of runs with the pipeline's defaults are what they were."""
+        data = asdict(self)
+        if not self.pipeline_kwargs:
+            del data["pipeline_kwargs"]
+        return data
 
 
 def checked_pipeline_kwargs(pipeline_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
