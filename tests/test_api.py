@@ -9,8 +9,12 @@ import torch
 
 import qvd_bench
 from qvd_bench.errors import UserError
+from qvd_bench.evaluate.calibration import ensure_stats
+from qvd_bench.evaluate.config import EvalConfig
+from qvd_bench.evaluate.sensitivity import probe_for_run
 from qvd_bench.models import pipelines
 from qvd_bench.models.roles import leaf_layers
+from qvd_bench.models.zoo import load_model, pipeline_model
 from qvd_bench.quant.modules import quant_wrappers
 
 PROMPTS = ["a red ball rolls across a table", "a cat jumps onto a sofa"]
@@ -134,3 +138,39 @@ def test_two_expert_pipeline_in_memory(tmp_path):
     forced = table[(table["mode"] == "teacher-forced") & (table["branch"] == "cfg")]
     assert sorted(set(forced["step"])) == [-1, *range(EXPERT_STEPS)]
     assert np.isfinite(forced["value"]).all()
+
+
+def test_fidelity_with_pipeline_kwargs_in_memory(tmp_path):
+    """True CFG of guidance-distilled HunyuanVideo, asked through the call's own
+    arguments: collection, sensitivity's probe and fidelity run the negative branch;
+    without them, fidelity scores the one conditional branch; a bare denoiser takes none."""
+    true_cfg = {"true_cfg_scale": 4.0, "negative_prompt": "blurry"}
+    pipe = pipelines.build_tiny_pipeline("tiny-hunyuan")
+    sampling = dict(steps=STEPS, guidance_scale=GUIDANCE, frames=FRAMES, height=SIZE, width=SIZE)
+    run = qvd_bench.collect(
+        pipe,
+        PROMPTS[:1],
+        out=tmp_path / "run",
+        temporal_stride=250,
+        reservoir_capacity=8,
+        extra={"pipeline_kwargs": true_cfg},
+        **sampling,
+    )
+    # Sensitivity's probe samples as the run was collected.
+    probe = probe_for_run(pipeline_model(pipe), run)
+    assert probe.settings.pipeline_kwargs == true_cfg and probe.reference[0].uncond is not None
+    record = qvd_bench.quantize_(pipe, qvd_bench.QuantConfig("minmax", 8, 8), stats=run)
+    table = qvd_bench.fidelity(pipe, record, PROMPTS[:1], pipeline_kwargs=true_cfg, **sampling)
+    forced = table[(table["mode"] == "teacher-forced") & (table["metric"] == "sqnr")]
+    assert set(forced["branch"]) == {"cfg", "cond", "uncond"}
+    assert np.isfinite(forced["value"]).all()
+    plain = qvd_bench.fidelity(pipe, record, PROMPTS[:1], **sampling)
+    plain_forced = plain[plain["mode"] == "teacher-forced"]
+    assert set(plain_forced["branch"]) == {"cfg", "cond"}
+    # An evaluation of these statistics without them is told so.
+    config = EvalConfig(model="hunyuan", prompts=PROMPTS[:1], stats=str(run.path))
+    with pytest.warns(UserWarning, match="collected with pipeline_kwargs"):
+        ensure_stats(config, 0, tmp_path / "eval", progress=False)
+    bare = qvd_bench.QuantRecord(qvd_bench.QuantConfig(), {}, [], None)
+    with pytest.raises(UserError, match="need a model with a diffusers pipeline"):
+        qvd_bench.fidelity(load_model("tiny-wan"), bare, PROMPTS, pipeline_kwargs={"a": 1})

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -217,8 +217,10 @@ def format_work(planned: dict[str, int], steps: int, work: dict[str, int] | None
     )
 
 
-def job_config(settings: dict[str, Any]):
-    """The ``EvalConfig`` of the job with ``settings`` (``run_settings``)."""
+def job_config(settings: dict[str, Any], pipeline_kwargs: Mapping[str, Any] | None = None):
+    """The ``EvalConfig`` of the job with ``settings`` (``run_settings``); its statistics
+    and videos are sampled with ``pipeline_kwargs``, the pipeline call's further keyword
+    arguments."""
     from qvd_bench.evaluate.config import EvalConfig
     from qvd_bench.evaluate.generate import GenerationSettings
 
@@ -242,6 +244,7 @@ def job_config(settings: dict[str, Any]):
         ),
         device=settings["device"],
         dtype=settings["dtype"],
+        pipeline_kwargs=pipeline_kwargs or {},
     )
 
 
@@ -265,6 +268,7 @@ def run_job(
     dtype: str | None = None,
     progress: bool = True,
     report_dir: str | Path | None = None,
+    pipeline_kwargs: Mapping[str, Any] | None = None,
 ) -> int:
     """Runs the whole pipeline with the defaults (flags change them) and prints where.
 
@@ -281,6 +285,9 @@ def run_job(
         progress: show the job's progress bar (its ETA before the first step comes from
             one machine probe forward, timed first).
         report_dir: where the report goes (default: ``out/reports/<model>/``).
+        pipeline_kwargs: further keyword arguments of the pipeline call (a model with a
+            diffusers pipeline), one set for the collection and every video
+            (``EvalConfig.pipeline_kwargs``); recorded in ``run.json``.
 
     Returns:
         0.
@@ -315,7 +322,7 @@ def run_job(
     out = store.check_output_directory(out)
     if report_dir is not None:
         store.check_output_directory(report_dir)
-    config = job_config(settings)
+    config = job_config(settings, pipeline_kwargs)
     planned = planned_steps(config, out)
     # Under torchrun rank 0 prints, records and shows the bar, which counts its own prompts.
     shard = Shard(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
@@ -354,6 +361,7 @@ def run_job(
     record = {
         "defaults": _jsonable(defaults_for(settings["model"])),
         "settings": _jsonable(settings),
+        "pipeline_kwargs": dict(config.pipeline_kwargs),
         "wall_seconds": round(wall, 2),
         "statistics_seconds": round(
             float(timings.loc[timings["method"] == "statistics", "quantize_s"].sum()), 2

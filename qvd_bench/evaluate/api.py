@@ -3,7 +3,7 @@ full precision, for pipelines that cannot be reloaded from disk."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -11,6 +11,7 @@ import pandas as pd
 from qvd_bench.errors import UserError
 from qvd_bench.evaluate.generate import (
     GenerationSettings,
+    check_pipeline_kwargs,
     generate,
     generate_free_and_forced,
     sampler_name,
@@ -36,6 +37,7 @@ def fidelity(
     frames: int = 8,
     height: int = 16,
     width: int = 16,
+    pipeline_kwargs: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Fidelity of a quantized model against its full-precision self, as ``evaluate``
     measures it: teacher-forced SQNR and cosine of the x0-space predictions per step and
@@ -55,6 +57,11 @@ def fidelity(
         prompts: the prompts; video i is prompt i with sample id i.
         steps, guidance_scale, seed: sampling settings.
         frames, height, width: latent video size.
+        pipeline_kwargs: further keyword arguments of the pipeline call, as
+            ``qvd_bench.collect`` takes them (e.g. ``{"stg_scale": 0}`` for LTX-2): the FP
+            and quantized videos are sampled with them, and a step's branches combine as
+            the pipeline then combines them. Values JSON-serialisable; a bare denoiser
+            takes none.
 
     Returns:
         The rows of ``results.parquet`` (``evaluate.results``) for this one configuration;
@@ -88,7 +95,9 @@ def fidelity(
         frames=frames,
         height=height,
         width=width,
+        pipeline_kwargs=pipeline_kwargs,
     )
+    check_pipeline_kwargs(loaded, settings)  # before the model is touched
     unquantize_(loaded, record)
     try:
         reference = [

@@ -8,6 +8,7 @@ when it exists with the same collection settings.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from qvd_bench import store
@@ -50,7 +51,15 @@ def ensure_stats(
 
     if config.stats is not None:
         run_dir = Path(config.stats)
-        StatsRun(run_dir)  # a one-line UserError when it is not a run
+        collected = StatsRun(run_dir).manifest["config"]  # a one-line UserError: no run
+        collected_kwargs = collected.get("extra", {}).get("pipeline_kwargs") or {}
+        if collected_kwargs != config.settings.pipeline_kwargs:
+            warnings.warn(
+                f"the statistics in {run_dir} were collected with pipeline_kwargs "
+                f"{collected_kwargs}, the videos are sampled with "
+                f"{config.settings.pipeline_kwargs}",
+                stacklevel=2,
+            )
     else:
         s = config.settings
         collect_config = CollectConfig(
@@ -74,6 +83,8 @@ def ensure_stats(
             reservoir_capacity=STATS_RESERVOIR,
             device=config.device,
             dtype=config.dtype or "float32",
+            # The pipeline call the videos are sampled with, for the statistics too.
+            extra={"pipeline_kwargs": dict(s.pipeline_kwargs)} if s.pipeline_kwargs else {},
         )
         run_dir = stats_dir_for(out_dir, config.model, weight_seed)
         if (run_dir / store.MANIFEST).exists():

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from qvd_bench.config import DTYPES
 from qvd_bench.errors import UserError
-from qvd_bench.evaluate.generate import GenerationSettings
+from qvd_bench.evaluate.generate import GenerationSettings, checked_pipeline_kwargs
 from qvd_bench.evaluate.metrics import FIDELITY_METRICS, METRICS, check_metrics
 from qvd_bench.evaluate.reference import check_real_videos
 
@@ -77,6 +77,11 @@ class EvalConfig:
         device: where the models run ("cpu", "cuda", ...).
         dtype: the models' dtype (``config.DTYPES``); None takes the statistics' dtype
             (``stats``), float32 for statistics collected here.
+        pipeline_kwargs: further keyword arguments of the pipeline call, for the
+            statistics collected here (``CollectConfig.extra["pipeline_kwargs"]``) and
+            every video (``GenerationSettings.pipeline_kwargs``): one set for both. Given
+            here or in ``settings``, not differently in both; a zoo preset without a
+            pipeline takes none.
     """
 
     model: str = "tiny-unet3d"
@@ -93,8 +98,10 @@ class EvalConfig:
     weights: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
     dtype: str | None = None
+    pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._merge_pipeline_kwargs()
         if self.dtype is not None and self.dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.prompts:
@@ -131,7 +138,28 @@ class EvalConfig:
                 )
             check_real_videos(self.reference)
 
+    def _merge_pipeline_kwargs(self) -> None:
+        """One set of pipeline_kwargs, held both here and in ``settings``."""
+        from qvd_bench.models.zoo import MODELS
+
+        own = checked_pipeline_kwargs(self.pipeline_kwargs)
+        given = self.settings.pipeline_kwargs
+        if own and given and own != given:
+            raise UserError(
+                "pipeline_kwargs and settings.pipeline_kwargs differ; give them in one place"
+            )
+        merged = own or given
+        if merged and self.model in MODELS and not MODELS.get(self.model).with_pipeline:
+            raise UserError(
+                f"pipeline_kwargs need a model with a diffusers pipeline; {self.model} is a "
+                "bare denoiser (minimal sampler)"
+            )
+        object.__setattr__(self, "pipeline_kwargs", merged)
+        object.__setattr__(self, "settings", replace(self.settings, pipeline_kwargs=merged))
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["settings"] = self.settings.to_dict()
+        if not self.pipeline_kwargs:  # as ``GenerationSettings.to_dict``
+            del data["pipeline_kwargs"]
         return data

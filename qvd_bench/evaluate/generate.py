@@ -41,8 +41,8 @@ import functools
 import hashlib
 import json
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,13 @@ class GenerationSettings:
         seed: sampling seed; video i's noise depends on (seed, i) only.
         frames, height, width: latent size.
         scheduler: "ddim", "euler" or "flow-euler" (``sampling.make_scheduler``).
+        pipeline_kwargs: further keyword arguments of the pipeline call, as collection
+            takes them (``CollectConfig.extra["pipeline_kwargs"]``): they win over the
+            derived ones and decide how a step's branches combine
+            (``pipelines.step_guidance``), e.g. ``{"stg_scale": 0}`` for LTX-2. Values
+            must be JSON-serialisable (they are part of the cache key and of
+            ``settings.json`` when given); only a model with a diffusers pipeline takes
+            any. Held as a plain dict copy: the settings are compared, never hashed.
     """
 
     steps: int = 10
@@ -96,6 +103,7 @@ class GenerationSettings:
     height: int = 16
     width: int = 16
     scheduler: str = "ddim"
+    pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("steps", "frames", "height", "width"):
@@ -105,9 +113,55 @@ class GenerationSettings:
             raise UserError(
                 f"unknown scheduler {self.scheduler!r} (known: {', '.join(sampling.SCHEDULERS)})"
             )
+        object.__setattr__(self, "pipeline_kwargs", checked_pipeline_kwargs(self.pipeline_kwargs))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as JSON; ``pipeline_kwargs`` only when given, so that the cache
+        keys and records of runs with the pipeline's defaults are what they were."""
+        data = asdict(self)
+        if not self.pipeline_kwargs:
+            del data["pipeline_kwargs"]
+        return data
+
+
+def checked_pipeline_kwargs(pipeline_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``pipeline_kwargs`` (None: empty), checked to be keyword names with
+    JSON-serialisable values (a cache key and ``settings.json`` hold them).
+
+    Raises:
+        UserError: not a mapping, a key that is not a string, or a value JSON cannot
+            hold (naming its key).
+    """
+    if pipeline_kwargs is None:
+        return {}
+    if not isinstance(pipeline_kwargs, Mapping):
+        raise UserError(
+            f"pipeline_kwargs must be a mapping of keyword names to values, got "
+            f"{type(pipeline_kwargs).__name__}"
+        )
+    checked = {}
+    for key, value in pipeline_kwargs.items():
+        if not isinstance(key, str):
+            raise UserError(f"pipeline_kwargs keys must be keyword names, got {key!r}")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            reason = " ".join(str(error).split())
+            raise UserError(
+                f"pipeline_kwargs[{key!r}] must be JSON-serialisable ({reason})"
+            ) from None
+        checked[key] = value
+    return checked
+
+
+def check_pipeline_kwargs(loaded: LoadedModel, settings: GenerationSettings) -> None:
+    """Raises a UserError when ``settings`` has pipeline_kwargs and ``loaded`` is a bare
+    denoiser (the minimal sampler makes no pipeline call to give them to)."""
+    if loaded.pipeline is None and settings.pipeline_kwargs:
+        raise UserError(
+            f"pipeline_kwargs need a model with a diffusers pipeline; {loaded.name} is a "
+            "bare denoiser (minimal sampler)"
+        )
 
 
 @dataclass
@@ -299,7 +353,8 @@ def generate(
         prompt: the prompt (pseudo text embeddings for bare denoisers).
         sample_id: the video's global id (its noise depends on (seed, id) only).
         settings: sampling settings (a pipeline uses its own scheduler, not
-            ``settings.scheduler``).
+            ``settings.scheduler``, and its call gets ``settings.pipeline_kwargs``; a
+            bare denoiser takes none: UserError).
         tracker: the CallTracker attached to the denoiser(s) (per-timestep quantizers
             read it).
         teacher: teacher forcing: feed ``teacher.inputs[i]`` at step i (minimal sampler),
@@ -319,6 +374,7 @@ def generate(
     Returns:
         The Generation (``latents`` None when teacher-forced).
     """
+    check_pipeline_kwargs(loaded, settings)
     if loaded.pipeline is not None:
         if teacher is not None:
             return _replayed(loaded, sample_id, settings, tracker, teacher)
@@ -400,6 +456,7 @@ def generate_free_and_forced(
     Returns:
         (free-running, teacher-forced) Generations, as ``generate`` returns them.
     """
+    check_pipeline_kwargs(loaded, settings)
     if loaded.pipeline is not None or not cfg_batch_safe(loaded.denoiser) or teacher.inputs is None:
         free = generate(loaded, prompt, sample_id, settings, tracker=tracker)
         forced = generate(
@@ -500,6 +557,7 @@ def _pipeline_generation(
             height=settings.height,
             width=settings.width,
             tracker=tracker,
+            pipeline_kwargs=settings.pipeline_kwargs,
         )
     calls = recorder.calls
     scheduler = loaded.pipeline.scheduler
@@ -507,7 +565,7 @@ def _pipeline_generation(
         loaded,
         calls,
         [c.output for c in calls],
-        step_guidance(loaded, settings.guidance_scale),
+        step_guidance(loaded, settings.guidance_scale, pipeline_kwargs=settings.pipeline_kwargs),
         functools.partial(x0_coefficients, scheduler),
     )
     generation.latents = latents.detach().cpu()
@@ -535,9 +593,10 @@ def _replayed(
     tracker = tracker if tracker is not None else CallTracker(loaded.experts)
     outputs = replay(loaded.experts, calls, tracker, (int(sample_id),))
     teacher_x0 = dict(zip(teacher.timesteps.tolist(), teacher.x0_coefficients.tolist()))
-    forced = _steps_generation(
-        loaded, calls, outputs, step_guidance(loaded, settings.guidance_scale), teacher_x0.get
+    guidance = step_guidance(
+        loaded, settings.guidance_scale, pipeline_kwargs=settings.pipeline_kwargs
     )
+    forced = _steps_generation(loaded, calls, outputs, guidance, teacher_x0.get)
     return Generation(
         timesteps=forced.timesteps,
         prediction=forced.prediction,

@@ -126,7 +126,8 @@ def probe_for_run(
     num_prompts: int | None = None,
     steps: int | None = None,
 ) -> FidelityProbe:
-    """A probe sampling as the statistics run did (prompts, steps, CFG, latent size).
+    """A probe sampling as the statistics run did (prompts, steps, CFG, latent size, the
+    pipeline call's ``pipeline_kwargs``).
 
     Args:
         loaded: the model, unquantized.
@@ -148,6 +149,8 @@ def probe_for_run(
         frames=config["frames"],
         height=config["height"],
         width=config["width"],
+        # The pipeline call of the collection (its guidance passes, its true CFG).
+        pipeline_kwargs=config.get("extra", {}).get("pipeline_kwargs"),
     )
     return FidelityProbe(loaded, prompts, settings)
 

@@ -487,3 +487,178 @@ def test_evaluate_of_a_zoo_preset_says_minimal_sampler(tmp_path):
     assert result.sampler == "minimal sampler"
     settings = json.loads((result.results_dir / SETTINGS_FILE).read_text())
     assert settings["sampling"]["sampler"] == "denoiser"
+
+
+# LTX-2 with its spatio-temporal and modality guidance passes off: plain CFG.
+LTX2_PASSES_OFF = {
+    "stg_scale": 0,
+    "audio_stg_scale": 0,
+    "modality_scale": 1,
+    "audio_modality_scale": 1,
+}
+HUNYUAN_TRUE_CFG = {"true_cfg_scale": 4.0, "negative_prompt": "blurry"}
+
+
+def test_ltx2_with_its_guidance_passes_off_by_pipeline_kwargs():
+    """The settings' pipeline_kwargs reach the call (only cond and uncond run), the
+    combined prediction is what the pipeline stepped with, and a teacher-forced replay
+    combines the branches as that run did."""
+    from qvd_bench.models import zoo
+
+    loaded = zoo.pipeline_model(pipelines.tiny_family_pipeline("ltx2", "LTX2Pipeline"))
+    stepped = _stepped_with(loaded.pipeline)
+    settings = settings_for(loaded, steps=3, pipeline_kwargs=LTX2_PASSES_OFF)
+    reference = gen.generate(loaded, PROMPT, 0, settings, keep_calls=True)
+    assert {b for call in reference.recorded_calls() for b in call.branches} == {"cond", "uncond"}
+    assert len(stepped) == len(reference.prediction) == 3
+    for step, model_output in enumerate(stepped):
+        prediction = reference.prediction[step]
+        torch.testing.assert_close(
+            prediction, model_output.to(prediction.dtype), rtol=1e-4, atol=1e-4
+        )
+    forced = gen.generate(loaded, PROMPT, 0, settings, teacher=reference)
+    scheduler = gen.scheduler_for(loaded, settings)
+    for branch in ("cfg", "cond", "uncond"):
+        torch.testing.assert_close(
+            forced.x0(scheduler, branch, reference.model_inputs),
+            reference.x0(scheduler, branch),
+            rtol=0,
+            atol=0,
+        )
+
+
+def test_hunyuan_true_cfg_by_pipeline_kwargs():
+    """Guidance-distilled HunyuanVideo runs a negative branch per step when the call asks
+    for true CFG, and the combination is the one its scheduler is stepped with."""
+    loaded = tiny_pipeline_model("tiny-hunyuan")
+    stepped = _stepped_with(loaded.pipeline)
+    settings = settings_for(loaded, steps=3, pipeline_kwargs=HUNYUAN_TRUE_CFG)
+    generation = gen.generate(loaded, PROMPT, 0, settings, keep_calls=True)
+    per_step: dict[float, list[str]] = {}
+    for call in generation.recorded_calls():
+        per_step.setdefault(call.timestep, []).extend(call.branches)
+    assert len(per_step) == 3
+    assert all(sorted(branches) == ["cond", "uncond"] for branches in per_step.values())
+    assert generation.uncond is not None and len(stepped) == len(generation.prediction) == 3
+    for step, model_output in enumerate(stepped):
+        prediction = generation.prediction[step]
+        torch.testing.assert_close(prediction, model_output.to(prediction.dtype))
+    # The negative branch attends to the negative prompt's states, not the empty prompt's.
+    with torch.no_grad():
+        negative = loaded.pipeline.encode_prompt(
+            prompt="blurry",
+            device=torch.device("cpu"),
+            max_sequence_length=pipelines._text_length(loaded.pipeline),
+        )[0]
+    for seen in branch_states(generation)["uncond"]:
+        torch.testing.assert_close(seen, negative, rtol=0, atol=0)
+
+
+def test_pipeline_kwargs_are_part_of_the_cache_key(tmp_path):
+    """The same settings with other pipeline_kwargs name another cached video: nothing
+    is reused, and each video is sampled with its own."""
+    from tqdm import tqdm
+
+    from qvd_bench.evaluate.videos import CachedVideos, reference_videos
+
+    loaded = tiny_pipeline_model("tiny-hunyuan")
+    plain = settings_for(loaded)
+    true_cfg = dataclasses.replace(plain, pipeline_kwargs=HUNYUAN_TRUE_CFG)
+    made = {}
+    for name, settings in (("plain", plain), ("true_cfg", true_cfg)):
+        # A zoo name is a bare denoiser: the model is named as a pipeline directory.
+        config = EvalConfig(model=str(tmp_path / "hunyuan"), prompts=(PROMPT,), settings=settings)
+        videos = CachedVideos(gen.GenerationCache(tmp_path), config, tqdm(disable=True))
+        made[name] = reference_videos(videos, loaded, settings)[0]
+        assert (videos.generated, videos.cached) == (1, 0)
+    assert made["plain"].uncond is None and made["true_cfg"].uncond is not None
+    assert len(list((tmp_path / gen.GENERATIONS_DIR).rglob("*.safetensors"))) == 2
+
+
+def test_run_collects_and_evaluates_with_one_set_of_pipeline_kwargs(tmp_path):
+    from qvd_bench.commands.run import run_job
+
+    directory = pipelines.save_tiny_pipeline("tiny-hunyuan", tmp_path / "hunyuan")
+    run_job(
+        tmp_path / "out",
+        model=str(directory),
+        num_prompts=1,
+        frames=2,
+        height=SIZE,
+        width=SIZE,
+        steps=2,
+        methods=("minmax",),
+        bits=("W8A8",),
+        progress=False,
+        pipeline_kwargs=HUNYUAN_TRUE_CFG,
+    )
+    results_dir = tmp_path / "out" / "results" / "hunyuan"
+    stats = json.loads((tmp_path / "out" / "stats" / "hunyuan-w0" / "manifest.json").read_text())
+    assert stats["config"]["extra"]["pipeline_kwargs"] == HUNYUAN_TRUE_CFG
+    settings = json.loads((results_dir / SETTINGS_FILE).read_text())
+    assert settings["config"]["settings"]["pipeline_kwargs"] == HUNYUAN_TRUE_CFG
+    assert json.loads((results_dir / "run.json").read_text())["pipeline_kwargs"] == (
+        HUNYUAN_TRUE_CFG
+    )
+    # The quantized model's negative branch is scored: true CFG ran in evaluation too.
+    results = pd.read_parquet(results_dir / RESULTS_FILE)
+    forced = results[results["mode"] == "teacher-forced"]
+    assert set(forced["branch"]) == {"cfg", "cond", "uncond"}
+
+
+def test_pipeline_kwargs_bad_input(tmp_path):
+    from qvd_bench.models.zoo import load_model
+
+    with pytest.raises(gen.UserError, match=r"pipeline_kwargs\['generator'\] must be JSON") as info:
+        gen.GenerationSettings(pipeline_kwargs={"generator": torch.Generator()})
+    assert "\n" not in str(info.value)
+    bare = load_model("tiny-wan")
+    settings = settings_for(bare, pipeline_kwargs={"stg_scale": 0})
+    for call in (
+        lambda: gen.generate(bare, PROMPT, 0, settings),
+        lambda: EvalConfig(model="tiny-wan", prompts=(PROMPT,), settings=settings),
+        lambda: EvalConfig(model="tiny-wan", prompts=(PROMPT,), pipeline_kwargs={"a": 1}),
+    ):
+        with pytest.raises(gen.UserError, match="need a model with a diffusers pipeline") as info:
+            call()
+        assert "\n" not in str(info.value)
+    with pytest.raises(gen.UserError, match="differ"):
+        EvalConfig(
+            model=str(tmp_path),
+            prompts=(PROMPT,),
+            settings=settings,
+            pipeline_kwargs={"stg_scale": 1},
+        )
+
+
+def test_cli_evaluate_of_statistics_takes_their_pipeline_kwargs(tmp_path):
+    """``evaluate --stats`` samples with the pipeline_kwargs the run was collected with
+    (a Python-level option the command line has no flag for)."""
+    import qvd_bench
+
+    directory = pipelines.save_tiny_pipeline("tiny-hunyuan", tmp_path / "hunyuan")
+    run = qvd_bench.collect(
+        str(directory),
+        [PROMPT],
+        steps=2,
+        out=tmp_path / "run",
+        frames=2,
+        height=SIZE,
+        width=SIZE,
+        temporal_stride=250,
+        reservoir_capacity=8,
+        extra={"pipeline_kwargs": HUNYUAN_TRUE_CFG},
+    )
+    argv = ["evaluate", "--model", str(directory), "--stats", str(run.path)]
+    argv += ["--methods", "minmax", "--bits", "W8A8", "--metrics", "fidelity", "--steps", "2"]
+    argv += ["--frames", "2", "--height", str(SIZE), "--width", str(SIZE), "--num-prompts", "1"]
+    assert main([*argv, "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    results_dir = tmp_path / "out" / "results" / "hunyuan"
+    settings = json.loads((results_dir / SETTINGS_FILE).read_text())
+    assert settings["config"]["pipeline_kwargs"] == HUNYUAN_TRUE_CFG
+    results = pd.read_parquet(results_dir / RESULTS_FILE)
+    assert set(results.loc[results["mode"] == "teacher-forced", "branch"]) == {
+        "cfg",
+        "cond",
+        "uncond",
+    }
