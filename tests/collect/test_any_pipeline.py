@@ -103,6 +103,19 @@ def test_saved_pipeline_goes_by_path_through_every_stage(
 # --------------------------------------------------------------------------- references
 
 
+def plain_run(pipe, call_kwargs, seed, handles):
+    """A plain diffusers run of the pipeline, seeded as ``pipelines.run_pipeline`` seeds
+    sample 0; the hook ``handles`` are removed after it."""
+    generator = torch.Generator("cpu").manual_seed(pipelines.sample_seed(seed, 0))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(pipelines.sample_seed(seed, 0))
+            pipe(generator=generator, output_type="latent", **call_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def raw_inputs(pipe, layers, call_kwargs, seed):
     """Inputs of ``layers`` of a plain diffusers run, with each call's timestep."""
     modules = {}
@@ -125,14 +138,7 @@ def raw_inputs(pipe, layers, call_kwargs, seed):
                 lambda m, a, name=name: captured.append((name, current["t"], a[0].detach()))
             )
         )
-    generator = torch.Generator("cpu").manual_seed(pipelines.sample_seed(seed, 0))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(pipelines.sample_seed(seed, 0))
-            pipe(generator=generator, output_type="latent", **call_kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    plain_run(pipe, call_kwargs, seed, handles)
     return captured
 
 
@@ -182,14 +188,7 @@ def raw_calls(pipe, layers, call_kwargs, seed):
                 )
             )
         )
-    generator = torch.Generator("cpu").manual_seed(pipelines.sample_seed(seed, 0))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(pipelines.sample_seed(seed, 0))
-            pipe(generator=generator, output_type="latent", **call_kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    plain_run(pipe, call_kwargs, seed, handles)
     return captured
 
 
