@@ -47,6 +47,7 @@ from qvd_bench.models.tiny_pipelines import (
     pipeline_around,
 )
 from qvd_bench.models.zoo import pipeline_denoisers, reinit_zero_layers
+from qvd_bench.registry import did_you_mean
 
 # --------------------------------------------------------------------------- public API
 
@@ -286,6 +287,7 @@ def run_pipeline(
     pixel_frames = (frames - 1) * temporal + 1
     # Checked before any sample runs: nothing is computed for a call that cannot be made.
     call_arguments(loaded, "", guidance_scale, pixel_frames, pixel_height, pixel_width)
+    _check_call_takes(pipeline, pipeline_kwargs or {})
 
     denoiser = _pipeline_denoiser(pipeline)
     denoisers = list(pipeline_denoisers(pipeline).values())
@@ -362,8 +364,27 @@ def step_guidance(
     call.update(
         call_arguments(loaded, "", guidance_scale, 1, 1, 1, negative_prompt=negative_prompt)
     )
+    _check_call_takes(pipeline, pipeline_kwargs or {})
     call.update(pipeline_kwargs or {})
     return loaded.family.guidance(pipeline, guidance_scale, call)
+
+
+def _check_call_takes(pipeline: Any, pipeline_kwargs: Mapping[str, Any]) -> None:
+    """Every name of ``pipeline_kwargs`` is an argument of the pipeline's call (one that
+    takes ``**kwargs`` takes any).
+
+    Raises:
+        UserError: a name the call does not take, with the nearest it does.
+    """
+    parameters = inspect.signature(pipeline.__call__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    for name in pipeline_kwargs:
+        if name not in parameters:
+            raise UserError(
+                f"pipeline {type(pipeline).__name__}'s call takes no argument {name!r} "
+                f"(pipeline_kwargs){did_you_mean(name, list(parameters))}"
+            )
 
 
 # Arguments a pipeline call may require that ``call_arguments`` supplies.

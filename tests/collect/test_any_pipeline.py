@@ -618,6 +618,30 @@ def test_an_unkeyable_denoiser_call_is_one_line_exit_2(
     assert not out.exists()
 
 
+def test_a_pipeline_argument_the_call_does_not_take_is_one_line(saved, tmp_path):
+    """pipeline_kwargs name arguments of the pipeline's call: a misspelt one stops the
+    collection and the evaluation before any sample runs, with the nearest name."""
+    from qvd_bench.errors import UserError
+    from qvd_bench.evaluate import generate as gen
+    from qvd_bench.models import zoo
+
+    path = saved("tiny-ltx")
+    typo = {"guidance_rescal": 0.5}
+    expected = "LTXPipeline's call takes no argument 'guidance_rescal' (pipeline_kwargs); "
+    expected += "did you mean 'guidance_rescale' or"
+    config = CollectConfig(
+        model=path, prompts=(PROMPT,), steps=2, extra={"pipeline_kwargs": typo}, **SIZE
+    )
+    with pytest.raises(UserError) as error:
+        collect(config, tmp_path / "run", progress=False)
+    assert str(error.value).startswith(f"pipeline {expected}")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()
+    settings = gen.GenerationSettings(steps=2, pipeline_kwargs=typo, **SIZE)
+    with pytest.raises(UserError, match="takes no argument 'guidance_rescal'"):
+        gen.generate(zoo.load_model(path), PROMPT, 0, settings)
+
+
 def test_statistics_of_one_model_given_to_another_is_one_line_exit_2(saved, tmp_path, capsys):
     stats, ltx, mochi = tmp_path / "stats", saved("tiny-ltx"), saved("tiny-mochi")
     args = ["collect", "--model", ltx, *SMALL, "--temporal-stride", "0"]
