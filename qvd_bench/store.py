@@ -575,6 +575,13 @@ class StatsRun:
         whose names prefix their layers' (``split_layer_name``); empty for one denoiser."""
         return list((self.manifest.get("model") or {}).get("experts") or {})
 
+    @property
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """The further arguments of the pipeline call the run was collected with
+        (``CollectConfig.extra["pipeline_kwargs"]``); empty when none were given."""
+        extra = self.manifest["config"].get("extra") or {}
+        return dict(extra.get("pipeline_kwargs") or {})
+
     @cached_property
     def histogram_edges(self):
         """The edges object of the histograms' grid (``edges()`` gives the boundaries)."""

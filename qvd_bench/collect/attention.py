@@ -225,14 +225,13 @@ class ExplicitAttnProcessor:
         )
 
 
-def _at_step_level(call: Any, tensor: str, chunk: Tensor) -> tuple[Tensor, int]:
+def _at_step_level(call: Any, chunk: Tensor) -> tuple[Tensor, int]:
     """One branch's attention operand without the tokens at another noise level than the
     call's step (an image-to-video conditioning frame, diffusion forcing's other frames),
     as the layer hooks leave them out.
 
     Args:
         call: the current ``DenoiserCall``.
-        tensor: "q", "k", "v" or "softmax".
         chunk: (samples, heads, L, E) q; (samples, heads, S, E) k, v; (samples, heads,
             L, S) softmax, in the layout scaled_dot_product_attention takes.
 
@@ -432,7 +431,7 @@ class AttentionStats:
             return
         x = x.detach()
         for branch, chunk in self._branch_chunks(call, module, tensor, x):
-            chunk, excluded = _at_step_level(call, tensor, chunk)
+            chunk, excluded = _at_step_level(call, chunk)
             if excluded:
                 self.excluded_rows.setdefault(f"{module}:{tensor}", RowCount()).update(excluded)
             key = (module, tensor, call.timestep, branch)

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         dtype=dtype,
         # The pipeline call's own arguments (a Python-level option) of the statistics run.
-        pipeline_kwargs=collected_pipeline_kwargs(args.stats),
+        pipeline_kwargs=store.StatsRun(args.stats).pipeline_kwargs if args.stats else {},
     )
     out = store.check_output_directory(output_root(args.out))
     result = evaluate(config, out, progress=not args.no_progress)
@@ -206,13 +206,3 @@ def format_table(frame) -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(frame.columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
     return "\n".join(lines)
-
-
-def collected_pipeline_kwargs(stats: str | None) -> dict[str, Any]:
-    """The pipeline_kwargs a statistics run was collected with (none without a run)."""
-    from qvd_bench.store import StatsRun
-
-    if stats is None:
-        return {}
-    extra = StatsRun(stats).manifest["config"].get("extra") or {}
-    return dict(extra.get("pipeline_kwargs") or {})

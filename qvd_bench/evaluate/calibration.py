@@ -51,8 +51,7 @@ def ensure_stats(
 
     if config.stats is not None:
         run_dir = Path(config.stats)
-        collected = StatsRun(run_dir).manifest["config"]  # a one-line UserError: no run
-        collected_kwargs = collected.get("extra", {}).get("pipeline_kwargs") or {}
+        collected_kwargs = StatsRun(run_dir).pipeline_kwargs  # a one-line UserError: no run
         if collected_kwargs != config.settings.pipeline_kwargs:
             warnings.warn(
                 f"the statistics in {run_dir} were collected with pipeline_kwargs "

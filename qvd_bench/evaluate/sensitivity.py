@@ -150,7 +150,7 @@ def probe_for_run(
         height=config["height"],
         width=config["width"],
         # The pipeline call of the collection (its guidance passes, its true CFG).
-        pipeline_kwargs=config.get("extra", {}).get("pipeline_kwargs"),
+        pipeline_kwargs=run.pipeline_kwargs,
     )
     return FidelityProbe(loaded, prompts, settings)
 
